@@ -1,0 +1,216 @@
+//! Fetching an artifact and checking its sha256 before anything runs. The verified file is kept
+//! in the state directory under its digest, so a rollback can reinstall it without a download.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use tokio::io::AsyncWriteExt;
+
+/// Why an artifact could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// The sha256 given is not 64 hex digits.
+    #[error("sha256 {0:?} is not 64 hex digits")]
+    BadDigest(String),
+    /// The source is neither a path nor a file/http/https URL.
+    #[error("artifact {0:?} is not a local path or a file://, http:// or https:// URL")]
+    BadSource(String),
+    /// The local file does not exist.
+    #[error("artifact {0} does not exist")]
+    NotFound(String),
+    /// The download failed.
+    #[error("artifact download {url} failed: {message}")]
+    Download {
+        /// What was fetched.
+        url: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The artifact is larger than allowed.
+    #[error("artifact {source_name} is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// What was fetched.
+        source_name: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The content does not match the sha256 given.
+    #[error("artifact {source_name} has sha256 {actual}, not the expected {expected}: nothing was installed")]
+    Mismatch {
+        /// What was fetched.
+        source_name: String,
+        /// The digest the caller gave.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+    },
+    /// Local I/O failed.
+    #[error("artifact store {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl ArtifactError {
+    /// True for failures that may go away when tried again (network, local disk).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ArtifactError::Download { .. } | ArtifactError::Io { .. })
+    }
+}
+
+/// Normalises a sha256 to lower-case hex, or says why it is not one.
+pub fn parse_digest(s: &str) -> Result<String, ArtifactError> {
+    let t = s.trim().to_ascii_lowercase();
+    if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(t)
+    } else {
+        Err(ArtifactError::BadDigest(s.to_owned()))
+    }
+}
+
+enum Source {
+    Local(PathBuf),
+    Http(String),
+}
+
+fn classify(source: &str) -> Result<Source, ArtifactError> {
+    if let Some(rest) = source.strip_prefix("file://") {
+        if rest.starts_with('/') {
+            return Ok(Source::Local(PathBuf::from(rest)));
+        }
+        return Err(ArtifactError::BadSource(source.to_owned()));
+    }
+    if source.starts_with("http://") || source.starts_with("https://") {
+        return Ok(Source::Http(source.to_owned()));
+    }
+    if source.contains("://") || source.is_empty() {
+        return Err(ArtifactError::BadSource(source.to_owned()));
+    }
+    Ok(Source::Local(PathBuf::from(source)))
+}
+
+/// Brings `source` into `store` as `<store>/<sha256>` and checks its digest. On a mismatch
+/// nothing is kept. Returns the path of the verified file.
+pub async fn fetch_verified(
+    http: &reqwest::Client,
+    source: &str,
+    expected: &str,
+    store: &Path,
+    limit: u64,
+) -> Result<PathBuf, ArtifactError> {
+    let expected = parse_digest(expected)?;
+    let final_path = store.join(&expected);
+    let kind = classify(source)?;
+    let staging = store.join(format!(".incoming-{}-{}", std::process::id(), rollgate_common::time::now_ms()));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ArtifactError::Io { path, source }
+    };
+    let result = async {
+        let mut out = tokio::fs::File::create(&staging).await.map_err(io(&staging))?;
+        let mut hasher = Sha256::new();
+        let mut total: u64 = 0;
+        match kind {
+            Source::Local(path) => {
+                use tokio::io::AsyncReadExt;
+                let mut f = match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(ArtifactError::NotFound(path.display().to_string()))
+                    }
+                    Err(e) => return Err(io(&path)(e)),
+                };
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = f.read(&mut buf).await.map_err(io(&path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                    if total > limit {
+                        return Err(ArtifactError::TooLarge { source_name: source.to_owned(), limit });
+                    }
+                    hasher.update(&buf[..n]);
+                    out.write_all(&buf[..n]).await.map_err(io(&staging))?;
+                }
+            }
+            Source::Http(url) => {
+                let dl = |message: String| ArtifactError::Download { url: url.clone(), message };
+                let mut resp = http.get(&url).send().await.map_err(|e| dl(e.to_string()))?;
+                if !resp.status().is_success() {
+                    return Err(dl(format!("server answered {}", resp.status())));
+                }
+                while let Some(chunk) = resp.chunk().await.map_err(|e| dl(e.to_string()))? {
+                    total += chunk.len() as u64;
+                    if total > limit {
+                        return Err(ArtifactError::TooLarge { source_name: url.clone(), limit });
+                    }
+                    hasher.update(&chunk);
+                    out.write_all(&chunk).await.map_err(io(&staging))?;
+                }
+            }
+        }
+        out.sync_all().await.map_err(io(&staging))?;
+        let actual = hex::encode(hasher.finalize());
+        if actual != expected {
+            return Err(ArtifactError::Mismatch {
+                source_name: source.to_owned(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        tokio::fs::rename(&staging, &final_path).await.map_err(io(&final_path))?;
+        crate::durable::sync_dir(store).map_err(io(store))?;
+        Ok(final_path.clone())
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&staging).await;
+    }
+    result
+}
+
+/// Removes cached artifacts other than `keep` (the current and previous versions).
+pub fn prune(store: &Path, keep: &[&str]) {
+    let Ok(entries) = std::fs::read_dir(store) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name.as_str()) && !name.starts_with(".incoming-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(b: &[u8]) -> String {
+        hex::encode(Sha256::digest(b))
+    }
+
+    #[tokio::test]
+    async fn good_and_bad_digests() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = dir.path().join("store");
+        std::fs::create_dir(&store)?;
+        let art = dir.path().join("a.bin");
+        std::fs::write(&art, b"payload")?;
+        let http = reqwest::Client::new();
+        let p = fetch_verified(&http, &format!("file://{}", art.display()), &sha(b"payload").to_uppercase(), &store, 1 << 20).await?;
+        assert_eq!(std::fs::read(&p)?, b"payload");
+        let bad = fetch_verified(&http, art.to_str().ok_or("path")?, &sha(b"other"), &store, 1 << 20).await;
+        assert!(matches!(bad, Err(ArtifactError::Mismatch { .. })), "{bad:?}");
+        // Only the verified artifact is left in the store.
+        assert_eq!(std::fs::read_dir(&store)?.count(), 1);
+        let too_big = fetch_verified(&http, art.to_str().ok_or("path")?, &sha(b"payload"), &store, 3).await;
+        assert!(matches!(too_big, Err(ArtifactError::TooLarge { .. })));
+        let missing = fetch_verified(&http, "/nonexistent/x", &sha(b"x"), &store, 10).await;
+        assert!(matches!(missing, Err(ArtifactError::NotFound(_))));
+        assert!(matches!(parse_digest("abc"), Err(ArtifactError::BadDigest(_))));
+        assert!(matches!(classify("ftp://x"), Err(ArtifactError::BadSource(_))));
+        Ok(())
+    }
+}

@@ -1,0 +1,805 @@
+//! The agent's domain logic, free of gRPC: admitting fenced operations, running them against
+//! the service, journaling them, and probing health.
+//!
+//! Admission order matters and is the heart of fencing: validate → refuse an older epoch →
+//! answer a known operation id from the journal → refuse a second concurrent operation → check
+//! the service is in a state where the step is safe → store a higher epoch durably → journal
+//! `begin` → act. Nothing is changed before the last three steps, so a refused call changes
+//! nothing.
+
+use crate::artifact;
+use crate::config::AgentConfig;
+use crate::durable::{Phase, ServiceRecord, StateDir};
+use crate::error::AgentError;
+use crate::hooks;
+use crate::journal::{Journal, OpKind, OpRecord, OpState};
+use crate::probe;
+use rollgate_common::time::now_ms;
+use rollgate_common::Epoch;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How often drain and verify look again while they wait.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The identity and fencing part of every state-changing call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpHeader {
+    /// The caller's operation id.
+    pub id: String,
+    /// The caller's epoch.
+    pub epoch: Epoch,
+}
+
+impl OpHeader {
+    /// Checks an id and epoch from the wire.
+    pub fn new(id: &str, epoch: u64) -> Result<OpHeader, AgentError> {
+        if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(AgentError::InvalidArgument(format!(
+                "operation id {id:?} must be 1-128 printable ASCII characters without spaces"
+            )));
+        }
+        if epoch == 0 {
+            return Err(AgentError::InvalidArgument(
+                "epoch 0 is not a leader epoch: state-changing calls need the caller's epoch".into(),
+            ));
+        }
+        Ok(OpHeader {
+            id: id.to_owned(),
+            epoch: Epoch(epoch),
+        })
+    }
+}
+
+/// What a drain does when connections are still open at its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDrainTimeout {
+    /// Report failure and leave the service draining.
+    Fail,
+    /// Stop the service anyway.
+    Force,
+}
+
+/// A state-changing step with its parameters (already validated).
+#[derive(Debug, Clone)]
+pub enum OpBody {
+    /// Graceful drain, then stop.
+    Drain {
+        /// How long to wait for connections to close.
+        timeout: Duration,
+        /// What to do when they do not.
+        on_timeout: OnDrainTimeout,
+    },
+    /// Immediate stop.
+    Stop,
+    /// Install a verified artifact.
+    Install {
+        /// The verified file in the artifact store.
+        artifact: PathBuf,
+        /// Its sha256.
+        sha256: String,
+        /// The version it installs.
+        version: String,
+        /// Limit for the install command.
+        timeout: Duration,
+    },
+    /// Reinstall the previous version.
+    Rollback {
+        /// Limit for the install command.
+        timeout: Duration,
+    },
+    /// Start or restart, then wait until it accepts connections.
+    Restart {
+        /// How long to wait.
+        timeout: Duration,
+    },
+    /// Check it stays good for `stable`.
+    Verify {
+        /// How long it must hold.
+        stable: Duration,
+        /// How long to try.
+        timeout: Duration,
+    },
+}
+
+impl OpBody {
+    /// The kind recorded in the journal.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            OpBody::Drain { .. } => OpKind::Drain,
+            OpBody::Stop => OpKind::Stop,
+            OpBody::Install { .. } => OpKind::Install,
+            OpBody::Rollback { .. } => OpKind::Rollback,
+            OpBody::Restart { .. } => OpKind::Restart,
+            OpBody::Verify { .. } => OpKind::Verify,
+        }
+    }
+}
+
+/// The service's state as reported to coordinators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceState {
+    /// Accepting connections and healthy.
+    Serving,
+    /// A graceful drain is under way.
+    Draining,
+    /// Drained and stopped.
+    Drained,
+    /// Stopped.
+    Stopped,
+    /// An install is running.
+    Installing,
+    /// Starting.
+    Starting,
+    /// Should be serving but is not, or the last step left it broken.
+    Failed,
+}
+
+/// One health observation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// The service's state.
+    pub state: ServiceState,
+    /// A TCP connect to every port succeeded.
+    pub accepting: bool,
+    /// The busy probe said busy.
+    pub busy: bool,
+    /// The HTTP health probe passed (or there is none).
+    pub healthy: bool,
+    /// Established connections on the service's ports.
+    pub active_connections: u32,
+    /// The installed version.
+    pub version: String,
+    /// The highest epoch accepted.
+    pub epoch: Epoch,
+    /// When this was observed (unix ms).
+    pub observed_at_ms: u64,
+    /// Why the state is not plainly serving.
+    pub detail: String,
+    /// The last operation.
+    pub last_op: Option<OpRecord>,
+}
+
+struct Running {
+    id: String,
+    kind: OpKind,
+    done: watch::Receiver<Option<OpRecord>>,
+}
+
+struct Inner {
+    epoch: Epoch,
+    journal: Journal,
+    service: ServiceRecord,
+    running: Option<Running>,
+}
+
+/// The agent: config, durable state, the running operation and the health feed.
+pub struct AgentCore {
+    /// The configuration it runs with.
+    pub cfg: AgentConfig,
+    dir: StateDir,
+    http: reqwest::Client,
+    ports: HashSet<u16>,
+    /// The kernel boot id at start.
+    pub boot_id: String,
+    initial_version: String,
+    // A std mutex: critical sections are short and never held across an await; the durable
+    // writes inside them (fsync of a small file) are what makes admission atomic.
+    inner: Mutex<Inner>,
+    health_tx: watch::Sender<Health>,
+    poke: Notify,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for AgentCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCore").field("server_id", &self.cfg.server_id).finish_non_exhaustive()
+    }
+}
+
+/// How an operation's work ended.
+struct Outcome {
+    ok: bool,
+    message: String,
+    output: String,
+    phase: Phase,
+}
+
+impl AgentCore {
+    /// Opens the state directory, replays the journal and starts nothing yet.
+    pub async fn open(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Arc<AgentCore>, AgentError> {
+        let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
+        let dir = StateDir::open(&cfg.state_dir).map_err(storage)?;
+        let epoch = dir.load_epoch().map_err(storage)?;
+        let journal = Journal::open(&dir.journal_path())?;
+        let service = dir.load_service().map_err(storage)?;
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|e| AgentError::Storage(format!("cannot build the HTTP client: {e}")))?;
+        let initial_version = if cfg.service.version_command.is_empty() {
+            String::new()
+        } else {
+            match hooks::run(&cfg.service.version_command, &[], cfg.service.hook_timeout).await {
+                Ok(o) if o.success() => o.output.trim().to_owned(),
+                Ok(o) => {
+                    tracing::warn!(detail = %o.describe("version", cfg.service.hook_timeout), "version command failed");
+                    String::new()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "version command failed");
+                    String::new()
+                }
+            }
+        };
+        let ports = cfg.service.ports.iter().copied().collect();
+        let initial = Health {
+            state: ServiceState::Starting,
+            accepting: false,
+            busy: false,
+            healthy: false,
+            active_connections: 0,
+            version: if service.installed_version.is_empty() {
+                initial_version.clone()
+            } else {
+                service.installed_version.clone()
+            },
+            epoch,
+            observed_at_ms: now_ms(),
+            detail: "not probed yet".into(),
+            last_op: journal.last().cloned(),
+        };
+        let (health_tx, _) = watch::channel(initial);
+        Ok(Arc::new(AgentCore {
+            cfg,
+            dir,
+            http,
+            ports,
+            boot_id: probe::boot_id(),
+            initial_version,
+            inner: Mutex::new(Inner {
+                epoch,
+                journal,
+                service,
+                running: None,
+            }),
+            health_tx,
+            poke: Notify::new(),
+            tasks: TaskTracker::new(),
+            shutdown,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic mid-update; the data is still the last durable state
+        // plus in-memory mirrors of it, so carry on with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The highest epoch accepted.
+    pub fn epoch(&self) -> Epoch {
+        self.lock().epoch
+    }
+
+    /// Raises the epoch without acting (a new leader fencing off older ones).
+    pub fn fence(&self, epoch: Epoch) -> Result<Epoch, AgentError> {
+        if epoch == Epoch::NONE {
+            return Err(AgentError::InvalidArgument("epoch 0 is not a leader epoch".into()));
+        }
+        let mut inner = self.lock();
+        if epoch < inner.epoch {
+            return Err(AgentError::StaleEpoch { got: epoch, current: inner.epoch });
+        }
+        if epoch > inner.epoch {
+            self.dir.store_epoch(epoch).map_err(|e| AgentError::Storage(e.to_string()))?;
+            inner.epoch = epoch;
+            tracing::info!(epoch = epoch.get(), "fenced: older epochs are refused from now on");
+        }
+        drop(inner);
+        self.poke.notify_one();
+        Ok(epoch)
+    }
+
+    /// The journal's record of an operation.
+    pub fn operation(&self, id: &str) -> Result<OpRecord, AgentError> {
+        self.lock()
+            .journal
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownOperation(id.to_owned()))
+    }
+
+    /// Every operation in the journal (for tests and tools that check exactly-once).
+    pub fn operations(&self) -> Vec<OpRecord> {
+        self.lock().journal.records().cloned().collect()
+    }
+
+    /// Answers a repeated id from the journal, if it is there: `Ok(Some)` when done,
+    /// `Ok(None)` when the call should go on. Read-only: used before any slow preparation.
+    pub fn precheck(&self, header: &OpHeader, kind: OpKind) -> Result<Option<Reply>, AgentError> {
+        let inner = self.lock();
+        self.check_epoch(&inner, header)?;
+        match inner.journal.get(&header.id) {
+            Some(rec) if rec.kind != kind => Err(AgentError::KindMismatch {
+                id: header.id.clone(),
+                recorded: rec.kind.name(),
+                requested: kind.name(),
+            }),
+            Some(rec) if matches!(rec.state, OpState::Succeeded | OpState::Failed) => Ok(Some(replayed(rec))),
+            _ => Ok(None),
+        }
+    }
+
+    fn check_epoch(&self, inner: &Inner, header: &OpHeader) -> Result<(), AgentError> {
+        if header.epoch < inner.epoch {
+            return Err(AgentError::StaleEpoch { got: header.epoch, current: inner.epoch });
+        }
+        Ok(())
+    }
+
+    /// Runs a state-changing operation (or answers it from the journal) and waits for its end.
+    /// The work runs on its own task, so a caller that goes away does not cut it short.
+    pub async fn execute(self: &Arc<Self>, header: OpHeader, body: OpBody) -> Result<Reply, AgentError> {
+        let kind = body.kind();
+        if matches!(kind, OpKind::Install | OpKind::Rollback)
+            && probe::accepting(&self.cfg.service.probe_host, &self.cfg.service.ports, self.cfg.service.probe_timeout).await
+            && self.precheck(&header, kind)?.is_none()
+        {
+            return Err(AgentError::Precondition(format!(
+                "the service still accepts connections on port(s) {:?}: drain or stop it before {}",
+                self.cfg.service.ports,
+                kind.name()
+            )));
+        }
+        let mut done = match self.admit(&header, &body)? {
+            Admission::Replay(rec) => return Ok(rec),
+            Admission::Attach(rx) => rx,
+            Admission::Started(rec, tx, rx) => {
+                let me = Arc::clone(self);
+                self.tasks.spawn(async move {
+                    let outcome = me.work(&rec, body).await;
+                    let finished = me.finish(rec, outcome);
+                    tx.send_replace(Some(finished));
+                    me.poke.notify_one();
+                });
+                rx
+            }
+        };
+        loop {
+            if let Some(record) = done.borrow_and_update().clone() {
+                return Ok(Reply { record, replayed: false });
+            }
+            if done.changed().await.is_err() {
+                // The work task ended without a result: only possible if it was dropped at
+                // shutdown. The journal keeps it as interrupted.
+                return Err(AgentError::ShuttingDown);
+            }
+        }
+    }
+
+    fn admit(&self, header: &OpHeader, body: &OpBody) -> Result<Admission, AgentError> {
+        if self.shutdown.is_cancelled() {
+            return Err(AgentError::ShuttingDown);
+        }
+        let kind = body.kind();
+        let mut inner = self.lock();
+        self.check_epoch(&inner, header)?;
+        if let Some(rec) = inner.journal.get(&header.id) {
+            if rec.kind != kind {
+                return Err(AgentError::KindMismatch {
+                    id: header.id.clone(),
+                    recorded: rec.kind.name(),
+                    requested: kind.name(),
+                });
+            }
+            match rec.state {
+                OpState::Succeeded | OpState::Failed => return Ok(Admission::Replay(replayed(rec))),
+                OpState::Running => {
+                    if let Some(r) = inner.running.as_ref().filter(|r| r.id == header.id) {
+                        return Ok(Admission::Attach(r.done.clone()));
+                    }
+                }
+                OpState::Interrupted => {}
+            }
+        }
+        if let Some(r) = &inner.running {
+            return Err(AgentError::Busy { running: r.id.clone(), kind: r.kind.name() });
+        }
+        check_phase(&inner.service, body)?;
+        let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
+        if header.epoch > inner.epoch {
+            self.dir.store_epoch(header.epoch).map_err(storage)?;
+            inner.epoch = header.epoch;
+        }
+        let rec = inner.journal.begin(&header.id, kind, header.epoch, now_ms())?;
+        let phase = match kind {
+            OpKind::Drain => Some(Phase::Draining),
+            OpKind::Install | OpKind::Rollback => Some(Phase::Installing),
+            OpKind::Restart => Some(Phase::Starting),
+            OpKind::Stop | OpKind::Verify => None,
+        };
+        if let Some(p) = phase {
+            inner.service.phase = p;
+            self.dir.store_service(&inner.service).map_err(storage)?;
+        }
+        let (tx, rx) = watch::channel(None);
+        inner.running = Some(Running { id: header.id.clone(), kind, done: rx.clone() });
+        drop(inner);
+        tracing::info!(op = %header.id, kind = kind.name(), epoch = header.epoch.get(), attempt = rec.attempt, "operation started");
+        self.poke.notify_one();
+        Ok(Admission::Started(rec, tx, rx))
+    }
+
+    fn finish(&self, mut rec: OpRecord, outcome: Outcome) -> OpRecord {
+        let mut inner = self.lock();
+        rec.state = if outcome.ok { OpState::Succeeded } else { OpState::Failed };
+        rec.finished_at_ms = now_ms();
+        rec.message = outcome.message;
+        rec.output = outcome.output;
+        inner.service.phase = outcome.phase;
+        rec.version = self.version_of(&inner.service);
+        if let Err(e) = self.dir.store_service(&inner.service) {
+            tracing::error!(error = %e, "cannot store the service record");
+        }
+        if let Err(e) = inner.journal.end(&rec) {
+            // The result still reaches the caller; after a restart the journal will call this
+            // operation interrupted and a repeat will run it again, which every step tolerates.
+            tracing::error!(error = %e, op = %rec.id, "cannot journal the end of an operation");
+        }
+        inner.running = None;
+        tracing::info!(op = %rec.id, kind = rec.kind.name(), ok = outcome.ok, message = %rec.message, "operation ended");
+        rec
+    }
+
+    fn version_of(&self, s: &ServiceRecord) -> String {
+        if s.installed_version.is_empty() {
+            self.initial_version.clone()
+        } else {
+            s.installed_version.clone()
+        }
+    }
+
+    /// Fetches and verifies an artifact into the store (before admission: a bad artifact
+    /// changes nothing).
+    pub async fn fetch_artifact(&self, source: &str, sha256: &str) -> Result<PathBuf, AgentError> {
+        Ok(artifact::fetch_verified(&self.http, source, sha256, &self.dir.artifacts(), self.cfg.service.max_artifact_bytes).await?)
+    }
+
+    async fn work(&self, rec: &OpRecord, body: OpBody) -> Outcome {
+        let svc = &self.cfg.service;
+        match body {
+            OpBody::Drain { timeout, on_timeout } => self.drain(rec, timeout, on_timeout).await,
+            OpBody::Stop => match self.hook("stop", &svc.stop, &[]).await {
+                Ok(output) => Outcome { ok: true, message: "stopped".into(), output, phase: Phase::Stopped },
+                Err((message, output)) => Outcome { ok: false, message, output, phase: Phase::Failed },
+            },
+            OpBody::Install { artifact, sha256, version, timeout } => {
+                self.install(rec, &artifact, &sha256, &version, timeout, false).await
+            }
+            OpBody::Rollback { timeout } => {
+                let prev = self.lock().service.clone();
+                let artifact = self.dir.artifacts().join(&prev.previous_sha256);
+                self.install(rec, &artifact, &prev.previous_sha256, &prev.previous_version, timeout, true).await
+            }
+            OpBody::Restart { timeout } => self.restart(timeout).await,
+            OpBody::Verify { stable, timeout } => self.verify(rec, stable, timeout).await,
+        }
+    }
+
+    async fn hook(&self, name: &str, argv: &[String], env: &[(&str, String)]) -> Result<String, (String, String)> {
+        let limit = self.cfg.service.hook_timeout;
+        match hooks::run(argv, env, limit).await {
+            Ok(o) if o.success() => Ok(o.output),
+            Ok(o) => Err((o.describe(name, limit), o.output)),
+            Err(e) => Err((format!("{name} command could not run: {e}"), String::new())),
+        }
+    }
+
+    fn superseded(&self, rec: &OpRecord) -> Option<String> {
+        let now = self.epoch();
+        (now > rec.epoch).then(|| format!("superseded: epoch {now} was accepted while this {} (epoch {}) ran", rec.kind.name(), rec.epoch))
+    }
+
+    async fn drain(&self, rec: &OpRecord, timeout: Duration, on_timeout: OnDrainTimeout) -> Outcome {
+        let svc = &self.cfg.service;
+        let mut output = match self.hook("drain", &svc.drain, &[]).await {
+            Ok(o) => o,
+            Err((message, output)) => return Outcome { ok: false, message, output, phase: Phase::Draining },
+        };
+        self.poke.notify_one();
+        let deadline = Instant::now() + timeout;
+        let mut left;
+        loop {
+            left = probe::active_connections(&self.ports).await;
+            if left == 0 {
+                break;
+            }
+            if let Some(message) = self.superseded(rec) {
+                return Outcome { ok: false, message, output, phase: Phase::Draining };
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let forced = left > 0;
+        if forced && on_timeout == OnDrainTimeout::Fail {
+            return Outcome {
+                ok: false,
+                message: format!("drain timed out after {}ms with {left} connection(s) still open; the service is left draining", timeout.as_millis()),
+                output,
+                phase: Phase::Draining,
+            };
+        }
+        match self.hook("stop", &svc.stop, &[]).await {
+            Ok(o) => {
+                output.push_str(&o);
+                let message = if forced {
+                    format!("drain timed out with {left} connection(s) open; stopped by force")
+                } else {
+                    "drained: no connections left; stopped".to_owned()
+                };
+                Outcome { ok: true, message, output, phase: Phase::Drained }
+            }
+            Err((message, o)) => {
+                output.push_str(&o);
+                Outcome { ok: false, message, output, phase: Phase::Failed }
+            }
+        }
+    }
+
+    async fn install(&self, rec: &OpRecord, artifact: &std::path::Path, sha256: &str, version: &str, timeout: Duration, rollback: bool) -> Outcome {
+        let before = self.lock().service.clone();
+        let previous_version = self.version_of(&before);
+        let env = [
+            ("ROLLGATE_ARTIFACT", artifact.display().to_string()),
+            ("ROLLGATE_VERSION", version.to_owned()),
+            ("ROLLGATE_PREVIOUS_VERSION", previous_version.clone()),
+            ("ROLLGATE_SERVER_ID", self.cfg.server_id.clone()),
+            ("ROLLGATE_OPERATION_ID", rec.id.clone()),
+            ("ROLLGATE_ROLLBACK", if rollback { "1" } else { "0" }.to_owned()),
+        ];
+        match hooks::run(&self.cfg.service.install, &env, timeout).await {
+            Ok(o) if o.success() => {
+                let mut inner = self.lock();
+                let s = &mut inner.service;
+                let (old_version, old_sha) = (previous_version, s.installed_sha256.clone());
+                s.installed_version = version.to_owned();
+                s.installed_sha256 = sha256.to_owned();
+                s.previous_version = old_version;
+                s.previous_sha256 = old_sha;
+                let keep = [s.installed_sha256.clone(), s.previous_sha256.clone()];
+                drop(inner);
+                artifact::prune(&self.dir.artifacts(), &[keep[0].as_str(), keep[1].as_str()]);
+                let what = if rollback { "rolled back to" } else { "installed" };
+                Outcome { ok: true, message: format!("{what} version {version}"), output: o.output, phase: Phase::Stopped }
+            }
+            Ok(o) => Outcome { ok: false, message: o.describe("install", timeout), output: o.output, phase: Phase::Failed },
+            Err(e) => Outcome { ok: false, message: format!("install command could not run: {e}"), output: String::new(), phase: Phase::Failed },
+        }
+    }
+
+    async fn restart(&self, timeout: Duration) -> Outcome {
+        let svc = &self.cfg.service;
+        let mut output = String::new();
+        let steps: Vec<(&str, &[String])> = if svc.restart.is_empty() {
+            let running = probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await;
+            if running {
+                vec![("stop", &svc.stop), ("start", &svc.start)]
+            } else {
+                vec![("start", &svc.start)]
+            }
+        } else {
+            vec![("restart", &svc.restart)]
+        };
+        for (name, argv) in steps {
+            match self.hook(name, argv, &[]).await {
+                Ok(o) => output.push_str(&o),
+                Err((message, o)) => {
+                    output.push_str(&o);
+                    return Outcome { ok: false, message, output, phase: Phase::Failed };
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await {
+                return Outcome { ok: true, message: "started: accepting connections".into(), output, phase: Phase::Running };
+            }
+            if Instant::now() >= deadline {
+                return Outcome {
+                    ok: false,
+                    message: format!("started, but not accepting connections on port(s) {:?} after {}ms", svc.ports, timeout.as_millis()),
+                    output,
+                    phase: Phase::Failed,
+                };
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn verify(&self, rec: &OpRecord, stable: Duration, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        let mut good_since: Option<Instant> = None;
+        let phase = self.lock().service.phase;
+        loop {
+            let h = self.probe().await;
+            let good = h.accepting && h.healthy && !h.busy;
+            let now = Instant::now();
+            if good {
+                let since = *good_since.get_or_insert(now);
+                if now.duration_since(since) >= stable {
+                    return Outcome {
+                        ok: true,
+                        message: format!("verified: accepting, healthy and not busy for {}ms; version {}", stable.as_millis(), h.version),
+                        output: String::new(),
+                        phase,
+                    };
+                }
+            } else {
+                good_since = None;
+            }
+            if let Some(message) = self.superseded(rec) {
+                return Outcome { ok: false, message, output: String::new(), phase };
+            }
+            if now >= deadline {
+                let why = if h.detail.is_empty() { "not stable".to_owned() } else { h.detail };
+                return Outcome { ok: false, message: format!("verify failed after {}ms: {why}", timeout.as_millis()), output: String::new(), phase };
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Probes the service now.
+    pub async fn probe(&self) -> Health {
+        let svc = &self.cfg.service;
+        let accepting = probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await;
+        let active_connections = probe::active_connections(&self.ports).await;
+        let mut details = Vec::new();
+        let healthy = match &svc.health_url {
+            None => true,
+            Some(url) => match probe::http_health(&self.http, url, svc.probe_timeout).await {
+                Ok(()) => true,
+                Err(e) => {
+                    details.push(e);
+                    false
+                }
+            },
+        };
+        let busy = if svc.busy_command.is_empty() {
+            false
+        } else {
+            match hooks::run(&svc.busy_command, &[], svc.probe_timeout).await {
+                Ok(o) if o.code == Some(0) => {
+                    details.push("busy probe: busy".into());
+                    true
+                }
+                Ok(o) if o.code == Some(1) => false,
+                Ok(o) => {
+                    details.push(format!("busy probe failed ({}); counted as busy", o.describe("busy", svc.probe_timeout)));
+                    true
+                }
+                Err(e) => {
+                    details.push(format!("busy probe could not run ({e}); counted as busy"));
+                    true
+                }
+            }
+        };
+        let inner = self.lock();
+        let state = match inner.service.phase {
+            Phase::Running if accepting && healthy => ServiceState::Serving,
+            Phase::Running => {
+                if !accepting {
+                    details.insert(0, format!("not accepting connections on port(s) {:?}", svc.ports));
+                }
+                ServiceState::Failed
+            }
+            Phase::Draining => ServiceState::Draining,
+            Phase::Drained => ServiceState::Drained,
+            Phase::Stopped => ServiceState::Stopped,
+            Phase::Installing => ServiceState::Installing,
+            Phase::Starting => ServiceState::Starting,
+            Phase::Failed => ServiceState::Failed,
+        };
+        Health {
+            state,
+            accepting,
+            busy,
+            healthy,
+            active_connections,
+            version: self.version_of(&inner.service),
+            epoch: inner.epoch,
+            observed_at_ms: now_ms(),
+            detail: details.join("; "),
+            last_op: inner.journal.last().cloned(),
+        }
+    }
+
+    /// A receiver of health reports, updated every report interval and on every change.
+    pub fn subscribe(&self) -> watch::Receiver<Health> {
+        self.health_tx.subscribe()
+    }
+
+    /// The shutdown token this agent watches.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Probes every report interval, and at once when an operation changes something, until
+    /// shutdown. Run it on the task tracker returned by [`AgentCore::tasks`].
+    pub async fn report_loop(self: Arc<Self>) {
+        loop {
+            let h = self.probe().await;
+            self.health_tx.send_replace(h);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.report_interval) => {}
+                _ = self.poke.notified() => {}
+            }
+        }
+    }
+
+    /// The tracker of every task the agent spawned.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Stops taking work and waits up to `grace` for running operations to end. Returns false
+    /// when some were still running at the deadline (the journal will say interrupted).
+    pub async fn drain_tasks(&self, grace: Duration) -> bool {
+        self.shutdown.cancel();
+        self.tasks.close();
+        tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
+    }
+}
+
+enum Admission {
+    Replay(Reply),
+    Attach(watch::Receiver<Option<OpRecord>>),
+    Started(OpRecord, watch::Sender<Option<OpRecord>>, watch::Receiver<Option<OpRecord>>),
+}
+
+fn replayed(rec: &OpRecord) -> Reply {
+    Reply { record: rec.clone(), replayed: true }
+}
+
+/// The answer to a state-changing call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The operation as journaled.
+    pub record: OpRecord,
+    /// True when it came from the journal rather than from running it now.
+    pub replayed: bool,
+}
+
+/// Steps that are only safe in some states: installing over a serving service would take it
+/// down without a drain; a rollback needs something to roll back to.
+fn check_phase(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
+    match body {
+        OpBody::Install { .. } | OpBody::Rollback { .. } => {
+            if matches!(s.phase, Phase::Running | Phase::Draining | Phase::Starting) {
+                return Err(AgentError::Precondition(format!(
+                    "the service is {}: drain or stop it before installing",
+                    match s.phase {
+                        Phase::Running => "running",
+                        Phase::Draining => "still draining",
+                        _ => "starting",
+                    }
+                )));
+            }
+            if matches!(body, OpBody::Rollback { .. }) && s.previous_sha256.is_empty() {
+                return Err(AgentError::Precondition(
+                    "nothing to roll back to: no previous version was installed by this agent".into(),
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

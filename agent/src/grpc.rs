@@ -1,0 +1,248 @@
+//! The gRPC adapter: converts wire types to domain types, checks the caller's role, and maps
+//! domain errors to `tonic::Status` in one place ([`to_status`]). No logic lives here.
+
+use crate::core::{AgentCore, Health, OnDrainTimeout, OpBody, OpHeader, Reply, ServiceState};
+use crate::error::AgentError;
+use crate::journal::{OpKind, OpRecord, OpState};
+use rollgate_common::tls::{authorize, RoleKind};
+use rollgate_common::Epoch;
+use rollgate_proto::agent::v1 as pb;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// State-changing calls: coordinators only.
+const WRITERS: &[RoleKind] = &[RoleKind::Coordinator];
+/// Read-only calls: coordinators and operators.
+const READERS: &[RoleKind] = &[RoleKind::Coordinator, RoleKind::Operator];
+
+/// The `rollgate.agent.v1.Agent` service over an [`AgentCore`].
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    core: Arc<AgentCore>,
+    insecure: bool,
+}
+
+impl AgentApi {
+    /// Serves `core`; `insecure` turns role checks off (only with TLS off).
+    pub fn new(core: Arc<AgentCore>, insecure: bool) -> Self {
+        AgentApi { core, insecure }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn allow<T>(&self, req: &Request<T>, roles: &[RoleKind]) -> Result<(), Status> {
+        authorize(req, self.insecure, roles).map(|_| ())
+    }
+
+    fn ms(v: u64, default: Duration) -> Duration {
+        if v == 0 {
+            default
+        } else {
+            Duration::from_millis(v)
+        }
+    }
+
+    async fn run(&self, header: Option<pb::OperationHeader>, body: OpBody) -> Result<Response<pb::OperationResult>, Status> {
+        let header = header_of(header).map_err(to_status)?;
+        let reply = self.core.execute(header, body).await.map_err(to_status)?;
+        Ok(Response::new(result_of(&reply)))
+    }
+}
+
+/// Maps every agent error to a gRPC status. Retryable conditions use codes clients retry on.
+pub fn to_status(e: AgentError) -> Status {
+    let msg = e.to_string();
+    match e {
+        AgentError::InvalidArgument(_) => Status::invalid_argument(msg),
+        AgentError::StaleEpoch { .. } | AgentError::KindMismatch { .. } | AgentError::Precondition(_) => {
+            Status::failed_precondition(msg)
+        }
+        AgentError::Busy { .. } => Status::aborted(msg),
+        AgentError::UnknownOperation(_) => Status::not_found(msg),
+        AgentError::Artifact(a) => match a {
+            crate::artifact::ArtifactError::NotFound(_) => Status::not_found(msg),
+            crate::artifact::ArtifactError::Download { .. } => Status::unavailable(msg),
+            crate::artifact::ArtifactError::Io { .. } => Status::internal(msg),
+            _ => Status::invalid_argument(msg),
+        },
+        AgentError::Storage(_) => Status::internal(msg),
+        AgentError::ShuttingDown => Status::unavailable(msg),
+    }
+}
+
+fn header_of(h: Option<pb::OperationHeader>) -> Result<OpHeader, AgentError> {
+    let h = h.ok_or_else(|| AgentError::InvalidArgument("missing header (operation_id and epoch)".into()))?;
+    OpHeader::new(&h.operation_id, h.epoch)
+}
+
+fn kind_of(k: OpKind) -> pb::OperationKind {
+    match k {
+        OpKind::Drain => pb::OperationKind::Drain,
+        OpKind::Stop => pb::OperationKind::Stop,
+        OpKind::Install => pb::OperationKind::Install,
+        OpKind::Rollback => pb::OperationKind::Rollback,
+        OpKind::Restart => pb::OperationKind::Restart,
+        OpKind::Verify => pb::OperationKind::Verify,
+    }
+}
+
+fn record_of(r: &OpRecord, replayed: bool) -> pb::OperationResult {
+    pb::OperationResult {
+        operation_id: r.id.clone(),
+        kind: kind_of(r.kind) as i32,
+        epoch: r.epoch.get(),
+        state: match r.state {
+            OpState::Running => pb::OperationState::Running,
+            OpState::Succeeded => pb::OperationState::Succeeded,
+            OpState::Failed => pb::OperationState::Failed,
+            OpState::Interrupted => pb::OperationState::Interrupted,
+        } as i32,
+        started_at_ms: r.started_at_ms,
+        finished_at_ms: r.finished_at_ms,
+        message: r.message.clone(),
+        replayed,
+        version: r.version.clone(),
+        output: r.output.clone(),
+        attempt: r.attempt,
+    }
+}
+
+fn result_of(reply: &Reply) -> pb::OperationResult {
+    record_of(&reply.record, reply.replayed)
+}
+
+fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
+    pb::HealthReport {
+        server_id: core.cfg.server_id.clone(),
+        pool: core.cfg.pool.clone(),
+        upgrade_domain: core.cfg.upgrade_domain.clone(),
+        installed_version: h.version.clone(),
+        state: match h.state {
+            ServiceState::Serving => pb::ServiceState::Serving,
+            ServiceState::Draining => pb::ServiceState::Draining,
+            ServiceState::Drained => pb::ServiceState::Drained,
+            ServiceState::Stopped => pb::ServiceState::Stopped,
+            ServiceState::Installing => pb::ServiceState::Installing,
+            ServiceState::Starting => pb::ServiceState::Starting,
+            ServiceState::Failed => pb::ServiceState::Failed,
+        } as i32,
+        accepting_connections: h.accepting,
+        busy: h.busy,
+        active_connections: h.active_connections,
+        boot_id: core.boot_id.clone(),
+        last_operation: h.last_op.as_ref().map(|r| record_of(r, true)),
+        healthy: h.healthy,
+        epoch: h.epoch.get(),
+        observed_at_ms: h.observed_at_ms,
+        detail: h.detail.clone(),
+    }
+}
+
+type ReportStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::HealthReport, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentApi {
+    async fn health(&self, req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthReport>, Status> {
+        self.allow(&req, READERS)?;
+        let h = self.core.probe().await;
+        Ok(Response::new(report_of(&self.core, &h)))
+    }
+
+    type WatchStream = ReportStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.allow(&req, READERS)?;
+        let rx = self.core.subscribe();
+        let stop = self.core.shutdown_token().clone();
+        let core = Arc::clone(&self.core);
+        // Ends at shutdown, so that graceful server shutdown is not held up by open watchers.
+        let stream = futures_util::stream::unfold((rx, stop, core, true), |(mut rx, stop, core, first)| async move {
+            if !first {
+                tokio::select! {
+                    changed = rx.changed() => changed.ok()?,
+                    _ = stop.cancelled() => return None,
+                }
+            }
+            let report = report_of(&core, &rx.borrow_and_update());
+            Some((Ok(report), (rx, stop, core, false)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fence(&self, req: Request<pb::FenceRequest>) -> Result<Response<pb::FenceResponse>, Status> {
+        self.allow(&req, WRITERS)?;
+        let epoch = self.core.fence(Epoch(req.into_inner().epoch)).map_err(to_status)?;
+        Ok(Response::new(pb::FenceResponse { epoch: epoch.get() }))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::OperationResult>, Status> {
+        self.allow(&req, WRITERS)?;
+        let r = req.into_inner();
+        let on_timeout = match pb::DrainTimeoutAction::try_from(r.on_timeout) {
+            Ok(pb::DrainTimeoutAction::Force) => OnDrainTimeout::Force,
+            Ok(pb::DrainTimeoutAction::Fail | pb::DrainTimeoutAction::Unspecified) => OnDrainTimeout::Fail,
+            Err(_) => return Err(Status::invalid_argument(format!("on_timeout {} is not a drain timeout action", r.on_timeout))),
+        };
+        let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.drain_timeout);
+        self.run(r.header, OpBody::Drain { timeout, on_timeout }).await
+    }
+
+    async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::OperationResult>, Status> {
+        self.allow(&req, WRITERS)?;
+        self.run(req.into_inner().header, OpBody::Stop).await
+    }
+
+    async fn install_patch(&self, req: Request<pb::InstallPatchRequest>) -> Result<Response<pb::OperationResult>, Status> {
+        self.allow(&req, WRITERS)?;
+        let r = req.into_inner();
+        let header = header_of(r.header.clone()).map_err(to_status)?;
+        if r.version.is_empty() || r.version.len() > 128 || !r.version.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Status::invalid_argument(format!("version {:?} must be 1-128 printable characters without spaces", r.version)));
+        }
+        let sha256 = crate::artifact::parse_digest(&r.sha256).map_err(|e| to_status(e.into()))?;
+        // A repeated id is answered before any download; a bad artifact is refused before
+        // anything is journaled or run.
+        if let Some(reply) = self.core.precheck(&header, OpKind::Install).map_err(to_status)? {
+            return Ok(Response::new(result_of(&reply)));
+        }
+        let artifact = self.core.fetch_artifact(&r.artifact, &sha256).await.map_err(to_status)?;
+        let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
+        self.run(r.header, OpBody::Install { artifact, sha256, version: r.version, timeout }).await
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::OperationResult>, Status> {
+        self.allow(&req, WRITERS)?;
+        let r = req.into_inner();
+        let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
+        self.run(r.header, OpBody::Rollback { timeout }).await
+    }
+
+    async fn restart(&self, req: Request<pb::RestartRequest>) -> Result<Response<pb::OperationResult>, Status> {
+        self.allow(&req, WRITERS)?;
+        let r = req.into_inner();
+        let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.start_timeout);
+        self.run(r.header, OpBody::Restart { timeout }).await
+    }
+
+    async fn verify(&self, req: Request<pb::VerifyRequest>) -> Result<Response<pb::OperationResult>, Status> {
+        self.allow(&req, WRITERS)?;
+        let r = req.into_inner();
+        let stable = Self::ms(r.stable_ms, self.core.cfg.service.verify_stable);
+        let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.verify_timeout);
+        if stable > timeout {
+            return Err(Status::invalid_argument(format!(
+                "stable_ms {} is longer than timeout_ms {}: verify could never pass",
+                stable.as_millis(),
+                timeout.as_millis()
+            )));
+        }
+        self.run(r.header, OpBody::Verify { stable, timeout }).await
+    }
+
+    async fn operation_status(&self, req: Request<pb::OperationStatusRequest>) -> Result<Response<pb::OperationResult>, Status> {
+        self.allow(&req, READERS)?;
+        let rec = self.core.operation(&req.into_inner().operation_id).map_err(to_status)?;
+        Ok(Response::new(record_of(&rec, true)))
+    }
+}

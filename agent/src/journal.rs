@@ -1,0 +1,342 @@
+//! The operation journal: append-only JSON lines, fsynced after every record.
+//!
+//! An operation writes a `begin` record before it acts and an `end` record after; replaying
+//! the file gives one entry per operation id. An operation with a `begin` and no `end` was cut
+//! short by a crash or restart: it reads back as interrupted, and repeating its id runs it again
+//! (recorded as a further attempt) rather than leaving it undone.
+
+use rollgate_common::Epoch;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// Graceful drain, then stop.
+    Drain,
+    /// Immediate stop.
+    Stop,
+    /// Install an artifact.
+    Install,
+    /// Reinstall the previous version.
+    Rollback,
+    /// Start or restart the service.
+    Restart,
+    /// Check the service stays good.
+    Verify,
+}
+
+impl OpKind {
+    /// The lower-case name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Drain => "drain",
+            OpKind::Stop => "stop",
+            OpKind::Install => "install",
+            OpKind::Rollback => "rollback",
+            OpKind::Restart => "restart",
+            OpKind::Verify => "verify",
+        }
+    }
+}
+
+/// Where an operation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    /// Under way now.
+    Running,
+    /// Done, and it worked.
+    Succeeded,
+    /// Done, and it did not work.
+    Failed,
+    /// The agent stopped while it ran.
+    Interrupted,
+}
+
+/// One operation as the journal knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpRecord {
+    /// The caller's operation id.
+    pub id: String,
+    /// What it does.
+    pub kind: OpKind,
+    /// The epoch it ran under.
+    pub epoch: Epoch,
+    /// Where it stands.
+    pub state: OpState,
+    /// Unix ms when the current attempt began.
+    pub started_at_ms: u64,
+    /// Unix ms when it ended (0 while running).
+    pub finished_at_ms: u64,
+    /// One line on what happened.
+    pub message: String,
+    /// The installed version afterwards.
+    pub version: String,
+    /// Tail of the hook output.
+    pub output: String,
+    /// Attempts so far (more than 1 only after interruptions).
+    pub attempt: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Line {
+    Begin {
+        id: String,
+        kind: OpKind,
+        epoch: Epoch,
+        at_ms: u64,
+        attempt: u32,
+    },
+    End {
+        id: String,
+        at_ms: u64,
+        state: OpState,
+        message: String,
+        version: String,
+        output: String,
+    },
+}
+
+/// The journal: the file, and every operation replayed from it.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    ops: HashMap<String, OpRecord>,
+    last: Option<String>,
+}
+
+/// Why the journal could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The file could not be opened, read, written or synced.
+    #[error("journal {path}: {source}")]
+    Io {
+        /// The journal file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line in the middle of the file is not a journal record.
+    #[error("journal {path}: line {line} is corrupt: {message}")]
+    Corrupt {
+        /// The journal file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The parse error.
+        message: String,
+    },
+}
+
+impl Journal {
+    /// Opens the journal, replaying every record. A torn last line (a crash mid-append) is
+    /// dropped; a bad line anywhere else is an error, since the journal can then not be trusted.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let io = |source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut ops: HashMap<String, OpRecord> = HashMap::new();
+        let mut last = None;
+        let mut good_len: u64 = 0;
+        if path.exists() {
+            let reader = BufReader::new(File::open(path).map_err(io)?);
+            let lines: Vec<String> = reader.lines().collect::<Result<_, _>>().map_err(io)?;
+            let n = lines.len();
+            for (i, text) in lines.iter().enumerate() {
+                if text.trim().is_empty() {
+                    good_len += text.len() as u64 + 1;
+                    continue;
+                }
+                let line: Line = match serde_json::from_str(text) {
+                    Ok(l) => l,
+                    Err(_) if i + 1 == n => break,
+                    Err(e) => {
+                        return Err(JournalError::Corrupt {
+                            path: path.to_owned(),
+                            line: i + 1,
+                            message: e.to_string(),
+                        })
+                    }
+                };
+                good_len += text.len() as u64 + 1;
+                match line {
+                    Line::Begin { id, kind, epoch, at_ms, attempt } => {
+                        last = Some(id.clone());
+                        ops.insert(id.clone(), OpRecord {
+                            id,
+                            kind,
+                            epoch,
+                            state: OpState::Running,
+                            started_at_ms: at_ms,
+                            finished_at_ms: 0,
+                            message: String::new(),
+                            version: String::new(),
+                            output: String::new(),
+                            attempt,
+                        });
+                    }
+                    Line::End { id, at_ms, state, message, version, output } => {
+                        if let Some(rec) = ops.get_mut(&id) {
+                            rec.state = state;
+                            rec.finished_at_ms = at_ms;
+                            rec.message = message;
+                            rec.version = version;
+                            rec.output = output;
+                        }
+                    }
+                }
+            }
+        }
+        for rec in ops.values_mut() {
+            if rec.state == OpState::Running {
+                rec.state = OpState::Interrupted;
+                rec.message = "the agent stopped while this operation ran".into();
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        // Cut a torn tail so the next append starts on a clean line.
+        if file.metadata().map_err(io)?.len() > good_len {
+            file.set_len(good_len).map_err(io)?;
+        }
+        if let Some(dir) = path.parent() {
+            crate::durable::sync_dir(dir).map_err(io)?;
+        }
+        Ok(Journal {
+            path: path.to_owned(),
+            file,
+            ops,
+            last,
+        })
+    }
+
+    /// The record for an operation id.
+    pub fn get(&self, id: &str) -> Option<&OpRecord> {
+        self.ops.get(id)
+    }
+
+    /// The operation begun most recently.
+    pub fn last(&self) -> Option<&OpRecord> {
+        self.last.as_deref().and_then(|id| self.ops.get(id))
+    }
+
+    /// Every operation, in no particular order.
+    pub fn records(&self) -> impl Iterator<Item = &OpRecord> {
+        self.ops.values()
+    }
+
+    /// Records that an operation begins; durable before it returns.
+    pub fn begin(&mut self, id: &str, kind: OpKind, epoch: Epoch, at_ms: u64) -> Result<OpRecord, JournalError> {
+        let attempt = self.ops.get(id).map_or(1, |r| r.attempt + 1);
+        self.append(&Line::Begin {
+            id: id.to_owned(),
+            kind,
+            epoch,
+            at_ms,
+            attempt,
+        })?;
+        let rec = OpRecord {
+            id: id.to_owned(),
+            kind,
+            epoch,
+            state: OpState::Running,
+            started_at_ms: at_ms,
+            finished_at_ms: 0,
+            message: String::new(),
+            version: String::new(),
+            output: String::new(),
+            attempt,
+        };
+        self.ops.insert(id.to_owned(), rec.clone());
+        self.last = Some(id.to_owned());
+        Ok(rec)
+    }
+
+    /// Records how an operation ended; durable before it returns.
+    pub fn end(&mut self, rec: &OpRecord) -> Result<(), JournalError> {
+        self.append(&Line::End {
+            id: rec.id.clone(),
+            at_ms: rec.finished_at_ms,
+            state: rec.state,
+            message: rec.message.clone(),
+            version: rec.version.clone(),
+            output: rec.output.clone(),
+        })?;
+        self.ops.insert(rec.id.clone(), rec.clone());
+        Ok(())
+    }
+
+    fn append(&mut self, line: &Line) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut bytes = serde_json::to_vec(line).map_err(|e| io(std::io::Error::other(e)))?;
+        bytes.push(b'\n');
+        self.file.write_all(&bytes).map_err(io)?;
+        self.file.sync_data().map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(mut r: OpRecord, state: OpState) -> OpRecord {
+        r.state = state;
+        r.finished_at_ms = r.started_at_ms + 5;
+        r.message = "ok".into();
+        r
+    }
+
+    #[test]
+    fn replays_finished_and_interrupted_operations() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("journal.jsonl");
+        {
+            let mut j = Journal::open(&path)?;
+            let a = j.begin("a", OpKind::Drain, Epoch(3), 100)?;
+            j.end(&done(a, OpState::Succeeded))?;
+            j.begin("b", OpKind::Install, Epoch(3), 200)?;
+        }
+        let mut j = Journal::open(&path)?;
+        assert_eq!(j.get("a").map(|r| r.state), Some(OpState::Succeeded));
+        assert_eq!(j.get("b").map(|r| r.state), Some(OpState::Interrupted));
+        assert_eq!(j.last().map(|r| r.id.as_str()), Some("b"));
+        let b = j.begin("b", OpKind::Install, Epoch(4), 300)?;
+        assert_eq!(b.attempt, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn torn_tail_is_dropped_but_corrupt_middle_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("journal.jsonl");
+        {
+            let mut j = Journal::open(&path)?;
+            let a = j.begin("a", OpKind::Stop, Epoch(1), 1)?;
+            j.end(&done(a, OpState::Succeeded))?;
+        }
+        let mut f = OpenOptions::new().append(true).open(&path)?;
+        f.write_all(b"{\"event\":\"begin\",\"id\":\"x")?;
+        drop(f);
+        {
+            let mut j = Journal::open(&path)?;
+            assert!(j.get("x").is_none());
+            j.begin("c", OpKind::Stop, Epoch(1), 2)?;
+        }
+        let j = Journal::open(&path)?;
+        assert!(j.get("c").is_some(), "append after a torn tail must start a clean line");
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, format!("garbage\n{text}"))?;
+        assert!(matches!(Journal::open(&path), Err(JournalError::Corrupt { line: 1, .. })));
+        Ok(())
+    }
+}

@@ -1,0 +1,20 @@
+//! The rollgate agent: one per server, driving one local service.
+//!
+//! - [`config`]: the TOML config and its validation.
+//! - [`core`]: admission of fenced operations, running them, probing health (no gRPC).
+//! - [`grpc`]: the `rollgate.agent.v1.Agent` adapter and the error-to-status mapping.
+//! - [`server`]: binding, TLS, services and the shutdown path.
+//! - [`journal`]: the durable operation journal; [`durable`]: the epoch and service record.
+//! - [`hooks`]: running service commands; [`probe`]: TCP, /proc/net/tcp, HTTP and busy probes;
+//!   [`artifact`]: fetching and sha256-checking artifacts.
+
+pub mod artifact;
+pub mod config;
+pub mod core;
+pub mod durable;
+pub mod error;
+pub mod grpc;
+pub mod hooks;
+pub mod journal;
+pub mod probe;
+pub mod server;

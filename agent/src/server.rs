@@ -1,0 +1,60 @@
+//! Wiring: bind, TLS, the Agent and grpc.health.v1 services, the health reporter, and the one
+//! shutdown path (token cancelled → stop accepting → drain operations with a deadline).
+
+use crate::config::AgentConfig;
+use crate::core::AgentCore;
+use crate::grpc::AgentApi;
+use rollgate_proto::agent::v1::agent_server::AgentServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the agent until `shutdown` is cancelled, then drains. The bound address is written to
+/// `<state_dir>/agent.addr` once listening (useful with port 0).
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let insecure = cfg.insecure;
+    let tls = match &cfg.tls {
+        Some(files) => Some(files.server_config()?),
+        None => None,
+    };
+    let grace = cfg.shutdown_grace;
+    let max_msg = cfg.max_message_bytes;
+    let core = AgentCore::open(cfg, shutdown.clone()).await?;
+    core.tasks().spawn(Arc::clone(&core).report_loop());
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_serving::<AgentServer<AgentApi>>().await;
+    let api = AgentServer::new(AgentApi::new(Arc::clone(&core), insecure))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg.max(64 * 1024));
+
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    } else {
+        tracing::warn!("INSECURE MODE: no TLS and no role checks; anyone who can reach {addr} can drain, stop and install. Use only for a local demo.");
+    }
+    std::fs::write(core.cfg.state_dir.join("agent.addr"), addr.to_string())?;
+    tracing::info!(%addr, server_id = %core.cfg.server_id, pool = %core.cfg.pool, epoch = core.epoch().get(), "agent listening");
+
+    let stop = shutdown.clone();
+    let serve = builder
+        .add_service(health_service)
+        .add_service(api)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            stop.cancelled().await;
+        });
+    let served = serve.await;
+    reporter.set_not_serving::<AgentServer<AgentApi>>().await;
+    if core.drain_tasks(grace).await {
+        tracing::info!("agent stopped cleanly");
+    } else {
+        tracing::warn!(grace_ms = grace.as_millis() as u64, "operations still running at the shutdown deadline; the journal marks them interrupted");
+    }
+    served?;
+    Ok(())
+}

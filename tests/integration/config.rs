@@ -1,0 +1,73 @@
+//! The documented example config loads, and `validate` says clearly what is wrong.
+
+use rollgate_agent::config::AgentConfig;
+use rollgate_common::config::parse_toml;
+use rollgate_common::tls::RoleKind;
+use rollgate_tests::{bin, Pki};
+use std::path::{Path, PathBuf};
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml")
+}
+
+#[test]
+fn the_example_agent_config_loads_and_validates() -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(example())?;
+    let mut cfg: AgentConfig = parse_toml(&example(), &text)?;
+    cfg.resolve_defaults();
+    assert_eq!(cfg.server_id, "fe-01");
+    assert_eq!(cfg.service.ports, vec![8080]);
+    assert_eq!(cfg.service.start, vec!["systemctl", "start", "frontend.service"]);
+    // Its TLS paths point at /etc/rollgate; swap in real certificates to validate the rest.
+    let tmp = tempfile::tempdir()?;
+    let pki = Pki::new(tmp.path())?;
+    cfg.tls = Some(pki.issue(RoleKind::Agent, "fe-01")?);
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    // A certificate for another server is refused.
+    cfg.tls = Some(pki.issue(RoleKind::Agent, "fe-02")?);
+    let err = cfg.validate().expect_err("wrong server certificate");
+    assert!(err.contains("agent/fe-01"), "{err}");
+    Ok(())
+}
+
+fn validate(text: &str) -> anyhow::Result<(bool, String, String)> {
+    let tmp = tempfile::tempdir()?;
+    let p = tmp.path().join("agent.toml");
+    std::fs::write(&p, text)?;
+    let out = std::process::Command::new(bin("rollgate-agent")?).arg("validate").arg(&p).output()?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+#[test]
+fn validate_subcommand_names_what_is_wrong_on_one_line() -> anyhow::Result<()> {
+    let good = r#"
+server_id = "fe-1"
+pool = "p"
+listen = "127.0.0.1:0"
+state_dir = "/tmp/x"
+insecure = true
+[service]
+ports = [80]
+drain = ["true"]
+start = ["true"]
+stop = ["true"]
+install = ["true"]
+"#;
+    let (ok, out, err) = validate(good)?;
+    assert!(ok, "{err}");
+    assert!(out.contains("ok"));
+    for (bad, needle) in [
+        (good.replace("ports = [80]", "ports = []"), "service.ports"),
+        (good.replace("insecure = true", ""), "tls"),
+        (good.replace("drain = [\"true\"]", "drain = []"), "service.drain"),
+        (good.replace("pool = \"p\"", "pool = \"p\"\npoool = 1"), "poool"),
+        (good.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""), "listen"),
+        (format!("{good}hook_timeout = \"ten\"\n"), "hook_timeout"),
+    ] {
+        let (ok, _, err) = validate(&bad)?;
+        assert!(!ok, "should fail: {bad}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(needle), "{needle} not in {err}");
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Integration tests: real agent processes, real sample front ends, real mTLS on loopback.
+//! One test binary with modules, to keep link time down.
+
+mod agent;
+mod config;

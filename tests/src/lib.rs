@@ -1,0 +1,339 @@
+//! rollgate's test harness: real processes, real TCP, real mTLS, in temporary directories.
+//!
+//! - [`Pki`]: a fresh CA and role certificates (rcgen), nothing committed.
+//! - [`FrontEnd`]: a `rollgate-sample` service directory with a version installed.
+//! - [`AgentProc`]: a real `rollgate-agent` process driving one front end.
+//! - [`eventually`]: poll a condition with a deadline instead of sleeping.
+
+use anyhow::{anyhow, bail, Context};
+use rollgate_common::pki::Ca;
+use rollgate_common::tls::{Role, RoleKind, TlsFiles};
+use rollgate_proto::agent::v1::agent_client::AgentClient;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// True when running under CI (`CI=true`): missing parts fail tests instead of skipping them.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The directory holding the workspace's built binaries (`target/<profile>`), or
+/// `ROLLGATE_BIN_DIR` when set.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("ROLLGATE_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test binary> or target/<profile>/<binary>
+    let mut dir = exe.parent().ok_or_else(|| anyhow!("no parent for {}", exe.display()))?.to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// The path of a workspace binary, with a clear error when it has not been built.
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let p = bin_dir()?.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        bail!("{} not found: build the workspace first (cargo build --workspace --bins)", p.display())
+    }
+}
+
+/// Polls `check` every 20ms until it returns `Some`, or fails after `limit` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A CA and the certificates issued from it, under one directory.
+pub struct Pki {
+    dir: PathBuf,
+    ca: Ca,
+    ca_path: PathBuf,
+}
+
+impl Pki {
+    /// A fresh CA in `dir`.
+    pub fn new(dir: &Path) -> anyhow::Result<Pki> {
+        std::fs::create_dir_all(dir)?;
+        let ca = Ca::generate("rollgate test CA")?;
+        let ca_path = dir.join("ca.crt");
+        std::fs::write(&ca_path, ca.cert_pem())?;
+        Ok(Pki { dir: dir.to_owned(), ca, ca_path })
+    }
+
+    /// Certificate files for `role`, valid for 127.0.0.1, ::1 and localhost.
+    pub fn issue(&self, kind: RoleKind, name: &str) -> anyhow::Result<TlsFiles> {
+        self.issue_with(kind, name, rollgate_common::pki::Validity::default())
+    }
+
+    /// [`Pki::issue`] with an explicit validity (e.g. expired).
+    pub fn issue_with(&self, kind: RoleKind, name: &str, validity: rollgate_common::pki::Validity) -> anyhow::Result<TlsFiles> {
+        let role = Role::new(kind, name);
+        let hosts = ["127.0.0.1", "::1", "localhost"].map(String::from);
+        let issued = self.ca.issue_with(&role, &hosts, validity)?;
+        let stem = format!("{kind}-{name}-{}", rollgate_common::time::now_ms());
+        let (cert, key) = issued.write(&self.dir, &stem)?;
+        Ok(TlsFiles { ca: self.ca_path.clone(), cert, key })
+    }
+
+    /// A second, unrelated CA's certificate for `role` (must be refused by our servers).
+    pub fn foreign(&self, kind: RoleKind, name: &str) -> anyhow::Result<TlsFiles> {
+        let other = Ca::generate("someone else's CA")?;
+        let issued = other.issue(&Role::new(kind, name), &["127.0.0.1".into()])?;
+        let (cert, key) = issued.write(&self.dir, &format!("foreign-{kind}-{name}"))?;
+        Ok(TlsFiles { ca: self.ca_path.clone(), cert, key })
+    }
+}
+
+/// An mTLS gRPC channel to `addr` presenting `tls`.
+pub async fn channel(addr: SocketAddr, tls: &TlsFiles) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.client_config()?)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+/// An agent client over mTLS.
+pub async fn agent_client(addr: SocketAddr, tls: &TlsFiles) -> anyhow::Result<AgentClient<Channel>> {
+    Ok(AgentClient::new(channel(addr, tls).await?))
+}
+
+/// A sample front end: a directory with a version installed, and a port.
+#[derive(Debug, Clone)]
+pub struct FrontEnd {
+    /// The service's directory.
+    pub dir: PathBuf,
+    /// The port it serves on.
+    pub port: u16,
+}
+
+impl FrontEnd {
+    /// Creates `<root>/<name>` with `version` installed (not started).
+    pub fn create(root: &Path, name: &str, version: &str) -> anyhow::Result<FrontEnd> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let fe = FrontEnd { dir, port: free_port()? };
+        let (artifact, _) = make_artifact(root, version)?;
+        let out = std::process::Command::new(bin("rollgate-sample")?)
+            .args(["install", "--dir"])
+            .arg(&fe.dir)
+            .env("ROLLGATE_ARTIFACT", &artifact)
+            .env("ROLLGATE_VERSION", version)
+            .output()?;
+        if !out.status.success() {
+            bail!("initial install failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // The initial install is set-up, not an upgrade: forget it.
+        std::fs::remove_file(fe.dir.join("installs.log"))?;
+        Ok(fe)
+    }
+
+    /// Starts it (outside any agent) and waits until it accepts connections.
+    pub fn start(&self) -> anyhow::Result<()> {
+        let st = std::process::Command::new(bin("rollgate-sample")?)
+            .args(["start", "--dir"])
+            .arg(&self.dir)
+            .args(["--port", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("sample front end in {} did not start", self.dir.display());
+        }
+        Ok(())
+    }
+
+    /// Stops it if it runs.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        std::process::Command::new(bin("rollgate-sample")?).args(["stop", "--dir"]).arg(&self.dir).stdout(Stdio::null()).status()?;
+        Ok(())
+    }
+
+    /// The versions installed through the agent, in order (the initial one excluded).
+    pub fn installs(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("installs.log"))
+            .map(|t| t.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// The `[service]` section of an agent config driving this front end.
+    pub fn service_toml(&self) -> anyhow::Result<String> {
+        let s = bin("rollgate-sample")?;
+        let s = s.display();
+        let d = self.dir.display();
+        let p = self.port;
+        Ok(format!(
+            r#"[service]
+ports = [{p}]
+drain = ["{s}", "drain", "--dir", "{d}"]
+start = ["{s}", "start", "--dir", "{d}", "--port", "{p}"]
+stop = ["{s}", "stop", "--dir", "{d}"]
+install = ["{s}", "install", "--dir", "{d}"]
+version_command = ["{s}", "version", "--dir", "{d}"]
+busy_command = ["{s}", "busy", "--dir", "{d}"]
+health_url = "http://127.0.0.1:{p}/health"
+hook_timeout = "20s"
+drain_timeout = "20s"
+verify_stable = "300ms"
+verify_timeout = "10s"
+"#
+        ))
+    }
+}
+
+impl Drop for FrontEnd {
+    fn drop(&mut self) {
+        // Never leave a daemonised front end behind a finished test.
+        if let Ok(b) = bin("rollgate-sample") {
+            let _ = std::process::Command::new(b).args(["stop", "--dir"]).arg(&self.dir).stdout(Stdio::null()).status();
+        }
+    }
+}
+
+/// Writes a sample release artifact for `version` under `root`; returns its path and sha256.
+pub fn make_artifact(root: &Path, version: &str) -> anyhow::Result<(PathBuf, String)> {
+    let path = root.join(format!("release-{version}.txt"));
+    let st = std::process::Command::new(bin("rollgate-sample")?)
+        .arg("make-artifact")
+        .arg(version)
+        .arg(&path)
+        .status()?;
+    if !st.success() {
+        bail!("make-artifact failed");
+    }
+    let sha = hex::encode(Sha256::digest(std::fs::read(&path)?));
+    Ok((path, sha))
+}
+
+/// A running `rollgate-agent` process.
+pub struct AgentProc {
+    /// The config file it runs with.
+    pub config: PathBuf,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// Writes a config for `server_id` driving `fe`, with TLS `tls`, and starts the agent.
+    pub async fn start(root: &Path, server_id: &str, pool: &str, domain: &str, tls: &TlsFiles, fe: &FrontEnd) -> anyhow::Result<AgentProc> {
+        let state_dir = root.join(format!("agent-{server_id}"));
+        std::fs::create_dir_all(&state_dir)?;
+        let config = state_dir.join("agent.toml");
+        let text = format!(
+            r#"server_id = "{server_id}"
+pool = "{pool}"
+upgrade_domain = "{domain}"
+listen = "127.0.0.1:0"
+state_dir = "{state}"
+report_interval = "200ms"
+shutdown_grace = "10s"
+
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+
+{service}"#,
+            state = state_dir.display(),
+            ca = tls.ca.display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+            service = fe.service_toml()?,
+        );
+        std::fs::write(&config, text)?;
+        Self::spawn(config, state_dir).await
+    }
+
+    /// Starts the agent with an existing config.
+    pub async fn spawn(config: PathBuf, state_dir: PathBuf) -> anyhow::Result<AgentProc> {
+        let addr_file = state_dir.join("agent.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.join("agent.log"))?;
+        let mut child = Command::new(bin("rollgate-agent")?)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start rollgate-agent")?;
+        let addr = eventually("the agent to listen", Duration::from_secs(20), || {
+            let f = addr_file.clone();
+            let exited = child.try_wait().ok().flatten();
+            async move {
+                if exited.is_some() {
+                    return Some(None);
+                }
+                std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()).map(Some)
+            }
+        })
+        .await?;
+        let Some(addr) = addr else {
+            let log = std::fs::read_to_string(state_dir.join("agent.log")).unwrap_or_default();
+            bail!("rollgate-agent exited at start:\n{log}");
+        };
+        Ok(AgentProc { config, state_dir, addr, child: Some(child) })
+    }
+
+    /// SIGKILL: the agent dies without any chance to clean up.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().ok_or_else(|| anyhow!("agent not running"))?;
+        let pid = c.id().ok_or_else(|| anyhow!("agent already reaped"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)?;
+        Ok(tokio::time::timeout(Duration::from_secs(20), c.wait()).await??)
+    }
+
+    /// Starts the agent again with the same config and state (after kill or terminate).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let again = Self::spawn(self.config.clone(), self.state_dir.clone()).await?;
+        *self = again;
+        Ok(())
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
+    }
+}
