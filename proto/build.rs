@@ -2,7 +2,10 @@
 //! set PROTOC to point at another one.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["rollgate/agent/v1/agent.proto"];
+    let protos = [
+        "rollgate/agent/v1/agent.proto",
+        "rollgate/operator/v1/operator.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

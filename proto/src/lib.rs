@@ -7,3 +7,11 @@ pub mod agent {
         tonic::include_proto!("rollgate.agent.v1");
     }
 }
+
+/// `rollgate.operator.v1`: the coordinator's operator API.
+pub mod operator {
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("rollgate.operator.v1");
+    }
+}

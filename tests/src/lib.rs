@@ -5,6 +5,7 @@
 //! - [`AgentProc`]: a real `rollgate-agent` process driving one front end.
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 
+
 use anyhow::{anyhow, bail, Context};
 use rollgate_common::pki::Ca;
 use rollgate_common::tls::{Role, RoleKind, TlsFiles};
@@ -330,6 +331,11 @@ key = "{key}"
         let again = Self::spawn(self.config.clone(), self.state_dir.clone()).await?;
         *self = again;
         Ok(())
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// The agent's log so far (for failure messages).

@@ -1,0 +1,31 @@
+# Sourced by the scripts in this folder: checks for what the build and tests need and installs it
+# where it can (Debian, as root), or says clearly what is missing.
+
+need_cargo() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found: install the Rust toolchain (https://rustup.rs) and retry" >&2
+    exit 1
+  fi
+}
+
+apt_install() {
+  # apt_install PACKAGE...: installs Debian packages when we can, else explains how.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing $* with apt-get" >&2
+    if [ -z "${ROLLGATE_APT_UPDATED:-}" ]; then
+      apt-get update -qq >&2 || { echo "error: apt-get update failed" >&2; exit 1; }
+      ROLLGATE_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2 \
+      || { echo "error: apt-get install $* failed" >&2; exit 1; }
+  else
+    echo "error: missing $*: install it (Debian/Ubuntu: sudo apt-get install $*) and retry" >&2
+    exit 1
+  fi
+}
+
+need_protoc() {
+  if [ -n "${PROTOC:-}" ] && [ -x "${PROTOC}" ]; then return; fi
+  command -v protoc >/dev/null 2>&1 || apt_install protobuf-compiler
+  command -v protoc >/dev/null 2>&1 || { echo "error: protoc still not found after install" >&2; exit 1; }
+}
