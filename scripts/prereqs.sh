@@ -29,3 +29,18 @@ need_protoc() {
   command -v protoc >/dev/null 2>&1 || apt_install protobuf-compiler
   command -v protoc >/dev/null 2>&1 || { echo "error: protoc still not found after install" >&2; exit 1; }
 }
+
+need_etcd() {
+  # etcd (Debian: etcd-server) runs the coordinator's store tests and the --etcd demo.
+  if command -v etcd >/dev/null 2>&1; then return; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt_install etcd-server
+    # The package may try to start a system etcd; the tests start their own on free ports.
+    if command -v systemctl >/dev/null 2>&1; then systemctl stop etcd >/dev/null 2>&1 || true; fi
+  elif [ "${CI:-}" = true ]; then
+    echo "error: etcd not found and CI=true: install etcd-server" >&2
+    exit 1
+  else
+    echo "warning: etcd not found: tests that need it will be skipped (Debian: sudo apt-get install etcd-server)" >&2
+  fi
+}

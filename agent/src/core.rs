@@ -93,6 +93,8 @@ pub enum OpBody {
     Rollback {
         /// Limit for the install command.
         timeout: Duration,
+        /// Only if this version is installed (empty: whatever is installed).
+        from_version: String,
     },
     /// Start or restart, then wait until it accepts connections.
     Restart {
@@ -482,8 +484,18 @@ impl AgentCore {
             OpBody::Install { artifact, sha256, version, timeout } => {
                 self.install(rec, &artifact, &sha256, &version, timeout, false).await
             }
-            OpBody::Rollback { timeout } => {
+            OpBody::Rollback { timeout, from_version } => {
                 let prev = self.lock().service.clone();
+                let current = self.version_of(&prev);
+                if !from_version.is_empty() && current != from_version {
+                    // Nothing of this plan is installed here: keep the service as it is.
+                    return Outcome {
+                        ok: true,
+                        message: format!("nothing to roll back: version {current} is installed, not {from_version}"),
+                        output: String::new(),
+                        phase: prev.phase,
+                    };
+                }
                 let artifact = self.dir.artifacts().join(&prev.previous_sha256);
                 self.install(rec, &artifact, &prev.previous_sha256, &prev.previous_version, timeout, true).await
             }
@@ -793,7 +805,9 @@ fn check_phase(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
                     }
                 )));
             }
-            if matches!(body, OpBody::Rollback { .. }) && s.previous_sha256.is_empty() {
+            let installed = if s.installed_version.is_empty() { None } else { Some(s.installed_version.as_str()) };
+            let moot = matches!(body, OpBody::Rollback { from_version, .. } if !from_version.is_empty() && installed != Some(from_version.as_str()));
+            if matches!(body, OpBody::Rollback { .. }) && !moot && s.previous_sha256.is_empty() {
                 return Err(AgentError::Precondition(
                     "nothing to roll back to: no previous version was installed by this agent".into(),
                 ));

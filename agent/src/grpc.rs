@@ -215,7 +215,7 @@ impl pb::agent_server::Agent for AgentApi {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
-        self.run(r.header, OpBody::Rollback { timeout }).await
+        self.run(r.header, OpBody::Rollback { timeout, from_version: r.from_version }).await
     }
 
     async fn restart(&self, req: Request<pb::RestartRequest>) -> Result<Response<pb::OperationResult>, Status> {

@@ -197,7 +197,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
     let res = s.client.stop(pb::StopRequest { header: header("stop-2", 1) }).await?.into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
     // The initial version was not installed by the agent: nothing to roll back to.
-    let err = s.client.rollback(pb::RollbackRequest { header: header("rb-0", 1), timeout_ms: 0 }).await.expect_err("no previous");
+    let err = s.client.rollback(pb::RollbackRequest { header: header("rb-0", 1), timeout_ms: 0, from_version: String::new() }).await.expect_err("no previous");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("nothing to roll back to"), "{err:?}");
     let (artifact3, sha3) = make_artifact(&s.root, "3.0")?;
@@ -210,9 +210,15 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
     }).await?.into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     // Rollback reinstalls the previous version from the agent's own artifact cache.
-    let res = s.client.rollback(pb::RollbackRequest { header: header("rb-1", 1), timeout_ms: 0 }).await?.into_inner();
+    let res = s.client.rollback(pb::RollbackRequest { header: header("rb-1", 1), timeout_ms: 0, from_version: "3.0".into() }).await?.into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     assert_eq!(res.version, "2.0");
+    assert_eq!(s.fe.installs(), vec!["2.0", "3.0", "2.0"]);
+    // A second rollback "from 3.0" (a new operation id, e.g. a retry by a new leader) finds 3.0
+    // no longer installed and does nothing: a version is never rolled back twice.
+    let res = s.client.rollback(pb::RollbackRequest { header: header("rb-2", 1), timeout_ms: 0, from_version: "3.0".into() }).await?.into_inner();
+    assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
+    assert!(res.message.contains("nothing to roll back"), "{res:?}");
     assert_eq!(s.fe.installs(), vec!["2.0", "3.0", "2.0"]);
     let res = s.client.restart(pb::RestartRequest { header: header("restart-2", 1), timeout_ms: 0 }).await?.into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");

@@ -71,3 +71,64 @@ install = ["true"]
     }
     Ok(())
 }
+
+#[test]
+fn the_example_coordinator_config_loads_and_validates() -> anyhow::Result<()> {
+    use rollgate_coordinator::config::{CoordinatorConfig, StoreConfig};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator.example.toml");
+    let text = std::fs::read_to_string(&path)?;
+    let mut cfg: CoordinatorConfig = parse_toml(&path, &text)?;
+    assert_eq!(cfg.id, "c1");
+    assert!(matches!(&cfg.store, StoreConfig::Etcd { endpoints, .. } if endpoints.len() == 3));
+    let spec = cfg.pools[0].spec();
+    // fe-04 has no explicit domain: it is assigned deterministically.
+    assert_eq!(spec.domains.iter().map(|(_, s)| s.len()).sum::<usize>(), 4);
+    assert_eq!(spec.min_active, 3);
+    let tmp = tempfile::tempdir()?;
+    let pki = Pki::new(tmp.path())?;
+    cfg.tls = Some(pki.issue(RoleKind::Coordinator, "c1")?);
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    cfg.tls = Some(pki.issue(RoleKind::Operator, "c1")?);
+    assert!(cfg.validate().expect_err("operator cert").contains("coordinator/c1"));
+    Ok(())
+}
+
+#[test]
+fn coordinator_validate_names_what_is_wrong_on_one_line() -> anyhow::Result<()> {
+    let good = r#"
+id = "c1"
+listen = "127.0.0.1:0"
+insecure = true
+[store]
+kind = "embedded"
+path = "/tmp/store.json"
+[[pools]]
+name = "p"
+[[pools.servers]]
+id = "fe-1"
+agent = "127.0.0.1:7001"
+"#;
+    let run = |text: &str| -> anyhow::Result<(bool, String)> {
+        let tmp = tempfile::tempdir()?;
+        let p = tmp.path().join("c.toml");
+        std::fs::write(&p, text)?;
+        let out = std::process::Command::new(bin("rollgate-coordinator")?).arg("validate").arg(&p).output()?;
+        Ok((out.status.success(), String::from_utf8(out.stderr)?))
+    };
+    let (ok, err) = run(good)?;
+    assert!(ok, "{err}");
+    for (bad, needle) in [
+        (good.replace("kind = \"embedded\"", "kind = \"zookeeper\""), "zookeeper"),
+        (good.replace("agent = \"127.0.0.1:7001\"", "agent = \"nowhere\""), "agent"),
+        (format!("{good}\n[[pools.servers]]\nid = \"fe-1\"\nagent = \"127.0.0.1:7002\"\n"), "twice"),
+        (good.replace("name = \"p\"", "name = \"p\"\nmin_active = \"150%\""), "min_active"),
+        (good.replace("name = \"p\"", "name = \"p\"\npaired_pool = \"q\""), "failover"),
+        (good.replace("[store]\nkind = \"embedded\"\npath = \"/tmp/store.json\"", "[store]\nkind = \"etcd\"\nendpoints = []"), "endpoints"),
+    ] {
+        let (ok, err) = run(&bad)?;
+        assert!(!ok, "should fail: {bad}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(needle), "{needle} not in {err}");
+    }
+    Ok(())
+}

@@ -3,3 +3,5 @@
 
 mod agent;
 mod config;
+mod coordinator;
+mod store;

@@ -5,6 +5,9 @@
 //! - [`AgentProc`]: a real `rollgate-agent` process driving one front end.
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 
+pub mod cluster;
+pub mod etcd;
+pub mod monitor;
 
 use anyhow::{anyhow, bail, Context};
 use rollgate_common::pki::Ca;

@@ -1,157 +1,182 @@
-//! `rollgate-demo`: a real local run of the per-server procedure. One sample front end, its
-//! agent over mTLS, and a client holding a connection open; the agent drains (gracefully),
-//! installs a new version (sha256-checked), restarts and verifies it, step by step.
-//!
-//! Until the coordinator lands this plays the coordinator's part for one server, with its own
-//! coordinator certificate and epoch 1.
+//! `rollgate-demo`: the main job, run for real on this machine. A pool of sample front ends in
+//! upgrade domains, each with its agent (mTLS), a coordinator (embedded store; or, with
+//! `--etcd`, three coordinators electing a leader through a local etcd), and a client load that
+//! keeps opening and holding connections. The `rollgate` CLI starts the rolling upgrade and
+//! watches it live; a final readiness table shows every server on the new version.
 
-use anyhow::{ensure, Context};
+use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use rollgate_common::tls::RoleKind;
-use rollgate_proto::agent::v1 as pb;
-use rollgate_tests::{agent_client, eventually, make_artifact, AgentProc, FrontEnd, Pki};
-use std::time::{Duration, Instant};
+use rollgate_proto::operator::v1 as pb;
+use rollgate_tests::cluster::{cli, leader_of, operator_client, CoordinatorProc, Fleet};
+use rollgate_tests::{eventually, make_artifact};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Parser)]
-#[command(name = "rollgate-demo", about = "run rollgate's per-server upgrade procedure locally")]
+#[command(name = "rollgate-demo", about = "a real local rolling upgrade with rollgate")]
 struct Args {
     /// Work directory (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-    /// Version installed before the upgrade.
-    #[arg(long, default_value = "1.0")]
-    from: String,
-    /// Version to upgrade to.
-    #[arg(long, default_value = "2.0")]
-    to: String,
+    /// Front ends in the pool.
+    #[arg(long, default_value_t = 6)]
+    servers: usize,
+    /// Upgrade domains.
+    #[arg(long, default_value_t = 3)]
+    domains: usize,
+    /// Run three coordinators on a local etcd instead of one on the embedded store.
+    #[arg(long)]
+    etcd: bool,
 }
 
-struct Clock(Instant);
-impl Clock {
-    fn say(&self, msg: impl AsRef<str>) {
-        println!("[{:>6.2}s] {}", self.0.elapsed().as_secs_f64(), msg.as_ref());
+#[derive(Default)]
+struct Load {
+    served: AtomicU64,
+    refused: AtomicU64,
+    cut: AtomicU64,
+}
+
+/// Opens a connection to each front end in turn, holds it for a few requests, closes it; counts
+/// what was served, refused (a draining server) and cut (an open connection lost: must be 0).
+async fn client_load(ports: Vec<u16>, load: Arc<Load>, stop: tokio_util::sync::CancellationToken) {
+    let mut i = 0usize;
+    while !stop.is_cancelled() {
+        let port = ports[i % ports.len()];
+        i += 1;
+        let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            load.refused.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut ok = true;
+        for n in 0..3 {
+            let mut line = String::new();
+            let sent = w.write_all(format!("hello {n}\n").as_bytes()).await.is_ok();
+            if !sent || r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                ok = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if ok {
+            load.served.fetch_add(1, Ordering::Relaxed);
+        } else {
+            load.cut.fetch_add(1, Ordering::Relaxed);
+        }
     }
-}
-
-fn state_name(s: i32) -> String {
-    pb::ServiceState::try_from(s)
-        .map(|s| s.as_str_name().trim_start_matches("SERVICE_STATE_").to_lowercase())
-        .unwrap_or_else(|_| format!("unknown({s})"))
-}
-
-fn outcome(r: &pb::OperationResult) -> anyhow::Result<String> {
-    ensure!(r.state == pb::OperationState::Succeeded as i32, "{} failed: {}", r.operation_id, r.message);
-    Ok(format!("{} ({} ms)", r.message, r.finished_at_ms.saturating_sub(r.started_at_ms)))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    ensure!(args.servers >= args.domains && args.domains >= 1, "--servers must be at least --domains, and --domains at least 1");
     let tmp;
-    let root = match args.dir {
+    let root = match &args.dir {
         Some(d) => {
-            std::fs::create_dir_all(&d)?;
-            d
+            std::fs::create_dir_all(d)?;
+            d.clone()
         }
         None => {
             tmp = tempfile::tempdir()?;
             tmp.path().to_owned()
         }
     };
-    let t = Clock(Instant::now());
-    println!("rollgate demo: one agent upgrading one front end (work dir {})", root.display());
+    println!("== rollgate demo: {} front ends in {} upgrade domains (work dir {})", args.servers, args.domains, root.display());
+    let fleet = Fleet::start(&root, "demo", args.servers, args.domains, "1.0").await?;
+    for s in &fleet.servers {
+        println!("   {} ({}) serving 1.0 on 127.0.0.1:{}, agent on {}", s.id, s.domain, s.fe.port, s.agent.addr);
+    }
 
-    let pki = Pki::new(&root.join("pki"))?;
-    let fe = FrontEnd::create(&root, "fe-1", &args.from)?;
-    fe.start()?;
-    let mut agent = AgentProc::start(&root, "fe-1", "demo-pool", "ud-1", &pki.issue(RoleKind::Agent, "fe-1")?, &fe).await?;
-    let mut c = agent_client(agent.addr, &pki.issue(RoleKind::Coordinator, "demo")?).await?;
-    let h = c.health(pb::HealthRequest {}).await?.into_inner();
-    t.say(format!(
-        "front end fe-1 on 127.0.0.1:{}: {} version {}; agent on {} (mTLS, coordinator role)",
-        fe.port, state_name(h.state), h.installed_version, agent.addr
-    ));
-
-    // A client holds a connection through the drain, sending a request every 200 ms for 1.5 s.
-    let port = fe.port;
-    let client = tokio::spawn(async move {
-        let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        let (r, mut w) = s.into_split();
-        let mut r = BufReader::new(r);
-        let mut served = 0;
-        for i in 0..8 {
-            w.write_all(format!("request {i}\n").as_bytes()).await?;
-            let mut line = String::new();
-            r.read_line(&mut line).await?;
-            ensure!(line.trim() == format!("request {i}"), "open connection cut during drain");
-            served += 1;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        anyhow::Ok(served)
-    });
-    eventually("the client's connection to be counted", Duration::from_secs(10), || {
+    let etcd = if args.etcd {
+        let Some(e) = rollgate_tests::etcd::EtcdCluster::start(1).await? else {
+            bail!("etcd not found: install it (Debian: apt-get install etcd-server) for --etcd");
+        };
+        Some(e)
+    } else {
+        None
+    };
+    let pools = fleet.pool_toml("min_active = \"majority\"");
+    let mut coordinators = Vec::new();
+    let n = if args.etcd { 3 } else { 1 };
+    for i in 1..=n {
+        let id = format!("c{i}");
+        let store = match &etcd {
+            Some(e) => format!("[store]\nkind = \"etcd\"\nendpoints = {:?}\nprefix = \"/rollgate/demo/\"\nelection_ttl = \"2s\"", e.endpoints()),
+            None => format!("[store]\nkind = \"embedded\"\npath = \"{}\"", root.join("store.json").display()),
+        };
+        let tls = fleet.pki.issue(RoleKind::Coordinator, &id)?;
+        coordinators.push(CoordinatorProc::start(&root, &id, &tls, &store, &pools).await?);
+    }
+    let op = fleet.pki.issue(RoleKind::Operator, "demo")?;
+    let addrs: Vec<_> = coordinators.iter().map(|c| c.addr).collect();
+    let mut c = operator_client(addrs[0], &op).await?;
+    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
         let mut c = c.clone();
-        async move { c.health(pb::HealthRequest {}).await.ok().map(|r| r.into_inner()).filter(|h| h.active_connections >= 1) }
+        async move { leader_of(&mut c).await }
     })
     .await?;
-    t.say("a client holds a connection open and keeps sending requests");
-
-    let hdr = |step: &str| Some(pb::OperationHeader { operation_id: format!("demo/fe-1/{step}"), epoch: 1 });
-    t.say("1. drain (graceful): stop new connections, wait for open ones to finish, then stop");
-    let mut dc = c.clone();
-    let drain = tokio::spawn(async move {
-        dc.drain(pb::DrainRequest { header: hdr("drain"), timeout_ms: 30_000, on_timeout: pb::DrainTimeoutAction::Fail as i32 }).await
-    });
-    eventually("new connections to be refused", Duration::from_secs(10), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err().then_some(())
+    println!("== {} coordinator(s) {}; leader {leader} at epoch {epoch}", n, if args.etcd { "on etcd" } else { "on the embedded store" });
+    eventually("the pool to be Ready", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            let r = c.readiness(pb::PoolRequest { pool: "demo".into() }).await.ok()?.into_inner();
+            (r.state == "Ready").then_some(())
+        }
     })
     .await?;
-    let h = c.health(pb::HealthRequest {}).await?.into_inner();
-    t.say(format!("   new connections refused; state {}; {} open connection(s) still served", state_name(h.state), h.active_connections));
-    let served = client.await??;
-    t.say(format!("   the client finished normally: {served} requests answered, none cut"));
-    t.say(format!("   drain: {}", outcome(&drain.await??.into_inner())?));
 
-    let (artifact, sha) = make_artifact(&root, &args.to)?;
-    t.say(format!("2. install {} from {} (sha256 {}…)", args.to, artifact.display(), &sha[..12]));
-    let r = c
-        .install_patch(pb::InstallPatchRequest { header: hdr("install"), artifact: artifact.display().to_string(), sha256: sha, version: args.to.clone(), timeout_ms: 0 })
-        .await?
-        .into_inner();
-    t.say(format!("   install: {}", outcome(&r)?));
+    println!("\n$ rollgate readiness --pool demo");
+    let st = cli(&op, &addrs)?.args(["readiness", "--pool", "demo"]).status()?;
+    ensure!(st.success(), "rollgate readiness failed");
 
-    t.say("3. restart: start the service and wait until it accepts connections");
-    let r = c.restart(pb::RestartRequest { header: hdr("restart"), timeout_ms: 0 }).await?.into_inner();
-    t.say(format!("   restart: {}", outcome(&r)?));
+    let load = Arc::new(Load::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ports: Vec<u16> = fleet.servers.iter().map(|s| s.fe.port).collect();
+    let load_task = tokio::spawn(client_load(ports, Arc::clone(&load), stop.clone()));
 
-    t.say("4. verify: accepting, healthy and not busy, stable for 300 ms");
-    let r = c.verify(pb::VerifyRequest { header: hdr("verify"), stable_ms: 300, timeout_ms: 10_000 }).await?.into_inner();
-    t.say(format!("   verify: {}", outcome(&r)?));
+    let (artifact, sha) = make_artifact(&root, "2.0")?;
+    let start = [
+        "upgrade", "start", "--pool", "demo", "--version", "2.0", "--artifact", artifact.to_str().context("path")?, "--sha256", &sha,
+        "--verify-stable", "500ms", "--busy-retry-interval", "2s", "--watch",
+    ];
+    println!("\n$ rollgate {}", start.join(" ").replace(&sha, &format!("{}…", &sha[..12])));
+    let t0 = std::time::Instant::now();
+    let st = cli(&op, &addrs)?.args(start).status()?;
+    let took = t0.elapsed();
+    stop.cancel();
+    load_task.await?;
+    ensure!(st.success(), "the upgrade did not complete (exit {st:?})");
 
-    let again = c.install_patch(pb::InstallPatchRequest {
-        header: hdr("install"),
-        artifact: artifact.display().to_string(),
-        sha256: make_artifact(&root, &args.to)?.1,
-        version: args.to.clone(),
-        timeout_ms: 0,
-    });
-    let again = again.await?.into_inner();
-    t.say(format!("   repeating operation demo/fe-1/install is answered from the journal: replayed={}, nothing reinstalled", again.replayed));
+    println!("\n$ rollgate readiness --pool demo");
+    let st = cli(&op, &addrs)?.args(["readiness", "--pool", "demo"]).status()?;
+    ensure!(st.success(), "rollgate readiness failed");
+    let r = c.readiness(pb::PoolRequest { pool: "demo".into() }).await?.into_inner();
+    let all_new = r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "2.0");
+    ensure!(all_new, "not every server reports 2.0");
 
-    let h = c.health(pb::HealthRequest {}).await?.into_inner();
-    let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.context("front end not reachable")?;
-    let (r, mut w) = s.into_split();
-    w.write_all(b"VERSION\n").await?;
-    let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
-    ensure!(line.trim() == args.to, "front end serves {line:?}, expected {}", args.to);
-    t.say(format!(
-        "done: fe-1 {} version {} (the front end itself answers {}); accepting={} healthy={} busy={}",
-        state_name(h.state), h.installed_version, line.trim(), h.accepting_connections, h.healthy, h.busy
-    ));
-    let status = agent.terminate().await?;
-    ensure!(status.success(), "agent did not stop cleanly: {status:?}");
-    fe.stop()?;
+    println!("\n$ rollgate events --pool demo --limit 8");
+    cli(&op, &addrs)?.args(["events", "--pool", "demo", "--limit", "8"]).status()?;
+
+    let installs = fleet.installs();
+    let once = installs.iter().all(|(_, v)| v == &vec!["2.0".to_owned()]);
+    println!(
+        "\n== done in {:.1}s: every server on 2.0, each installed exactly once: {once}; client load: {} connections served, {} refused by draining servers, {} open connections cut",
+        took.as_secs_f64(),
+        load.served.load(Ordering::Relaxed),
+        load.refused.load(Ordering::Relaxed),
+        load.cut.load(Ordering::Relaxed)
+    );
+    ensure!(once, "installs: {installs:?}");
+    ensure!(load.cut.load(Ordering::Relaxed) == 0, "an open connection was cut");
+    for mut co in coordinators {
+        co.terminate().await?;
+    }
+    drop(c);
+    drop(etcd);
     Ok(())
 }

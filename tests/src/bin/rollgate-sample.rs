@@ -7,7 +7,8 @@
 //!
 //! It also plays its own service manager, so an agent can drive it with plain commands:
 //! `start` (daemonise and wait until it accepts), `stop`, `drain`, `install` (reads
-//! ROLLGATE_ARTIFACT and ROLLGATE_VERSION; fails while `<dir>/fail-install` exists),
+//! ROLLGATE_ARTIFACT and ROLLGATE_VERSION; fails while `<dir>/fail-install` exists; comes up
+//! unhealthy when `<dir>/break-on-install` names the version installed),
 //! `version`, `busy` (exit 0 while `<dir>/busy` exists), and `make-artifact` to build a release.
 
 use anyhow::{bail, Context};
@@ -132,6 +133,13 @@ fn install(dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&release, &tmp)?;
     std::fs::rename(&tmp, dir.join("current"))?;
+    // Fault injection for tests: <dir>/break-on-install names a version that comes up unhealthy.
+    let breaks = std::fs::read_to_string(dir.join("break-on-install")).map(|v| v.trim() == version).unwrap_or(false);
+    if breaks {
+        std::fs::write(dir.join("unhealthy"), "")?;
+    } else {
+        let _ = std::fs::remove_file(dir.join("unhealthy"));
+    }
     println!("installed {version} into {}", release.display());
     Ok(())
 }

@@ -1,0 +1,563 @@
+//! The `rollgate` operator CLI, kubectl/etcdctl style: subcommands, `--output table|json`,
+//! exit 0 on success, otherwise one clear line and a non-zero code. It finds the leader itself:
+//! give it any coordinator, and it follows a follower's pointer to the leader.
+
+use crate::api::LEADER_HEADER;
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rollgate_common::pki::Ca;
+use rollgate_common::tls::{Role, RoleKind, TlsFiles};
+use rollgate_proto::operator::v1 as pb;
+use rollgate_proto::operator::v1::operator_client::OperatorClient;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "rollgate", version, about = "operate rollgate: readiness, rolling upgrades, failover, history")]
+pub struct Cli {
+    /// Coordinator addresses (host:port), comma-separated; any one will do.
+    #[arg(long, env = "ROLLGATE_COORDINATOR", value_delimiter = ',', global = true, default_value = "127.0.0.1:7100")]
+    pub coordinator: Vec<String>,
+    /// CA certificate (PEM).
+    #[arg(long, env = "ROLLGATE_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Operator certificate (PEM), carrying rollgate://operator/<name>.
+    #[arg(long, env = "ROLLGATE_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Operator key (PEM).
+    #[arg(long, env = "ROLLGATE_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// Talk without TLS (only to a coordinator running in insecure demo mode).
+    #[arg(long, env = "ROLLGATE_INSECURE", global = true)]
+    pub insecure: bool,
+    /// Output for people (table) or programs (json).
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text.
+    Table,
+    /// JSON (one document, or one per line for streams).
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Is the pool ready for an upgrade? (Get-CsPoolUpgradeReadinessState)
+    Readiness {
+        /// The pool.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Every pool and server.
+    Inventory,
+    /// Rolling upgrades.
+    #[command(subcommand)]
+    Upgrade(UpgradeCmd),
+    /// Pool failover to its paired backup pool, and back.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// The durable history of upgrade steps.
+    Events {
+        /// The pool.
+        #[arg(long)]
+        pool: String,
+        /// The most recent N events.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Who leads, at which epoch.
+    Leader,
+    /// Make the deployment's CA and role certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+/// `rollgate upgrade ...`
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum UpgradeCmd {
+    /// Start a rolling upgrade (or print the plan with --dry-run).
+    Start(StartArgs),
+    /// The upgrade's status now.
+    Status(PoolArg),
+    /// Live progress until the upgrade ends (exit 0 only if it completed).
+    Watch(PoolArg),
+    /// Launch no new servers; those in flight finish.
+    Pause(PoolArg),
+    /// Go on after a pause.
+    Resume(PoolArg),
+    /// Stop the upgrade; servers in flight finish their step chain.
+    Abort(PoolArg),
+    /// Reinstall the previous version on every server this upgrade touched.
+    Rollback(PoolArg),
+}
+
+/// `rollgate pool ...`
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Fail the pool over to its paired pool (runs the configured hook).
+    Failover(PoolArg),
+    /// Fail it back.
+    Failback(PoolArg),
+}
+
+/// `rollgate certs ...`
+#[derive(Debug, Subcommand)]
+pub enum CertsCmd {
+    /// Create a CA (ca.crt, ca.key) in DIR.
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "rollgate CA")]
+        name: String,
+    },
+    /// Issue a role certificate from the CA in DIR: <role>-<name>.crt/.key.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// agent, coordinator or operator.
+        #[arg(long)]
+        role: String,
+        /// Server id, coordinator id or operator name.
+        #[arg(long)]
+        name: String,
+        /// DNS names or IPs the holder serves on (repeatable).
+        #[arg(long)]
+        host: Vec<String>,
+    },
+}
+
+/// A pool name.
+#[derive(Debug, Args)]
+pub struct PoolArg {
+    /// The pool.
+    #[arg(long)]
+    pub pool: String,
+}
+
+/// `rollgate upgrade start` arguments.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The pool.
+    #[arg(long)]
+    pub pool: String,
+    /// The target version.
+    #[arg(long)]
+    pub version: String,
+    /// Artifact path or file://, http(s):// URL, as each agent sees it.
+    #[arg(long)]
+    pub artifact: String,
+    /// sha256 of the artifact (mandatory; agents check it before anything runs).
+    #[arg(long)]
+    pub sha256: String,
+    /// graceful (default) or immediate (declared outage).
+    #[arg(long, default_value = "graceful")]
+    pub drain: String,
+    /// How long a graceful drain waits for connections.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Servers of one domain upgraded at once.
+    #[arg(long, default_value_t = 1)]
+    pub parallelism: u32,
+    /// How long a server must stay good after restart.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub verify_stable: Duration,
+    /// How long verify may try.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub verify_timeout: Duration,
+    /// Wait between Busy answers.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub busy_retry_interval: Duration,
+    /// Busy answers before the pool counts as in trouble.
+    #[arg(long, default_value_t = 3)]
+    pub busy_retries: u32,
+    /// When Busy persists or active servers are insufficient: failover, pause or abort
+    /// (default: failover when the pool has a paired pool, else pause).
+    #[arg(long)]
+    pub on_busy: Option<String>,
+    /// Extra attempts for a failed server step.
+    #[arg(long, default_value_t = 1)]
+    pub server_retries: u32,
+    /// When a server still fails: pause or rollback.
+    #[arg(long, default_value = "pause")]
+    pub on_failure: String,
+    /// Domain order, comma-separated (default: the configured order).
+    #[arg(long, value_delimiter = ',')]
+    pub domain_order: Vec<String>,
+    /// Soak the first domain this long before the next (canary).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub canary_soak: Option<Duration>,
+    /// Print the plan (domains, servers, order, policies) and start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After starting, watch until the upgrade ends.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Connection settings.
+struct Conn {
+    addrs: Vec<String>,
+    tls: Option<TlsFiles>,
+}
+
+impl Conn {
+    async fn client(&self, addr: &str) -> anyhow::Result<OperatorClient<Channel>> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))?.connect_timeout(Duration::from_secs(3));
+        if let Some(t) = &self.tls {
+            ep = ep.tls_config(t.client_config()?)?;
+        }
+        let ch = ep.connect().await.with_context(|| format!("cannot reach coordinator {addr}"))?;
+        Ok(OperatorClient::new(ch).max_decoding_message_size(16 << 20))
+    }
+
+    /// Calls `f` on the first reachable coordinator, following a follower to the leader.
+    async fn call<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(OperatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut last = anyhow!("no coordinator address given");
+        for addr in &self.addrs {
+            let c = match self.client(addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match f(c).await {
+                Ok(v) => return Ok(v),
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    if let Some(leader) = s.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()) {
+                        let c = self.client(leader).await?;
+                        return f(c).await.map_err(status_error);
+                    }
+                    return Err(status_error(s));
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => last = status_error(s),
+                Err(s) => return Err(status_error(s)),
+            }
+        }
+        Err(last)
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    let m = s.message();
+    if m.is_empty() {
+        anyhow!("{:?}", s.code())
+    } else {
+        anyhow!("{m}")
+    }
+}
+
+/// Runs the CLI; the error is printed as one line by the binary.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Cmd::Certs(c) = &cli.command {
+        return certs(c).map(|()| 0);
+    }
+    let tls = match (&cli.ca, &cli.cert, &cli.key, cli.insecure) {
+        (_, _, _, true) => None,
+        (Some(ca), Some(cert), Some(key), false) => Some(TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() }),
+        _ => bail!("mTLS needs --ca, --cert and --key (or ROLLGATE_CA/CERT/KEY); use --insecure only with a demo coordinator"),
+    };
+    let conn = Conn { addrs: cli.coordinator.clone(), tls };
+    let out = cli.output;
+    match cli.command {
+        Cmd::Readiness { pool } => {
+            let r = conn.call(|mut c| { let pool = pool.clone(); async move { c.readiness(pb::PoolRequest { pool }).await.map(|r| r.into_inner()) } }).await?;
+            print_readiness(&[r], out);
+            Ok(0)
+        }
+        Cmd::Inventory => {
+            let r = conn.call(|mut c| async move { c.inventory(pb::InventoryRequest {}).await.map(|r| r.into_inner()) }).await?;
+            print_readiness(&r.pools, out);
+            Ok(0)
+        }
+        Cmd::Leader => {
+            let r = conn.call(|mut c| async move { c.leader(pb::LeaderRequest {}).await.map(|r| r.into_inner()) }).await?;
+            match out {
+                Output::Json => println!("{}", serde_json::json!({"id": r.id, "address": r.address, "epoch": r.epoch})),
+                Output::Table if r.id.is_empty() => println!("no leader elected"),
+                Output::Table => println!("leader {} at {} (epoch {})", r.id, r.address, r.epoch),
+            }
+            Ok(0)
+        }
+        Cmd::Events { pool, limit } => {
+            let r = conn.call(|mut c| { let pool = pool.clone(); async move { c.events(pb::EventsRequest { pool, limit }).await.map(|r| r.into_inner()) } }).await?;
+            for e in &r.events {
+                match out {
+                    Output::Json => println!("{}", serde_json::json!({"seq": e.seq, "at_ms": e.at_ms, "plan": e.plan_id, "epoch": e.epoch, "coordinator": e.coordinator, "kind": e.kind, "server": e.server, "domain": e.domain, "message": e.message})),
+                    Output::Table => println!("{:>5} {} e{} {:<18} {:<8} {:<8} {}", e.seq, fmt_time(e.at_ms), e.epoch, e.kind, e.domain, e.server, e.message),
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Pool(p) => {
+            let (pool, over) = match p {
+                PoolCmd::Failover(a) => (a.pool, true),
+                PoolCmd::Failback(a) => (a.pool, false),
+            };
+            let r = conn
+                .call(|mut c| {
+                    let pool = pool.clone();
+                    async move {
+                        let req = pb::PoolRequest { pool };
+                        if over { c.failover(req).await } else { c.failback(req).await }.map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            match out {
+                Output::Json => println!("{}", serde_json::json!({"pool": r.pool, "failed_over": r.failed_over, "message": r.message})),
+                Output::Table => println!("{}", r.message),
+            }
+            Ok(0)
+        }
+        Cmd::Upgrade(u) => upgrade(&conn, u, out).await,
+        Cmd::Certs(_) => Ok(0),
+    }
+}
+
+async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32> {
+    type Op = fn(OperatorClient<Channel>, pb::PoolRequest) -> std::pin::Pin<Box<dyn Future<Output = Result<pb::UpgradeStatus, tonic::Status>> + Send>>;
+    let simple = |pool: String, op: Op| async move {
+        conn.call(|c| op(c, pb::PoolRequest { pool: pool.clone() })).await
+    };
+    let s = match u {
+        UpgradeCmd::Start(a) => {
+            let req = pb::StartUpgradeRequest {
+                pool: a.pool.clone(),
+                version: a.version,
+                artifact: a.artifact,
+                sha256: a.sha256,
+                drain: a.drain,
+                drain_timeout_ms: ms(a.drain_timeout),
+                parallelism: a.parallelism,
+                verify_stable_ms: ms(a.verify_stable),
+                verify_timeout_ms: ms(a.verify_timeout),
+                busy_retry_interval_ms: ms(a.busy_retry_interval),
+                busy_retries: a.busy_retries,
+                on_exhausted: a.on_busy.unwrap_or_default(),
+                server_retries: a.server_retries,
+                on_failure: a.on_failure,
+                domain_order: a.domain_order,
+                canary_soak_ms: a.canary_soak.map_or(0, ms),
+                dry_run: a.dry_run,
+            };
+            let s = conn.call(|mut c| { let req = req.clone(); async move { c.start_upgrade(req).await.map(|r| r.into_inner()) } }).await?;
+            if a.dry_run {
+                print_plan(&s, out);
+                return Ok(0);
+            }
+            print_status(&s, out);
+            if a.watch {
+                return watch(conn, &a.pool, out).await;
+            }
+            s
+        }
+        UpgradeCmd::Status(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.get_upgrade(r).await.map(|r| r.into_inner()) })).await?,
+        UpgradeCmd::Watch(p) => return watch(conn, &p.pool, out).await,
+        UpgradeCmd::Pause(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.pause_upgrade(r).await.map(|r| r.into_inner()) })).await?,
+        UpgradeCmd::Resume(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.resume_upgrade(r).await.map(|r| r.into_inner()) })).await?,
+        UpgradeCmd::Abort(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.abort_upgrade(r).await.map(|r| r.into_inner()) })).await?,
+        UpgradeCmd::Rollback(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.rollback_upgrade(r).await.map(|r| r.into_inner()) })).await?,
+    };
+    print_status(&s, out);
+    Ok(0)
+}
+
+/// Follows an upgrade until it ends, reconnecting (to a new leader if need be).
+/// Exit code: 0 completed, 2 ended otherwise.
+async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
+    let mut last_line = String::new();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+    loop {
+        let stream = conn
+            .call(|mut c| {
+                let pool = pool.to_owned();
+                async move { c.watch_upgrade(pb::PoolRequest { pool }).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) if tokio::time::Instant::now() < give_up => {
+                // No leader for a moment (failover): say so once, and try again.
+                let line = format!("waiting for a leader: {e}");
+                if line != last_line {
+                    eprintln!("{line}");
+                    last_line = line;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut last: Option<pb::UpgradeStatus> = None;
+        while let Ok(Some(s)) = stream.message().await {
+            let line = progress_line(&s);
+            if out == Output::Json {
+                println!("{}", status_json(&s));
+            } else if line != last_line {
+                println!("{} {line}", fmt_time(rollgate_common::time::now_ms()));
+                last_line = line;
+            }
+            last = Some(s);
+        }
+        if let Some(s) = last {
+            let terminal = matches!(s.status.as_str(), "completed" | "aborted" | "failed" | "rolled_back" | "none");
+            let in_flight = s.servers.iter().any(|x| x.phase == "in_flight");
+            if terminal && !in_flight {
+                if out == Output::Table {
+                    print_status(&s, out);
+                }
+                return Ok(if s.status == "completed" { 0 } else { 2 });
+            }
+        }
+    }
+}
+
+fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!("{:02}:{:02}:{:02}.{:03}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60, ms % 1000)
+}
+
+fn progress_line(s: &pb::UpgradeStatus) -> String {
+    let done = s.servers.iter().filter(|x| x.phase == "done").count();
+    let flying: Vec<String> = s.servers.iter().filter(|x| x.phase == "in_flight").map(|x| format!("{}:{}", x.server, x.step)).collect();
+    let failed: Vec<String> = s.servers.iter().filter(|x| x.phase == "failed").map(|x| x.server.clone()).collect();
+    let mut line = format!(
+        "{} {} domain {}/{} {} ({}) done {}/{}",
+        s.pool, s.status, s.domain_index + 1, s.domains_total, s.current_domain, s.domain_phase, done, s.servers.len()
+    );
+    if !flying.is_empty() {
+        line.push_str(&format!(" | {}", flying.join(" ")));
+    }
+    if !failed.is_empty() {
+        line.push_str(&format!(" | failed: {}", failed.join(" ")));
+    }
+    if !s.reason.is_empty() {
+        line.push_str(&format!(" | {}", s.reason));
+    }
+    line
+}
+
+fn status_json(s: &pb::UpgradeStatus) -> serde_json::Value {
+    serde_json::json!({
+        "pool": s.pool, "plan_id": s.plan_id, "version": s.version, "status": s.status, "reason": s.reason,
+        "direction": s.direction, "current_domain": s.current_domain, "domain_phase": s.domain_phase,
+        "domain_index": s.domain_index, "domains_total": s.domains_total, "failed_over": s.failed_over,
+        "epoch": s.epoch, "leader": s.leader,
+        "servers": s.servers.iter().map(|x| serde_json::json!({"server": x.server, "domain": x.domain, "phase": x.phase, "step": x.step, "attempt": x.attempt, "direction": x.direction, "message": x.message})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(s: &pb::UpgradeStatus, out: Output) {
+    match out {
+        Output::Json => println!("{}", status_json(s)),
+        Output::Table => {
+            if s.status == "none" {
+                println!("no upgrade on pool {}", s.pool);
+                return;
+            }
+            println!("pool {}  plan {}  version {}  status {}{}", s.pool, s.plan_id, s.version, s.status, if s.reason.is_empty() { String::new() } else { format!(" ({})", s.reason) });
+            println!("SERVER       DOMAIN     PHASE      STEP      ATTEMPT  DIRECTION  MESSAGE");
+            for x in &s.servers {
+                println!("{:<12} {:<10} {:<10} {:<9} {:<8} {:<10} {}", x.server, x.domain, x.phase, x.step, x.attempt, x.direction, x.message);
+            }
+        }
+    }
+}
+
+fn print_plan(s: &pb::UpgradeStatus, out: Output) {
+    match out {
+        Output::Json => println!("{}", s.plan_json),
+        Output::Table => {
+            println!("dry run: nothing was started. The plan:");
+            println!("{}", s.plan_json);
+        }
+    }
+}
+
+fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
+    if out == Output::Json {
+        let v: Vec<_> = pools
+            .iter()
+            .map(|r| serde_json::json!({
+                "pool": r.pool, "PoolUpgradeState": r.state, "reason": r.reason, "min_active": r.min_active,
+                "active": r.active, "total": r.total, "failed_over": r.failed_over,
+                "domains": r.domains.iter().map(|d| serde_json::json!({
+                    "name": d.name, "ReadyForUpgrade": d.ready_for_upgrade, "reason": d.reason,
+                    "servers": d.servers.iter().map(|s| serde_json::json!({"server": s.server, "state": s.state, "version": s.version, "active": s.active, "busy": s.busy, "healthy": s.healthy, "connections": s.active_connections, "detail": s.detail})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            }))
+            .collect();
+        println!("{}", if v.len() == 1 { v[0].clone() } else { serde_json::Value::Array(v) });
+        return;
+    }
+    for r in pools {
+        println!("Pool {}: PoolUpgradeState {} ({}){}", r.pool, r.state, r.reason, if r.failed_over { " [failed over]" } else { "" });
+        println!("DOMAIN     READY  SERVER       STATE       VERSION    ACTIVE  BUSY   CONNS  DETAIL");
+        for d in &r.domains {
+            for (i, s) in d.servers.iter().enumerate() {
+                let (dn, ready) = if i == 0 { (d.name.as_str(), if d.ready_for_upgrade { "yes" } else { "no" }) } else { ("", "") };
+                println!(
+                    "{:<10} {:<6} {:<12} {:<11} {:<10} {:<7} {:<6} {:<6} {}",
+                    dn, ready, s.server, s.state, s.version, s.active, s.busy, s.active_connections, s.detail
+                );
+            }
+        }
+    }
+}
+
+fn certs(c: &CertsCmd) -> anyhow::Result<()> {
+    match c {
+        CertsCmd::Init { dir, name } => {
+            std::fs::create_dir_all(dir)?;
+            if dir.join("ca.key").exists() {
+                bail!("{} already exists: refusing to overwrite a CA", dir.join("ca.key").display());
+            }
+            let ca = Ca::generate(name)?;
+            rollgate_common::pki::write_file(&dir.join("ca.crt"), ca.cert_pem(), 0o644)?;
+            rollgate_common::pki::write_file(&dir.join("ca.key"), &ca.key_pem(), 0o600)?;
+            println!("wrote {} and {}", dir.join("ca.crt").display(), dir.join("ca.key").display());
+        }
+        CertsCmd::Issue { dir, role, name, host } => {
+            let kind = match role.as_str() {
+                "agent" => RoleKind::Agent,
+                "coordinator" => RoleKind::Coordinator,
+                "operator" => RoleKind::Operator,
+                other => bail!("role {other:?} is not agent, coordinator or operator"),
+            };
+            let role = Role::new(kind, name);
+            if Role::parse_uri(&role.uri()).is_none() {
+                bail!("name {name:?} must be letters, digits, '-', '_' or '.'");
+            }
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()));
+            let ca = Ca::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
+            let issued = ca.issue(&role, host)?;
+            let (crt, key) = issued.write(dir, &format!("{kind}-{name}"))?;
+            println!("wrote {} and {} for {}", crt.display(), key.display(), role.uri());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! The coordinator's configuration: one TOML file (see deploy/coordinator.example.toml).
+
+use rollgate_common::config::{load_toml, ConfigError};
+use rollgate_common::tls::{Role, RoleKind, TlsFiles};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything a coordinator needs to know.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// This coordinator's id; must match the coordinator role in its certificate.
+    pub id: String,
+    /// Where the operator API listens.
+    pub listen: SocketAddr,
+    /// The address clients are told to use for this coordinator (default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Where leadership and progress live.
+    pub store: StoreConfig,
+    /// mTLS files; required unless `insecure = true`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// No TLS, no role checks: local demos only, logged loudly.
+    #[serde(default)]
+    pub insecure: bool,
+    /// A server whose agent has not reported for this long counts as lost (not active).
+    #[serde(default = "default_lost_after", with = "humantime_serde")]
+    pub lost_after: Duration,
+    /// A server that started serving less than this long ago makes its pool Busy.
+    #[serde(default, with = "humantime_serde")]
+    pub stabilization: Duration,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Log format and level.
+    #[serde(default)]
+    pub log_format: rollgate_common::telemetry::LogFormat,
+    /// Log level when RUST_LOG is not set.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// The pools this coordinator upgrades.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Which store, and its settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum StoreConfig {
+    /// A local file, for a single coordinator (locked against a second one).
+    Embedded {
+        /// The store file.
+        path: PathBuf,
+    },
+    /// etcd v3, for several coordinators.
+    Etcd {
+        /// Client URLs, e.g. "http://127.0.0.1:2379".
+        endpoints: Vec<String>,
+        /// Key prefix for this deployment.
+        #[serde(default = "default_prefix")]
+        prefix: String,
+        /// The leader lease TTL (whole seconds, at least 2s).
+        #[serde(default = "default_ttl", with = "humantime_serde")]
+        election_ttl: Duration,
+    },
+}
+
+/// How many servers of a pool must stay active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinActive {
+    /// A majority: floor(n/2)+1.
+    Majority,
+    /// A fixed count.
+    Count(u32),
+    /// A percentage of the pool, rounded up.
+    Percent(u32),
+}
+
+impl<'de> Deserialize<'de> for MinActive {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u32),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(MinActive::Count(n)),
+            Raw::S(s) if s == "majority" => Ok(MinActive::Majority),
+            Raw::S(s) => s
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .filter(|p| *p <= 100)
+                .map(MinActive::Percent)
+                .ok_or_else(|| serde::de::Error::custom(format!("min_active {s:?}: write a count, \"NN%\" or \"majority\""))),
+        }
+    }
+}
+
+impl MinActive {
+    /// The count for a pool of `n` servers.
+    pub fn resolve(self, n: usize) -> usize {
+        match self {
+            MinActive::Majority => n / 2 + 1,
+            MinActive::Count(c) => c as usize,
+            MinActive::Percent(p) => (n * p as usize).div_ceil(100),
+        }
+    }
+}
+
+/// One pool of front ends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The pool's name.
+    pub name: String,
+    /// How many servers must stay active (default: a majority).
+    #[serde(default = "default_min_active")]
+    pub min_active: MinActive,
+    /// Servers without an explicit `upgrade_domain` are spread over this many domains,
+    /// deterministically (sorted by id, round-robin into ud-1..ud-N).
+    #[serde(default)]
+    pub upgrade_domains: Option<u32>,
+    /// The paired backup pool for disaster recovery, if any.
+    #[serde(default)]
+    pub paired_pool: Option<String>,
+    /// Fails the pool over to its paired pool (env: ROLLGATE_POOL, ROLLGATE_PAIRED_POOL).
+    #[serde(default)]
+    pub failover: Vec<String>,
+    /// Fails it back.
+    #[serde(default)]
+    pub failback: Vec<String>,
+    /// Time limit for the failover and failback hooks.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub hook_timeout: Duration,
+    /// The servers.
+    pub servers: Vec<ServerConfig>,
+}
+
+/// One server: its agent's address and its upgrade domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The server id (its agent's certificate carries rollgate://agent/<id>).
+    pub id: String,
+    /// The agent's gRPC address, host:port.
+    pub agent: String,
+    /// Its upgrade domain (default: assigned automatically).
+    #[serde(default)]
+    pub upgrade_domain: Option<String>,
+}
+
+fn default_lost_after() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_prefix() -> String {
+    "/rollgate/default/".into()
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_min_active() -> MinActive {
+    MinActive::Majority
+}
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// A pool resolved for use: domains assigned, min_active counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// The pool's name.
+    pub name: String,
+    /// Upgrade domains in configured order, each with its servers (sorted).
+    pub domains: Vec<(String, Vec<String>)>,
+    /// The resolved minimum of active servers.
+    pub min_active: usize,
+    /// The paired pool.
+    pub paired_pool: Option<String>,
+}
+
+impl PoolSpec {
+    /// Every server id.
+    pub fn servers(&self) -> impl Iterator<Item = &String> {
+        self.domains.iter().flat_map(|(_, s)| s.iter())
+    }
+
+    /// The domain of a server.
+    pub fn domain_of(&self, server: &str) -> Option<&str> {
+        self.domains.iter().find(|(_, s)| s.iter().any(|x| x == server)).map(|(d, _)| d.as_str())
+    }
+}
+
+impl PoolConfig {
+    /// Assigns domains and resolves min_active.
+    pub fn spec(&self) -> PoolSpec {
+        let mut explicit: Vec<String> = Vec::new();
+        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut unassigned: Vec<&str> = Vec::new();
+        for s in &self.servers {
+            match &s.upgrade_domain {
+                Some(d) => {
+                    if !explicit.contains(d) {
+                        explicit.push(d.clone());
+                    }
+                    by_domain.entry(d.clone()).or_default().push(s.id.clone());
+                }
+                None => unassigned.push(&s.id),
+            }
+        }
+        unassigned.sort_unstable();
+        let n = self.upgrade_domains.unwrap_or(1).max(1) as usize;
+        let mut auto: Vec<String> = Vec::new();
+        for (i, id) in unassigned.iter().enumerate() {
+            let d = format!("ud-{}", i % n + 1);
+            if !auto.contains(&d) && !explicit.contains(&d) {
+                auto.push(d.clone());
+            }
+            by_domain.entry(d).or_default().push((*id).to_owned());
+        }
+        let mut order = explicit;
+        auto.sort_by_key(|d| d.trim_start_matches("ud-").parse::<u32>().unwrap_or(u32::MAX));
+        order.extend(auto);
+        let domains = order
+            .into_iter()
+            .map(|d| {
+                let mut servers = by_domain.remove(&d).unwrap_or_default();
+                servers.sort();
+                (d, servers)
+            })
+            .collect();
+        PoolSpec {
+            name: self.name.clone(),
+            domains,
+            min_active: self.min_active.resolve(self.servers.len()),
+            paired_pool: self.paired_pool.clone(),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Loads and validates a config file.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let cfg: CoordinatorConfig = load_toml(path)?;
+        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        Ok(cfg)
+    }
+
+    /// The address clients should use.
+    pub fn advertise(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Checks every field; the error names the field and what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        check_name("id", &self.id)?;
+        match (&self.tls, self.insecure) {
+            (None, false) => return Err("tls: missing [tls] section (ca, cert, key); set insecure = true only for a local demo".into()),
+            (Some(_), true) => return Err("insecure = true and [tls] are both set: choose one".into()),
+            (Some(tls), false) => tls.check_role(&Role::new(RoleKind::Coordinator, &self.id))?,
+            (None, true) => {}
+        }
+        match &self.store {
+            StoreConfig::Embedded { path } => {
+                if path.as_os_str().is_empty() {
+                    return Err("store.path: empty".into());
+                }
+            }
+            StoreConfig::Etcd { endpoints, prefix, election_ttl } => {
+                if endpoints.is_empty() {
+                    return Err("store.endpoints: at least one etcd endpoint is needed".into());
+                }
+                for e in endpoints {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(format!("store.endpoints: {e:?} is not an http(s) URL"));
+                    }
+                }
+                if !prefix.starts_with('/') || !prefix.ends_with('/') {
+                    return Err(format!("store.prefix: {prefix:?} must start and end with '/'"));
+                }
+                if *election_ttl < Duration::from_secs(2) || election_ttl.subsec_nanos() != 0 {
+                    return Err("store.election_ttl: must be whole seconds, at least 2s (etcd's minimum lease)".into());
+                }
+            }
+        }
+        if self.lost_after < Duration::from_millis(200) {
+            return Err("lost_after: must be at least 200ms".into());
+        }
+        let mut pools = HashSet::new();
+        let mut servers = HashSet::new();
+        for p in &self.pools {
+            check_name("pools.name", &p.name)?;
+            if !pools.insert(p.name.as_str()) {
+                return Err(format!("pools: pool {:?} is defined twice", p.name));
+            }
+            if p.servers.is_empty() {
+                return Err(format!("pools.{}.servers: a pool needs at least one server", p.name));
+            }
+            for s in &p.servers {
+                check_name("pools.servers.id", &s.id)?;
+                if !servers.insert(s.id.as_str()) {
+                    return Err(format!("pools.{}.servers: server {:?} appears twice", p.name, s.id));
+                }
+                if s.agent.parse::<SocketAddr>().is_err() && !s.agent.contains(':') {
+                    return Err(format!("pools.{}.servers.{}.agent: {:?} is not host:port", p.name, s.id, s.agent));
+                }
+                if let Some(d) = &s.upgrade_domain {
+                    check_name("pools.servers.upgrade_domain", d)?;
+                }
+            }
+            let n = p.servers.len();
+            let min = p.min_active.resolve(n);
+            if min > n {
+                return Err(format!("pools.{}.min_active: {min} is more than the pool's {n} servers", p.name));
+            }
+            if let Some(0) = p.upgrade_domains {
+                return Err(format!("pools.{}.upgrade_domains: must be at least 1", p.name));
+            }
+            if let Some(paired) = &p.paired_pool {
+                check_name("pools.paired_pool", paired)?;
+                if p.failover.is_empty() {
+                    return Err(format!("pools.{}.failover: a paired pool needs a failover command", p.name));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_name(field: &str, v: &str) -> Result<(), String> {
+    let ok = !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{field}: {v:?} must be 1-128 characters of letters, digits, '-', '_' or '.'"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(servers: &[(&str, Option<&str>)], domains: Option<u32>) -> PoolConfig {
+        PoolConfig {
+            name: "p".into(),
+            min_active: MinActive::Majority,
+            upgrade_domains: domains,
+            paired_pool: None,
+            failover: vec![],
+            failback: vec![],
+            hook_timeout: Duration::from_secs(1),
+            servers: servers
+                .iter()
+                .map(|(id, d)| ServerConfig { id: (*id).into(), agent: "127.0.0.1:1".into(), upgrade_domain: d.map(String::from) })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn domains_are_assigned_deterministically_and_evenly() {
+        let p = pool(&[("fe-6", None), ("fe-1", None), ("fe-3", None), ("fe-2", None), ("fe-5", None), ("fe-4", None)], Some(3));
+        let spec = p.spec();
+        assert_eq!(
+            spec.domains,
+            vec![
+                ("ud-1".into(), vec!["fe-1".into(), "fe-4".into()]),
+                ("ud-2".into(), vec!["fe-2".into(), "fe-5".into()]),
+                ("ud-3".into(), vec!["fe-3".into(), "fe-6".into()]),
+            ]
+        );
+        assert_eq!(spec.min_active, 4);
+        assert_eq!(p.spec(), spec, "same input, same assignment");
+    }
+
+    #[test]
+    fn explicit_domains_keep_their_order() {
+        let p = pool(&[("a", Some("west")), ("b", Some("east")), ("c", Some("west"))], None);
+        let spec = p.spec();
+        assert_eq!(spec.domains[0], ("west".into(), vec!["a".into(), "c".into()]));
+        assert_eq!(spec.domains[1], ("east".into(), vec!["b".into()]));
+    }
+
+    #[test]
+    fn min_active_forms() {
+        assert_eq!(MinActive::Majority.resolve(6), 4);
+        assert_eq!(MinActive::Majority.resolve(5), 3);
+        assert_eq!(MinActive::Percent(50).resolve(5), 3);
+        assert_eq!(MinActive::Count(2).resolve(9), 2);
+    }
+}

@@ -1,0 +1,684 @@
+//! Property tests: random plans driven by a simulated driver that answers actions in random
+//! order with random outcomes, injects operator commands, and changes leaders (serialize,
+//! deserialize, `resume()`, pending work discarded). The invariants are checked after every
+//! transition.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+const MAX_EVENTS: usize = 20_000;
+
+fn plan_strategy() -> impl Strategy<Value = Plan> {
+    (
+        prop::collection::vec(1usize..=4, 1..=5),
+        1u32..=3,
+        0u32..=2,
+        1u32..=3,
+        0u8..3,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                sizes,
+                parallelism,
+                server_retries,
+                busy_retries,
+                exhausted,
+                rollback,
+                canary,
+                immediate,
+            )| {
+                let mut plan = super::tests::plan(&[]);
+                plan.domains = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(d, n)| Domain {
+                        name: format!("ud{d}"),
+                        // Reverse order so the engine's name ordering is exercised.
+                        servers: (0..*n).rev().map(|i| format!("s{d}-{i}")).collect(),
+                    })
+                    .collect();
+                plan.parallelism = parallelism;
+                plan.server_retries = server_retries;
+                plan.busy_retries = busy_retries;
+                plan.on_exhausted = match exhausted {
+                    0 => ExhaustedAction::Failover,
+                    1 => ExhaustedAction::Pause,
+                    _ => ExhaustedAction::Abort,
+                };
+                plan.paired_pool = Some("pool-b".into());
+                plan.on_failure = if rollback {
+                    FailureAction::Rollback
+                } else {
+                    FailureAction::Pause
+                };
+                plan.canary_soak = canary.then_some(Duration::from_secs(3600));
+                if immediate {
+                    plan.drain = DrainMode::Immediate;
+                }
+                plan
+            },
+        )
+}
+
+/// A stream of random numbers from the test case; once spent, the driver turns benign (all ok,
+/// always ready, resume when stuck) so every run must terminate.
+struct Dice {
+    rolls: Vec<u32>,
+    next: usize,
+}
+
+impl Dice {
+    fn roll(&mut self, n: u32) -> Option<u32> {
+        let r = *self.rolls.get(self.next)?;
+        self.next += 1;
+        Some(r % n.max(1))
+    }
+}
+
+/// What the world remembers across leader changes.
+#[derive(Default)]
+struct World {
+    /// Servers that got at least one forward step: only these may ever be rolled back.
+    touched: BTreeSet<String>,
+    /// Distinct install operation ids per server (an agent runs each id once).
+    installs: BTreeMap<String, BTreeSet<String>>,
+    /// Every operation id `step()` issued: a reused id would get the agent's journaled answer
+    /// for an earlier attempt instead of running.
+    op_ids: BTreeSet<String>,
+    finished: usize,
+    events: usize,
+}
+
+struct Sim {
+    up: Option<Upgrade>,
+    pending: Vec<Action>,
+    world: World,
+}
+
+impl Sim {
+    fn new(plan: Plan) -> Result<Sim, TestCaseError> {
+        let (up, actions) = Upgrade::new(plan).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut sim = Sim {
+            up: Some(up),
+            pending: Vec::new(),
+            world: World::default(),
+        };
+        let up = sim.up()?.clone();
+        sim.absorb(&up, &actions)?;
+        Ok(sim)
+    }
+
+    fn up(&self) -> Result<&Upgrade, TestCaseError> {
+        self.up
+            .as_ref()
+            .ok_or_else(|| TestCaseError::fail("upgrade missing"))
+    }
+
+    fn absorb(&mut self, post: &Upgrade, actions: &[Action]) -> Result<(), TestCaseError> {
+        for a in actions {
+            match a {
+                Action::Record { .. } => {}
+                Action::Finished { .. } => self.world.finished += 1,
+                Action::RunStep {
+                    server,
+                    step,
+                    op_id,
+                    ..
+                } => {
+                    if post.servers.get(server).map(|p| p.direction) == Some(Direction::Forward) {
+                        self.world.touched.insert(server.clone());
+                    }
+                    if *step == Step::Install {
+                        self.world
+                            .installs
+                            .entry(server.clone())
+                            .or_default()
+                            .insert(op_id.clone());
+                    }
+                    self.pending.push(a.clone());
+                }
+                _ => self.pending.push(a.clone()),
+            }
+        }
+        Ok(())
+    }
+
+    fn feed(&mut self, event: Event) -> Result<Vec<Action>, TestCaseError> {
+        let pre = self
+            .up
+            .take()
+            .ok_or_else(|| TestCaseError::fail("upgrade missing"))?;
+        let snapshot = pre.clone();
+        let (post, actions) = pre.step(event.clone());
+        self.world.events += 1;
+        check_transition(&snapshot, &event, &post, &actions, &self.world)?;
+        for a in &actions {
+            if let Action::RunStep { op_id, .. } = a {
+                prop_assert!(
+                    self.world.op_ids.insert(op_id.clone()),
+                    "operation id {} reused",
+                    op_id
+                );
+            }
+        }
+        self.absorb(&post, &actions)?;
+        prop_assert!(self.world.finished <= 1, "Finished emitted twice");
+        self.up = Some(post);
+        Ok(actions)
+    }
+
+    /// A new leader: the state goes through storage, the old driver's work is lost, and only
+    /// what `resume()` asks for is done.
+    fn change_leader(&mut self) -> Result<(), TestCaseError> {
+        let up = self.up()?.clone();
+        let json = serde_json::to_string(&up).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let loaded: Upgrade =
+            serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(&loaded, &up);
+        let actions = loaded.resume();
+        prop_assert_eq!(&actions, &up.resume(), "resume is deterministic");
+        for a in &actions {
+            match a {
+                Action::RunStep {
+                    server,
+                    step,
+                    op_id,
+                    attempt,
+                } => {
+                    let p = &loaded.servers[server];
+                    prop_assert_eq!(
+                        &p.phase,
+                        &ServerPhase::InFlight {
+                            step: *step,
+                            attempt: *attempt
+                        }
+                    );
+                    prop_assert_eq!(
+                        op_id,
+                        &Upgrade::op_id(&loaded.plan.id, server, p.direction, *step, *attempt)
+                    );
+                }
+                Action::Record { .. } | Action::Finished { .. } => {
+                    return Err(TestCaseError::fail("resume emits only work"));
+                }
+                _ => {}
+            }
+        }
+        let resumed_steps = actions
+            .iter()
+            .filter(|a| matches!(a, Action::RunStep { .. }))
+            .count();
+        prop_assert_eq!(resumed_steps, loaded.in_flight());
+        self.pending.clear();
+        self.absorb(&loaded, &actions)?;
+        self.up = Some(loaded);
+        Ok(())
+    }
+}
+
+fn step_of(up: &Upgrade, server: &str) -> Option<(Step, u32)> {
+    match up.servers.get(server)?.phase {
+        ServerPhase::InFlight { step, attempt } => Some((step, attempt)),
+        _ => None,
+    }
+}
+
+fn check_state(up: &Upgrade) -> Result<(), TestCaseError> {
+    let plan = &up.plan;
+    prop_assert!(
+        up.in_flight() <= plan.parallelism as usize,
+        "in_flight {} > parallelism",
+        up.in_flight()
+    );
+    for (name, p) in &up.servers {
+        if matches!(p.phase, ServerPhase::InFlight { .. }) {
+            prop_assert_eq!(
+                plan.domain_of(name),
+                Some(up.domain_index),
+                "{} in flight outside the current domain",
+                name
+            );
+        }
+    }
+    for (d, domain) in plan.domains.iter().enumerate() {
+        for s in &domain.servers {
+            let p = &up.servers[s];
+            match up.direction {
+                Direction::Forward if d < up.domain_index => {
+                    prop_assert_eq!(
+                        &p.phase,
+                        &ServerPhase::Done,
+                        "{} behind the current domain",
+                        s
+                    );
+                }
+                Direction::Forward if d > up.domain_index => {
+                    prop_assert_eq!(
+                        &p.phase,
+                        &ServerPhase::Pending,
+                        "{} ahead of the current domain",
+                        s
+                    );
+                    prop_assert_eq!(p.direction, Direction::Forward);
+                }
+                Direction::Backward if d > up.domain_index => {
+                    let untouched =
+                        p.direction == Direction::Forward && p.phase == ServerPhase::Pending;
+                    let rolled_back =
+                        p.direction == Direction::Backward && p.phase == ServerPhase::Done;
+                    prop_assert!(
+                        untouched || rolled_back,
+                        "{} left in {:?} behind the rollback",
+                        s,
+                        p
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    match &up.status {
+        Status::Completed => {
+            prop_assert!(up
+                .servers
+                .values()
+                .all(|p| p.phase == ServerPhase::Done && p.direction == Direction::Forward));
+        }
+        Status::RolledBack => {
+            prop_assert!(
+                up.servers.values().all(|p| {
+                    (p.direction == Direction::Backward && p.phase == ServerPhase::Done)
+                        || (p.direction == Direction::Forward && p.phase == ServerPhase::Pending)
+                }),
+                "rolled back with a server in between: {:?}",
+                up.servers
+            );
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn check_transition(
+    pre: &Upgrade,
+    event: &Event,
+    post: &Upgrade,
+    actions: &[Action],
+    world: &World,
+) -> Result<(), TestCaseError> {
+    check_state(post)?;
+    if pre.is_terminal() {
+        prop_assert_eq!(pre, post, "terminal state changed");
+        prop_assert!(
+            actions.iter().all(|a| matches!(a, Action::Record { .. })),
+            "terminal emitted {:?}",
+            actions
+        );
+        return Ok(());
+    }
+    prop_assert!(
+        pre.status.is_terminal() <= post.status.is_terminal(),
+        "left a terminal status"
+    );
+    if pre.status.is_terminal() {
+        prop_assert!(
+            post.in_flight() <= pre.in_flight(),
+            "launched after the end"
+        );
+    }
+    let finished: Vec<&Status> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Finished { status } => Some(status),
+            _ => None,
+        })
+        .collect();
+    prop_assert_eq!(
+        finished.len(),
+        usize::from(post.is_terminal()),
+        "Finished exactly when terminal"
+    );
+    if let Some(status) = finished.first() {
+        prop_assert_eq!(*status, &post.status);
+        prop_assert_eq!(post.in_flight(), 0);
+    }
+    if pre.direction == post.direction {
+        match post.direction {
+            Direction::Forward => prop_assert!(post.domain_index >= pre.domain_index),
+            Direction::Backward => prop_assert!(post.domain_index <= pre.domain_index),
+        }
+    } else {
+        prop_assert_eq!(
+            pre.direction,
+            Direction::Forward,
+            "a rollback never turns forward again"
+        );
+        prop_assert!(post.domain_index <= pre.domain_index);
+    }
+    let checks = actions
+        .iter()
+        .filter(|a| matches!(a, Action::CheckReadiness { .. }))
+        .count();
+    prop_assert!(checks <= 1, "{} readiness checks at once", checks);
+    let mut launched = BTreeSet::new();
+    for a in actions {
+        match a {
+            Action::RunStep {
+                server,
+                step,
+                op_id,
+                attempt,
+            } => {
+                prop_assert!(
+                    launched.insert(server.clone()),
+                    "two steps for {} at once",
+                    server
+                );
+                prop_assert_eq!(
+                    post.plan.domain_of(server),
+                    Some(post.domain_index),
+                    "{} outside the current domain",
+                    server
+                );
+                prop_assert_eq!(
+                    step_of(post, server),
+                    Some((*step, *attempt)),
+                    "{} not in flight on its step",
+                    server
+                );
+                let direction = post.servers[server].direction;
+                prop_assert_eq!(direction, post.direction);
+                let forward_in_flight = post.servers.values().any(|p| {
+                    p.direction == Direction::Forward
+                        && matches!(p.phase, ServerPhase::InFlight { .. })
+                });
+                prop_assert!(
+                    direction == Direction::Forward || !forward_in_flight,
+                    "backward step for {} while a forward step is in flight",
+                    server
+                );
+                prop_assert_eq!(
+                    op_id,
+                    &Upgrade::op_id(&post.plan.id, server, direction, *step, *attempt)
+                );
+                match direction {
+                    Direction::Forward => prop_assert!(*step != Step::Rollback),
+                    Direction::Backward => {
+                        prop_assert!(*step != Step::Install);
+                        prop_assert!(
+                            world.touched.contains(server),
+                            "rolling back untouched {}",
+                            server
+                        );
+                    }
+                }
+                let continuation = step_of(pre, server).is_some();
+                prop_assert!(
+                    continuation || post.status.is_active(),
+                    "{} launched while {:?} (event {:?})",
+                    server,
+                    post.status,
+                    event
+                );
+            }
+            Action::CheckReadiness { domain, .. } => {
+                prop_assert!(post.status.is_active());
+                let answered = matches!(event, Event::Readiness { .. });
+                prop_assert!(
+                    pre.readiness_outstanding.is_none() || answered,
+                    "asked readiness again while a check is out (event {:?})",
+                    event
+                );
+                prop_assert_eq!(post.readiness_outstanding, Some(post.domain_index));
+                prop_assert_eq!(post.in_flight(), 0, "readiness asked while chains run");
+                prop_assert_eq!(Some(domain.as_str()), post.current_domain());
+                prop_assert!(!post.failed_over);
+            }
+            Action::Failover { .. } => {
+                prop_assert_eq!(&post.plan.on_exhausted, &ExhaustedAction::Failover);
+                prop_assert_eq!(&post.domain_phase, &DomainPhase::FailingOver);
+            }
+            Action::Soak { .. } => {
+                prop_assert_eq!(post.domain_index, 0);
+                prop_assert_eq!(&post.domain_phase, &DomainPhase::Soaking);
+            }
+            Action::Record { .. } | Action::Finished { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Answers `action` with a random (or, once the dice are spent, benign) outcome.
+fn answer(action: &Action, dice: &mut Dice, hostile: bool) -> Option<Event> {
+    let mut roll = |n| if hostile { dice.roll(n) } else { None };
+    Some(match action {
+        Action::CheckReadiness { .. } => {
+            let (state, domain_ready) = match roll(10) {
+                Some(0..=1) => (PoolState::Busy, false),
+                Some(2) => (PoolState::Ready, false),
+                Some(3) => (PoolState::InsufficientActiveFrontEnds, false),
+                _ => (PoolState::Ready, true),
+            };
+            Event::Readiness {
+                state,
+                domain_ready,
+                reason: "sim".into(),
+            }
+        }
+        Action::RunStep {
+            server,
+            step,
+            attempt,
+            ..
+        } => Event::StepDone {
+            server: server.clone(),
+            step: *step,
+            attempt: *attempt,
+            ok: !matches!(roll(8), Some(0)),
+            message: "sim".into(),
+        },
+        Action::Failover { .. } => Event::FailoverDone {
+            ok: !matches!(roll(5), Some(0)),
+            message: "sim".into(),
+        },
+        Action::Soak { .. } => Event::SoakDone,
+        Action::Record { .. } | Action::Finished { .. } => return None,
+    })
+}
+
+/// Rolls out of 40: aborts are rare so most runs get far.
+fn operator(roll: u32) -> Event {
+    let by = "sim-operator".to_string();
+    match roll {
+        0..=13 => Event::Pause { by },
+        14..=33 => Event::Resume { by },
+        34..=37 => Event::Rollback { by },
+        _ => Event::Abort { by },
+    }
+}
+
+/// An event nobody asked for: a wrong or unknown server, step or attempt, or an answer to a
+/// request that may not be outstanding. If it happens to match what the engine waits for it is
+/// taken as the answer, and the real answer later arrives as a stale one.
+fn junk(up: &Upgrade, dice: &mut Dice) -> Event {
+    let mut roll = |n| dice.roll(n).unwrap_or(0);
+    let steps = [
+        Step::Drain,
+        Step::Stop,
+        Step::Install,
+        Step::Rollback,
+        Step::Restart,
+        Step::Verify,
+    ];
+    match roll(4) {
+        0 => {
+            let mut names: Vec<String> = up.servers.keys().cloned().collect();
+            names.push("ghost".into());
+            Event::StepDone {
+                server: names[roll(names.len() as u32) as usize].clone(),
+                step: steps[roll(6) as usize],
+                attempt: roll(4),
+                ok: roll(2) == 0,
+                message: "junk".into(),
+            }
+        }
+        1 => Event::Readiness {
+            state: [
+                PoolState::Ready,
+                PoolState::Busy,
+                PoolState::InsufficientActiveFrontEnds,
+            ][roll(3) as usize],
+            domain_ready: roll(2) == 0,
+            reason: "junk".into(),
+        },
+        2 => Event::FailoverDone {
+            ok: roll(2) == 0,
+            message: "junk".into(),
+        },
+        _ => Event::SoakDone,
+    }
+}
+
+/// Drives a run to its end. `hostile` enables failures, busy pools and operator commands;
+/// leader changes and answer order are random either way.
+fn drive(plan: Plan, rolls: Vec<u32>, hostile: bool) -> Result<Sim, TestCaseError> {
+    let mut sim = Sim::new(plan)?;
+    let mut dice = Dice { rolls, next: 0 };
+    while !sim.up()?.is_terminal() {
+        prop_assert!(
+            sim.world.events < MAX_EVENTS,
+            "no end after {} events: {:?}",
+            MAX_EVENTS,
+            sim.up()?
+        );
+        match dice.roll(1000) {
+            Some(0..=19) => {
+                sim.change_leader()?;
+                continue;
+            }
+            Some(r @ 20..=59) if hostile => {
+                sim.feed(operator(r - 20))?;
+                continue;
+            }
+            Some(60..=89) if hostile => {
+                let event = junk(sim.up()?, &mut dice);
+                if matches!(event, Event::Readiness { .. }) {
+                    // An answer carries no domain, so a stray one is indistinguishable from the
+                    // awaited answer: model it as that answer, arriving garbled.
+                    sim.pending
+                        .retain(|a| !matches!(a, Action::CheckReadiness { .. }));
+                }
+                sim.feed(event)?;
+                continue;
+            }
+            _ => {}
+        }
+        if sim.pending.is_empty() {
+            // Only an operator can unstick a paused upgrade.
+            prop_assert!(
+                matches!(sim.up()?.status, Status::Paused { .. }),
+                "nothing to do while {:?}",
+                sim.up()?
+            );
+            sim.feed(Event::Resume {
+                by: "sim-operator".into(),
+            })?;
+            continue;
+        }
+        let index = dice.roll(sim.pending.len() as u32).unwrap_or(0) as usize;
+        let action = sim.pending.remove(index);
+        let Some(event) = answer(&action, &mut dice, hostile) else {
+            continue;
+        };
+        let before = sim.up()?.clone();
+        let actions = sim.feed(event.clone())?;
+        if let Action::CheckReadiness { domain: asked, .. } = &action {
+            // Readiness answers carry no domain: only the engine's bookkeeping keeps an answer
+            // about one domain from starting another.
+            if !sim.up()?.failed_over {
+                for a in &actions {
+                    if let Action::Record { kind, domain, .. } = a {
+                        prop_assert!(
+                            kind != "domain_started" || domain.as_ref() == Some(asked),
+                            "answer about {} started {:?}",
+                            asked,
+                            domain
+                        );
+                    }
+                }
+            }
+        }
+        if let (
+            Event::StepDone {
+                server,
+                step,
+                attempt,
+                ..
+            },
+            Some(0),
+        ) = (&event, dice.roll(10))
+        {
+            // A duplicate delivery must change nothing, unless the server happens to be on the
+            // same step and attempt again (a new chain), which the event cannot tell apart.
+            if step_of(sim.up()?, server) != Some((*step, *attempt)) && !before.is_terminal() {
+                let expected = sim.up()?.clone();
+                let actions = sim.feed(event)?;
+                prop_assert_eq!(sim.up()?, &expected, "duplicate changed the state");
+                prop_assert!(
+                    actions.iter().all(|a| matches!(a, Action::Record { .. })),
+                    "duplicate emitted {:?}",
+                    actions
+                );
+            }
+        }
+    }
+    prop_assert!(
+        sim.world.finished == 1,
+        "Finished emitted {} times",
+        sim.world.finished
+    );
+    Ok(sim)
+}
+
+proptest! {
+    // Failing seeds are kept next to this file (proptests.regressions), inside the engine.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("regressions"),
+        )),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_runs_keep_the_invariants_and_terminate(
+        plan in plan_strategy(),
+        rolls in prop::collection::vec(any::<u32>(), 0..600),
+    ) {
+        let sim = drive(plan, rolls, true)?;
+        let up = sim.up()?;
+        prop_assert!(up.is_terminal());
+        prop_assert!(up.resume().is_empty());
+    }
+
+    #[test]
+    fn all_ok_runs_install_every_server_once_and_complete(
+        plan in plan_strategy(),
+        rolls in prop::collection::vec(any::<u32>(), 0..600),
+    ) {
+        let sim = drive(plan, rolls, false)?;
+        let up = sim.up()?;
+        prop_assert_eq!(&up.status, &Status::Completed);
+        prop_assert!(up.servers.values().all(|p| p.phase == ServerPhase::Done));
+        prop_assert!(!up.failed_over);
+        for server in up.servers.keys() {
+            let installs = sim.world.installs.get(server).map_or(0, BTreeSet::len);
+            prop_assert_eq!(installs, 1, "{} installed {} times", server, installs);
+        }
+    }
+}

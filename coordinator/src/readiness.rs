@@ -1,0 +1,336 @@
+//! Pool readiness, this system's Get-CsPoolUpgradeReadinessState: a pure function of the pool's
+//! shape and its servers' last health, with no clock of its own (times are passed in).
+//!
+//! - a server is *active* when its agent reports it serving and accepting new connections and
+//!   the report is fresh (not lost);
+//! - **InsufficientActiveFrontEnds**: no upgrade domain can be taken down without the active
+//!   servers outside it dropping below `min_active`;
+//! - **Busy**: a server reports busy, a server started serving within the stabilisation window,
+//!   or an operation is running on the pool;
+//! - **Ready** otherwise. A domain is ReadyForUpgrade when the pool is not busy and the active
+//!   servers outside it number at least `min_active`.
+
+use crate::config::PoolSpec;
+use crate::engine::PoolState;
+use std::collections::HashMap;
+
+/// What the coordinator last heard from one agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerHealth {
+    /// serving, draining, drained, stopped, installing, starting, failed.
+    pub state: String,
+    /// A TCP connect to the service succeeded.
+    pub accepting: bool,
+    /// The busy probe said busy.
+    pub busy: bool,
+    /// The HTTP health probe passed.
+    pub healthy: bool,
+    /// Installed version.
+    pub version: String,
+    /// Established connections.
+    pub active_connections: u32,
+    /// Agent's detail line.
+    pub detail: String,
+    /// When the last report arrived (coordinator monotonic ms).
+    pub seen_ms: u64,
+    /// When the server was first seen serving in its current run (monotonic ms).
+    pub serving_since_ms: Option<u64>,
+    /// The health stream is broken (agent unreachable).
+    pub disconnected: bool,
+}
+
+/// The readiness of one server, as shown to operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerRow {
+    /// Server id.
+    pub server: String,
+    /// Its state, or "lost" / "unknown".
+    pub state: String,
+    /// Installed version.
+    pub version: String,
+    /// Counts toward min_active.
+    pub active: bool,
+    /// Busy (probe or stabilising).
+    pub busy: bool,
+    /// Health probe.
+    pub healthy: bool,
+    /// Why, when not plainly serving.
+    pub detail: String,
+    /// Established connections.
+    pub active_connections: u32,
+}
+
+/// One domain's readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainRow {
+    /// Domain name.
+    pub name: String,
+    /// Safe to take down now.
+    pub ready_for_upgrade: bool,
+    /// Why not, or why yes.
+    pub reason: String,
+    /// Its servers.
+    pub servers: Vec<ServerRow>,
+}
+
+/// A pool's readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolReadiness {
+    /// The pool.
+    pub pool: String,
+    /// Ready, Busy or InsufficientActiveFrontEnds.
+    pub state: PoolState,
+    /// Why.
+    pub reason: String,
+    /// The resolved minimum.
+    pub min_active: usize,
+    /// Active servers now.
+    pub active: usize,
+    /// Servers in the pool.
+    pub total: usize,
+    /// Per domain.
+    pub domains: Vec<DomainRow>,
+    /// Only the servers whose busy reason is the stabilisation window (the driver waits these
+    /// out instead of counting them as Busy answers).
+    pub busy_only_stabilising: bool,
+}
+
+impl PoolReadiness {
+    /// The row of a domain.
+    pub fn domain(&self, name: &str) -> Option<&DomainRow> {
+        self.domains.iter().find(|d| d.name == name)
+    }
+}
+
+/// The inputs besides health.
+#[derive(Debug, Clone, Copy)]
+pub struct Clocks {
+    /// Now, coordinator monotonic ms.
+    pub now_ms: u64,
+    /// Reports older than this make a server lost.
+    pub lost_after_ms: u64,
+    /// Servers serving for less than this make the pool Busy.
+    pub stabilization_ms: u64,
+}
+
+/// Evaluates a pool. `operation_running` is true while an upgrade step runs on the pool.
+pub fn evaluate(pool: &PoolSpec, health: &HashMap<String, ServerHealth>, clocks: Clocks, operation_running: bool) -> PoolReadiness {
+    let mut busy_reasons: Vec<String> = Vec::new();
+    let mut stabilising_only = true;
+    let mut domains = Vec::new();
+    let mut active_in: Vec<usize> = Vec::new();
+    for (name, servers) in &pool.domains {
+        let mut rows = Vec::new();
+        let mut active_here = 0;
+        for id in servers {
+            let row = match health.get(id) {
+                None => ServerRow {
+                    server: id.clone(),
+                    state: "unknown".into(),
+                    version: String::new(),
+                    active: false,
+                    busy: false,
+                    healthy: false,
+                    detail: "no report from its agent yet".into(),
+                    active_connections: 0,
+                },
+                Some(h) => {
+                    let lost = h.disconnected || clocks.now_ms.saturating_sub(h.seen_ms) > clocks.lost_after_ms;
+                    let active = !lost && h.state == "serving" && h.accepting;
+                    let stabilising = active
+                        && clocks.stabilization_ms > 0
+                        && h.serving_since_ms.is_some_and(|s| clocks.now_ms.saturating_sub(s) < clocks.stabilization_ms);
+                    let busy = !lost && (h.busy || stabilising);
+                    if !lost && h.busy {
+                        busy_reasons.push(format!("{id} reports busy"));
+                        stabilising_only = false;
+                    } else if stabilising {
+                        busy_reasons.push(format!("{id} started serving less than {}ms ago", clocks.stabilization_ms));
+                    }
+                    let detail = if lost {
+                        if h.disconnected {
+                            format!("agent unreachable; last report {}ms ago", clocks.now_ms.saturating_sub(h.seen_ms))
+                        } else {
+                            format!("no report for {}ms", clocks.now_ms.saturating_sub(h.seen_ms))
+                        }
+                    } else {
+                        h.detail.clone()
+                    };
+                    ServerRow {
+                        server: id.clone(),
+                        state: if lost { "lost".into() } else { h.state.clone() },
+                        version: h.version.clone(),
+                        active,
+                        busy,
+                        healthy: h.healthy && !lost,
+                        detail,
+                        active_connections: h.active_connections,
+                    }
+                }
+            };
+            if row.active {
+                active_here += 1;
+            }
+            rows.push(row);
+        }
+        active_in.push(active_here);
+        domains.push(DomainRow { name: name.clone(), ready_for_upgrade: false, reason: String::new(), servers: rows });
+    }
+    if operation_running {
+        busy_reasons.push("an upgrade step is running on the pool".into());
+        stabilising_only = false;
+    }
+    let active: usize = active_in.iter().sum();
+    let total = pool.servers().count();
+    let busy = !busy_reasons.is_empty();
+    let mut any_domain_ok = false;
+    for (d, here) in domains.iter_mut().zip(&active_in) {
+        let outside = active - here;
+        let enough = outside >= pool.min_active;
+        any_domain_ok |= enough;
+        d.ready_for_upgrade = enough && !busy;
+        d.reason = if !enough {
+            format!("only {outside} active server(s) outside {}, min_active is {}", d.name, pool.min_active)
+        } else if busy {
+            "pool is busy".into()
+        } else {
+            format!("{outside} active server(s) stay outside {} (min_active {})", d.name, pool.min_active)
+        };
+    }
+    let (state, reason) = if !any_domain_ok {
+        (
+            PoolState::InsufficientActiveFrontEnds,
+            format!("{active} of {total} servers active; no upgrade domain can go down and keep min_active {}", pool.min_active),
+        )
+    } else if busy {
+        (PoolState::Busy, busy_reasons.join("; "))
+    } else {
+        (PoolState::Ready, format!("{active} of {total} servers active, min_active {}", pool.min_active))
+    };
+    PoolReadiness {
+        pool: pool.name.clone(),
+        state,
+        reason,
+        min_active: pool.min_active,
+        active,
+        total,
+        domains,
+        busy_only_stabilising: busy && stabilising_only,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(domains: &[(&str, &[&str])], min_active: usize) -> PoolSpec {
+        PoolSpec {
+            name: "p".into(),
+            domains: domains.iter().map(|(d, s)| ((*d).into(), s.iter().map(|x| (*x).to_owned()).collect())).collect(),
+            min_active,
+            paired_pool: None,
+        }
+    }
+
+    fn serving(seen_ms: u64) -> ServerHealth {
+        ServerHealth {
+            state: "serving".into(),
+            accepting: true,
+            busy: false,
+            healthy: true,
+            version: "1".into(),
+            active_connections: 0,
+            detail: String::new(),
+            seen_ms,
+            serving_since_ms: Some(0),
+            disconnected: false,
+        }
+    }
+
+    const CLOCKS: Clocks = Clocks { now_ms: 10_000, lost_after_ms: 3_000, stabilization_ms: 0 };
+
+    fn six() -> PoolSpec {
+        spec(&[("ud-1", &["a", "b"]), ("ud-2", &["c", "d"]), ("ud-3", &["e", "f"])], 4)
+    }
+
+    fn all_serving(p: &PoolSpec) -> HashMap<String, ServerHealth> {
+        p.servers().map(|s| (s.clone(), serving(9_500))).collect()
+    }
+
+    #[test]
+    fn table() {
+        let p = six();
+        struct Case {
+            name: &'static str,
+            change: fn(&mut HashMap<String, ServerHealth>),
+            op: bool,
+            want: PoolState,
+            ready: [bool; 3],
+        }
+        let cases = [
+            Case { name: "all serving", change: |_| {}, op: false, want: PoolState::Ready, ready: [true, true, true] },
+            Case { name: "operation running", change: |_| {}, op: true, want: PoolState::Busy, ready: [false, false, false] },
+            Case {
+                name: "one busy",
+                change: |h| h.get_mut("c").into_iter().for_each(|s| s.busy = true),
+                op: false,
+                want: PoolState::Busy,
+                ready: [false, false, false],
+            },
+            Case {
+                name: "one lost by silence: only its own domain may go",
+                change: |h| h.get_mut("a").into_iter().for_each(|s| s.seen_ms = 1_000),
+                op: false,
+                want: PoolState::Ready,
+                ready: [true, false, false],
+            },
+            Case {
+                name: "two down in different domains: insufficient",
+                change: |h| {
+                    h.get_mut("a").into_iter().for_each(|s| s.state = "stopped".into());
+                    h.get_mut("c").into_iter().for_each(|s| s.disconnected = true);
+                },
+                op: false,
+                want: PoolState::InsufficientActiveFrontEnds,
+                ready: [false, false, false],
+            },
+            Case {
+                name: "not accepting is not active",
+                change: |h| h.get_mut("e").into_iter().for_each(|s| s.accepting = false),
+                op: false,
+                want: PoolState::Ready,
+                ready: [false, false, true],
+            },
+        ];
+        for c in cases {
+            let mut h = all_serving(&p);
+            (c.change)(&mut h);
+            let r = evaluate(&p, &h, CLOCKS, c.op);
+            assert_eq!(r.state, c.want, "{}: {}", c.name, r.reason);
+            let got: Vec<bool> = r.domains.iter().map(|d| d.ready_for_upgrade).collect();
+            assert_eq!(got, c.ready, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn stabilisation_window_makes_busy_and_is_flagged() {
+        let p = six();
+        let mut h = all_serving(&p);
+        h.get_mut("b").into_iter().for_each(|s| s.serving_since_ms = Some(9_000));
+        let r = evaluate(&p, &h, Clocks { stabilization_ms: 5_000, ..CLOCKS }, false);
+        assert_eq!(r.state, PoolState::Busy);
+        assert!(r.busy_only_stabilising);
+        assert!(r.reason.contains("b started serving"), "{}", r.reason);
+        let r = evaluate(&p, &h, Clocks { stabilization_ms: 500, ..CLOCKS }, false);
+        assert_eq!(r.state, PoolState::Ready);
+    }
+
+    #[test]
+    fn unknown_servers_are_not_active() {
+        let p = six();
+        let r = evaluate(&p, &HashMap::new(), CLOCKS, false);
+        assert_eq!(r.state, PoolState::InsufficientActiveFrontEnds);
+        assert_eq!(r.active, 0);
+        assert_eq!(r.domains[0].servers[0].state, "unknown");
+    }
+}

@@ -1,0 +1,185 @@
+//! Where the coordinator keeps leadership and progress: etcd for several coordinators, or an
+//! embedded file (locked, so two coordinators can never share it) for a single one. Both sit
+//! behind [`Store`], and the same conformance tests run against both.
+//!
+//! Every write of a leader goes through [`Store::fenced_write`]: a transaction guarded by
+//! "my election key still exists with create revision == my epoch". A deposed leader's writes
+//! fail with [`StoreError::Fenced`], wherever it is and whatever it believes.
+//!
+//! Keys given to and returned by the store are relative to the store's prefix (e.g. the etcd
+//! prefix `/rollgate/<cluster>/`); the store adds and strips it.
+
+mod embedded;
+mod etcd;
+
+pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
+
+use rollgate_common::Epoch;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The write was refused because the caller is no longer the leader (its election key is
+    /// gone or has another create revision). Not retryable: step down.
+    #[error("fenced: epoch {epoch} no longer holds leadership; the write was rejected")]
+    Fenced {
+        /// The epoch the caller wrote with.
+        epoch: Epoch,
+    },
+    /// etcd (or the file) could not be reached or answered an error; may succeed if retried.
+    /// A write that fails this way may still have committed: re-read before retrying.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The embedded store's file is locked by another coordinator process.
+    #[error("embedded store {path} is locked by another coordinator (only one may use it)")]
+    Locked {
+        /// The store file.
+        path: String,
+    },
+    /// Stored data could not be decoded.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    /// The campaign was cancelled before leadership was won.
+    #[error("campaign cancelled")]
+    Cancelled,
+}
+
+impl StoreError {
+    /// True when retrying the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// One key and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key, relative to the store prefix.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The revision at which this key was created.
+    pub create_revision: i64,
+    /// The revision at which it was last modified.
+    pub mod_revision: i64,
+}
+
+/// One change inside a fenced write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Set `key` to `value`.
+    Put {
+        /// Relative key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Remove `key` (no error if absent).
+    Delete {
+        /// Relative key.
+        key: String,
+    },
+}
+
+/// Who is campaigning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The coordinator id.
+    pub id: String,
+    /// Where its gRPC API can be reached (told to followers' clients and to agents).
+    pub address: String,
+}
+
+/// The current leader, as any coordinator can read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderInfo {
+    /// The leader's coordinator id.
+    pub id: String,
+    /// Its gRPC address.
+    pub address: String,
+    /// Its epoch (create revision of its election key).
+    pub epoch: Epoch,
+}
+
+/// Leadership won by [`Store::campaign`]. `lost` is cancelled the moment leadership is lost:
+/// a renewal failed or was not acknowledged in time, the lease expired, the key vanished, or
+/// [`Store::resign`] ran. All leader work must stop when it is.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    /// The fencing epoch: the create revision of the election key.
+    pub epoch: Epoch,
+    /// The election key (relative).
+    pub key: String,
+    /// Cancelled when leadership is lost.
+    pub lost: CancellationToken,
+    /// The lease TTL the store granted (may be more than asked).
+    pub ttl: Duration,
+    /// Store-specific handle (etcd lease id; 0 for embedded).
+    pub lease_id: i64,
+}
+
+/// A store: etcd or embedded. Cheap to clone.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a handful per process; boxing buys nothing
+pub enum Store {
+    /// etcd v3.
+    Etcd(EtcdStore),
+    /// A local file, for a single coordinator.
+    Embedded(EmbeddedStore),
+}
+
+impl Store {
+    /// Reads one key.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        match self {
+            Store::Etcd(s) => s.get(key).await,
+            Store::Embedded(s) => s.get(key),
+        }
+    }
+
+    /// Reads every key under `prefix`, sorted by key.
+    pub async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        match self {
+            Store::Etcd(s) => s.range(prefix).await,
+            Store::Embedded(s) => s.range(prefix),
+        }
+    }
+
+    /// Campaigns until this candidate leads (or `cancel` fires). The lease is kept alive in
+    /// the background every ttl/3 until leadership is lost or resigned.
+    pub async fn campaign(&self, me: &Candidate, ttl: Duration, cancel: &CancellationToken) -> Result<Leadership, StoreError> {
+        match self {
+            Store::Etcd(s) => s.campaign(me, ttl, cancel).await,
+            Store::Embedded(s) => s.campaign(me, ttl, cancel),
+        }
+    }
+
+    /// The current leader, if any.
+    pub async fn leader(&self) -> Result<Option<LeaderInfo>, StoreError> {
+        match self {
+            Store::Etcd(s) => s.leader().await,
+            Store::Embedded(s) => s.leader(),
+        }
+    }
+
+    /// Applies `ops` atomically if and only if `leadership` still holds. Returns the revision
+    /// of the write.
+    pub async fn fenced_write(&self, leadership: &Leadership, ops: Vec<WriteOp>) -> Result<i64, StoreError> {
+        match self {
+            Store::Etcd(s) => s.fenced_write(leadership, ops).await,
+            Store::Embedded(s) => s.fenced_write(leadership, ops),
+        }
+    }
+
+    /// Gives leadership up at once (deletes the election key, revokes the lease) so that a
+    /// follower takes over without waiting for the TTL. Cancels `leadership.lost`.
+    pub async fn resign(&self, leadership: &Leadership) -> Result<(), StoreError> {
+        match self {
+            Store::Etcd(s) => s.resign(leadership).await,
+            Store::Embedded(s) => s.resign(leadership),
+        }
+    }
+}

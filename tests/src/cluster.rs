@@ -1,0 +1,216 @@
+//! A whole local deployment: a pool of sample front ends with their agents, and coordinator
+//! processes (embedded store, or a real etcd), all real processes on loopback.
+
+use crate::{agent_client, bin, eventually, make_artifact, AgentProc, FrontEnd, Pki};
+use anyhow::{anyhow, bail, Context};
+use rollgate_common::tls::{RoleKind, TlsFiles};
+use rollgate_proto::agent::v1 as apb;
+use rollgate_proto::operator::v1 as pb;
+use rollgate_proto::operator::v1::operator_client::OperatorClient;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// One server of the pool.
+pub struct Server {
+    /// Its id (fe-1, fe-2, ...).
+    pub id: String,
+    /// Its upgrade domain.
+    pub domain: String,
+    /// The front end.
+    pub fe: FrontEnd,
+    /// Its agent.
+    pub agent: AgentProc,
+}
+
+/// A pool of front ends with agents, all serving `version`, installed through the agents (so
+/// that a rollback has a previous version to return to).
+pub struct Fleet {
+    /// Work directory.
+    pub root: PathBuf,
+    /// The deployment's PKI.
+    pub pki: Pki,
+    /// The pool's name.
+    pub pool: String,
+    /// The servers, in id order.
+    pub servers: Vec<Server>,
+}
+
+impl Fleet {
+    /// Starts `n` servers spread round-robin over `domains` domains (ud-1..ud-N).
+    pub async fn start(root: &Path, pool: &str, n: usize, domains: usize, version: &str) -> anyhow::Result<Fleet> {
+        let pki = Pki::new(&root.join("pki"))?;
+        let setup = pki.issue(RoleKind::Coordinator, "setup")?;
+        let (artifact, sha) = make_artifact(root, version)?;
+        let mut servers = Vec::new();
+        for i in 1..=n {
+            let id = format!("fe-{i}");
+            let domain = format!("ud-{}", (i - 1) % domains + 1);
+            let fe = FrontEnd::create(root, &id, "0.0")?;
+            let tls = pki.issue(RoleKind::Agent, &id)?;
+            let agent = AgentProc::start(root, &id, pool, &domain, &tls, &fe).await?;
+            // The base version goes in through the agent, as a real first roll-out would.
+            let mut c = agent_client(agent.addr, &setup).await?;
+            let h = |s: &str| Some(apb::OperationHeader { operation_id: format!("setup/{id}/{s}"), epoch: 1 });
+            let ok = |r: apb::OperationResult| -> anyhow::Result<()> {
+                if r.state == apb::OperationState::Succeeded as i32 { Ok(()) } else { bail!("set-up step {} failed: {}", r.operation_id, r.message) }
+            };
+            ok(c.stop(apb::StopRequest { header: h("stop") }).await?.into_inner())?;
+            ok(c.install_patch(apb::InstallPatchRequest { header: h("install"), artifact: artifact.display().to_string(), sha256: sha.clone(), version: version.into(), timeout_ms: 0 }).await?.into_inner())?;
+            ok(c.restart(apb::RestartRequest { header: h("restart"), timeout_ms: 0 }).await?.into_inner())?;
+            std::fs::remove_file(fe.dir.join("installs.log"))?;
+            servers.push(Server { id, domain, fe, agent });
+        }
+        Ok(Fleet { root: root.to_owned(), pki, pool: pool.to_owned(), servers })
+    }
+
+    /// The `[[pools]]` section for this fleet; `extra` lines go into the pool table.
+    pub fn pool_toml(&self, extra: &str) -> String {
+        let mut s = format!("[[pools]]\nname = \"{}\"\n{extra}\n", self.pool);
+        for sv in &self.servers {
+            s.push_str(&format!("\n[[pools.servers]]\nid = \"{}\"\nagent = \"{}\"\nupgrade_domain = \"{}\"\n", sv.id, sv.agent.addr, sv.domain));
+        }
+        s
+    }
+
+    /// Every version installed through the agents since set-up, per server.
+    pub fn installs(&self) -> Vec<(String, Vec<String>)> {
+        self.servers.iter().map(|s| (s.id.clone(), s.fe.installs())).collect()
+    }
+}
+
+/// A running `rollgate-coordinator`.
+pub struct CoordinatorProc {
+    /// Its id.
+    pub id: String,
+    /// Its directory (config, log).
+    pub dir: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl CoordinatorProc {
+    /// Writes a config (`store_toml` is the `[store]` table, `pools_toml` the pools) and starts it.
+    pub async fn start(root: &Path, id: &str, tls: &TlsFiles, store_toml: &str, pools_toml: &str) -> anyhow::Result<CoordinatorProc> {
+        let dir = root.join(format!("coordinator-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\nlost_after = \"2s\"\nshutdown_grace = \"5s\"\n\n{store_toml}\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{pools_toml}",
+                tls.ca.display(),
+                tls.cert.display(),
+                tls.key.display()
+            ),
+        )?;
+        let mut me = CoordinatorProc { id: id.into(), dir, addr: "127.0.0.1:1".parse()?, child: None };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let addr_file = self.dir.join("coordinator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("coordinator.log"))?;
+        let mut child = Command::new(bin("rollgate-coordinator")?)
+            .arg("run")
+            .arg("--config")
+            .arg(self.dir.join("coordinator.toml"))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start rollgate-coordinator")?;
+        let addr = eventually("the coordinator to listen", Duration::from_secs(20), || {
+            let exited = child.try_wait().ok().flatten().is_some();
+            let f = addr_file.clone();
+            async move {
+                if exited {
+                    return Some(None);
+                }
+                std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()).map(Some)
+            }
+        })
+        .await?;
+        let Some(addr) = addr else { bail!("rollgate-coordinator exited at start:\n{}", self.log()) };
+        self.addr = addr;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("coordinator {} is not running", self.id))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), sig)?;
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP: frozen, lease not renewed, sockets open.
+    pub fn stop_process(&self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// SIGCONT.
+    pub fn continue_process(&self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+        Ok(tokio::time::timeout(Duration::from_secs(20), c.wait()).await??)
+    }
+
+    /// Starts it again with the same config.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.spawn().await
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
+    }
+}
+
+/// An operator client to `addr`.
+pub async fn operator_client(addr: SocketAddr, tls: &TlsFiles) -> anyhow::Result<OperatorClient<Channel>> {
+    Ok(OperatorClient::new(crate::channel(addr, tls).await?))
+}
+
+/// Who leads, according to `c`: (id, epoch), or None.
+pub async fn leader_of(c: &mut OperatorClient<Channel>) -> Option<(String, u64)> {
+    let r = c.leader(pb::LeaderRequest {}).await.ok()?.into_inner();
+    (!r.id.is_empty()).then_some((r.id, r.epoch))
+}
+
+/// A `rollgate` CLI command preset with `tls` and the coordinator addresses.
+pub fn cli(tls: &TlsFiles, coordinators: &[SocketAddr]) -> anyhow::Result<std::process::Command> {
+    let mut c = std::process::Command::new(bin("rollgate")?);
+    c.env("ROLLGATE_CA", &tls.ca)
+        .env("ROLLGATE_CERT", &tls.cert)
+        .env("ROLLGATE_KEY", &tls.key)
+        .env("ROLLGATE_COORDINATOR", coordinators.iter().map(ToString::to_string).collect::<Vec<_>>().join(","));
+    Ok(c)
+}
