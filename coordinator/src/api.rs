@@ -7,7 +7,7 @@ use crate::engine::{
 };
 use crate::node::Node;
 use crate::readiness::PoolReadiness;
-use rollgate_common::tls::{authorize, RoleKind};
+use rollgate_common::tls::{authorize, Caller, RoleKind};
 use rollgate_proto::operator::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -77,9 +77,13 @@ impl OperatorApi {
         OperatorApi { node }
     }
 
+    /// Checks the operator role; returns who is calling, for the event history.
     #[allow(clippy::result_large_err)]
-    fn allow<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        authorize(req, self.node.cfg.insecure, &[RoleKind::Operator]).map(|_| ())
+    fn allow<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        Ok(match authorize(req, self.node.cfg.insecure, &[RoleKind::Operator])? {
+            Caller::Authenticated(role) => role.to_string(),
+            Caller::Insecure => "operator (insecure mode)".to_owned(),
+        })
     }
 
     async fn not_leader(&self) -> ApiError {
@@ -260,7 +264,7 @@ impl OperatorApi {
         Ok(plan)
     }
 
-    async fn start(&self, r: pb::StartUpgradeRequest) -> Result<pb::UpgradeStatus, ApiError> {
+    async fn start(&self, r: pb::StartUpgradeRequest, by: &str) -> Result<pb::UpgradeStatus, ApiError> {
         let plan = self.plan_from(&r)?;
         if r.dry_run {
             let (u, _) = Upgrade::new(plan).map_err(|e| ApiError::Invalid(e.to_string()))?;
@@ -274,20 +278,26 @@ impl OperatorApi {
         }
         let pool = self.pool(&r.pool)?.clone();
         let next_event = self.stored(&r.pool).await?.map_or(0, |s| s.next_event);
-        let (u, actions) = Upgrade::new(plan).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let (u, mut actions) = Upgrade::new(plan).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        actions.insert(0, crate::engine::Action::Record {
+            kind: "upgrade_requested".into(),
+            server: None,
+            domain: None,
+            message: format!("{by} asked for version {} on pool {} (plan {})", u.plan.version, u.plan.pool, u.plan.id),
+        });
         let stored = Stored { upgrade: u, next_event };
         self.node.start_driver(&lead, pool, stored.clone(), actions, false);
         Ok(self.status_of(Some(&stored.upgrade), &r.pool, false))
     }
 
-    async fn command(&self, pool: &str, make: fn(String) -> Event) -> Result<pb::UpgradeStatus, ApiError> {
+    async fn command(&self, pool: &str, by: String, make: fn(String) -> Event) -> Result<pb::UpgradeStatus, ApiError> {
         self.pool(pool)?;
         if self.node.leadership().is_none() {
             return Err(self.not_leader().await);
         }
         let h = self.node.driver(pool).ok_or_else(|| ApiError::NoUpgrade(pool.into()))?;
         let (tx, rx) = oneshot::channel();
-        h.commands.send(Command { event: make("operator".into()), reply: tx }).await.map_err(|_| ApiError::NoUpgrade(pool.into()))?;
+        h.commands.send(Command { event: make(by), reply: tx }).await.map_err(|_| ApiError::NoUpgrade(pool.into()))?;
         let u = rx.await.map_err(|_| ApiError::Lost("the driver stopped".into()))?.map_err(ApiError::Lost)?;
         Ok(self.status_of(Some(&u), pool, false))
     }
@@ -368,8 +378,8 @@ impl pb::operator_server::Operator for OperatorApi {
     }
 
     async fn start_upgrade(&self, req: Request<pb::StartUpgradeRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
-        self.allow(&req)?;
-        self.start(req.into_inner()).await.map(Response::new).map_err(to_status)
+        let by = self.allow(&req)?;
+        self.start(req.into_inner(), &by).await.map(Response::new).map_err(to_status)
     }
 
     async fn get_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
@@ -413,33 +423,33 @@ impl pb::operator_server::Operator for OperatorApi {
     }
 
     async fn pause_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
-        self.allow(&req)?;
-        self.command(&req.into_inner().pool, |by| Event::Pause { by }).await.map(Response::new).map_err(to_status)
+        let by = self.allow(&req)?;
+        self.command(&req.into_inner().pool, by, |by| Event::Pause { by }).await.map(Response::new).map_err(to_status)
     }
 
     async fn resume_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
-        self.allow(&req)?;
-        self.command(&req.into_inner().pool, |by| Event::Resume { by }).await.map(Response::new).map_err(to_status)
+        let by = self.allow(&req)?;
+        self.command(&req.into_inner().pool, by, |by| Event::Resume { by }).await.map(Response::new).map_err(to_status)
     }
 
     async fn abort_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
-        self.allow(&req)?;
-        self.command(&req.into_inner().pool, |by| Event::Abort { by }).await.map(Response::new).map_err(to_status)
+        let by = self.allow(&req)?;
+        self.command(&req.into_inner().pool, by, |by| Event::Abort { by }).await.map(Response::new).map_err(to_status)
     }
 
     async fn rollback_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
-        self.allow(&req)?;
-        self.command(&req.into_inner().pool, |by| Event::Rollback { by }).await.map(Response::new).map_err(to_status)
+        let by = self.allow(&req)?;
+        self.command(&req.into_inner().pool, by, |by| Event::Rollback { by }).await.map(Response::new).map_err(to_status)
     }
 
     async fn failover(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::PoolActionResponse>, Status> {
-        self.allow(&req)?;
-        self.pool_action(&req.into_inner().pool, true).await.map(Response::new).map_err(to_status)
+        let by = self.allow(&req)?;
+        self.pool_action(&req.into_inner().pool, true, &by).await.map(Response::new).map_err(to_status)
     }
 
     async fn failback(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::PoolActionResponse>, Status> {
-        self.allow(&req)?;
-        self.pool_action(&req.into_inner().pool, false).await.map(Response::new).map_err(to_status)
+        let by = self.allow(&req)?;
+        self.pool_action(&req.into_inner().pool, false, &by).await.map(Response::new).map_err(to_status)
     }
 
     async fn events(&self, req: Request<pb::EventsRequest>) -> Result<Response<pb::EventsResponse>, Status> {
@@ -487,11 +497,11 @@ impl pb::operator_server::Operator for OperatorApi {
 }
 
 impl OperatorApi {
-    async fn pool_action(&self, pool: &str, over: bool) -> Result<pb::PoolActionResponse, ApiError> {
+    async fn pool_action(&self, pool: &str, over: bool, by: &str) -> Result<pb::PoolActionResponse, ApiError> {
         let cfg = self.pool(pool)?.clone();
         let Some(lead) = self.node.leadership() else { return Err(self.not_leader().await) };
         let paired = cfg.paired_pool.clone().ok_or_else(|| ApiError::Invalid(format!("pool {pool} has no paired_pool to fail over to")))?;
-        let (ok, message) = driver::run_failover(&self.node.env, &lead, &cfg, pool, &paired, over, "operator").await;
+        let (ok, message) = driver::run_failover(&self.node.env, &lead, &cfg, pool, &paired, over, by).await;
         if !ok {
             return Err(ApiError::Hook(message));
         }

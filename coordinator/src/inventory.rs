@@ -162,9 +162,11 @@ impl Inventory {
         let Some(mut client) = self.client(server) else { return };
         let mut backoff = Duration::from_millis(100);
         loop {
+            let mut connected = false;
             let attempt = async {
                 let mut stream = client.watch(pb::WatchRequest {}).await?.into_inner();
                 while let Some(r) = stream.message().await? {
+                    connected = true;
                     self.update(server, &r);
                 }
                 Ok::<(), tonic::Status>(())
@@ -177,6 +179,10 @@ impl Inventory {
                 },
             };
             tracing::debug!(%server, %why, "agent health stream lost; reconnecting");
+            if connected {
+                // It worked for a while: start the backoff afresh.
+                backoff = Duration::from_millis(100);
+            }
             self.disconnected(server, &why);
             tokio::select! {
                 _ = stop.cancelled() => return,

@@ -294,6 +294,9 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     let mut lc = operator_client(coords.iter().find(|x| x.id == leader).context("leader")?.addr, &op).await?;
     wait_ready(&lc, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
+    let ports: Vec<u16> = fleet.servers.iter().map(|s| s.fe.port).collect();
+    let domains: Vec<String> = fleet.servers.iter().map(|s| s.domain.clone()).collect();
+    let monitor = Monitor::start(ports, LONG);
     let started = lc.start_upgrade(pb::StartUpgradeRequest { verify_stable_ms: 800, ..start_req("pool-a", &artifact, &sha) }).await?.into_inner();
     assert_eq!(started.status, "running");
     // Kill the leader in the middle of the second domain.
@@ -313,7 +316,10 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     assert!(new_epoch > epoch, "epochs must grow: {epoch} -> {new_epoch}");
     assert!(takeover < Duration::from_secs(ttl) + Duration::from_millis(1500), "takeover took {takeover:?} with a {ttl}s TTL");
     let end = wait_status(&others, &op, "pool-a", LONG, ended).await?;
+    let report = monitor.stop().await;
     assert_eq!(end.status, "completed", "{end:?}");
+    // Across the failover too: min_active kept, one domain at a time, no open connection cut.
+    report.check(&domains, 4).map_err(anyhow::Error::msg)?;
     for (id, v) in fleet.installs() {
         assert_eq!(v, vec!["2.0"], "{id} must be installed exactly once");
     }

@@ -245,7 +245,9 @@ impl EmbeddedStore {
     ///
     /// This is a blocking call. Inside a multi-thread tokio runtime the wait runs under
     /// `block_in_place`; inside a current-thread runtime it cannot wait (nothing else could
-    /// run to resign) and returns [`StoreError::Unavailable`] instead of deadlocking.
+    /// run to resign) and returns [`StoreError::Unavailable`] instead of deadlocking. A
+    /// [`Leadership`] dropped without resign (and with `lost` not cancelled) holds until the
+    /// store is dropped.
     pub fn campaign(&self, me: &Candidate, ttl: Duration, cancel: &CancellationToken) -> Result<Leadership, StoreError> {
         let value = serde_json::to_vec(&ElectionValue { id: me.id.clone(), address: me.address.clone() })
             .map_err(|e| StoreError::Corrupt(format!("cannot encode candidate: {e}")))?;

@@ -167,7 +167,11 @@ impl EtcdStore {
 
     /// Campaigns until `me` leads, `cancel` fires (→ [`StoreError::Cancelled`]) or the
     /// campaign's own lease dies (→ [`StoreError::Unavailable`]). The lease is renewed every
-    /// ttl/3 from before the campaign until leadership is lost or resigned.
+    /// ttl/3 from before the campaign until leadership is lost or resigned. The renewal task
+    /// ends only with `lost`: a holder that drops its [`Leadership`] without [`resign`] must
+    /// cancel `lost` itself, or the lease (and leadership) stays renewed.
+    ///
+    /// [`resign`]: EtcdStore::resign
     pub async fn campaign(&self, me: &Candidate, ttl: Duration, cancel: &CancellationToken) -> Result<Leadership, StoreError> {
         // Whole seconds only (etcd#11746); round up so the caller gets at least what it asked.
         let asked = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(MIN_TTL_SECS);

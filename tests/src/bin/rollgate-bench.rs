@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use rollgate_common::tls::RoleKind;
 use rollgate_proto::agent::v1 as pb;
 use rollgate_tests::{agent_client, bin, AgentProc, FrontEnd, Pki};
+
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -32,6 +33,36 @@ enum What {
         /// Report interval configured in the agent (how often it probes).
         #[arg(long, default_value = "2s")]
         report_interval: String,
+    },
+    /// Leader failover (B2): SIGKILL, or SIGTERM (resign), of the leader of three coordinators
+    /// on a real etcd; time until every agent has been fenced by the new leader.
+    Failover {
+        /// Independent kills per mode.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Lease TTL in whole seconds.
+        #[arg(long, default_value_t = 2)]
+        ttl: u64,
+    },
+    /// Orchestration overhead (B1): wall time of a rolling upgrade divided by the sum, over
+    /// domains, of the slowest server's drain + install + restart + verify (from the agents'
+    /// journals), with every server of a domain upgraded in parallel.
+    Overhead {
+        /// Independent upgrades.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Servers in the pool.
+        #[arg(long, default_value_t = 6)]
+        servers: usize,
+        /// Upgrade domains.
+        #[arg(long, default_value_t = 3)]
+        domains: usize,
+        /// How long verify needs the service stable (the bulk of a server's step time).
+        #[arg(long, default_value = "2s", value_parser = humantime_parse)]
+        verify_stable: Duration,
+        /// Use a real etcd (one member) instead of the embedded store.
+        #[arg(long)]
+        etcd: bool,
     },
 }
 
@@ -76,6 +107,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() -> anyhow::Result<()> {
     match Args::parse().what {
         What::Agent { runs, idle, report_interval } => agent(runs.clamp(1, 50), idle.min(Duration::from_secs(600)), &report_interval).await,
+        What::Failover { runs, ttl } => failover(runs.clamp(1, 50), ttl.clamp(2, 60)).await,
+        What::Overhead { runs, servers, domains, verify_stable, etcd } => {
+            overhead(runs.clamp(1, 20), servers.clamp(1, 60), domains.clamp(1, 20), verify_stable.min(Duration::from_secs(60)), etcd).await
+        }
     }
 }
 
@@ -124,6 +159,176 @@ async fn agent(runs: usize, idle: Duration, report_interval: &str) -> anyhow::Re
     println!(
         "median of {runs}: idle RSS {:.2} MiB, peak RSS {:.2} MiB, threads {}, idle CPU {:.3}% of one core (report interval {report_interval}); binary {:.2} MiB",
         median(rss), median(hwm), median(threads), median(cpu), size as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+async fn etcd() -> anyhow::Result<rollgate_tests::etcd::EtcdCluster> {
+    rollgate_tests::etcd::EtcdCluster::start(1).await?.ok_or_else(|| anyhow!("etcd not found: install etcd-server"))
+}
+
+async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
+    use rollgate_tests::cluster::{leader_of, operator_client, CoordinatorProc, Fleet};
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let etcd = etcd().await?;
+    let fleet = Fleet::start(root, "bench", 3, 3, "1.0").await?;
+    let store = format!("[store]\nkind = \"etcd\"\nendpoints = {:?}\nprefix = \"/rollgate/bench/\"\nelection_ttl = \"{ttl}s\"", etcd.endpoints());
+    let pools = fleet.pool_toml("");
+    let op = fleet.pki.issue(RoleKind::Operator, "bench")?;
+    let coord_tls = fleet.pki.issue(RoleKind::Coordinator, "bench-reader")?;
+    let mut agents = Vec::new();
+    for s in &fleet.servers {
+        agents.push(agent_client(s.agent.addr, &coord_tls).await?);
+    }
+    let mut coords = Vec::new();
+    for i in 1..=3 {
+        let id = format!("c{i}");
+        coords.push(CoordinatorProc::start(root, &id, &fleet.pki.issue(RoleKind::Coordinator, &id)?, &store, &pools).await?);
+    }
+    let fenced_at = |epoch: u64, agents: Vec<rollgate_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>>| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut all = true;
+            for mut a in agents.clone() {
+                let e = a.health(pb::HealthRequest {}).await.map(|r| r.into_inner().epoch).unwrap_or(0);
+                all &= e > epoch;
+            }
+            if all {
+                return Ok::<(), anyhow::Error>(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(anyhow!("agents not fenced by a new leader within 60s"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let mut crash = Vec::new();
+    let mut graceful = Vec::new();
+    for run in 0..runs * 2 {
+        let kill = run % 2 == 0;
+        let mut c = operator_client(coords.iter().find(|c| c.pid().is_some()).context("a live coordinator")?.addr, &op).await?;
+        let (leader, epoch) = rollgate_tests::eventually("a leader", Duration::from_secs(30), || {
+            let mut c = c.clone();
+            async move { leader_of(&mut c).await }
+        })
+        .await?;
+        // Every agent must already carry this leader's epoch, so that the next rise is the new one.
+        rollgate_tests::eventually("agents fenced", Duration::from_secs(30), || {
+            let ag = agents.clone();
+            async move {
+                for mut a in ag {
+                    if a.health(pb::HealthRequest {}).await.ok()?.into_inner().epoch < epoch {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await?;
+        let li = coords.iter().position(|x| x.id == leader).context("leader")?;
+        let t0 = std::time::Instant::now();
+        if kill {
+            coords[li].kill().await?;
+        } else {
+            coords[li].terminate().await?;
+        }
+        fenced_at(epoch, agents.clone()).await?;
+        let took = t0.elapsed().as_secs_f64();
+        println!("run {}: {} of leader {leader}: agents fenced by the new leader after {:.3}s ({:.2}x TTL)", run / 2 + 1, if kill { "SIGKILL" } else { "SIGTERM" }, took, took / ttl as f64);
+        if kill { crash.push(took) } else { graceful.push(took) }
+        coords[li].restart().await?;
+        c = operator_client(coords[li].addr, &op).await?;
+        drop(c);
+    }
+    let (mc, mg) = (median(crash), median(graceful));
+    println!("median over {runs}: crash (SIGKILL) {mc:.3}s = TTL + {:.3}s ({:.2}x TTL {ttl}s); graceful (SIGTERM, resign) {mg:.3}s", mc - ttl as f64, mc / ttl as f64);
+    Ok(())
+}
+
+async fn overhead(runs: usize, servers: usize, domains: usize, verify_stable: Duration, use_etcd: bool) -> anyhow::Result<()> {
+    use rollgate_proto::operator::v1 as opb;
+    use rollgate_tests::cluster::{operator_client, CoordinatorProc, Fleet};
+    let mut ratios = Vec::new();
+    let mut per_domain = Vec::new();
+    for run in 1..=runs {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path();
+        let etcd = if use_etcd { Some(etcd().await?) } else { None };
+        let fleet = Fleet::start(root, "bench", servers, domains, "1.0").await?;
+        let store = match &etcd {
+            Some(e) => format!("[store]\nkind = \"etcd\"\nendpoints = {:?}\nprefix = \"/rollgate/bench/\"\nelection_ttl = \"5s\"", e.endpoints()),
+            None => format!("[store]\nkind = \"embedded\"\npath = \"{}\"", root.join("store.json").display()),
+        };
+        let mut coord = CoordinatorProc::start(root, "c1", &fleet.pki.issue(RoleKind::Coordinator, "c1")?, &store, &fleet.pool_toml("")).await?;
+        let op = fleet.pki.issue(RoleKind::Operator, "bench")?;
+        let mut c = operator_client(coord.addr, &op).await?;
+        rollgate_tests::eventually("Ready", Duration::from_secs(30), || {
+            let mut c = c.clone();
+            async move { (c.readiness(opb::PoolRequest { pool: "bench".into() }).await.ok()?.into_inner().state == "Ready").then_some(()) }
+        })
+        .await?;
+        let (artifact, sha) = rollgate_tests::make_artifact(root, "2.0")?;
+        let per_domain_servers = servers.div_ceil(domains);
+        let t0 = rollgate_common::time::now_ms();
+        c.start_upgrade(opb::StartUpgradeRequest {
+            pool: "bench".into(),
+            version: "2.0".into(),
+            artifact: artifact.display().to_string(),
+            sha256: sha,
+            parallelism: u32::try_from(per_domain_servers)?,
+            verify_stable_ms: u64::try_from(verify_stable.as_millis())?,
+            verify_timeout_ms: u64::try_from(verify_stable.as_millis())? + 30_000,
+            ..Default::default()
+        })
+        .await?;
+        let end = rollgate_tests::eventually("the upgrade to end", Duration::from_secs(600), || {
+            let mut c = c.clone();
+            async move {
+                let s = c.get_upgrade(opb::PoolRequest { pool: "bench".into() }).await.ok()?.into_inner();
+                (s.status != "running").then_some(s)
+            }
+        })
+        .await?;
+        anyhow::ensure!(end.status == "completed", "upgrade ended {}: {}", end.status, end.reason);
+        let events = c.events(opb::EventsRequest { pool: "bench".into(), limit: 100_000 }).await?.into_inner().events;
+        let t1 = events.iter().map(|e| e.at_ms).max().context("no events")?;
+        // Per server: the sum of its four forward operations, from its agent's journal.
+        let mut slowest: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for s in &fleet.servers {
+            let text = std::fs::read_to_string(s.agent.state_dir.join("journal.jsonl"))?;
+            let mut begin = std::collections::HashMap::new();
+            let mut total = 0u64;
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line)?;
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                if !id.starts_with("bench-") {
+                    continue;
+                }
+                match v["event"].as_str() {
+                    Some("begin") => { begin.insert(id, v["at_ms"].as_u64().unwrap_or(0)); }
+                    Some("end") => total += v["at_ms"].as_u64().unwrap_or(0).saturating_sub(begin.get(&id).copied().unwrap_or(0)),
+                    _ => {}
+                }
+            }
+            let e = slowest.entry(s.domain.clone()).or_insert(0);
+            *e = (*e).max(total);
+        }
+        let sum: u64 = slowest.values().sum();
+        let wall = t1.saturating_sub(t0);
+        let ratio = wall as f64 / sum as f64;
+        let per = (wall as f64 - sum as f64) / domains as f64;
+        println!("run {run}: wall {wall} ms, sum of slowest per domain {sum} ms ({slowest:?}), ratio {ratio:.4}, overhead {per:.1} ms per domain");
+        ratios.push(ratio);
+        per_domain.push(per);
+        coord.terminate().await?;
+    }
+    println!(
+        "median of {runs}: overhead ratio {:.4} ({:+.2} %), {:.1} ms per domain ({servers} servers, {domains} domains, verify_stable {verify_stable:?}, store {})",
+        median(ratios.clone()),
+        (median(ratios) - 1.0) * 100.0,
+        median(per_domain),
+        if use_etcd { "etcd" } else { "embedded" }
     );
     Ok(())
 }
