@@ -577,7 +577,19 @@ impl AgentCore {
             ("ROLLGATE_OPERATION_ID", rec.id.clone()),
             ("ROLLGATE_ROLLBACK", if rollback { "1" } else { "0" }.to_owned()),
         ];
-        match hooks::run(&self.cfg.service.install, &env, timeout).await {
+        // A rerun after the agent died mid-install: if the interrupted attempt did install
+        // this version, do not install it a second time.
+        let already = rec.attempt > 1 && self.reported_version().await.as_deref() == Some(version);
+        let result = if already {
+            Ok(hooks::HookOutcome {
+                code: Some(0),
+                output: format!("version {version} was already installed by the interrupted attempt {}", rec.attempt - 1),
+                timed_out: false,
+            })
+        } else {
+            hooks::run(&self.cfg.service.install, &env, timeout).await
+        };
+        match result {
             Ok(o) if o.success() => {
                 let mut inner = self.lock();
                 let s = &mut inner.service;
@@ -594,6 +606,18 @@ impl AgentCore {
             }
             Ok(o) => Outcome { ok: false, message: o.describe("install", timeout), output: o.output, phase: Phase::Failed },
             Err(e) => Outcome { ok: false, message: format!("install command could not run: {e}"), output: String::new(), phase: Phase::Failed },
+        }
+    }
+
+    /// The version the service itself reports (its version command), if it has one.
+    async fn reported_version(&self) -> Option<String> {
+        let argv = &self.cfg.service.version_command;
+        if argv.is_empty() {
+            return None;
+        }
+        match hooks::run(argv, &[], self.cfg.service.hook_timeout).await {
+            Ok(o) if o.success() => Some(o.output.trim().to_owned()),
+            _ => None,
         }
     }
 

@@ -436,3 +436,41 @@ async fn watch_streams_changes_and_sigterm_exits_cleanly() -> anyhow::Result<()>
     assert!(status.success(), "{status:?}\n{}", s.agent.log());
     Ok(())
 }
+
+#[tokio::test]
+async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (artifact, sha) = make_artifact(&s.root, "4.0")?;
+    let res = s.client.stop(pb::StopRequest { header: header("stop", 1) }).await?.into_inner();
+    assert_eq!(state(&res), pb::OperationState::Succeeded);
+    // The install command writes the new version, then lingers: the agent dies meanwhile.
+    std::fs::write(s.fe.dir.join("slow-install"), "3000")?;
+    let req = pb::InstallPatchRequest { header: header("crash/install", 1), artifact: artifact.display().to_string(), sha256: sha, version: "4.0".into(), timeout_ms: 0 };
+    let mut c = s.client.clone();
+    let pending = tokio::spawn({
+        let req = req.clone();
+        async move { c.install_patch(req).await }
+    });
+    let fe = s.fe.clone();
+    eventually("the install command to have written the new version", WAIT, || {
+        let fe = fe.clone();
+        async move { (fe.installs() == vec!["4.0"]).then_some(()) }
+    })
+    .await?;
+    s.agent.kill().await?;
+    assert!(pending.await?.is_err(), "the caller loses its connection");
+    std::fs::remove_file(s.fe.dir.join("slow-install"))?;
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c1")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let st = c.operation_status(pb::OperationStatusRequest { operation_id: "crash/install".into() }).await?.into_inner();
+    assert_eq!(state(&st), pb::OperationState::Interrupted, "{st:?}");
+    // The same operation again (what a coordinator does): the agent sees 4.0 is in place.
+    let again = c.install_patch(req).await?.into_inner();
+    assert_eq!(state(&again), pb::OperationState::Succeeded, "{again:?}");
+    assert_eq!(again.attempt, 2);
+    assert!(again.output.contains("already installed"), "{again:?}");
+    assert_eq!(s.fe.installs(), vec!["4.0"], "installed exactly once");
+    assert_eq!(health(&mut c).await?.installed_version, "4.0");
+    Ok(())
+}

@@ -140,6 +140,11 @@ fn install(dir: &Path) -> anyhow::Result<()> {
     } else {
         let _ = std::fs::remove_file(dir.join("unhealthy"));
     }
+    // Fault injection for tests: <dir>/slow-install holds milliseconds to linger after installing,
+    // so a test can kill the agent while its install command is still running.
+    if let Some(ms) = std::fs::read_to_string(dir.join("slow-install")).ok().and_then(|t| t.trim().parse::<u64>().ok()) {
+        std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+    }
     println!("installed {version} into {}", release.display());
     Ok(())
 }
