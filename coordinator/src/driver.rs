@@ -267,17 +267,24 @@ impl Driver {
 /// is waited out rather than answered, so that it never counts as one of the Busy answers.
 pub async fn check_readiness(env: &Env, spec: &PoolSpec, domain: &str, after: Duration) -> Event {
     tokio::time::sleep(after).await;
+    // InsufficientActiveFrontEnds triggers failover or a pause at once, so it is confirmed
+    // first: a new leader's inventory, or a health stream that is reconnecting, can briefly
+    // show servers as lost that are in fact serving.
+    let confirm_until = tokio::time::Instant::now() + env.lost_after * 2;
     loop {
         let stale: Vec<String> = {
             let snap = env.inventory.snapshot();
             spec.servers().filter(|s| snap.get(*s).is_none_or(|h| h.state != "serving" || !h.accepting)).cloned().collect()
         };
-        for s in &stale {
-            env.inventory.refresh(s).await;
-        }
+        env.inventory.refresh_all(stale).await;
         let r = evaluate(env, spec, false);
         if r.state == PoolState::Busy && r.busy_only_stabilising {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        if r.state == PoolState::InsufficientActiveFrontEnds && tokio::time::Instant::now() < confirm_until {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            env.inventory.refresh_all(spec.servers().cloned()).await;
             continue;
         }
         let domain_ready = r.domain(domain).is_some_and(|d| d.ready_for_upgrade);

@@ -150,6 +150,16 @@ impl Inventory {
         }
     }
 
+    /// [`Inventory::refresh`] for several servers at once.
+    pub async fn refresh_all(self: &Arc<Self>, servers: impl IntoIterator<Item = String>) {
+        let mut set = tokio::task::JoinSet::new();
+        for s in servers {
+            let me = Arc::clone(self);
+            set.spawn(async move { me.refresh(&s).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// Starts one watch task per agent on `tasks`, until `stop` is cancelled.
     pub fn watch_all(self: &Arc<Self>, tasks: &TaskTracker, stop: &CancellationToken) {
         for server in self.clients.keys() {

@@ -4,4 +4,6 @@
 mod agent;
 mod config;
 mod coordinator;
+mod fault;
+mod fuzz;
 mod store;

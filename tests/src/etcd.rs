@@ -256,6 +256,11 @@ impl TcpProxy {
         Ok(TcpProxy { addr, frozen, task })
     }
 
+    /// The proxy's own address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The proxy's URL for an etcd client.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod chaos;
 pub mod monitor;
 
 use anyhow::{anyhow, bail, Context};
@@ -258,7 +259,7 @@ impl AgentProc {
             r#"server_id = "{server_id}"
 pool = "{pool}"
 upgrade_domain = "{domain}"
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 state_dir = "{state}"
 report_interval = "200ms"
 shutdown_grace = "10s"
@@ -270,6 +271,8 @@ key = "{key}"
 
 {service}"#,
             state = state_dir.display(),
+            // A fixed port, so that a restarted agent is found where the coordinators expect it.
+            port = free_port()?,
             ca = tls.ca.display(),
             cert = tls.cert.display(),
             key = tls.key.display(),
