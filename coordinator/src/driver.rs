@@ -270,7 +270,9 @@ pub async fn check_readiness(env: &Env, spec: &PoolSpec, domain: &str, after: Du
     // InsufficientActiveFrontEnds triggers failover or a pause at once, so it is confirmed
     // first: a new leader's inventory, or a health stream that is reconnecting, can briefly
     // show servers as lost that are in fact serving.
-    let confirm_until = tokio::time::Instant::now() + env.lost_after * 2;
+    // The window outlasts a short partition between this leader and the agents: what the
+    // leader cannot see is unknown, not absent.
+    let confirm_until = tokio::time::Instant::now() + env.lost_after * 2 + Duration::from_secs(10);
     loop {
         let stale: Vec<String> = {
             let snap = env.inventory.snapshot();

@@ -142,11 +142,19 @@ impl Inventory {
     /// decisions, so a server that just finished verify is not judged on a stale report).
     pub async fn refresh(&self, server: &str) {
         let Some(mut c) = self.client(server) else { return };
+        let asked_ms = self.now_ms();
         let mut req = tonic::Request::new(pb::HealthRequest {});
         req.set_timeout(Duration::from_secs(3));
         match c.health(req).await {
             Ok(r) => self.update(server, &r.into_inner()),
-            Err(e) => self.disconnected(server, &format!("health call failed: {}", e.message())),
+            Err(e) => {
+                // The health stream may have delivered a report while this call hung: that
+                // report is fresher than this failure.
+                let fresh = self.snapshot().get(server).is_some_and(|h| !h.disconnected && h.seen_ms >= asked_ms);
+                if !fresh {
+                    self.disconnected(server, &format!("health call failed: {}", e.message()));
+                }
+            }
         }
     }
 
