@@ -45,7 +45,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let serve = builder
         .add_service(health_service)
         .add_service(api)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(rollgate_common::incoming_nodelay(listener), async move {
             stop.cancelled().await;
         });
     let served = serve.await;

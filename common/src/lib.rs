@@ -17,3 +17,18 @@ pub mod time;
 pub mod tls;
 
 pub use epoch::Epoch;
+
+/// Accepted connections with TCP_NODELAY set: gRPC writes a response as several small frames,
+/// and Nagle's algorithm with delayed ACKs would hold the last one back for ~40 ms.
+pub fn incoming_nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        })
+    })
+}

@@ -144,6 +144,12 @@ pub struct Driver {
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     work: JoinSet<()>,
+    /// The progress write under way, if any. Writes are pipelined one deep: a transition's
+    /// actions start while its state is being written, but the next transition waits for that
+    /// write. Safe because every step is named by a deterministic operation id that the agents
+    /// journal: a new leader resuming from a state one transition old re-issues those ids and
+    /// gets the stored answers back, so nothing runs twice.
+    writing: Option<tokio::task::JoinHandle<Result<(), DriveError>>>,
 }
 
 impl Driver {
@@ -152,7 +158,7 @@ impl Driver {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let spec = pool.spec();
         status.send_replace(Some(stored.upgrade.clone()));
-        Driver { env, lead, pool, spec, stored, status, events_tx, events_rx, work: JoinSet::new() }
+        Driver { env, lead, pool, spec, stored, status, events_tx, events_rx, work: JoinSet::new(), writing: None }
     }
 
     /// Runs `initial` actions (from `Upgrade::new` or, with `resuming`, from `resume()` after
@@ -161,6 +167,7 @@ impl Driver {
         self.dispatch(initial, resuming).await?;
         loop {
             if self.stored.upgrade.is_terminal() && self.stored.upgrade.in_flight() == 0 {
+                self.flush().await?;
                 return Ok(self.stored.upgrade.clone());
             }
             tokio::select! {
@@ -176,6 +183,14 @@ impl Driver {
                 }
                 Some(_) = self.work.join_next(), if !self.work.is_empty() => {}
             }
+        }
+    }
+
+    /// Waits for the progress write under way.
+    async fn flush(&mut self) -> Result<(), DriveError> {
+        match self.writing.take() {
+            Some(h) => h.await.map_err(|e| DriveError::LeadershipLost(format!("progress writer failed: {e}")))?,
+            None => Ok(()),
         }
     }
 
@@ -205,7 +220,9 @@ impl Driver {
                 self.stored.next_event += 1;
             }
         }
-        persist(&self.env, &self.lead, &self.stored, &records).await?;
+        self.flush().await?;
+        let (env, lead, stored, recs) = (self.env.clone(), self.lead.clone(), self.stored.clone(), records.clone());
+        self.writing = Some(tokio::spawn(async move { persist(&env, &lead, &stored, &recs).await }));
         self.status.send_replace(Some(self.stored.upgrade.clone()));
         for r in &records {
             tracing::info!(pool = %self.spec.name, kind = %r.kind, server = %r.server, domain = %r.domain, "{}", r.message);

@@ -64,7 +64,7 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: CancellationToken, addr_file:
     let served = builder
         .add_service(health)
         .add_service(OperatorServer::new(OperatorApi::new(Arc::clone(&node))).max_decoding_message_size(max_msg))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move { stop.cancelled().await })
+        .serve_with_incoming_shutdown(rollgate_common::incoming_nodelay(listener), async move { stop.cancelled().await })
         .await;
     reporter.set_not_serving::<OperatorServer<OperatorApi>>().await;
     watchers.cancel();

@@ -116,9 +116,16 @@ async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load()
     for (id, installs) in fleet.installs() {
         assert_eq!(installs, vec!["2.0"], "{id} must be installed exactly once");
     }
-    let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await?.into_inner();
-    assert_eq!(r.state, "Ready", "{r:?}");
-    assert!(r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "2.0" && s.state == "serving"));
+    // The last server's final health report may still be on its way: poll, with a deadline.
+    eventually("every server serving 2.0 and the pool Ready", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await.ok()?.into_inner();
+            let all = r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "2.0" && s.state == "serving");
+            (r.state == "Ready" && all).then_some(())
+        }
+    })
+    .await?;
     let events = c.events(pb::EventsRequest { pool: "pool-a".into(), limit: 1000 }).await?.into_inner().events;
     assert!(events.len() >= 6, "{events:?}");
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -264,8 +271,14 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
     for id in ["fe-3", "fe-6"] {
         assert!(installs[id].is_empty(), "{id} was never touched");
     }
-    let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await?.into_inner();
-    assert!(r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "1.0"), "{r:?}");
+    eventually("every server back on 1.0", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await.ok()?.into_inner();
+            r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "1.0").then_some(())
+        }
+    })
+    .await?;
     coord.terminate().await?;
     Ok(())
 }

@@ -114,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let op = fleet.pki.issue(RoleKind::Operator, "demo")?;
     let addrs: Vec<_> = coordinators.iter().map(|c| c.addr).collect();
-    let mut c = operator_client(addrs[0], &op).await?;
+    let c = operator_client(addrs[0], &op).await?;
     let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
         let mut c = c.clone();
         async move { leader_of(&mut c).await }
@@ -152,12 +152,18 @@ async fn main() -> anyhow::Result<()> {
     load_task.await?;
     ensure!(st.success(), "the upgrade did not complete (exit {st:?})");
 
+    // The last server's final health report may still be on its way.
+    eventually("every server to report 2.0", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c.readiness(pb::PoolRequest { pool: "demo".into() }).await.ok()?.into_inner();
+            r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "2.0" && s.state == "serving").then_some(())
+        }
+    })
+    .await?;
     println!("\n$ rollgate readiness --pool demo");
     let st = cli(&op, &addrs)?.args(["readiness", "--pool", "demo"]).status()?;
     ensure!(st.success(), "rollgate readiness failed");
-    let r = c.readiness(pb::PoolRequest { pool: "demo".into() }).await?.into_inner();
-    let all_new = r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "2.0");
-    ensure!(all_new, "not every server reports 2.0");
 
     println!("\n$ rollgate events --pool demo --limit 8");
     cli(&op, &addrs)?.args(["events", "--pool", "demo", "--limit", "8"]).status()?;
