@@ -1,6 +1,6 @@
 //! The coordinator's configuration: one TOML file (see deploy/coordinator.example.toml).
 
-use rollgate_common::config::{load_toml, ConfigError};
+use rollgate_common::config::{check_name, load_toml, ConfigError};
 use rollgate_common::tls::{Role, RoleKind, TlsFiles};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
@@ -342,14 +342,6 @@ impl CoordinatorConfig {
     }
 }
 
-fn check_name(field: &str, v: &str) -> Result<(), String> {
-    let ok = !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{field}: {v:?} must be 1-128 characters of letters, digits, '-', '_' or '.'"))
-    }
-}
 
 #[cfg(test)]
 mod tests {
