@@ -66,8 +66,8 @@ pub enum Fault {
     KillEtcdMember,
     /// Loss of etcd quorum (two of three members) for a while.
     EtcdQuorumLoss,
-    /// The leader's etcd traffic frozen for a moment: writes in flight may commit while their
-    /// responses are lost.
+    /// The leader's etcd answers held back for a while: its writes commit, their responses are
+    /// lost (the proxy forwards requests but not answers).
     LostResponse,
 }
 
@@ -262,11 +262,12 @@ async fn inject(w: &mut World, fault: Fault, rng: &mut Rng) -> anyhow::Result<St
         }
         Fault::LostResponse => {
             let Some(l) = w.leader().await else { return Ok("lost response: no leader right now".into()) };
-            w.coords[l].etcd_proxies.iter().for_each(TcpProxy::freeze);
-            let d = rng.millis(100, 800);
+            // Requests still reach etcd and commit; only the answers are held back.
+            w.coords[l].etcd_proxies.iter().for_each(TcpProxy::freeze_answers);
+            let d = rng.millis(300, 2500);
             tokio::time::sleep(d).await;
             w.coords[l].etcd_proxies.iter().for_each(TcpProxy::thaw);
-            Ok(format!("leader {} etcd traffic frozen {d:?} (responses in flight lost)", w.coords[l].proc_.id))
+            Ok(format!("leader {} got no etcd answers for {d:?} (its writes committed, responses held back)", w.coords[l].proc_.id))
         }
     }
 }
@@ -320,7 +321,8 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
     let mut done = Vec::new();
     for _ in 0..faults {
         tokio::time::sleep(rng.millis(100, 1500)).await;
-        let f = ALL_FAULTS[usize::try_from(rng.below(ALL_FAULTS.len() as u64))?];
+        let pool = fault_pool();
+        let f = pool[usize::try_from(rng.below(pool.len() as u64))?];
         let line = inject(&mut w, f, &mut rng).await.with_context(|| format!("seed {seed}: injecting {f:?}"))?;
         done.push(line);
     }
@@ -374,6 +376,14 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
     let took = t0.elapsed();
     drop(w);
     Ok(RunReport { seed, faults: done, took, status: end.status, served: report.served, refused: report.refused })
+}
+
+/// The faults to choose from: all, or those named (Debug names, comma-separated) in
+/// ROLLGATE_CHAOS_FAULTS, to focus a soak on one kind.
+pub fn fault_pool() -> Vec<Fault> {
+    let only = std::env::var("ROLLGATE_CHAOS_FAULTS").unwrap_or_default();
+    let picked: Vec<Fault> = ALL_FAULTS.iter().copied().filter(|f| only.split(',').any(|n| n.trim() == format!("{f:?}"))).collect();
+    if picked.is_empty() { ALL_FAULTS.to_vec() } else { picked }
 }
 
 /// The seed printed for a run: from ROLLGATE_CHAOS_SEED when set, else from the clock.

@@ -225,6 +225,8 @@ async fn healthy(port: u16) -> bool {
 pub struct TcpProxy {
     addr: SocketAddr,
     frozen: watch::Sender<bool>,
+    /// Holds only the upstream's answers: requests still go through (and may take effect).
+    answers_frozen: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -234,6 +236,7 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (frozen, rx) = watch::channel(false);
+        let (answers_frozen, answers_rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             // Connection tasks live in the set, so aborting the accept task ends them all.
             let mut conns = tokio::task::JoinSet::new();
@@ -241,19 +244,19 @@ impl TcpProxy {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((inbound, _)) = accepted else { continue };
-                        let rx = rx.clone();
+                        let (rx, arx) = (rx.clone(), answers_rx.clone());
                         conns.spawn(async move {
                             let Ok(outbound) = TcpStream::connect(upstream).await else { return };
                             let (ir, iw) = inbound.into_split();
                             let (or, ow) = outbound.into_split();
-                            tokio::join!(pipe(ir, ow, rx.clone()), pipe(or, iw, rx));
+                            tokio::join!(pipe(ir, ow, rx.clone(), None), pipe(or, iw, rx, Some(arx)));
                         });
                     }
                     Some(_) = conns.join_next() => {}
                 }
             }
         });
-        Ok(TcpProxy { addr, frozen, task })
+        Ok(TcpProxy { addr, frozen, answers_frozen, task })
     }
 
     /// The proxy's own address.
@@ -274,6 +277,13 @@ impl TcpProxy {
     /// Resumes forwarding.
     pub fn thaw(&self) {
         self.frozen.send_replace(false);
+        self.answers_frozen.send_replace(false);
+    }
+
+    /// Holds back only what the upstream sends: requests arrive and take effect, their
+    /// responses are lost to the client until [`TcpProxy::thaw`].
+    pub fn freeze_answers(&self) {
+        self.answers_frozen.send_replace(true);
     }
 }
 
@@ -283,7 +293,12 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, mut frozen: watch::Receiver<bool>) {
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+    mut answers_frozen: Option<watch::Receiver<bool>>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
@@ -292,6 +307,11 @@ async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
         };
         if frozen.wait_for(|f| !*f).await.is_err() {
             break;
+        }
+        if let Some(a) = answers_frozen.as_mut() {
+            if a.wait_for(|f| !*f).await.is_err() {
+                break;
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
