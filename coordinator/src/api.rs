@@ -271,6 +271,7 @@ impl OperatorApi {
             return Ok(self.status_of(Some(&u), &r.pool, true));
         }
         let Some(lead) = self.node.leadership() else { return Err(self.not_leader().await) };
+        let _one_at_a_time = self.node.start_lock.lock().await;
         if let Some(cur) = self.current(&r.pool).await? {
             if !cur.is_terminal() || cur.in_flight() > 0 {
                 return Err(ApiError::AlreadyRunning(cur.plan.id, r.pool));

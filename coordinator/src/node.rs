@@ -33,6 +33,9 @@ pub struct Node {
     /// Current leadership, if this node leads.
     pub leader: watch::Sender<Option<Leadership>>,
     drivers: Mutex<HashMap<String, DriverHandle>>,
+    /// Serialises upgrade starts, so two concurrent requests cannot both pass the "nothing is
+    /// running on this pool" check.
+    pub start_lock: tokio::sync::Mutex<()>,
     /// Every task this node spawned.
     pub tasks: TaskTracker,
 }
@@ -41,7 +44,7 @@ impl Node {
     /// A node that does not lead yet.
     pub fn new(cfg: Arc<CoordinatorConfig>, env: Env) -> Arc<Node> {
         let (leader, _) = watch::channel(None);
-        Arc::new(Node { cfg, env, leader, drivers: Mutex::new(HashMap::new()), tasks: TaskTracker::new() })
+        Arc::new(Node { cfg, env, leader, drivers: Mutex::new(HashMap::new()), start_lock: tokio::sync::Mutex::new(()), tasks: TaskTracker::new() })
     }
 
     /// The leadership this node holds now, if any and not lost.

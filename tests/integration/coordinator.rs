@@ -435,6 +435,17 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         assert!(err.contains(needle), "{needle} not in {err}");
     }
+    // Two starts at once: exactly one upgrade runs; the other is told one is already running.
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let req = start_req("pool-a", &artifact, &sha);
+    let (a, b) = tokio::join!(c1.start_upgrade(req.clone()), c2.start_upgrade(req));
+    let codes: Vec<_> = [&a, &b].iter().map(|r| r.as_ref().err().map(tonic::Status::code)).collect();
+    assert!(codes.contains(&None) && codes.contains(&Some(tonic::Code::AlreadyExists)), "{a:?} {b:?}");
+    let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
+    assert_eq!(end.status, "completed");
+    for (id, v) in fleet.installs() {
+        assert_eq!(v, vec!["2.0"], "{id} installed exactly once");
+    }
     // An agent certificate may not use the operator API.
     let agent_cert = fleet.pki.issue(RoleKind::Agent, "fe-1")?;
     let out = cli(&agent_cert, &[coord.addr])?.args(["readiness", "--pool", "pool-a"]).output()?;
