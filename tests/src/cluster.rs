@@ -1,17 +1,17 @@
 //! A whole local deployment: a pool of sample front ends with their agents, and coordinator
 //! processes (embedded store, or a real etcd), all real processes on loopback.
 
-use crate::{agent_client, bin, eventually, make_artifact, AgentProc, FrontEnd, Pki};
-use anyhow::{anyhow, bail, Context};
+use crate::{agent_client, bin, make_artifact, spawn_daemon, AgentProc, FrontEnd, Pki};
+use anyhow::{anyhow, bail};
 use rollgate_common::tls::{RoleKind, TlsFiles};
 use rollgate_proto::agent::v1 as apb;
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::v1::operator_client::OperatorClient;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tonic::transport::Channel;
 
 /// One server of the pool.
@@ -114,34 +114,14 @@ impl CoordinatorProc {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let addr_file = self.dir.join("coordinator.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("coordinator.log"))?;
-        let mut child = Command::new(bin("rollgate-coordinator")?)
-            .arg("run")
-            .arg("--config")
-            .arg(self.dir.join("coordinator.toml"))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start rollgate-coordinator")?;
-        let addr = eventually("the coordinator to listen", Duration::from_secs(20), || {
-            let exited = child.try_wait().ok().flatten().is_some();
-            let f = addr_file.clone();
-            async move {
-                if exited {
-                    return Some(None);
-                }
-                std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()).map(Some)
-            }
-        })
-        .await?;
-        let Some(addr) = addr else { bail!("rollgate-coordinator exited at start:\n{}", self.log()) };
+        let args = [
+            OsString::from("run"),
+            OsString::from("--config"),
+            self.dir.join("coordinator.toml").into_os_string(),
+            OsString::from("--addr-file"),
+            self.dir.join("coordinator.addr").into_os_string(),
+        ];
+        let (child, addr) = spawn_daemon("rollgate-coordinator", &args, &self.dir.join("coordinator.addr"), &self.dir.join("coordinator.log")).await?;
         self.addr = addr;
         self.child = Some(child);
         Ok(())

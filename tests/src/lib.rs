@@ -16,6 +16,7 @@ use rollgate_common::tls::{Role, RoleKind, TlsFiles};
 use rollgate_proto::agent::v1::agent_client::AgentClient;
 use sha2::{Digest, Sha256};
 use std::future::Future;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -238,6 +239,36 @@ pub fn make_artifact(root: &Path, version: &str) -> anyhow::Result<(PathBuf, Str
     Ok((path, sha))
 }
 
+/// Starts workspace binary `name` with `args`, logging to `log`, and waits until it writes its
+/// bound address to `addr_file`. Fails with the log when the process exits first.
+pub async fn spawn_daemon(name: &str, args: &[OsString], addr_file: &Path, log: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let _ = std::fs::remove_file(addr_file);
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut child = Command::new(bin(name)?)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    let addr = eventually(&format!("{name} to listen"), Duration::from_secs(20), || {
+        let exited = child.try_wait().ok().flatten().is_some();
+        async move {
+            if exited {
+                return Some(None);
+            }
+            std::fs::read_to_string(addr_file).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()).map(Some)
+        }
+    })
+    .await?;
+    match addr {
+        Some(addr) => Ok((child, addr)),
+        None => bail!("{name} exited at start:\n{}", std::fs::read_to_string(log).unwrap_or_default()),
+    }
+}
+
 /// A running `rollgate-agent` process.
 pub struct AgentProc {
     /// The config file it runs with.
@@ -284,35 +315,8 @@ key = "{key}"
 
     /// Starts the agent with an existing config.
     pub async fn spawn(config: PathBuf, state_dir: PathBuf) -> anyhow::Result<AgentProc> {
-        let addr_file = state_dir.join("agent.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.join("agent.log"))?;
-        let mut child = Command::new(bin("rollgate-agent")?)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start rollgate-agent")?;
-        let addr = eventually("the agent to listen", Duration::from_secs(20), || {
-            let f = addr_file.clone();
-            let exited = child.try_wait().ok().flatten();
-            async move {
-                if exited.is_some() {
-                    return Some(None);
-                }
-                std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()).map(Some)
-            }
-        })
-        .await?;
-        let Some(addr) = addr else {
-            let log = std::fs::read_to_string(state_dir.join("agent.log")).unwrap_or_default();
-            bail!("rollgate-agent exited at start:\n{log}");
-        };
+        let args = [OsString::from("run"), OsString::from("--config"), config.clone().into_os_string()];
+        let (child, addr) = spawn_daemon("rollgate-agent", &args, &state_dir.join("agent.addr"), &state_dir.join("agent.log")).await?;
         Ok(AgentProc { config, state_dir, addr, child: Some(child) })
     }
 
