@@ -10,9 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     if std::env::var_os("PROTOC").is_none() && which_protoc().is_none() {
-        return Err("protoc not found: install it (Debian: apt-get install protobuf-compiler) \
+        return Err(
+            "protoc not found: install it (Debian: apt-get install protobuf-compiler) \
                     or set PROTOC to its path"
-            .into());
+                .into(),
+        );
     }
     tonic_prost_build::configure().compile_protos(&protos, &["."])?;
     Ok(())

@@ -56,7 +56,10 @@ pub enum ArtifactError {
 impl ArtifactError {
     /// True for failures that may go away when tried again (network, local disk).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ArtifactError::Download { .. } | ArtifactError::Io { .. })
+        matches!(
+            self,
+            ArtifactError::Download { .. } | ArtifactError::Io { .. }
+        )
     }
 }
 
@@ -103,13 +106,19 @@ pub async fn fetch_verified(
     let expected = parse_digest(expected)?;
     let final_path = store.join(&expected);
     let kind = classify(source)?;
-    let staging = store.join(format!(".incoming-{}-{}", std::process::id(), rollgate_common::time::now_ms()));
+    let staging = store.join(format!(
+        ".incoming-{}-{}",
+        std::process::id(),
+        rollgate_common::time::now_ms()
+    ));
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| ArtifactError::Io { path, source }
     };
     let result = async {
-        let mut out = tokio::fs::File::create(&staging).await.map_err(io(&staging))?;
+        let mut out = tokio::fs::File::create(&staging)
+            .await
+            .map_err(io(&staging))?;
         let mut hasher = Sha256::new();
         let mut total: u64 = 0;
         match kind {
@@ -130,14 +139,20 @@ pub async fn fetch_verified(
                     }
                     total += n as u64;
                     if total > limit {
-                        return Err(ArtifactError::TooLarge { source_name: source.to_owned(), limit });
+                        return Err(ArtifactError::TooLarge {
+                            source_name: source.to_owned(),
+                            limit,
+                        });
                     }
                     hasher.update(&buf[..n]);
                     out.write_all(&buf[..n]).await.map_err(io(&staging))?;
                 }
             }
             Source::Http(url) => {
-                let dl = |message: String| ArtifactError::Download { url: url.clone(), message };
+                let dl = |message: String| ArtifactError::Download {
+                    url: url.clone(),
+                    message,
+                };
                 let mut resp = http.get(&url).send().await.map_err(|e| dl(e.to_string()))?;
                 if !resp.status().is_success() {
                     return Err(dl(format!("server answered {}", resp.status())));
@@ -145,7 +160,10 @@ pub async fn fetch_verified(
                 while let Some(chunk) = resp.chunk().await.map_err(|e| dl(e.to_string()))? {
                     total += chunk.len() as u64;
                     if total > limit {
-                        return Err(ArtifactError::TooLarge { source_name: url.clone(), limit });
+                        return Err(ArtifactError::TooLarge {
+                            source_name: url.clone(),
+                            limit,
+                        });
                     }
                     hasher.update(&chunk);
                     out.write_all(&chunk).await.map_err(io(&staging))?;
@@ -161,7 +179,9 @@ pub async fn fetch_verified(
                 actual,
             });
         }
-        tokio::fs::rename(&staging, &final_path).await.map_err(io(&final_path))?;
+        tokio::fs::rename(&staging, &final_path)
+            .await
+            .map_err(io(&final_path))?;
         crate::durable::sync_dir(store).map_err(io(store))?;
         Ok(final_path.clone())
     }
@@ -174,7 +194,9 @@ pub async fn fetch_verified(
 
 /// Removes cached artifacts other than `keep` (the current and previous versions).
 pub fn prune(store: &Path, keep: &[&str]) {
-    let Ok(entries) = std::fs::read_dir(store) else { return };
+    let Ok(entries) = std::fs::read_dir(store) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !keep.contains(&name.as_str()) && !name.starts_with(".incoming-") {
@@ -199,18 +221,48 @@ mod tests {
         let art = dir.path().join("a.bin");
         std::fs::write(&art, b"payload")?;
         let http = reqwest::Client::new();
-        let p = fetch_verified(&http, &format!("file://{}", art.display()), &sha(b"payload").to_uppercase(), &store, 1 << 20).await?;
+        let p = fetch_verified(
+            &http,
+            &format!("file://{}", art.display()),
+            &sha(b"payload").to_uppercase(),
+            &store,
+            1 << 20,
+        )
+        .await?;
         assert_eq!(std::fs::read(&p)?, b"payload");
-        let bad = fetch_verified(&http, art.to_str().ok_or("path")?, &sha(b"other"), &store, 1 << 20).await;
-        assert!(matches!(bad, Err(ArtifactError::Mismatch { .. })), "{bad:?}");
+        let bad = fetch_verified(
+            &http,
+            art.to_str().ok_or("path")?,
+            &sha(b"other"),
+            &store,
+            1 << 20,
+        )
+        .await;
+        assert!(
+            matches!(bad, Err(ArtifactError::Mismatch { .. })),
+            "{bad:?}"
+        );
         // Only the verified artifact is left in the store.
         assert_eq!(std::fs::read_dir(&store)?.count(), 1);
-        let too_big = fetch_verified(&http, art.to_str().ok_or("path")?, &sha(b"payload"), &store, 3).await;
+        let too_big = fetch_verified(
+            &http,
+            art.to_str().ok_or("path")?,
+            &sha(b"payload"),
+            &store,
+            3,
+        )
+        .await;
         assert!(matches!(too_big, Err(ArtifactError::TooLarge { .. })));
         let missing = fetch_verified(&http, "/nonexistent/x", &sha(b"x"), &store, 10).await;
         assert!(matches!(missing, Err(ArtifactError::NotFound(_))));
-        assert!(matches!(parse_digest("abc"), Err(ArtifactError::BadDigest(_))));
-        assert!(matches!(classify("ftp://x"), Err(ArtifactError::BadSource(_))));
+        assert!(matches!(
+            parse_digest("abc"),
+            Err(ArtifactError::BadDigest(_))
+        ));
+        assert!(matches!(
+            classify("ftp://x"),
+            Err(ArtifactError::BadSource(_))
+        ));
         Ok(())
     }
 }

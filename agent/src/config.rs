@@ -188,11 +188,15 @@ impl AgentConfig {
         }
         match (&self.tls, self.insecure) {
             (None, false) => {
-                return Err("tls: missing [tls] section (ca, cert, key); set insecure = true \
+                return Err(
+                    "tls: missing [tls] section (ca, cert, key); set insecure = true \
                             only for a local demo"
-                    .into())
+                        .into(),
+                )
             }
-            (Some(_), true) => return Err("insecure = true and [tls] are both set: choose one".into()),
+            (Some(_), true) => {
+                return Err("insecure = true and [tls] are both set: choose one".into())
+            }
             (Some(tls), false) => tls.check_role(&Role::new(RoleKind::Agent, &self.server_id))?,
             (None, true) => {}
         }
@@ -239,4 +243,3 @@ impl AgentConfig {
         Ok(())
     }
 }
-

@@ -47,7 +47,8 @@ impl OpHeader {
         }
         if epoch == 0 {
             return Err(AgentError::InvalidArgument(
-                "epoch 0 is not a leader epoch: state-changing calls need the caller's epoch".into(),
+                "epoch 0 is not a leader epoch: state-changing calls need the caller's epoch"
+                    .into(),
             ));
         }
         Ok(OpHeader {
@@ -202,7 +203,9 @@ pub struct AgentCore {
 
 impl std::fmt::Debug for AgentCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentCore").field("server_id", &self.cfg.server_id).finish_non_exhaustive()
+        f.debug_struct("AgentCore")
+            .field("server_id", &self.cfg.server_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -216,7 +219,10 @@ struct Outcome {
 
 impl AgentCore {
     /// Opens the state directory, replays the journal and starts nothing yet.
-    pub async fn open(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Arc<AgentCore>, AgentError> {
+    pub async fn open(
+        cfg: AgentConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<AgentCore>, AgentError> {
         let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
         let dir = StateDir::open(&cfg.state_dir).map_err(storage)?;
         let epoch = dir.load_epoch().map_err(storage)?;
@@ -292,16 +298,26 @@ impl AgentCore {
     /// Raises the epoch without acting (a new leader fencing off older ones).
     pub fn fence(&self, epoch: Epoch) -> Result<Epoch, AgentError> {
         if epoch == Epoch::NONE {
-            return Err(AgentError::InvalidArgument("epoch 0 is not a leader epoch".into()));
+            return Err(AgentError::InvalidArgument(
+                "epoch 0 is not a leader epoch".into(),
+            ));
         }
         let mut inner = self.lock();
         if epoch < inner.epoch {
-            return Err(AgentError::StaleEpoch { got: epoch, current: inner.epoch });
+            return Err(AgentError::StaleEpoch {
+                got: epoch,
+                current: inner.epoch,
+            });
         }
         if epoch > inner.epoch {
-            self.dir.store_epoch(epoch).map_err(|e| AgentError::Storage(e.to_string()))?;
+            self.dir
+                .store_epoch(epoch)
+                .map_err(|e| AgentError::Storage(e.to_string()))?;
             inner.epoch = epoch;
-            tracing::info!(epoch = epoch.get(), "fenced: older epochs are refused from now on");
+            tracing::info!(
+                epoch = epoch.get(),
+                "fenced: older epochs are refused from now on"
+            );
         }
         drop(inner);
         self.poke.notify_one();
@@ -333,24 +349,38 @@ impl AgentCore {
                 recorded: rec.kind.name(),
                 requested: kind.name(),
             }),
-            Some(rec) if matches!(rec.state, OpState::Succeeded | OpState::Failed) => Ok(Some(replayed(rec))),
+            Some(rec) if matches!(rec.state, OpState::Succeeded | OpState::Failed) => {
+                Ok(Some(replayed(rec)))
+            }
             _ => Ok(None),
         }
     }
 
     fn check_epoch(&self, inner: &Inner, header: &OpHeader) -> Result<(), AgentError> {
         if header.epoch < inner.epoch {
-            return Err(AgentError::StaleEpoch { got: header.epoch, current: inner.epoch });
+            return Err(AgentError::StaleEpoch {
+                got: header.epoch,
+                current: inner.epoch,
+            });
         }
         Ok(())
     }
 
     /// Runs a state-changing operation (or answers it from the journal) and waits for its end.
     /// The work runs on its own task, so a caller that goes away does not cut it short.
-    pub async fn execute(self: &Arc<Self>, header: OpHeader, body: OpBody) -> Result<Reply, AgentError> {
+    pub async fn execute(
+        self: &Arc<Self>,
+        header: OpHeader,
+        body: OpBody,
+    ) -> Result<Reply, AgentError> {
         let kind = body.kind();
         if matches!(kind, OpKind::Install | OpKind::Rollback)
-            && probe::accepting(&self.cfg.service.probe_host, &self.cfg.service.ports, self.cfg.service.probe_timeout).await
+            && probe::accepting(
+                &self.cfg.service.probe_host,
+                &self.cfg.service.ports,
+                self.cfg.service.probe_timeout,
+            )
+            .await
             && self.precheck(&header, kind)?.is_none()
         {
             return Err(AgentError::Precondition(format!(
@@ -375,7 +405,10 @@ impl AgentCore {
         };
         loop {
             if let Some(record) = done.borrow_and_update().clone() {
-                return Ok(Reply { record, replayed: false });
+                return Ok(Reply {
+                    record,
+                    replayed: false,
+                });
             }
             if done.changed().await.is_err() {
                 // The work task ended without a result: only possible if it was dropped at
@@ -401,7 +434,9 @@ impl AgentCore {
                 });
             }
             match rec.state {
-                OpState::Succeeded | OpState::Failed => return Ok(Admission::Replay(replayed(rec))),
+                OpState::Succeeded | OpState::Failed => {
+                    return Ok(Admission::Replay(replayed(rec)))
+                }
                 OpState::Running => {
                     if let Some(r) = inner.running.as_ref().filter(|r| r.id == header.id) {
                         return Ok(Admission::Attach(r.done.clone()));
@@ -411,7 +446,10 @@ impl AgentCore {
             }
         }
         if let Some(r) = &inner.running {
-            return Err(AgentError::Busy { running: r.id.clone(), kind: r.kind.name() });
+            return Err(AgentError::Busy {
+                running: r.id.clone(),
+                kind: r.kind.name(),
+            });
         }
         check_phase(&inner.service, body)?;
         let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
@@ -419,7 +457,9 @@ impl AgentCore {
             self.dir.store_epoch(header.epoch).map_err(storage)?;
             inner.epoch = header.epoch;
         }
-        let rec = inner.journal.begin(&header.id, kind, header.epoch, now_ms())?;
+        let rec = inner
+            .journal
+            .begin(&header.id, kind, header.epoch, now_ms())?;
         let phase = match kind {
             OpKind::Drain => Some(Phase::Draining),
             OpKind::Install | OpKind::Rollback => Some(Phase::Installing),
@@ -431,7 +471,11 @@ impl AgentCore {
             self.dir.store_service(&inner.service).map_err(storage)?;
         }
         let (tx, rx) = watch::channel(None);
-        inner.running = Some(Running { id: header.id.clone(), kind, done: rx.clone() });
+        inner.running = Some(Running {
+            id: header.id.clone(),
+            kind,
+            done: rx.clone(),
+        });
         drop(inner);
         tracing::info!(op = %header.id, kind = kind.name(), epoch = header.epoch.get(), attempt = rec.attempt, "operation started");
         self.poke.notify_one();
@@ -440,7 +484,11 @@ impl AgentCore {
 
     fn finish(&self, mut rec: OpRecord, outcome: Outcome) -> OpRecord {
         let mut inner = self.lock();
-        rec.state = if outcome.ok { OpState::Succeeded } else { OpState::Failed };
+        rec.state = if outcome.ok {
+            OpState::Succeeded
+        } else {
+            OpState::Failed
+        };
         rec.finished_at_ms = now_ms();
         rec.message = outcome.message;
         rec.output = outcome.output;
@@ -470,21 +518,50 @@ impl AgentCore {
     /// Fetches and verifies an artifact into the store (before admission: a bad artifact
     /// changes nothing).
     pub async fn fetch_artifact(&self, source: &str, sha256: &str) -> Result<PathBuf, AgentError> {
-        Ok(artifact::fetch_verified(&self.http, source, sha256, &self.dir.artifacts(), self.cfg.service.max_artifact_bytes).await?)
+        Ok(artifact::fetch_verified(
+            &self.http,
+            source,
+            sha256,
+            &self.dir.artifacts(),
+            self.cfg.service.max_artifact_bytes,
+        )
+        .await?)
     }
 
     async fn work(&self, rec: &OpRecord, body: OpBody) -> Outcome {
         let svc = &self.cfg.service;
         match body {
-            OpBody::Drain { timeout, on_timeout } => self.drain(rec, timeout, on_timeout).await,
+            OpBody::Drain {
+                timeout,
+                on_timeout,
+            } => self.drain(rec, timeout, on_timeout).await,
             OpBody::Stop => match self.hook("stop", &svc.stop, &[]).await {
-                Ok(output) => Outcome { ok: true, message: "stopped".into(), output, phase: Phase::Stopped },
-                Err((message, output)) => Outcome { ok: false, message, output, phase: Phase::Failed },
+                Ok(output) => Outcome {
+                    ok: true,
+                    message: "stopped".into(),
+                    output,
+                    phase: Phase::Stopped,
+                },
+                Err((message, output)) => Outcome {
+                    ok: false,
+                    message,
+                    output,
+                    phase: Phase::Failed,
+                },
             },
-            OpBody::Install { artifact, sha256, version, timeout } => {
-                self.install(rec, &artifact, &sha256, &version, timeout, false).await
+            OpBody::Install {
+                artifact,
+                sha256,
+                version,
+                timeout,
+            } => {
+                self.install(rec, &artifact, &sha256, &version, timeout, false)
+                    .await
             }
-            OpBody::Rollback { timeout, from_version } => {
+            OpBody::Rollback {
+                timeout,
+                from_version,
+            } => {
                 let prev = self.lock().service.clone();
                 let current = self.version_of(&prev);
                 if !from_version.is_empty() && current != from_version {
@@ -497,14 +574,27 @@ impl AgentCore {
                     };
                 }
                 let artifact = self.dir.artifacts().join(&prev.previous_sha256);
-                self.install(rec, &artifact, &prev.previous_sha256, &prev.previous_version, timeout, true).await
+                self.install(
+                    rec,
+                    &artifact,
+                    &prev.previous_sha256,
+                    &prev.previous_version,
+                    timeout,
+                    true,
+                )
+                .await
             }
             OpBody::Restart { timeout } => self.restart(timeout).await,
             OpBody::Verify { stable, timeout } => self.verify(rec, stable, timeout).await,
         }
     }
 
-    async fn hook(&self, name: &str, argv: &[String], env: &[(&str, String)]) -> Result<String, (String, String)> {
+    async fn hook(
+        &self,
+        name: &str,
+        argv: &[String],
+        env: &[(&str, String)],
+    ) -> Result<String, (String, String)> {
         let limit = self.cfg.service.hook_timeout;
         match hooks::run(argv, env, limit).await {
             Ok(o) if o.success() => Ok(o.output),
@@ -515,14 +605,32 @@ impl AgentCore {
 
     fn superseded(&self, rec: &OpRecord) -> Option<String> {
         let now = self.epoch();
-        (now > rec.epoch).then(|| format!("superseded: epoch {now} was accepted while this {} (epoch {}) ran", rec.kind.name(), rec.epoch))
+        (now > rec.epoch).then(|| {
+            format!(
+                "superseded: epoch {now} was accepted while this {} (epoch {}) ran",
+                rec.kind.name(),
+                rec.epoch
+            )
+        })
     }
 
-    async fn drain(&self, rec: &OpRecord, timeout: Duration, on_timeout: OnDrainTimeout) -> Outcome {
+    async fn drain(
+        &self,
+        rec: &OpRecord,
+        timeout: Duration,
+        on_timeout: OnDrainTimeout,
+    ) -> Outcome {
         let svc = &self.cfg.service;
         let mut output = match self.hook("drain", &svc.drain, &[]).await {
             Ok(o) => o,
-            Err((message, output)) => return Outcome { ok: false, message, output, phase: Phase::Draining },
+            Err((message, output)) => {
+                return Outcome {
+                    ok: false,
+                    message,
+                    output,
+                    phase: Phase::Draining,
+                }
+            }
         };
         self.poke.notify_one();
         let deadline = Instant::now() + timeout;
@@ -533,7 +641,12 @@ impl AgentCore {
                 break;
             }
             if let Some(message) = self.superseded(rec) {
-                return Outcome { ok: false, message, output, phase: Phase::Draining };
+                return Outcome {
+                    ok: false,
+                    message,
+                    output,
+                    phase: Phase::Draining,
+                };
             }
             if Instant::now() >= deadline {
                 break;
@@ -557,16 +670,34 @@ impl AgentCore {
                 } else {
                     "drained: no connections left; stopped".to_owned()
                 };
-                Outcome { ok: true, message, output, phase: Phase::Drained }
+                Outcome {
+                    ok: true,
+                    message,
+                    output,
+                    phase: Phase::Drained,
+                }
             }
             Err((message, o)) => {
                 output.push_str(&o);
-                Outcome { ok: false, message, output, phase: Phase::Failed }
+                Outcome {
+                    ok: false,
+                    message,
+                    output,
+                    phase: Phase::Failed,
+                }
             }
         }
     }
 
-    async fn install(&self, rec: &OpRecord, artifact: &std::path::Path, sha256: &str, version: &str, timeout: Duration, rollback: bool) -> Outcome {
+    async fn install(
+        &self,
+        rec: &OpRecord,
+        artifact: &std::path::Path,
+        sha256: &str,
+        version: &str,
+        timeout: Duration,
+        rollback: bool,
+    ) -> Outcome {
         let before = self.lock().service.clone();
         let previous_version = self.version_of(&before);
         let env = [
@@ -575,7 +706,10 @@ impl AgentCore {
             ("ROLLGATE_PREVIOUS_VERSION", previous_version.clone()),
             ("ROLLGATE_SERVER_ID", self.cfg.server_id.clone()),
             ("ROLLGATE_OPERATION_ID", rec.id.clone()),
-            ("ROLLGATE_ROLLBACK", if rollback { "1" } else { "0" }.to_owned()),
+            (
+                "ROLLGATE_ROLLBACK",
+                if rollback { "1" } else { "0" }.to_owned(),
+            ),
         ];
         // A rerun after the agent died mid-install: if the interrupted attempt did install
         // this version, do not install it a second time.
@@ -583,7 +717,10 @@ impl AgentCore {
         let result = if already {
             Ok(hooks::HookOutcome {
                 code: Some(0),
-                output: format!("version {version} was already installed by the interrupted attempt {}", rec.attempt - 1),
+                output: format!(
+                    "version {version} was already installed by the interrupted attempt {}",
+                    rec.attempt - 1
+                ),
                 timed_out: false,
             })
         } else {
@@ -601,11 +738,30 @@ impl AgentCore {
                 let keep = [s.installed_sha256.clone(), s.previous_sha256.clone()];
                 drop(inner);
                 artifact::prune(&self.dir.artifacts(), &[keep[0].as_str(), keep[1].as_str()]);
-                let what = if rollback { "rolled back to" } else { "installed" };
-                Outcome { ok: true, message: format!("{what} version {version}"), output: o.output, phase: Phase::Stopped }
+                let what = if rollback {
+                    "rolled back to"
+                } else {
+                    "installed"
+                };
+                Outcome {
+                    ok: true,
+                    message: format!("{what} version {version}"),
+                    output: o.output,
+                    phase: Phase::Stopped,
+                }
             }
-            Ok(o) => Outcome { ok: false, message: o.describe("install", timeout), output: o.output, phase: Phase::Failed },
-            Err(e) => Outcome { ok: false, message: format!("install command could not run: {e}"), output: String::new(), phase: Phase::Failed },
+            Ok(o) => Outcome {
+                ok: false,
+                message: o.describe("install", timeout),
+                output: o.output,
+                phase: Phase::Failed,
+            },
+            Err(e) => Outcome {
+                ok: false,
+                message: format!("install command could not run: {e}"),
+                output: String::new(),
+                phase: Phase::Failed,
+            },
         }
     }
 
@@ -639,19 +795,33 @@ impl AgentCore {
                 Ok(o) => output.push_str(&o),
                 Err((message, o)) => {
                     output.push_str(&o);
-                    return Outcome { ok: false, message, output, phase: Phase::Failed };
+                    return Outcome {
+                        ok: false,
+                        message,
+                        output,
+                        phase: Phase::Failed,
+                    };
                 }
             }
         }
         let deadline = Instant::now() + timeout;
         loop {
             if probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await {
-                return Outcome { ok: true, message: "started: accepting connections".into(), output, phase: Phase::Running };
+                return Outcome {
+                    ok: true,
+                    message: "started: accepting connections".into(),
+                    output,
+                    phase: Phase::Running,
+                };
             }
             if Instant::now() >= deadline {
                 return Outcome {
                     ok: false,
-                    message: format!("started, but not accepting connections on port(s) {:?} after {}ms", svc.ports, timeout.as_millis()),
+                    message: format!(
+                        "started, but not accepting connections on port(s) {:?} after {}ms",
+                        svc.ports,
+                        timeout.as_millis()
+                    ),
                     output,
                     phase: Phase::Failed,
                 };
@@ -673,7 +843,11 @@ impl AgentCore {
                 if now.duration_since(since) >= stable {
                     return Outcome {
                         ok: true,
-                        message: format!("verified: accepting, healthy and not busy for {}ms; version {}", stable.as_millis(), h.version),
+                        message: format!(
+                            "verified: accepting, healthy and not busy for {}ms; version {}",
+                            stable.as_millis(),
+                            h.version
+                        ),
                         output: String::new(),
                         phase,
                     };
@@ -682,11 +856,25 @@ impl AgentCore {
                 good_since = None;
             }
             if let Some(message) = self.superseded(rec) {
-                return Outcome { ok: false, message, output: String::new(), phase };
+                return Outcome {
+                    ok: false,
+                    message,
+                    output: String::new(),
+                    phase,
+                };
             }
             if now >= deadline {
-                let why = if h.detail.is_empty() { "not stable".to_owned() } else { h.detail };
-                return Outcome { ok: false, message: format!("verify failed after {}ms: {why}", timeout.as_millis()), output: String::new(), phase };
+                let why = if h.detail.is_empty() {
+                    "not stable".to_owned()
+                } else {
+                    h.detail
+                };
+                return Outcome {
+                    ok: false,
+                    message: format!("verify failed after {}ms: {why}", timeout.as_millis()),
+                    output: String::new(),
+                    phase,
+                };
             }
             tokio::time::sleep(POLL).await;
         }
@@ -718,7 +906,10 @@ impl AgentCore {
                 }
                 Ok(o) if o.code == Some(1) => false,
                 Ok(o) => {
-                    details.push(format!("busy probe failed ({}); counted as busy", o.describe("busy", svc.probe_timeout)));
+                    details.push(format!(
+                        "busy probe failed ({}); counted as busy",
+                        o.describe("busy", svc.probe_timeout)
+                    ));
                     true
                 }
                 Err(e) => {
@@ -732,7 +923,10 @@ impl AgentCore {
             Phase::Running if accepting && healthy => ServiceState::Serving,
             Phase::Running => {
                 if !accepting {
-                    details.insert(0, format!("not accepting connections on port(s) {:?}", svc.ports));
+                    details.insert(
+                        0,
+                        format!("not accepting connections on port(s) {:?}", svc.ports),
+                    );
                 }
                 ServiceState::Failed
             }
@@ -798,11 +992,18 @@ impl AgentCore {
 enum Admission {
     Replay(Reply),
     Attach(watch::Receiver<Option<OpRecord>>),
-    Started(OpRecord, watch::Sender<Option<OpRecord>>, watch::Receiver<Option<OpRecord>>),
+    Started(
+        OpRecord,
+        watch::Sender<Option<OpRecord>>,
+        watch::Receiver<Option<OpRecord>>,
+    ),
 }
 
 fn replayed(rec: &OpRecord) -> Reply {
-    Reply { record: rec.clone(), replayed: true }
+    Reply {
+        record: rec.clone(),
+        replayed: true,
+    }
 }
 
 /// The answer to a state-changing call.
@@ -829,11 +1030,16 @@ fn check_phase(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
                     }
                 )));
             }
-            let installed = if s.installed_version.is_empty() { None } else { Some(s.installed_version.as_str()) };
+            let installed = if s.installed_version.is_empty() {
+                None
+            } else {
+                Some(s.installed_version.as_str())
+            };
             let moot = matches!(body, OpBody::Rollback { from_version, .. } if !from_version.is_empty() && installed != Some(from_version.as_str()));
             if matches!(body, OpBody::Rollback { .. }) && !moot && s.previous_sha256.is_empty() {
                 return Err(AgentError::Precondition(
-                    "nothing to roll back to: no previous version was installed by this agent".into(),
+                    "nothing to roll back to: no previous version was installed by this agent"
+                        .into(),
                 ));
             }
             Ok(())

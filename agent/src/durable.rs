@@ -80,7 +80,10 @@ impl StateDir {
             Ok(s) => s.trim().parse::<u64>().map(Epoch).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("epoch file {} is corrupt: {e}", self.root.join("epoch").display()),
+                    format!(
+                        "epoch file {} is corrupt: {e}",
+                        self.root.join("epoch").display()
+                    ),
                 )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Epoch::NONE),
@@ -158,7 +161,9 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let s = StateDir::open(dir.path())?;
         std::fs::write(dir.path().join("epoch"), "garbage")?;
-        let err = s.load_epoch().expect_err("corrupt epoch must not read as 0");
+        let err = s
+            .load_epoch()
+            .expect_err("corrupt epoch must not read as 0");
         assert!(err.to_string().contains("corrupt"));
         Ok(())
     }

@@ -43,7 +43,11 @@ impl AgentApi {
         }
     }
 
-    async fn run(&self, header: Option<pb::OperationHeader>, body: OpBody) -> Result<Response<pb::OperationResult>, Status> {
+    async fn run(
+        &self,
+        header: Option<pb::OperationHeader>,
+        body: OpBody,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         let header = header_of(header).map_err(to_status)?;
         let reply = self.core.execute(header, body).await.map_err(to_status)?;
         Ok(Response::new(result_of(&reply)))
@@ -55,9 +59,9 @@ pub fn to_status(e: AgentError) -> Status {
     let msg = e.to_string();
     match e {
         AgentError::InvalidArgument(_) => Status::invalid_argument(msg),
-        AgentError::StaleEpoch { .. } | AgentError::KindMismatch { .. } | AgentError::Precondition(_) => {
-            Status::failed_precondition(msg)
-        }
+        AgentError::StaleEpoch { .. }
+        | AgentError::KindMismatch { .. }
+        | AgentError::Precondition(_) => Status::failed_precondition(msg),
         AgentError::Busy { .. } => Status::aborted(msg),
         AgentError::UnknownOperation(_) => Status::not_found(msg),
         AgentError::Artifact(a) => match a {
@@ -72,7 +76,9 @@ pub fn to_status(e: AgentError) -> Status {
 }
 
 fn header_of(h: Option<pb::OperationHeader>) -> Result<OpHeader, AgentError> {
-    let h = h.ok_or_else(|| AgentError::InvalidArgument("missing header (operation_id and epoch)".into()))?;
+    let h = h.ok_or_else(|| {
+        AgentError::InvalidArgument("missing header (operation_id and epoch)".into())
+    })?;
     OpHeader::new(&h.operation_id, h.epoch)
 }
 
@@ -139,11 +145,15 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
     }
 }
 
-type ReportStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::HealthReport, Status>> + Send>>;
+type ReportStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::HealthReport, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentApi {
-    async fn health(&self, req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthReport>, Status> {
+    async fn health(
+        &self,
+        req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthReport>, Status> {
         self.allow(&req, READERS)?;
         let h = self.core.probe().await;
         Ok(Response::new(report_of(&self.core, &h)))
@@ -151,81 +161,155 @@ impl pb::agent_server::Agent for AgentApi {
 
     type WatchStream = ReportStream;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         self.allow(&req, READERS)?;
         let rx = self.core.subscribe();
         let stop = self.core.shutdown_token().clone();
         let core = Arc::clone(&self.core);
         // Ends at shutdown, so that graceful server shutdown is not held up by open watchers.
-        let stream = futures_util::stream::unfold((rx, stop, core, true), |(mut rx, stop, core, first)| async move {
-            if !first {
-                tokio::select! {
-                    changed = rx.changed() => changed.ok()?,
-                    _ = stop.cancelled() => return None,
+        let stream = futures_util::stream::unfold(
+            (rx, stop, core, true),
+            |(mut rx, stop, core, first)| async move {
+                if !first {
+                    tokio::select! {
+                        changed = rx.changed() => changed.ok()?,
+                        _ = stop.cancelled() => return None,
+                    }
                 }
-            }
-            let report = report_of(&core, &rx.borrow_and_update());
-            Some((Ok(report), (rx, stop, core, false)))
-        });
+                let report = report_of(&core, &rx.borrow_and_update());
+                Some((Ok(report), (rx, stop, core, false)))
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn fence(&self, req: Request<pb::FenceRequest>) -> Result<Response<pb::FenceResponse>, Status> {
+    async fn fence(
+        &self,
+        req: Request<pb::FenceRequest>,
+    ) -> Result<Response<pb::FenceResponse>, Status> {
         self.allow(&req, WRITERS)?;
-        let epoch = self.core.fence(Epoch(req.into_inner().epoch)).map_err(to_status)?;
+        let epoch = self
+            .core
+            .fence(Epoch(req.into_inner().epoch))
+            .map_err(to_status)?;
         Ok(Response::new(pb::FenceResponse { epoch: epoch.get() }))
     }
 
-    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::OperationResult>, Status> {
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let on_timeout = match pb::DrainTimeoutAction::try_from(r.on_timeout) {
             Ok(pb::DrainTimeoutAction::Force) => OnDrainTimeout::Force,
-            Ok(pb::DrainTimeoutAction::Fail | pb::DrainTimeoutAction::Unspecified) => OnDrainTimeout::Fail,
-            Err(_) => return Err(Status::invalid_argument(format!("on_timeout {} is not a drain timeout action", r.on_timeout))),
+            Ok(pb::DrainTimeoutAction::Fail | pb::DrainTimeoutAction::Unspecified) => {
+                OnDrainTimeout::Fail
+            }
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "on_timeout {} is not a drain timeout action",
+                    r.on_timeout
+                )))
+            }
         };
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.drain_timeout);
-        self.run(r.header, OpBody::Drain { timeout, on_timeout }).await
+        self.run(
+            r.header,
+            OpBody::Drain {
+                timeout,
+                on_timeout,
+            },
+        )
+        .await
     }
 
-    async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::OperationResult>, Status> {
+    async fn stop(
+        &self,
+        req: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         self.run(req.into_inner().header, OpBody::Stop).await
     }
 
-    async fn install_patch(&self, req: Request<pb::InstallPatchRequest>) -> Result<Response<pb::OperationResult>, Status> {
+    async fn install_patch(
+        &self,
+        req: Request<pb::InstallPatchRequest>,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let header = header_of(r.header.clone()).map_err(to_status)?;
-        if r.version.is_empty() || r.version.len() > 128 || !r.version.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(Status::invalid_argument(format!("version {:?} must be 1-128 printable characters without spaces", r.version)));
+        if r.version.is_empty()
+            || r.version.len() > 128
+            || !r.version.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(Status::invalid_argument(format!(
+                "version {:?} must be 1-128 printable characters without spaces",
+                r.version
+            )));
         }
         let sha256 = crate::artifact::parse_digest(&r.sha256).map_err(|e| to_status(e.into()))?;
         // A repeated id is answered before any download; a bad artifact is refused before
         // anything is journaled or run.
-        if let Some(reply) = self.core.precheck(&header, OpKind::Install).map_err(to_status)? {
+        if let Some(reply) = self
+            .core
+            .precheck(&header, OpKind::Install)
+            .map_err(to_status)?
+        {
             return Ok(Response::new(result_of(&reply)));
         }
-        let artifact = self.core.fetch_artifact(&r.artifact, &sha256).await.map_err(to_status)?;
+        let artifact = self
+            .core
+            .fetch_artifact(&r.artifact, &sha256)
+            .await
+            .map_err(to_status)?;
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
-        self.run(r.header, OpBody::Install { artifact, sha256, version: r.version, timeout }).await
+        self.run(
+            r.header,
+            OpBody::Install {
+                artifact,
+                sha256,
+                version: r.version,
+                timeout,
+            },
+        )
+        .await
     }
 
-    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::OperationResult>, Status> {
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
-        self.run(r.header, OpBody::Rollback { timeout, from_version: r.from_version }).await
+        self.run(
+            r.header,
+            OpBody::Rollback {
+                timeout,
+                from_version: r.from_version,
+            },
+        )
+        .await
     }
 
-    async fn restart(&self, req: Request<pb::RestartRequest>) -> Result<Response<pb::OperationResult>, Status> {
+    async fn restart(
+        &self,
+        req: Request<pb::RestartRequest>,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.start_timeout);
         self.run(r.header, OpBody::Restart { timeout }).await
     }
 
-    async fn verify(&self, req: Request<pb::VerifyRequest>) -> Result<Response<pb::OperationResult>, Status> {
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let stable = Self::ms(r.stable_ms, self.core.cfg.service.verify_stable);
@@ -240,9 +324,15 @@ impl pb::agent_server::Agent for AgentApi {
         self.run(r.header, OpBody::Verify { stable, timeout }).await
     }
 
-    async fn operation_status(&self, req: Request<pb::OperationStatusRequest>) -> Result<Response<pb::OperationResult>, Status> {
+    async fn operation_status(
+        &self,
+        req: Request<pb::OperationStatusRequest>,
+    ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, READERS)?;
-        let rec = self.core.operation(&req.into_inner().operation_id).map_err(to_status)?;
+        let rec = self
+            .core
+            .operation(&req.into_inner().operation_id)
+            .map_err(to_status)?;
         Ok(Response::new(record_of(&rec, true)))
     }
 }

@@ -43,9 +43,16 @@ fn humantime_fmt(d: Duration) -> String {
 
 /// Runs `argv` with extra environment `env`, killing it (and failing) after `limit`.
 /// An error here means the command could not be started at all.
-pub async fn run(argv: &[String], env: &[(&str, String)], limit: Duration) -> std::io::Result<HookOutcome> {
+pub async fn run(
+    argv: &[String],
+    env: &[(&str, String)],
+    limit: Duration,
+) -> std::io::Result<HookOutcome> {
     let Some((program, args)) = argv.split_first() else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "empty command",
+        ));
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -56,9 +63,9 @@ pub async fn run(argv: &[String], env: &[(&str, String)], limit: Duration) -> st
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot start {program:?}: {e}"))
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))?;
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let collect = async {
@@ -112,16 +119,30 @@ mod tests {
 
     #[tokio::test]
     async fn captures_output_and_exit_code() -> std::io::Result<()> {
-        let o = run(&argv(&["sh", "-c", "echo out; echo err >&2; exit 3"]), &[], Duration::from_secs(5)).await?;
+        let o = run(
+            &argv(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
+            &[],
+            Duration::from_secs(5),
+        )
+        .await?;
         assert_eq!(o.code, Some(3));
-        assert!(o.output.contains("out") && o.output.contains("err"), "{}", o.output);
+        assert!(
+            o.output.contains("out") && o.output.contains("err"),
+            "{}",
+            o.output
+        );
         assert!(!o.success());
         Ok(())
     }
 
     #[tokio::test]
     async fn passes_environment() -> std::io::Result<()> {
-        let o = run(&argv(&["sh", "-c", "printf %s \"$ROLLGATE_VERSION\""]), &[("ROLLGATE_VERSION", "9.1".into())], Duration::from_secs(5)).await?;
+        let o = run(
+            &argv(&["sh", "-c", "printf %s \"$ROLLGATE_VERSION\""]),
+            &[("ROLLGATE_VERSION", "9.1".into())],
+            Duration::from_secs(5),
+        )
+        .await?;
         assert_eq!(o.output, "9.1");
         assert!(o.success());
         Ok(())
@@ -131,7 +152,9 @@ mod tests {
     async fn kills_after_the_limit() -> std::io::Result<()> {
         let o = run(&argv(&["sleep", "30"]), &[], Duration::from_millis(50)).await?;
         assert!(o.timed_out);
-        assert!(o.describe("drain", Duration::from_millis(50)).contains("timed out"));
+        assert!(o
+            .describe("drain", Duration::from_millis(50))
+            .contains("timed out"));
         Ok(())
     }
 

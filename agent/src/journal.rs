@@ -168,22 +168,38 @@ impl Journal {
                 };
                 good_len += text.len() as u64 + 1;
                 match line {
-                    Line::Begin { id, kind, epoch, at_ms, attempt } => {
+                    Line::Begin {
+                        id,
+                        kind,
+                        epoch,
+                        at_ms,
+                        attempt,
+                    } => {
                         last = Some(id.clone());
-                        ops.insert(id.clone(), OpRecord {
-                            id,
-                            kind,
-                            epoch,
-                            state: OpState::Running,
-                            started_at_ms: at_ms,
-                            finished_at_ms: 0,
-                            message: String::new(),
-                            version: String::new(),
-                            output: String::new(),
-                            attempt,
-                        });
+                        ops.insert(
+                            id.clone(),
+                            OpRecord {
+                                id,
+                                kind,
+                                epoch,
+                                state: OpState::Running,
+                                started_at_ms: at_ms,
+                                finished_at_ms: 0,
+                                message: String::new(),
+                                version: String::new(),
+                                output: String::new(),
+                                attempt,
+                            },
+                        );
                     }
-                    Line::End { id, at_ms, state, message, version, output } => {
+                    Line::End {
+                        id,
+                        at_ms,
+                        state,
+                        message,
+                        version,
+                        output,
+                    } => {
                         if let Some(rec) = ops.get_mut(&id) {
                             rec.state = state;
                             rec.finished_at_ms = at_ms;
@@ -201,7 +217,11 @@ impl Journal {
                 rec.message = "the agent stopped while this operation ran".into();
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
         // Cut a torn tail so the next append starts on a clean line.
         if file.metadata().map_err(io)?.len() > good_len {
             file.set_len(good_len).map_err(io)?;
@@ -233,7 +253,13 @@ impl Journal {
     }
 
     /// Records that an operation begins; durable before it returns.
-    pub fn begin(&mut self, id: &str, kind: OpKind, epoch: Epoch, at_ms: u64) -> Result<OpRecord, JournalError> {
+    pub fn begin(
+        &mut self,
+        id: &str,
+        kind: OpKind,
+        epoch: Epoch,
+        at_ms: u64,
+    ) -> Result<OpRecord, JournalError> {
         let attempt = self.ops.get(id).map_or(1, |r| r.attempt + 1);
         self.append(&Line::Begin {
             id: id.to_owned(),
@@ -316,7 +342,8 @@ mod tests {
     }
 
     #[test]
-    fn torn_tail_is_dropped_but_corrupt_middle_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+    fn torn_tail_is_dropped_but_corrupt_middle_is_refused() -> Result<(), Box<dyn std::error::Error>>
+    {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("journal.jsonl");
         {
@@ -333,10 +360,16 @@ mod tests {
             j.begin("c", OpKind::Stop, Epoch(1), 2)?;
         }
         let j = Journal::open(&path)?;
-        assert!(j.get("c").is_some(), "append after a torn tail must start a clean line");
+        assert!(
+            j.get("c").is_some(),
+            "append after a torn tail must start a clean line"
+        );
         let text = std::fs::read_to_string(&path)?;
         std::fs::write(&path, format!("garbage\n{text}"))?;
-        assert!(matches!(Journal::open(&path), Err(JournalError::Corrupt { line: 1, .. })));
+        assert!(matches!(
+            Journal::open(&path),
+            Err(JournalError::Corrupt { line: 1, .. })
+        ));
         Ok(())
     }
 }

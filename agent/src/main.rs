@@ -10,7 +10,11 @@ use std::process::ExitCode;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "rollgate-agent", version, about = "rollgate's per-server agent")]
+#[command(
+    name = "rollgate-agent",
+    version,
+    about = "rollgate's per-server agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,7 +57,12 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
-        Command::Run { config, listen, state_dir, log_level } => {
+        Command::Run {
+            config,
+            listen,
+            state_dir,
+            log_level,
+        } => {
             let mut cfg = match AgentConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => {

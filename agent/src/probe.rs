@@ -66,7 +66,11 @@ pub fn boot_id() -> String {
 }
 
 /// The HTTP health probe: `Ok(())` for a 2xx answer, else why not.
-pub async fn http_health(client: &reqwest::Client, url: &str, timeout: Duration) -> Result<(), String> {
+pub async fn http_health(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     match client.get(url).timeout(timeout).send().await {
         Ok(r) if r.status().is_success() => Ok(()),
         Ok(r) => Err(format!("health probe {url} answered {}", r.status())),

@@ -53,7 +53,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     if core.drain_tasks(grace).await {
         tracing::info!("agent stopped cleanly");
     } else {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "operations still running at the shutdown deadline; the journal marks them interrupted");
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "operations still running at the shutdown deadline; the journal marks them interrupted"
+        );
     }
     served?;
     Ok(())

@@ -54,11 +54,16 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
 /// Checks an identifier (server, pool, domain, coordinator id): 1-128 letters, digits, '-',
 /// '_' or '.', so that it is safe in store keys, SAN URIs and file names.
 pub fn check_name(field: &str, v: &str) -> Result<(), String> {
-    let ok = !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
-        Err(format!("{field}: {v:?} must be 1-128 characters of letters, digits, '-', '_' or '.'"))
+        Err(format!(
+            "{field}: {v:?} must be 1-128 characters of letters, digits, '-', '_' or '.'"
+        ))
     }
 }
 

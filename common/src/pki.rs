@@ -3,8 +3,8 @@
 
 use crate::tls::Role;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -72,10 +72,13 @@ impl Ca {
         params.distinguished_name = dn(name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        set_validity(&mut params, Validity {
-            not_before_ago: Duration::from_secs(3600),
-            not_after_in: Some(Duration::from_secs(10 * 365 * 24 * 3600)),
-        });
+        set_validity(
+            &mut params,
+            Validity {
+                not_before_ago: Duration::from_secs(3600),
+                not_after_in: Some(Duration::from_secs(10 * 365 * 24 * 3600)),
+            },
+        );
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(Ca {
@@ -111,13 +114,21 @@ impl Ca {
     }
 
     /// [`Ca::issue`] with an explicit validity window.
-    pub fn issue_with(&self, role: &Role, hosts: &[String], validity: Validity) -> Result<Issued, PkiError> {
+    pub fn issue_with(
+        &self,
+        role: &Role,
+        hosts: &[String],
+        validity: Validity,
+    ) -> Result<Issued, PkiError> {
         let mut params = CertificateParams::new(hosts.to_vec())?;
         params.distinguished_name = dn(&role.to_string());
         params
             .subject_alt_names
             .push(SanType::URI(role.uri().try_into()?));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

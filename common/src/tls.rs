@@ -147,10 +147,11 @@ pub fn roles_in_der(der: &[u8]) -> Vec<Role> {
 /// The roles a PEM certificate file carries (to check a daemon's own certificate at start-up).
 pub fn roles_in_pem_file(path: &Path) -> Result<Vec<Role>, TlsError> {
     let pem = read(path, "certificate")?;
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| TlsError::BadCertificate {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
+    let (_, parsed) =
+        x509_parser::pem::parse_x509_pem(&pem).map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
     Ok(roles_in_der(&parsed.contents))
 }
 
@@ -183,7 +184,11 @@ pub fn authorize<T>(
     let had = if roles.is_empty() {
         "no rollgate role".to_owned()
     } else {
-        roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        roles
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     Err(tonic::Status::permission_denied(format!(
         "this call needs the {wanted} role; the client certificate carries {had}"
@@ -201,14 +206,16 @@ fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
 impl TlsFiles {
     /// The server side: our identity, and client certificates required and checked against the CA.
     pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        let identity = Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);
+        let identity =
+            Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);
         let ca = Certificate::from_pem(read(&self.ca, "CA certificate")?);
         Ok(ServerTlsConfig::new().identity(identity).client_ca_root(ca))
     }
 
     /// The client side: our identity, and the server checked against the CA.
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
-        let identity = Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);
+        let identity =
+            Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?);
         let ca = Certificate::from_pem(read(&self.ca, "CA certificate")?);
         Ok(ClientTlsConfig::new().identity(identity).ca_certificate(ca))
     }
@@ -229,7 +236,11 @@ impl TlsFiles {
                 self.cert.display(),
                 expected,
                 expected.uri(),
-                roles.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                roles
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         }
     }

@@ -3,7 +3,8 @@
 
 use crate::driver::{self, events_prefix, failover_key, upgrade_key, Command, EventRecord, Stored};
 use crate::engine::{
-    Direction, DomainPhase, DrainMode, Event, ExhaustedAction, FailureAction, Plan, ServerPhase, Status as UpStatus, Upgrade,
+    Direction, DomainPhase, DrainMode, Event, ExhaustedAction, FailureAction, Plan, ServerPhase,
+    Status as UpStatus, Upgrade,
 };
 use crate::node::Node;
 use crate::readiness::PoolReadiness;
@@ -80,16 +81,26 @@ impl OperatorApi {
     /// Checks the operator role; returns who is calling, for the event history.
     #[allow(clippy::result_large_err)]
     fn allow<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        Ok(match authorize(req, self.node.cfg.insecure, &[RoleKind::Operator])? {
-            Caller::Authenticated(role) => role.to_string(),
-            Caller::Insecure => "operator (insecure mode)".to_owned(),
-        })
+        Ok(
+            match authorize(req, self.node.cfg.insecure, &[RoleKind::Operator])? {
+                Caller::Authenticated(role) => role.to_string(),
+                Caller::Insecure => "operator (insecure mode)".to_owned(),
+            },
+        )
     }
 
     async fn not_leader(&self) -> ApiError {
         match self.node.env.store.leader().await {
-            Ok(Some(l)) => ApiError::NotLeader(format!("the leader is {} at {} (epoch {})", l.id, l.address, l.epoch), Some(l.address)),
-            Ok(None) => ApiError::NotLeader("no leader is elected right now; retry shortly".into(), None),
+            Ok(Some(l)) => ApiError::NotLeader(
+                format!(
+                    "the leader is {} at {} (epoch {})",
+                    l.id, l.address, l.epoch
+                ),
+                Some(l.address),
+            ),
+            Ok(None) => {
+                ApiError::NotLeader("no leader is elected right now; retry shortly".into(), None)
+            }
             Err(e) => ApiError::NotLeader(format!("and the leader cannot be read: {e}"), None),
         }
     }
@@ -98,12 +109,17 @@ impl OperatorApi {
         if name.is_empty() {
             return Err(ApiError::Invalid("pool: a pool name is required".into()));
         }
-        self.node.cfg.pool(name).ok_or_else(|| ApiError::UnknownPool(name.into()))
+        self.node
+            .cfg
+            .pool(name)
+            .ok_or_else(|| ApiError::UnknownPool(name.into()))
     }
 
     async fn stored(&self, pool: &str) -> Result<Option<Stored>, ApiError> {
         match self.node.env.store.get(&upgrade_key(pool)).await {
-            Ok(Some(kv)) => serde_json::from_slice(&kv.value).map(Some).map_err(|e| ApiError::Store(format!("stored upgrade is unreadable: {e}"))),
+            Ok(Some(kv)) => serde_json::from_slice(&kv.value)
+                .map(Some)
+                .map_err(|e| ApiError::Store(format!("stored upgrade is unreadable: {e}"))),
             Ok(None) => Ok(None),
             Err(e) => Err(ApiError::Store(e.to_string())),
         }
@@ -132,7 +148,11 @@ impl OperatorApi {
             pool: pool.to_owned(),
             status: "none".into(),
             epoch: lead.as_ref().map_or(0, |l| l.epoch.get()),
-            leader: if lead.is_some() { self.node.cfg.id.clone() } else { String::new() },
+            leader: if lead.is_some() {
+                self.node.cfg.id.clone()
+            } else {
+                String::new()
+            },
             dry_run,
             ..Default::default()
         };
@@ -151,7 +171,12 @@ impl OperatorApi {
         s.status = status.into();
         s.reason = reason;
         s.direction = dir_name(u.direction).into();
-        s.current_domain = u.plan.domains.get(u.domain_index).map(|d| d.name.clone()).unwrap_or_default();
+        s.current_domain = u
+            .plan
+            .domains
+            .get(u.domain_index)
+            .map(|d| d.name.clone())
+            .unwrap_or_default();
         s.domain_phase = match u.domain_phase {
             DomainPhase::WaitingReady { .. } => "waiting_ready",
             DomainPhase::FailingOver => "failing_over",
@@ -165,12 +190,18 @@ impl OperatorApi {
         s.plan_json = serde_json::to_string_pretty(&u.plan).unwrap_or_default();
         for d in &u.plan.domains {
             for server in &d.servers {
-                let Some(p) = u.servers.get(server) else { continue };
+                let Some(p) = u.servers.get(server) else {
+                    continue;
+                };
                 let (phase, step, attempt, message) = match &p.phase {
                     ServerPhase::Pending => ("pending", String::new(), 0, String::new()),
-                    ServerPhase::InFlight { step, attempt } => ("in_flight", step.name().to_owned(), *attempt, String::new()),
+                    ServerPhase::InFlight { step, attempt } => {
+                        ("in_flight", step.name().to_owned(), *attempt, String::new())
+                    }
                     ServerPhase::Done => ("done", String::new(), 0, String::new()),
-                    ServerPhase::Failed { step, message } => ("failed", step.name().to_owned(), 0, message.clone()),
+                    ServerPhase::Failed { step, message } => {
+                        ("failed", step.name().to_owned(), 0, message.clone())
+                    }
                 };
                 s.servers.push(pb::ServerProgress {
                     server: server.clone(),
@@ -192,9 +223,15 @@ impl OperatorApi {
         let invalid = |m: String| ApiError::Invalid(m);
         let ms = |v: u64, d: Duration| if v == 0 { d } else { Duration::from_millis(v) };
         let drain = match r.drain.as_str() {
-            "" | "graceful" => DrainMode::Graceful { timeout: ms(r.drain_timeout_ms, Duration::from_secs(300)) },
+            "" | "graceful" => DrainMode::Graceful {
+                timeout: ms(r.drain_timeout_ms, Duration::from_secs(300)),
+            },
             "immediate" => DrainMode::Immediate,
-            other => return Err(invalid(format!("drain: {other:?} is not graceful or immediate"))),
+            other => {
+                return Err(invalid(format!(
+                    "drain: {other:?} is not graceful or immediate"
+                )))
+            }
         };
         let on_exhausted = match r.on_exhausted.as_str() {
             "" => {
@@ -207,27 +244,49 @@ impl OperatorApi {
             "failover" => ExhaustedAction::Failover,
             "pause" => ExhaustedAction::Pause,
             "abort" => ExhaustedAction::Abort,
-            other => return Err(invalid(format!("on_exhausted: {other:?} is not failover, pause or abort"))),
+            other => {
+                return Err(invalid(format!(
+                    "on_exhausted: {other:?} is not failover, pause or abort"
+                )))
+            }
         };
         let on_failure = match r.on_failure.as_str() {
             "" | "pause" => FailureAction::Pause,
             "rollback" => FailureAction::Rollback,
-            other => return Err(invalid(format!("on_failure: {other:?} is not pause or rollback"))),
+            other => {
+                return Err(invalid(format!(
+                    "on_failure: {other:?} is not pause or rollback"
+                )))
+            }
         };
-        let mut domains: Vec<crate::engine::Domain> =
-            spec.domains.iter().map(|(name, servers)| crate::engine::Domain { name: name.clone(), servers: servers.clone() }).collect();
+        let mut domains: Vec<crate::engine::Domain> = spec
+            .domains
+            .iter()
+            .map(|(name, servers)| crate::engine::Domain {
+                name: name.clone(),
+                servers: servers.clone(),
+            })
+            .collect();
         if !r.domain_order.is_empty() {
             let mut ordered = Vec::new();
             for name in &r.domain_order {
                 let i = domains
                     .iter()
                     .position(|d| &d.name == name)
-                    .ok_or_else(|| invalid(format!("domain_order: pool {} has no upgrade domain {name:?}", r.pool)))?;
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "domain_order: pool {} has no upgrade domain {name:?}",
+                            r.pool
+                        ))
+                    })?;
                 ordered.push(domains.remove(i));
             }
             if !domains.is_empty() {
                 let left: Vec<_> = domains.iter().map(|d| d.name.clone()).collect();
-                return Err(invalid(format!("domain_order: leaves out domain(s) {}", left.join(", "))));
+                return Err(invalid(format!(
+                    "domain_order: leaves out domain(s) {}",
+                    left.join(", ")
+                )));
             }
             domains = ordered;
         }
@@ -239,7 +298,10 @@ impl OperatorApi {
         }
         let sha = r.sha256.trim().to_ascii_lowercase();
         if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(invalid(format!("sha256: {:?} is not 64 hex digits", r.sha256)));
+            return Err(invalid(format!(
+                "sha256: {:?} is not 64 hex digits",
+                r.sha256
+            )));
         }
         let plan = Plan {
             id: format!("{}-{}", r.pool, rollgate_common::time::now_ms()),
@@ -252,7 +314,11 @@ impl OperatorApi {
             verify_stable: ms(r.verify_stable_ms, Duration::from_secs(5)),
             verify_timeout: ms(r.verify_timeout_ms, Duration::from_secs(120)),
             busy_retry_interval: ms(r.busy_retry_interval_ms, Duration::from_secs(600)),
-            busy_retries: if r.busy_retries == 0 { 3 } else { r.busy_retries },
+            busy_retries: if r.busy_retries == 0 {
+                3
+            } else {
+                r.busy_retries
+            },
             on_exhausted,
             server_retries: r.server_retries,
             on_failure,
@@ -264,13 +330,19 @@ impl OperatorApi {
         Ok(plan)
     }
 
-    async fn start(&self, r: pb::StartUpgradeRequest, by: &str) -> Result<pb::UpgradeStatus, ApiError> {
+    async fn start(
+        &self,
+        r: pb::StartUpgradeRequest,
+        by: &str,
+    ) -> Result<pb::UpgradeStatus, ApiError> {
         let plan = self.plan_from(&r)?;
         if r.dry_run {
             let (u, _) = Upgrade::new(plan).map_err(|e| ApiError::Invalid(e.to_string()))?;
             return Ok(self.status_of(Some(&u), &r.pool, true));
         }
-        let Some(lead) = self.node.leadership() else { return Err(self.not_leader().await) };
+        let Some(lead) = self.node.leadership() else {
+            return Err(self.not_leader().await);
+        };
         let _one_at_a_time = self.node.start_lock.lock().await;
         if let Some(cur) = self.current(&r.pool).await? {
             if !cur.is_terminal() || cur.in_flight() > 0 {
@@ -280,26 +352,53 @@ impl OperatorApi {
         let pool = self.pool(&r.pool)?.clone();
         let next_event = self.stored(&r.pool).await?.map_or(0, |s| s.next_event);
         let (u, mut actions) = Upgrade::new(plan).map_err(|e| ApiError::Invalid(e.to_string()))?;
-        actions.insert(0, crate::engine::Action::Record {
-            kind: "upgrade_requested".into(),
-            server: None,
-            domain: None,
-            message: format!("{by} asked for version {} on pool {} (plan {})", u.plan.version, u.plan.pool, u.plan.id),
-        });
-        let stored = Stored { upgrade: u, next_event };
-        self.node.start_driver(&lead, pool, stored.clone(), actions, false);
+        actions.insert(
+            0,
+            crate::engine::Action::Record {
+                kind: "upgrade_requested".into(),
+                server: None,
+                domain: None,
+                message: format!(
+                    "{by} asked for version {} on pool {} (plan {})",
+                    u.plan.version, u.plan.pool, u.plan.id
+                ),
+            },
+        );
+        let stored = Stored {
+            upgrade: u,
+            next_event,
+        };
+        self.node
+            .start_driver(&lead, pool, stored.clone(), actions, false);
         Ok(self.status_of(Some(&stored.upgrade), &r.pool, false))
     }
 
-    async fn command(&self, pool: &str, by: String, make: fn(String) -> Event) -> Result<pb::UpgradeStatus, ApiError> {
+    async fn command(
+        &self,
+        pool: &str,
+        by: String,
+        make: fn(String) -> Event,
+    ) -> Result<pb::UpgradeStatus, ApiError> {
         self.pool(pool)?;
         if self.node.leadership().is_none() {
             return Err(self.not_leader().await);
         }
-        let h = self.node.driver(pool).ok_or_else(|| ApiError::NoUpgrade(pool.into()))?;
+        let h = self
+            .node
+            .driver(pool)
+            .ok_or_else(|| ApiError::NoUpgrade(pool.into()))?;
         let (tx, rx) = oneshot::channel();
-        h.commands.send(Command { event: make(by), reply: tx }).await.map_err(|_| ApiError::NoUpgrade(pool.into()))?;
-        let u = rx.await.map_err(|_| ApiError::Lost("the driver stopped".into()))?.map_err(ApiError::Lost)?;
+        h.commands
+            .send(Command {
+                event: make(by),
+                reply: tx,
+            })
+            .await
+            .map_err(|_| ApiError::NoUpgrade(pool.into()))?;
+        let u = rx
+            .await
+            .map_err(|_| ApiError::Lost("the driver stopped".into()))?
+            .map_err(ApiError::Lost)?;
         Ok(self.status_of(Some(&u), pool, false))
     }
 
@@ -357,18 +456,28 @@ fn readiness_of(r: &PoolReadiness, failed_over: bool) -> pb::PoolReadiness {
     }
 }
 
-type StatusStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::UpgradeStatus, Status>> + Send>>;
+type StatusStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::UpgradeStatus, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::operator_server::Operator for OperatorApi {
-    async fn readiness(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::PoolReadiness>, Status> {
+    async fn readiness(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::PoolReadiness>, Status> {
         self.allow(&req)?;
         let pool = req.into_inner().pool;
         let r = self.readiness(&pool).await.map_err(to_status)?;
-        Ok(Response::new(readiness_of(&r, self.failed_over(&pool).await)))
+        Ok(Response::new(readiness_of(
+            &r,
+            self.failed_over(&pool).await,
+        )))
     }
 
-    async fn inventory(&self, req: Request<pb::InventoryRequest>) -> Result<Response<pb::InventoryResponse>, Status> {
+    async fn inventory(
+        &self,
+        req: Request<pb::InventoryRequest>,
+    ) -> Result<Response<pb::InventoryResponse>, Status> {
         self.allow(&req)?;
         let mut pools = Vec::new();
         for p in &self.node.cfg.pools {
@@ -378,12 +487,21 @@ impl pb::operator_server::Operator for OperatorApi {
         Ok(Response::new(pb::InventoryResponse { pools }))
     }
 
-    async fn start_upgrade(&self, req: Request<pb::StartUpgradeRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
+    async fn start_upgrade(
+        &self,
+        req: Request<pb::StartUpgradeRequest>,
+    ) -> Result<Response<pb::UpgradeStatus>, Status> {
         let by = self.allow(&req)?;
-        self.start(req.into_inner(), &by).await.map(Response::new).map_err(to_status)
+        self.start(req.into_inner(), &by)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
-    async fn get_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
+    async fn get_upgrade(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::UpgradeStatus>, Status> {
         self.allow(&req)?;
         let pool = req.into_inner().pool;
         self.pool(&pool).map_err(to_status)?;
@@ -393,7 +511,10 @@ impl pb::operator_server::Operator for OperatorApi {
 
     type WatchUpgradeStream = StatusStream;
 
-    async fn watch_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<Self::WatchUpgradeStream>, Status> {
+    async fn watch_upgrade(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<Self::WatchUpgradeStream>, Status> {
         self.allow(&req)?;
         let pool = req.into_inner().pool;
         self.pool(&pool).map_err(to_status)?;
@@ -408,56 +529,106 @@ impl pb::operator_server::Operator for OperatorApi {
             let s = self.status_of(u.as_ref(), &pool, false);
             return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(s)]))));
         };
-        let stream = futures_util::stream::unfold((rx, me, pool, false, true), |(mut rx, me, pool, ended, first)| async move {
-            if ended {
-                return None;
-            }
-            if !first && rx.changed().await.is_err() {
-                return None;
-            }
-            let u = rx.borrow_and_update().clone();
-            let done = u.as_ref().is_none_or(|u| u.is_terminal() && u.in_flight() == 0);
-            let s = me.status_of(u.as_ref(), &pool, false);
-            Some((Ok(s), (rx, me, pool, done, false)))
-        });
+        let stream = futures_util::stream::unfold(
+            (rx, me, pool, false, true),
+            |(mut rx, me, pool, ended, first)| async move {
+                if ended {
+                    return None;
+                }
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let u = rx.borrow_and_update().clone();
+                let done = u
+                    .as_ref()
+                    .is_none_or(|u| u.is_terminal() && u.in_flight() == 0);
+                let s = me.status_of(u.as_ref(), &pool, false);
+                Some((Ok(s), (rx, me, pool, done, false)))
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn pause_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
+    async fn pause_upgrade(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::UpgradeStatus>, Status> {
         let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Pause { by }).await.map(Response::new).map_err(to_status)
+        self.command(&req.into_inner().pool, by, |by| Event::Pause { by })
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
-    async fn resume_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
+    async fn resume_upgrade(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::UpgradeStatus>, Status> {
         let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Resume { by }).await.map(Response::new).map_err(to_status)
+        self.command(&req.into_inner().pool, by, |by| Event::Resume { by })
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
-    async fn abort_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
+    async fn abort_upgrade(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::UpgradeStatus>, Status> {
         let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Abort { by }).await.map(Response::new).map_err(to_status)
+        self.command(&req.into_inner().pool, by, |by| Event::Abort { by })
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
-    async fn rollback_upgrade(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
+    async fn rollback_upgrade(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::UpgradeStatus>, Status> {
         let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Rollback { by }).await.map(Response::new).map_err(to_status)
+        self.command(&req.into_inner().pool, by, |by| Event::Rollback { by })
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
-    async fn failover(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::PoolActionResponse>, Status> {
+    async fn failover(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::PoolActionResponse>, Status> {
         let by = self.allow(&req)?;
-        self.pool_action(&req.into_inner().pool, true, &by).await.map(Response::new).map_err(to_status)
+        self.pool_action(&req.into_inner().pool, true, &by)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
-    async fn failback(&self, req: Request<pb::PoolRequest>) -> Result<Response<pb::PoolActionResponse>, Status> {
+    async fn failback(
+        &self,
+        req: Request<pb::PoolRequest>,
+    ) -> Result<Response<pb::PoolActionResponse>, Status> {
         let by = self.allow(&req)?;
-        self.pool_action(&req.into_inner().pool, false, &by).await.map(Response::new).map_err(to_status)
+        self.pool_action(&req.into_inner().pool, false, &by)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
-    async fn events(&self, req: Request<pb::EventsRequest>) -> Result<Response<pb::EventsResponse>, Status> {
+    async fn events(
+        &self,
+        req: Request<pb::EventsRequest>,
+    ) -> Result<Response<pb::EventsResponse>, Status> {
         self.allow(&req)?;
         let r = req.into_inner();
         self.pool(&r.pool).map_err(to_status)?;
-        let kvs = self.node.env.store.range(&events_prefix(&r.pool)).await.map_err(|e| to_status(ApiError::Store(e.to_string())))?;
+        let kvs = self
+            .node
+            .env
+            .store
+            .range(&events_prefix(&r.pool))
+            .await
+            .map_err(|e| to_status(ApiError::Store(e.to_string())))?;
         let mut events: Vec<pb::Event> = kvs
             .iter()
             .filter_map(|kv| serde_json::from_slice::<EventRecord>(&kv.value).ok())
@@ -480,9 +651,18 @@ impl pb::operator_server::Operator for OperatorApi {
         Ok(Response::new(pb::EventsResponse { events }))
     }
 
-    async fn leader(&self, req: Request<pb::LeaderRequest>) -> Result<Response<pb::LeaderResponse>, Status> {
+    async fn leader(
+        &self,
+        req: Request<pb::LeaderRequest>,
+    ) -> Result<Response<pb::LeaderResponse>, Status> {
         self.allow(&req)?;
-        let l = self.node.env.store.leader().await.map_err(|e| to_status(ApiError::Store(e.to_string())))?;
+        let l = self
+            .node
+            .env
+            .store
+            .leader()
+            .await
+            .map_err(|e| to_status(ApiError::Store(e.to_string())))?;
         let mine = self.node.leadership();
         Ok(Response::new(match l {
             Some(l) => pb::LeaderResponse {
@@ -492,20 +672,37 @@ impl pb::operator_server::Operator for OperatorApi {
                 epoch: l.epoch.get(),
                 this_id: self.node.cfg.id.clone(),
             },
-            None => pb::LeaderResponse { this_id: self.node.cfg.id.clone(), ..Default::default() },
+            None => pb::LeaderResponse {
+                this_id: self.node.cfg.id.clone(),
+                ..Default::default()
+            },
         }))
     }
 }
 
 impl OperatorApi {
-    async fn pool_action(&self, pool: &str, over: bool, by: &str) -> Result<pb::PoolActionResponse, ApiError> {
+    async fn pool_action(
+        &self,
+        pool: &str,
+        over: bool,
+        by: &str,
+    ) -> Result<pb::PoolActionResponse, ApiError> {
         let cfg = self.pool(pool)?.clone();
-        let Some(lead) = self.node.leadership() else { return Err(self.not_leader().await) };
-        let paired = cfg.paired_pool.clone().ok_or_else(|| ApiError::Invalid(format!("pool {pool} has no paired_pool to fail over to")))?;
-        let (ok, message) = driver::run_failover(&self.node.env, &lead, &cfg, pool, &paired, over, by).await;
+        let Some(lead) = self.node.leadership() else {
+            return Err(self.not_leader().await);
+        };
+        let paired = cfg.paired_pool.clone().ok_or_else(|| {
+            ApiError::Invalid(format!("pool {pool} has no paired_pool to fail over to"))
+        })?;
+        let (ok, message) =
+            driver::run_failover(&self.node.env, &lead, &cfg, pool, &paired, over, by).await;
         if !ok {
             return Err(ApiError::Hook(message));
         }
-        Ok(pb::PoolActionResponse { pool: pool.into(), message, failed_over: over })
+        Ok(pb::PoolActionResponse {
+            pool: pool.into(),
+            message,
+            failed_over: over,
+        })
     }
 }

@@ -16,10 +16,20 @@ use tonic::transport::{Channel, Endpoint};
 
 /// The command line.
 #[derive(Debug, Parser)]
-#[command(name = "rollgate", version, about = "operate rollgate: readiness, rolling upgrades, failover, history")]
+#[command(
+    name = "rollgate",
+    version,
+    about = "operate rollgate: readiness, rolling upgrades, failover, history"
+)]
 pub struct Cli {
     /// Coordinator addresses (host:port), comma-separated; any one will do.
-    #[arg(long, env = "ROLLGATE_COORDINATOR", value_delimiter = ',', global = true, default_value = "127.0.0.1:7100")]
+    #[arg(
+        long,
+        env = "ROLLGATE_COORDINATOR",
+        value_delimiter = ',',
+        global = true,
+        default_value = "127.0.0.1:7100"
+    )]
     pub coordinator: Vec<String>,
     /// CA certificate (PEM).
     #[arg(long, env = "ROLLGATE_CA", global = true)]
@@ -222,11 +232,15 @@ struct Conn {
 impl Conn {
     async fn client(&self, addr: &str) -> anyhow::Result<OperatorClient<Channel>> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))?.connect_timeout(Duration::from_secs(3));
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+            .connect_timeout(Duration::from_secs(3));
         if let Some(t) = &self.tls {
             ep = ep.tls_config(t.client_config()?)?;
         }
-        let ch = ep.connect().await.with_context(|| format!("cannot reach coordinator {addr}"))?;
+        let ch = ep
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach coordinator {addr}"))?;
         Ok(OperatorClient::new(ch).max_decoding_message_size(16 << 20))
     }
 
@@ -248,7 +262,11 @@ impl Conn {
             match f(c).await {
                 Ok(v) => return Ok(v),
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    if let Some(leader) = s.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()) {
+                    if let Some(leader) = s
+                        .metadata()
+                        .get(LEADER_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                    {
                         let c = self.client(leader).await?;
                         return f(c).await.map_err(status_error);
                     }
@@ -281,34 +299,80 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         (Some(ca), Some(cert), Some(key), false) => Some(TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() }),
         _ => bail!("mTLS needs --ca, --cert and --key (or ROLLGATE_CA/CERT/KEY); use --insecure only with a demo coordinator"),
     };
-    let conn = Conn { addrs: cli.coordinator.clone(), tls };
+    let conn = Conn {
+        addrs: cli.coordinator.clone(),
+        tls,
+    };
     let out = cli.output;
     match cli.command {
         Cmd::Readiness { pool } => {
-            let r = conn.call(|mut c| { let pool = pool.clone(); async move { c.readiness(pb::PoolRequest { pool }).await.map(|r| r.into_inner()) } }).await?;
+            let r = conn
+                .call(|mut c| {
+                    let pool = pool.clone();
+                    async move {
+                        c.readiness(pb::PoolRequest { pool })
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
             print_readiness(&[r], out);
             Ok(0)
         }
         Cmd::Inventory => {
-            let r = conn.call(|mut c| async move { c.inventory(pb::InventoryRequest {}).await.map(|r| r.into_inner()) }).await?;
+            let r = conn
+                .call(|mut c| async move {
+                    c.inventory(pb::InventoryRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                })
+                .await?;
             print_readiness(&r.pools, out);
             Ok(0)
         }
         Cmd::Leader => {
-            let r = conn.call(|mut c| async move { c.leader(pb::LeaderRequest {}).await.map(|r| r.into_inner()) }).await?;
+            let r = conn
+                .call(|mut c| async move {
+                    c.leader(pb::LeaderRequest {}).await.map(|r| r.into_inner())
+                })
+                .await?;
             match out {
-                Output::Json => println!("{}", serde_json::json!({"id": r.id, "address": r.address, "epoch": r.epoch})),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"id": r.id, "address": r.address, "epoch": r.epoch})
+                ),
                 Output::Table if r.id.is_empty() => println!("no leader elected"),
                 Output::Table => println!("leader {} at {} (epoch {})", r.id, r.address, r.epoch),
             }
             Ok(0)
         }
         Cmd::Events { pool, limit } => {
-            let r = conn.call(|mut c| { let pool = pool.clone(); async move { c.events(pb::EventsRequest { pool, limit }).await.map(|r| r.into_inner()) } }).await?;
+            let r = conn
+                .call(|mut c| {
+                    let pool = pool.clone();
+                    async move {
+                        c.events(pb::EventsRequest { pool, limit })
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
             for e in &r.events {
                 match out {
-                    Output::Json => println!("{}", serde_json::json!({"seq": e.seq, "at_ms": e.at_ms, "plan": e.plan_id, "epoch": e.epoch, "coordinator": e.coordinator, "kind": e.kind, "server": e.server, "domain": e.domain, "message": e.message})),
-                    Output::Table => println!("{:>5} {} e{} {:<18} {:<8} {:<8} {}", e.seq, fmt_time(e.at_ms), e.epoch, e.kind, e.domain, e.server, e.message),
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({"seq": e.seq, "at_ms": e.at_ms, "plan": e.plan_id, "epoch": e.epoch, "coordinator": e.coordinator, "kind": e.kind, "server": e.server, "domain": e.domain, "message": e.message})
+                    ),
+                    Output::Table => println!(
+                        "{:>5} {} e{} {:<18} {:<8} {:<8} {}",
+                        e.seq,
+                        fmt_time(e.at_ms),
+                        e.epoch,
+                        e.kind,
+                        e.domain,
+                        e.server,
+                        e.message
+                    ),
                 }
             }
             Ok(0)
@@ -323,12 +387,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     let pool = pool.clone();
                     async move {
                         let req = pb::PoolRequest { pool };
-                        if over { c.failover(req).await } else { c.failback(req).await }.map(|r| r.into_inner())
+                        if over {
+                            c.failover(req).await
+                        } else {
+                            c.failback(req).await
+                        }
+                        .map(|r| r.into_inner())
                     }
                 })
                 .await?;
             match out {
-                Output::Json => println!("{}", serde_json::json!({"pool": r.pool, "failed_over": r.failed_over, "message": r.message})),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"pool": r.pool, "failed_over": r.failed_over, "message": r.message})
+                ),
                 Output::Table => println!("{}", r.message),
             }
             Ok(0)
@@ -339,9 +411,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32> {
-    type Op = fn(OperatorClient<Channel>, pb::PoolRequest) -> std::pin::Pin<Box<dyn Future<Output = Result<pb::UpgradeStatus, tonic::Status>> + Send>>;
+    type Op = fn(
+        OperatorClient<Channel>,
+        pb::PoolRequest,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<pb::UpgradeStatus, tonic::Status>> + Send>,
+    >;
     let simple = |pool: String, op: Op| async move {
-        conn.call(|c| op(c, pb::PoolRequest { pool: pool.clone() })).await
+        conn.call(|c| op(c, pb::PoolRequest { pool: pool.clone() }))
+            .await
     };
     let s = match u {
         UpgradeCmd::Start(a) => {
@@ -364,7 +442,12 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
                 canary_soak_ms: a.canary_soak.map_or(0, ms),
                 dry_run: a.dry_run,
             };
-            let s = conn.call(|mut c| { let req = req.clone(); async move { c.start_upgrade(req).await.map(|r| r.into_inner()) } }).await?;
+            let s = conn
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.start_upgrade(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
             if a.dry_run {
                 print_plan(&s, out);
                 return Ok(0);
@@ -375,12 +458,37 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
             }
             s
         }
-        UpgradeCmd::Status(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.get_upgrade(r).await.map(|r| r.into_inner()) })).await?,
+        UpgradeCmd::Status(p) => {
+            simple(p.pool, |mut c, r| {
+                Box::pin(async move { c.get_upgrade(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
         UpgradeCmd::Watch(p) => return watch(conn, &p.pool, out).await,
-        UpgradeCmd::Pause(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.pause_upgrade(r).await.map(|r| r.into_inner()) })).await?,
-        UpgradeCmd::Resume(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.resume_upgrade(r).await.map(|r| r.into_inner()) })).await?,
-        UpgradeCmd::Abort(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.abort_upgrade(r).await.map(|r| r.into_inner()) })).await?,
-        UpgradeCmd::Rollback(p) => simple(p.pool, |mut c, r| Box::pin(async move { c.rollback_upgrade(r).await.map(|r| r.into_inner()) })).await?,
+        UpgradeCmd::Pause(p) => {
+            simple(p.pool, |mut c, r| {
+                Box::pin(async move { c.pause_upgrade(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
+        UpgradeCmd::Resume(p) => {
+            simple(p.pool, |mut c, r| {
+                Box::pin(async move { c.resume_upgrade(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
+        UpgradeCmd::Abort(p) => {
+            simple(p.pool, |mut c, r| {
+                Box::pin(async move { c.abort_upgrade(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
+        UpgradeCmd::Rollback(p) => {
+            simple(p.pool, |mut c, r| {
+                Box::pin(async move { c.rollback_upgrade(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
     };
     print_status(&s, out);
     Ok(0)
@@ -395,7 +503,11 @@ async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
         let stream = conn
             .call(|mut c| {
                 let pool = pool.to_owned();
-                async move { c.watch_upgrade(pb::PoolRequest { pool }).await.map(|r| r.into_inner()) }
+                async move {
+                    c.watch_upgrade(pb::PoolRequest { pool })
+                        .await
+                        .map(|r| r.into_inner())
+                }
             })
             .await;
         let mut stream = match stream {
@@ -424,7 +536,10 @@ async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
             last = Some(s);
         }
         if let Some(s) = last {
-            let terminal = matches!(s.status.as_str(), "completed" | "aborted" | "failed" | "rolled_back" | "none");
+            let terminal = matches!(
+                s.status.as_str(),
+                "completed" | "aborted" | "failed" | "rolled_back" | "none"
+            );
             let in_flight = s.servers.iter().any(|x| x.phase == "in_flight");
             if terminal && !in_flight {
                 if out == Output::Table {
@@ -438,16 +553,39 @@ async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
 
 fn fmt_time(ms: u64) -> String {
     let secs = ms / 1000;
-    format!("{:02}:{:02}:{:02}.{:03}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60, ms % 1000)
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        ms % 1000
+    )
 }
 
 fn progress_line(s: &pb::UpgradeStatus) -> String {
     let done = s.servers.iter().filter(|x| x.phase == "done").count();
-    let flying: Vec<String> = s.servers.iter().filter(|x| x.phase == "in_flight").map(|x| format!("{}:{}", x.server, x.step)).collect();
-    let failed: Vec<String> = s.servers.iter().filter(|x| x.phase == "failed").map(|x| x.server.clone()).collect();
+    let flying: Vec<String> = s
+        .servers
+        .iter()
+        .filter(|x| x.phase == "in_flight")
+        .map(|x| format!("{}:{}", x.server, x.step))
+        .collect();
+    let failed: Vec<String> = s
+        .servers
+        .iter()
+        .filter(|x| x.phase == "failed")
+        .map(|x| x.server.clone())
+        .collect();
     let mut line = format!(
         "{} {} domain {}/{} {} ({}) done {}/{}",
-        s.pool, s.status, s.domain_index + 1, s.domains_total, s.current_domain, s.domain_phase, done, s.servers.len()
+        s.pool,
+        s.status,
+        s.domain_index + 1,
+        s.domains_total,
+        s.current_domain,
+        s.domain_phase,
+        done,
+        s.servers.len()
     );
     if !flying.is_empty() {
         line.push_str(&format!(" | {}", flying.join(" ")));
@@ -479,10 +617,24 @@ fn print_status(s: &pb::UpgradeStatus, out: Output) {
                 println!("no upgrade on pool {}", s.pool);
                 return;
             }
-            println!("pool {}  plan {}  version {}  status {}{}", s.pool, s.plan_id, s.version, s.status, if s.reason.is_empty() { String::new() } else { format!(" ({})", s.reason) });
+            println!(
+                "pool {}  plan {}  version {}  status {}{}",
+                s.pool,
+                s.plan_id,
+                s.version,
+                s.status,
+                if s.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.reason)
+                }
+            );
             println!("SERVER       DOMAIN     PHASE      STEP      ATTEMPT  DIRECTION  MESSAGE");
             for x in &s.servers {
-                println!("{:<12} {:<10} {:<10} {:<9} {:<8} {:<10} {}", x.server, x.domain, x.phase, x.step, x.attempt, x.direction, x.message);
+                println!(
+                    "{:<12} {:<10} {:<10} {:<9} {:<8} {:<10} {}",
+                    x.server, x.domain, x.phase, x.step, x.attempt, x.direction, x.message
+                );
             }
         }
     }
@@ -511,18 +663,48 @@ fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
                 })).collect::<Vec<_>>(),
             }))
             .collect();
-        println!("{}", if v.len() == 1 { v[0].clone() } else { serde_json::Value::Array(v) });
+        println!(
+            "{}",
+            if v.len() == 1 {
+                v[0].clone()
+            } else {
+                serde_json::Value::Array(v)
+            }
+        );
         return;
     }
     for r in pools {
-        println!("Pool {}: PoolUpgradeState {} ({}){}", r.pool, r.state, r.reason, if r.failed_over { " [failed over]" } else { "" });
-        println!("DOMAIN     READY  SERVER       STATE       VERSION    ACTIVE  BUSY   CONNS  DETAIL");
+        println!(
+            "Pool {}: PoolUpgradeState {} ({}){}",
+            r.pool,
+            r.state,
+            r.reason,
+            if r.failed_over { " [failed over]" } else { "" }
+        );
+        println!(
+            "DOMAIN     READY  SERVER       STATE       VERSION    ACTIVE  BUSY   CONNS  DETAIL"
+        );
         for d in &r.domains {
             for (i, s) in d.servers.iter().enumerate() {
-                let (dn, ready) = if i == 0 { (d.name.as_str(), if d.ready_for_upgrade { "yes" } else { "no" }) } else { ("", "") };
+                let (dn, ready) = if i == 0 {
+                    (
+                        d.name.as_str(),
+                        if d.ready_for_upgrade { "yes" } else { "no" },
+                    )
+                } else {
+                    ("", "")
+                };
                 println!(
                     "{:<10} {:<6} {:<12} {:<11} {:<10} {:<7} {:<6} {:<6} {}",
-                    dn, ready, s.server, s.state, s.version, s.active, s.busy, s.active_connections, s.detail
+                    dn,
+                    ready,
+                    s.server,
+                    s.state,
+                    s.version,
+                    s.active,
+                    s.busy,
+                    s.active_connections,
+                    s.detail
                 );
             }
         }
@@ -534,14 +716,26 @@ fn certs(c: &CertsCmd) -> anyhow::Result<()> {
         CertsCmd::Init { dir, name } => {
             std::fs::create_dir_all(dir)?;
             if dir.join("ca.key").exists() {
-                bail!("{} already exists: refusing to overwrite a CA", dir.join("ca.key").display());
+                bail!(
+                    "{} already exists: refusing to overwrite a CA",
+                    dir.join("ca.key").display()
+                );
             }
             let ca = Ca::generate(name)?;
             rollgate_common::pki::write_file(&dir.join("ca.crt"), ca.cert_pem(), 0o644)?;
             rollgate_common::pki::write_file(&dir.join("ca.key"), &ca.key_pem(), 0o600)?;
-            println!("wrote {} and {}", dir.join("ca.crt").display(), dir.join("ca.key").display());
+            println!(
+                "wrote {} and {}",
+                dir.join("ca.crt").display(),
+                dir.join("ca.key").display()
+            );
         }
-        CertsCmd::Issue { dir, role, name, host } => {
+        CertsCmd::Issue {
+            dir,
+            role,
+            name,
+            host,
+        } => {
             let kind = match role.as_str() {
                 "agent" => RoleKind::Agent,
                 "coordinator" => RoleKind::Coordinator,
@@ -552,11 +746,19 @@ fn certs(c: &CertsCmd) -> anyhow::Result<()> {
             if Role::parse_uri(&role.uri()).is_none() {
                 bail!("name {name:?} must be letters, digits, '-', '_' or '.'");
             }
-            let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()));
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .with_context(|| format!("cannot read {}", dir.join(f).display()))
+            };
             let ca = Ca::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
             let issued = ca.issue(&role, host)?;
             let (crt, key) = issued.write(dir, &format!("{kind}-{name}"))?;
-            println!("wrote {} and {} for {}", crt.display(), key.display(), role.uri());
+            println!(
+                "wrote {} and {} for {}",
+                crt.display(),
+                key.display(),
+                role.uri()
+            );
         }
     }
     Ok(())

@@ -96,7 +96,11 @@ impl<'de> Deserialize<'de> for MinActive {
                 .and_then(|p| p.trim().parse::<u32>().ok())
                 .filter(|p| *p <= 100)
                 .map(MinActive::Percent)
-                .ok_or_else(|| serde::de::Error::custom(format!("min_active {s:?}: write a count, \"NN%\" or \"majority\""))),
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "min_active {s:?}: write a count, \"NN%\" or \"majority\""
+                    ))
+                }),
         }
     }
 }
@@ -197,7 +201,10 @@ impl PoolSpec {
 
     /// The domain of a server.
     pub fn domain_of(&self, server: &str) -> Option<&str> {
-        self.domains.iter().find(|(_, s)| s.iter().any(|x| x == server)).map(|(d, _)| d.as_str())
+        self.domains
+            .iter()
+            .find(|(_, s)| s.iter().any(|x| x == server))
+            .map(|(d, _)| d.as_str())
     }
 }
 
@@ -229,7 +236,11 @@ impl PoolConfig {
             by_domain.entry(d).or_default().push((*id).to_owned());
         }
         let mut order = explicit;
-        auto.sort_by_key(|d| d.trim_start_matches("ud-").parse::<u32>().unwrap_or(u32::MAX));
+        auto.sort_by_key(|d| {
+            d.trim_start_matches("ud-")
+                .parse::<u32>()
+                .unwrap_or(u32::MAX)
+        });
         order.extend(auto);
         let domains = order
             .into_iter()
@@ -252,13 +263,18 @@ impl CoordinatorConfig {
     /// Loads and validates a config file.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
         let cfg: CoordinatorConfig = load_toml(path)?;
-        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(cfg)
     }
 
     /// The address clients should use.
     pub fn advertise(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 
     /// The pool named `name`.
@@ -281,7 +297,11 @@ impl CoordinatorConfig {
                     return Err("store.path: empty".into());
                 }
             }
-            StoreConfig::Etcd { endpoints, prefix, election_ttl } => {
+            StoreConfig::Etcd {
+                endpoints,
+                prefix,
+                election_ttl,
+            } => {
                 if endpoints.is_empty() {
                     return Err("store.endpoints: at least one etcd endpoint is needed".into());
                 }
@@ -291,7 +311,9 @@ impl CoordinatorConfig {
                     }
                 }
                 if !prefix.starts_with('/') || !prefix.ends_with('/') {
-                    return Err(format!("store.prefix: {prefix:?} must start and end with '/'"));
+                    return Err(format!(
+                        "store.prefix: {prefix:?} must start and end with '/'"
+                    ));
                 }
                 if *election_ttl < Duration::from_secs(2) || election_ttl.subsec_nanos() != 0 {
                     return Err("store.election_ttl: must be whole seconds, at least 2s (etcd's minimum lease)".into());
@@ -309,15 +331,24 @@ impl CoordinatorConfig {
                 return Err(format!("pools: pool {:?} is defined twice", p.name));
             }
             if p.servers.is_empty() {
-                return Err(format!("pools.{}.servers: a pool needs at least one server", p.name));
+                return Err(format!(
+                    "pools.{}.servers: a pool needs at least one server",
+                    p.name
+                ));
             }
             for s in &p.servers {
                 check_name("pools.servers.id", &s.id)?;
                 if !servers.insert(s.id.as_str()) {
-                    return Err(format!("pools.{}.servers: server {:?} appears twice", p.name, s.id));
+                    return Err(format!(
+                        "pools.{}.servers: server {:?} appears twice",
+                        p.name, s.id
+                    ));
                 }
                 if s.agent.parse::<SocketAddr>().is_err() && !s.agent.contains(':') {
-                    return Err(format!("pools.{}.servers.{}.agent: {:?} is not host:port", p.name, s.id, s.agent));
+                    return Err(format!(
+                        "pools.{}.servers.{}.agent: {:?} is not host:port",
+                        p.name, s.id, s.agent
+                    ));
                 }
                 if let Some(d) = &s.upgrade_domain {
                     check_name("pools.servers.upgrade_domain", d)?;
@@ -326,22 +357,30 @@ impl CoordinatorConfig {
             let n = p.servers.len();
             let min = p.min_active.resolve(n);
             if min > n {
-                return Err(format!("pools.{}.min_active: {min} is more than the pool's {n} servers", p.name));
+                return Err(format!(
+                    "pools.{}.min_active: {min} is more than the pool's {n} servers",
+                    p.name
+                ));
             }
             if let Some(0) = p.upgrade_domains {
-                return Err(format!("pools.{}.upgrade_domains: must be at least 1", p.name));
+                return Err(format!(
+                    "pools.{}.upgrade_domains: must be at least 1",
+                    p.name
+                ));
             }
             if let Some(paired) = &p.paired_pool {
                 check_name("pools.paired_pool", paired)?;
                 if p.failover.is_empty() {
-                    return Err(format!("pools.{}.failover: a paired pool needs a failover command", p.name));
+                    return Err(format!(
+                        "pools.{}.failover: a paired pool needs a failover command",
+                        p.name
+                    ));
                 }
             }
         }
         Ok(())
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -358,14 +397,28 @@ mod tests {
             hook_timeout: Duration::from_secs(1),
             servers: servers
                 .iter()
-                .map(|(id, d)| ServerConfig { id: (*id).into(), agent: "127.0.0.1:1".into(), upgrade_domain: d.map(String::from) })
+                .map(|(id, d)| ServerConfig {
+                    id: (*id).into(),
+                    agent: "127.0.0.1:1".into(),
+                    upgrade_domain: d.map(String::from),
+                })
                 .collect(),
         }
     }
 
     #[test]
     fn domains_are_assigned_deterministically_and_evenly() {
-        let p = pool(&[("fe-6", None), ("fe-1", None), ("fe-3", None), ("fe-2", None), ("fe-5", None), ("fe-4", None)], Some(3));
+        let p = pool(
+            &[
+                ("fe-6", None),
+                ("fe-1", None),
+                ("fe-3", None),
+                ("fe-2", None),
+                ("fe-5", None),
+                ("fe-4", None),
+            ],
+            Some(3),
+        );
         let spec = p.spec();
         assert_eq!(
             spec.domains,
@@ -381,9 +434,19 @@ mod tests {
 
     #[test]
     fn explicit_domains_keep_their_order() {
-        let p = pool(&[("a", Some("west")), ("b", Some("east")), ("c", Some("west"))], None);
+        let p = pool(
+            &[
+                ("a", Some("west")),
+                ("b", Some("east")),
+                ("c", Some("west")),
+            ],
+            None,
+        );
         let spec = p.spec();
-        assert_eq!(spec.domains[0], ("west".into(), vec!["a".into(), "c".into()]));
+        assert_eq!(
+            spec.domains[0],
+            ("west".into(), vec!["a".into(), "c".into()])
+        );
         assert_eq!(spec.domains[1], ("east".into(), vec!["b".into()]));
     }
 

@@ -101,13 +101,26 @@ pub enum DriveError {
 
 /// Writes one engine state plus its new event records in one fenced transaction, retrying
 /// while the store is unavailable (the write is idempotent: same keys, same values).
-pub async fn persist(env: &Env, lead: &Leadership, stored: &Stored, records: &[EventRecord]) -> Result<(), DriveError> {
+pub async fn persist(
+    env: &Env,
+    lead: &Leadership,
+    stored: &Stored,
+    records: &[EventRecord],
+) -> Result<(), DriveError> {
     let mut ops = Vec::with_capacity(records.len() + 1);
-    let bytes = serde_json::to_vec(stored).map_err(|e| DriveError::LeadershipLost(format!("cannot encode state: {e}")))?;
-    ops.push(WriteOp::Put { key: upgrade_key(&stored.upgrade.plan.pool), value: bytes });
+    let bytes = serde_json::to_vec(stored)
+        .map_err(|e| DriveError::LeadershipLost(format!("cannot encode state: {e}")))?;
+    ops.push(WriteOp::Put {
+        key: upgrade_key(&stored.upgrade.plan.pool),
+        value: bytes,
+    });
     for r in records {
-        let value = serde_json::to_vec(r).map_err(|e| DriveError::LeadershipLost(format!("cannot encode event: {e}")))?;
-        ops.push(WriteOp::Put { key: format!("{}{:012}", events_prefix(&stored.upgrade.plan.pool), r.seq), value });
+        let value = serde_json::to_vec(r)
+            .map_err(|e| DriveError::LeadershipLost(format!("cannot encode event: {e}")))?;
+        ops.push(WriteOp::Put {
+            key: format!("{}{:012}", events_prefix(&stored.upgrade.plan.pool), r.seq),
+            value,
+        });
     }
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -115,7 +128,9 @@ pub async fn persist(env: &Env, lead: &Leadership, stored: &Stored, records: &[E
             Ok(_) => return Ok(()),
             Err(StoreError::Fenced { epoch }) => {
                 lead.lost.cancel();
-                return Err(DriveError::LeadershipLost(format!("store fenced epoch {epoch}")));
+                return Err(DriveError::LeadershipLost(format!(
+                    "store fenced epoch {epoch}"
+                )));
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "progress write failed; retrying");
@@ -127,7 +142,9 @@ pub async fn persist(env: &Env, lead: &Leadership, stored: &Stored, records: &[E
             }
             Err(e) => {
                 lead.lost.cancel();
-                return Err(DriveError::LeadershipLost(format!("progress write failed: {e}")));
+                return Err(DriveError::LeadershipLost(format!(
+                    "progress write failed: {e}"
+                )));
             }
         }
     }
@@ -154,16 +171,38 @@ pub struct Driver {
 
 impl Driver {
     /// A driver for `stored`, publishing its state on `status`.
-    pub fn new(env: Env, lead: Leadership, pool: PoolConfig, stored: Stored, status: watch::Sender<Option<Upgrade>>) -> Driver {
+    pub fn new(
+        env: Env,
+        lead: Leadership,
+        pool: PoolConfig,
+        stored: Stored,
+        status: watch::Sender<Option<Upgrade>>,
+    ) -> Driver {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let spec = pool.spec();
         status.send_replace(Some(stored.upgrade.clone()));
-        Driver { env, lead, pool, spec, stored, status, events_tx, events_rx, work: JoinSet::new(), writing: None }
+        Driver {
+            env,
+            lead,
+            pool,
+            spec,
+            stored,
+            status,
+            events_tx,
+            events_rx,
+            work: JoinSet::new(),
+            writing: None,
+        }
     }
 
     /// Runs `initial` actions (from `Upgrade::new` or, with `resuming`, from `resume()` after
     /// reconciling with the agents' journals), then every event until the upgrade ends.
-    pub async fn run(mut self, initial: Vec<Action>, resuming: bool, mut commands: mpsc::Receiver<Command>) -> Result<Upgrade, DriveError> {
+    pub async fn run(
+        mut self,
+        initial: Vec<Action>,
+        resuming: bool,
+        mut commands: mpsc::Receiver<Command>,
+    ) -> Result<Upgrade, DriveError> {
         self.dispatch(initial, resuming).await?;
         loop {
             if self.stored.upgrade.is_terminal() && self.stored.upgrade.in_flight() == 0 {
@@ -189,7 +228,9 @@ impl Driver {
     /// Waits for the progress write under way.
     async fn flush(&mut self) -> Result<(), DriveError> {
         match self.writing.take() {
-            Some(h) => h.await.map_err(|e| DriveError::LeadershipLost(format!("progress writer failed: {e}")))?,
+            Some(h) => h
+                .await
+                .map_err(|e| DriveError::LeadershipLost(format!("progress writer failed: {e}")))?,
             None => Ok(()),
         }
     }
@@ -205,7 +246,13 @@ impl Driver {
         let plan_id = self.stored.upgrade.plan.id.clone();
         let mut records = Vec::new();
         for a in &actions {
-            if let Action::Record { kind, server, domain, message } = a {
+            if let Action::Record {
+                kind,
+                server,
+                domain,
+                message,
+            } = a
+            {
                 records.push(EventRecord {
                     seq: self.stored.next_event,
                     at_ms: now_ms(),
@@ -221,8 +268,15 @@ impl Driver {
             }
         }
         self.flush().await?;
-        let (env, lead, stored, recs) = (self.env.clone(), self.lead.clone(), self.stored.clone(), records.clone());
-        self.writing = Some(tokio::spawn(async move { persist(&env, &lead, &stored, &recs).await }));
+        let (env, lead, stored, recs) = (
+            self.env.clone(),
+            self.lead.clone(),
+            self.stored.clone(),
+            records.clone(),
+        );
+        self.writing = Some(tokio::spawn(async move {
+            persist(&env, &lead, &stored, &recs).await
+        }));
         self.status.send_replace(Some(self.stored.upgrade.clone()));
         for r in &records {
             tracing::info!(pool = %self.spec.name, kind = %r.kind, server = %r.server, domain = %r.domain, "{}", r.message);
@@ -230,9 +284,16 @@ impl Driver {
         for a in actions {
             match a {
                 Action::Record { .. } => {}
-                Action::Finished { status } => tracing::info!(pool = %self.spec.name, ?status, "upgrade finished"),
+                Action::Finished { status } => {
+                    tracing::info!(pool = %self.spec.name, ?status, "upgrade finished")
+                }
                 Action::CheckReadiness { domain, after } => {
-                    let (env, spec, tx, stop) = (self.env.clone(), self.spec.clone(), self.events_tx.clone(), self.lead.lost.clone());
+                    let (env, spec, tx, stop) = (
+                        self.env.clone(),
+                        self.spec.clone(),
+                        self.events_tx.clone(),
+                        self.lead.lost.clone(),
+                    );
                     self.work.spawn(async move {
                         tokio::select! {
                             _ = stop.cancelled() => {}
@@ -240,7 +301,12 @@ impl Driver {
                         }
                     });
                 }
-                Action::RunStep { server, step, op_id, attempt } => {
+                Action::RunStep {
+                    server,
+                    step,
+                    op_id,
+                    attempt,
+                } => {
                     let call = StepCall {
                         env: self.env.clone(),
                         lead: self.lead.clone(),
@@ -259,9 +325,15 @@ impl Driver {
                     });
                 }
                 Action::Failover { pool, paired } => {
-                    let (env, lead, cfg, tx) = (self.env.clone(), self.lead.clone(), self.pool.clone(), self.events_tx.clone());
+                    let (env, lead, cfg, tx) = (
+                        self.env.clone(),
+                        self.lead.clone(),
+                        self.pool.clone(),
+                        self.events_tx.clone(),
+                    );
                     self.work.spawn(async move {
-                        let (ok, message) = run_failover(&env, &lead, &cfg, &pool, &paired, true, "upgrade").await;
+                        let (ok, message) =
+                            run_failover(&env, &lead, &cfg, &pool, &paired, true, "upgrade").await;
                         let _ = tx.send(Event::FailoverDone { ok, message });
                     });
                 }
@@ -293,7 +365,13 @@ pub async fn check_readiness(env: &Env, spec: &PoolSpec, domain: &str, after: Du
     loop {
         let stale: Vec<String> = {
             let snap = env.inventory.snapshot();
-            spec.servers().filter(|s| snap.get(*s).is_none_or(|h| h.state != "serving" || !h.accepting)).cloned().collect()
+            spec.servers()
+                .filter(|s| {
+                    snap.get(*s)
+                        .is_none_or(|h| h.state != "serving" || !h.accepting)
+                })
+                .cloned()
+                .collect()
         };
         env.inventory.refresh_all(stale).await;
         let r = evaluate(env, spec, false);
@@ -301,17 +379,25 @@ pub async fn check_readiness(env: &Env, spec: &PoolSpec, domain: &str, after: Du
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        if r.state == PoolState::InsufficientActiveFrontEnds && tokio::time::Instant::now() < confirm_until {
+        if r.state == PoolState::InsufficientActiveFrontEnds
+            && tokio::time::Instant::now() < confirm_until
+        {
             tokio::time::sleep(Duration::from_millis(250)).await;
             env.inventory.refresh_all(spec.servers().cloned()).await;
             continue;
         }
         let domain_ready = r.domain(domain).is_some_and(|d| d.ready_for_upgrade);
         let reason = match r.domain(domain) {
-            Some(d) if r.state == PoolState::Ready => format!("{}; {}: {}", r.reason, domain, d.reason),
+            Some(d) if r.state == PoolState::Ready => {
+                format!("{}; {}: {}", r.reason, domain, d.reason)
+            }
             _ => r.reason.clone(),
         };
-        return Event::Readiness { state: r.state, domain_ready, reason };
+        return Event::Readiness {
+            state: r.state,
+            domain_ready,
+            reason,
+        };
     }
 }
 
@@ -326,28 +412,74 @@ pub fn evaluate(env: &Env, spec: &PoolSpec, operation_running: bool) -> readines
 }
 
 /// Runs the failover (or failback) hook and records the pool's state durably.
-pub async fn run_failover(env: &Env, lead: &Leadership, cfg: &PoolConfig, pool: &str, paired: &str, over: bool, by: &str) -> (bool, String) {
+pub async fn run_failover(
+    env: &Env,
+    lead: &Leadership,
+    cfg: &PoolConfig,
+    pool: &str,
+    paired: &str,
+    over: bool,
+    by: &str,
+) -> (bool, String) {
     let argv = if over { &cfg.failover } else { &cfg.failback };
     let what = if over { "failover" } else { "failback" };
     if argv.is_empty() {
-        return (false, format!("pool {pool} has no {what} command configured"));
+        return (
+            false,
+            format!("pool {pool} has no {what} command configured"),
+        );
     }
     let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env("ROLLGATE_POOL", pool).env("ROLLGATE_PAIRED_POOL", paired).kill_on_drop(true);
+    cmd.args(&argv[1..])
+        .env("ROLLGATE_POOL", pool)
+        .env("ROLLGATE_PAIRED_POOL", paired)
+        .kill_on_drop(true);
     let out = match tokio::time::timeout(cfg.hook_timeout, cmd.output()).await {
-        Err(_) => return (false, format!("{what} command timed out after {}s", cfg.hook_timeout.as_secs())),
+        Err(_) => {
+            return (
+                false,
+                format!(
+                    "{what} command timed out after {}s",
+                    cfg.hook_timeout.as_secs()
+                ),
+            )
+        }
         Ok(Err(e)) => return (false, format!("{what} command could not run: {e}")),
         Ok(Ok(o)) => o,
     };
     if !out.status.success() {
-        let tail = String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default().to_owned();
-        return (false, format!("{what} command exited with {}: {tail}", out.status.code().unwrap_or(-1)));
+        let tail = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        return (
+            false,
+            format!(
+                "{what} command exited with {}: {tail}",
+                out.status.code().unwrap_or(-1)
+            ),
+        );
     }
     let flag = serde_json::json!({ "failed_over": over, "paired_pool": paired, "at_ms": now_ms(), "by": by });
-    if let Err(e) = env.store.fenced_write(lead, vec![WriteOp::Put { key: failover_key(pool), value: flag.to_string().into_bytes() }]).await {
+    if let Err(e) = env
+        .store
+        .fenced_write(
+            lead,
+            vec![WriteOp::Put {
+                key: failover_key(pool),
+                value: flag.to_string().into_bytes(),
+            }],
+        )
+        .await
+    {
         return (false, format!("{what} ran but could not be recorded: {e}"));
     }
-    let msg = if over { format!("pool {pool} failed over to {paired}") } else { format!("pool {pool} failed back from {paired}") };
+    let msg = if over {
+        format!("pool {pool} failed over to {paired}")
+    } else {
+        format!("pool {pool} failed back from {paired}")
+    };
     (true, msg)
 }
 
@@ -364,11 +496,20 @@ struct StepCall {
 
 impl StepCall {
     fn done(&self, ok: bool, message: String) -> Event {
-        Event::StepDone { server: self.server.clone(), step: self.step, attempt: self.attempt, ok, message }
+        Event::StepDone {
+            server: self.server.clone(),
+            step: self.step,
+            attempt: self.attempt,
+            ok,
+            message,
+        }
     }
 
     fn header(&self) -> Option<pb::OperationHeader> {
-        Some(pb::OperationHeader { operation_id: self.op_id.clone(), epoch: self.lead.epoch.get() })
+        Some(pb::OperationHeader {
+            operation_id: self.op_id.clone(),
+            epoch: self.lead.epoch.get(),
+        })
     }
 
     /// How long the agent may take for this step, plus slack for the network.
@@ -388,21 +529,45 @@ impl StepCall {
     /// Calls the agent; `None` when leadership was lost (nothing to report).
     async fn run(self) -> Option<Event> {
         let Some(mut client) = self.env.inventory.client(&self.server) else {
-            return Some(self.done(false, format!("server {} has no agent address", self.server)));
+            return Some(self.done(
+                false,
+                format!("server {} has no agent address", self.server),
+            ));
         };
         if self.reconcile {
             // A new leader reads the agent's journal before acting, instead of re-issuing blindly.
-            match client.operation_status(pb::OperationStatusRequest { operation_id: self.op_id.clone() }).await {
+            match client
+                .operation_status(pb::OperationStatusRequest {
+                    operation_id: self.op_id.clone(),
+                })
+                .await
+            {
                 Ok(r) => {
                     let r = r.into_inner();
                     match pb::OperationState::try_from(r.state) {
-                        Ok(pb::OperationState::Succeeded) => return Some(self.done(true, format!("(from the agent's journal) {}", r.message))),
-                        Ok(pb::OperationState::Failed) => return Some(self.done(false, format!("(from the agent's journal) {}", r.message))),
+                        Ok(pb::OperationState::Succeeded) => {
+                            return Some(
+                                self.done(
+                                    true,
+                                    format!("(from the agent's journal) {}", r.message),
+                                ),
+                            )
+                        }
+                        Ok(pb::OperationState::Failed) => {
+                            return Some(
+                                self.done(
+                                    false,
+                                    format!("(from the agent's journal) {}", r.message),
+                                ),
+                            )
+                        }
                         _ => {} // running or interrupted: re-issuing the same id attaches or reruns
                     }
                 }
                 Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => tracing::warn!(server = %self.server, op = %self.op_id, error = %s.message(), "cannot read the agent's journal; issuing the step"),
+                Err(s) => {
+                    tracing::warn!(server = %self.server, op = %self.op_id, error = %s.message(), "cannot read the agent's journal; issuing the step")
+                }
             }
         }
         let give_up = tokio::time::Instant::now() + self.deadline();
@@ -417,13 +582,23 @@ impl StepCall {
                     let ok = r.state == pb::OperationState::Succeeded as i32;
                     return Some(self.done(ok, r.message));
                 }
-                Err(s) if s.code() == Code::FailedPrecondition && s.message().starts_with("stale epoch") => {
+                Err(s)
+                    if s.code() == Code::FailedPrecondition
+                        && s.message().starts_with("stale epoch") =>
+                {
                     tracing::warn!(server = %self.server, error = %s.message(), "an agent has seen a newer leader: stepping down");
                     self.lead.lost.cancel();
                     return None;
                 }
-                Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled)
-                    && tokio::time::Instant::now() < give_up =>
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable
+                            | Code::Unknown
+                            | Code::DeadlineExceeded
+                            | Code::Aborted
+                            | Code::Cancelled
+                    ) && tokio::time::Instant::now() < give_up =>
                 {
                     // The same operation id again: the agent's journal makes this safe.
                     tracing::debug!(server = %self.server, op = %self.op_id, error = %s.message(), "agent call failed; retrying the same operation");
@@ -433,12 +608,20 @@ impl StepCall {
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
-                Err(s) => return Some(self.done(false, format!("{} call refused: {}", self.step.name(), s.message()))),
+                Err(s) => {
+                    return Some(self.done(
+                        false,
+                        format!("{} call refused: {}", self.step.name(), s.message()),
+                    ))
+                }
             }
         }
     }
 
-    async fn call(&self, c: &mut rollgate_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Result<pb::OperationResult, tonic::Status> {
+    async fn call(
+        &self,
+        c: &mut rollgate_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    ) -> Result<pb::OperationResult, tonic::Status> {
         let p = &self.plan;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let h = self.header();
@@ -449,23 +632,64 @@ impl StepCall {
                     DrainMode::Graceful { timeout } => ms(timeout),
                     DrainMode::Immediate => 0,
                 };
-                c.drain(with_deadline(limit, pb::DrainRequest { header: h, timeout_ms, on_timeout: pb::DrainTimeoutAction::Fail as i32 })).await?
-            }
-            Step::Stop => c.stop(with_deadline(limit, pb::StopRequest { header: h })).await?,
-            Step::Install => {
-                c.install_patch(with_deadline(limit, pb::InstallPatchRequest {
-                    header: h,
-                    artifact: p.artifact.clone(),
-                    sha256: p.sha256.clone(),
-                    version: p.version.clone(),
-                    timeout_ms: 0,
-                }))
+                c.drain(with_deadline(
+                    limit,
+                    pb::DrainRequest {
+                        header: h,
+                        timeout_ms,
+                        on_timeout: pb::DrainTimeoutAction::Fail as i32,
+                    },
+                ))
                 .await?
             }
-            Step::Rollback => c.rollback(with_deadline(limit, pb::RollbackRequest { header: h, timeout_ms: 0, from_version: p.version.clone() })).await?,
-            Step::Restart => c.restart(with_deadline(limit, pb::RestartRequest { header: h, timeout_ms: 0 })).await?,
+            Step::Stop => {
+                c.stop(with_deadline(limit, pb::StopRequest { header: h }))
+                    .await?
+            }
+            Step::Install => {
+                c.install_patch(with_deadline(
+                    limit,
+                    pb::InstallPatchRequest {
+                        header: h,
+                        artifact: p.artifact.clone(),
+                        sha256: p.sha256.clone(),
+                        version: p.version.clone(),
+                        timeout_ms: 0,
+                    },
+                ))
+                .await?
+            }
+            Step::Rollback => {
+                c.rollback(with_deadline(
+                    limit,
+                    pb::RollbackRequest {
+                        header: h,
+                        timeout_ms: 0,
+                        from_version: p.version.clone(),
+                    },
+                ))
+                .await?
+            }
+            Step::Restart => {
+                c.restart(with_deadline(
+                    limit,
+                    pb::RestartRequest {
+                        header: h,
+                        timeout_ms: 0,
+                    },
+                ))
+                .await?
+            }
             Step::Verify => {
-                c.verify(with_deadline(limit, pb::VerifyRequest { header: h, stable_ms: ms(p.verify_stable), timeout_ms: ms(p.verify_timeout) })).await?
+                c.verify(with_deadline(
+                    limit,
+                    pb::VerifyRequest {
+                        header: h,
+                        stable_ms: ms(p.verify_stable),
+                        timeout_ms: ms(p.verify_timeout),
+                    },
+                ))
+                .await?
             }
         };
         Ok(r.into_inner())

@@ -37,16 +37,27 @@ pub fn state_name(s: i32) -> String {
     pb::ServiceState::try_from(s)
         .ok()
         .filter(|s| *s != pb::ServiceState::Unspecified)
-        .map(|s| s.as_str_name().trim_start_matches("SERVICE_STATE_").to_ascii_lowercase())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("SERVICE_STATE_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
 impl Inventory {
     /// Makes a lazily-connecting client for every `(server, address)`.
-    pub fn new(agents: &[(String, String)], tls: Option<ClientTlsConfig>) -> Result<Inventory, LinkError> {
+    pub fn new(
+        agents: &[(String, String)],
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Inventory, LinkError> {
         let mut clients = HashMap::new();
         for (server, address) in agents {
-            let err = |message: String| LinkError { server: server.clone(), address: address.clone(), message };
+            let err = |message: String| LinkError {
+                server: server.clone(),
+                address: address.clone(),
+                message,
+            };
             let scheme = if tls.is_some() { "https" } else { "http" };
             let mut ep = Endpoint::from_shared(format!("{scheme}://{address}"))
                 .map_err(|e| err(e.to_string()))?
@@ -57,9 +68,16 @@ impl Inventory {
             if let Some(t) = &tls {
                 ep = ep.tls_config(t.clone()).map_err(|e| err(e.to_string()))?;
             }
-            clients.insert(server.clone(), AgentClient::new(ep.connect_lazy()).max_decoding_message_size(1 << 20));
+            clients.insert(
+                server.clone(),
+                AgentClient::new(ep.connect_lazy()).max_decoding_message_size(1 << 20),
+            );
         }
-        Ok(Inventory { start: Instant::now(), health: RwLock::new(HashMap::new()), clients })
+        Ok(Inventory {
+            start: Instant::now(),
+            health: RwLock::new(HashMap::new()),
+            clients,
+        })
     }
 
     /// Milliseconds since this inventory was made (the readiness clock).
@@ -79,7 +97,10 @@ impl Inventory {
 
     /// A copy of all health.
     pub fn snapshot(&self) -> HashMap<String, ServerHealth> {
-        self.health.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Applies a report from `server`'s agent.
@@ -92,7 +113,10 @@ impl Inventory {
         if r.server_id != server {
             // A miswired address: never count someone else's health as this server's.
             state = "failed".into();
-            detail = format!("the agent at this address reports server_id {:?}", r.server_id);
+            detail = format!(
+                "the agent at this address reports server_id {:?}",
+                r.server_id
+            );
         }
         let serving = state == "serving";
         let serving_since_ms = match prev {
@@ -121,18 +145,20 @@ impl Inventory {
     pub fn disconnected(&self, server: &str, why: &str) {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
         let seen = map.get(server).map_or(0, |h| h.seen_ms);
-        let entry = map.entry(server.to_owned()).or_insert_with(|| ServerHealth {
-            state: "unknown".into(),
-            accepting: false,
-            busy: false,
-            healthy: false,
-            version: String::new(),
-            active_connections: 0,
-            detail: String::new(),
-            seen_ms: seen,
-            serving_since_ms: None,
-            disconnected: true,
-        });
+        let entry = map
+            .entry(server.to_owned())
+            .or_insert_with(|| ServerHealth {
+                state: "unknown".into(),
+                accepting: false,
+                busy: false,
+                healthy: false,
+                version: String::new(),
+                active_connections: 0,
+                detail: String::new(),
+                seen_ms: seen,
+                serving_since_ms: None,
+                disconnected: true,
+            });
         entry.disconnected = true;
         entry.serving_since_ms = None;
         entry.detail = why.to_owned();
@@ -141,7 +167,9 @@ impl Inventory {
     /// Asks `server`'s agent for a fresh probe now and applies it (used before readiness
     /// decisions, so a server that just finished verify is not judged on a stale report).
     pub async fn refresh(&self, server: &str) {
-        let Some(mut c) = self.client(server) else { return };
+        let Some(mut c) = self.client(server) else {
+            return;
+        };
         let asked_ms = self.now_ms();
         let mut req = tonic::Request::new(pb::HealthRequest {});
         req.set_timeout(Duration::from_secs(3));
@@ -150,7 +178,10 @@ impl Inventory {
             Err(e) => {
                 // The health stream may have delivered a report while this call hung: that
                 // report is fresher than this failure.
-                let fresh = self.snapshot().get(server).is_some_and(|h| !h.disconnected && h.seen_ms >= asked_ms);
+                let fresh = self
+                    .snapshot()
+                    .get(server)
+                    .is_some_and(|h| !h.disconnected && h.seen_ms >= asked_ms);
                 if !fresh {
                     self.disconnected(server, &format!("health call failed: {}", e.message()));
                 }
@@ -177,7 +208,9 @@ impl Inventory {
     }
 
     async fn watch_one(&self, server: &str, stop: &CancellationToken) {
-        let Some(mut client) = self.client(server) else { return };
+        let Some(mut client) = self.client(server) else {
+            return;
+        };
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut connected = false;

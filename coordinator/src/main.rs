@@ -8,7 +8,11 @@ use std::process::ExitCode;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "rollgate-coordinator", version, about = "rollgate's leader-elected coordinator")]
+#[command(
+    name = "rollgate-coordinator",
+    version,
+    about = "rollgate's leader-elected coordinator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,12 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
-        Command::Run { config, listen, log_level, addr_file } => {
+        Command::Run {
+            config,
+            listen,
+            log_level,
+            addr_file,
+        } => {
             let mut cfg = match CoordinatorConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -65,7 +74,11 @@ fn main() -> ExitCode {
                 cfg.log_level = l;
             }
             rollgate_common::telemetry::init(cfg.log_format, &cfg.log_level);
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

@@ -44,23 +44,40 @@ impl Node {
     /// A node that does not lead yet.
     pub fn new(cfg: Arc<CoordinatorConfig>, env: Env) -> Arc<Node> {
         let (leader, _) = watch::channel(None);
-        Arc::new(Node { cfg, env, leader, drivers: Mutex::new(HashMap::new()), start_lock: tokio::sync::Mutex::new(()), tasks: TaskTracker::new() })
+        Arc::new(Node {
+            cfg,
+            env,
+            leader,
+            drivers: Mutex::new(HashMap::new()),
+            start_lock: tokio::sync::Mutex::new(()),
+            tasks: TaskTracker::new(),
+        })
     }
 
     /// The leadership this node holds now, if any and not lost.
     pub fn leadership(&self) -> Option<Leadership> {
-        self.leader.borrow().clone().filter(|l| !l.lost.is_cancelled())
+        self.leader
+            .borrow()
+            .clone()
+            .filter(|l| !l.lost.is_cancelled())
     }
 
     /// The driver of `pool`, if one runs here.
     pub fn driver(&self, pool: &str) -> Option<DriverHandle> {
-        self.drivers.lock().unwrap_or_else(|p| p.into_inner()).get(pool).cloned()
+        self.drivers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pool)
+            .cloned()
     }
 
     /// Campaigns, leads until leadership is lost, and campaigns again, until `shutdown`.
     /// On shutdown a leader resigns so that a follower takes over at once.
     pub async fn lead_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let me = Candidate { id: self.cfg.id.clone(), address: self.cfg.advertise() };
+        let me = Candidate {
+            id: self.cfg.id.clone(),
+            address: self.cfg.advertise(),
+        };
         let ttl = match &self.cfg.store {
             crate::config::StoreConfig::Etcd { election_ttl, .. } => *election_ttl,
             crate::config::StoreConfig::Embedded { .. } => Duration::from_secs(5),
@@ -96,7 +113,10 @@ impl Node {
                 }
             }
             self.leader.send_replace(None);
-            self.drivers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.drivers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
     }
 
@@ -133,7 +153,9 @@ impl Node {
     async fn fence_agents(&self, lead: &Leadership) {
         let mut set = tokio::task::JoinSet::new();
         for server in self.env.inventory.servers() {
-            let Some(mut c) = self.env.inventory.client(server) else { continue };
+            let Some(mut c) = self.env.inventory.client(server) else {
+                continue;
+            };
             let (server, epoch) = (server.clone(), lead.epoch.get());
             set.spawn(async move {
                 let mut req = tonic::Request::new(pb::FenceRequest { epoch });
@@ -148,13 +170,22 @@ impl Node {
                     tracing::warn!(%server, "agent has seen a newer epoch: this leadership is stale");
                     lead.lost.cancel();
                 }
-                Err(s) => tracing::warn!(%server, error = %s.message(), "could not fence agent (it will be fenced by its next command)"),
+                Err(s) => {
+                    tracing::warn!(%server, error = %s.message(), "could not fence agent (it will be fenced by its next command)")
+                }
             }
         }
     }
 
     /// Starts a driver for `stored` on this node's tasks.
-    pub fn start_driver(self: &Arc<Self>, lead: &Leadership, pool: crate::config::PoolConfig, stored: Stored, actions: Vec<Action>, resuming: bool) {
+    pub fn start_driver(
+        self: &Arc<Self>,
+        lead: &Leadership,
+        pool: crate::config::PoolConfig,
+        stored: Stored,
+        actions: Vec<Action>,
+        resuming: bool,
+    ) {
         let (status_tx, status_rx) = watch::channel(None);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let name = pool.name.clone();
@@ -162,7 +193,13 @@ impl Node {
         self.drivers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), DriverHandle { commands: cmd_tx, status: status_rx });
+            .insert(
+                name.clone(),
+                DriverHandle {
+                    commands: cmd_tx,
+                    status: status_rx,
+                },
+            );
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             match driver.run(actions, resuming, cmd_rx).await {

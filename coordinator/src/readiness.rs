@@ -114,7 +114,12 @@ pub struct Clocks {
 }
 
 /// Evaluates a pool. `operation_running` is true while an upgrade step runs on the pool.
-pub fn evaluate(pool: &PoolSpec, health: &HashMap<String, ServerHealth>, clocks: Clocks, operation_running: bool) -> PoolReadiness {
+pub fn evaluate(
+    pool: &PoolSpec,
+    health: &HashMap<String, ServerHealth>,
+    clocks: Clocks,
+    operation_running: bool,
+) -> PoolReadiness {
     let mut busy_reasons: Vec<String> = Vec::new();
     let mut stabilising_only = true;
     let mut domains = Vec::new();
@@ -135,23 +140,35 @@ pub fn evaluate(pool: &PoolSpec, health: &HashMap<String, ServerHealth>, clocks:
                     active_connections: 0,
                 },
                 Some(h) => {
-                    let lost = h.disconnected || clocks.now_ms.saturating_sub(h.seen_ms) > clocks.lost_after_ms;
+                    let lost = h.disconnected
+                        || clocks.now_ms.saturating_sub(h.seen_ms) > clocks.lost_after_ms;
                     let active = !lost && h.state == "serving" && h.accepting;
                     let stabilising = active
                         && clocks.stabilization_ms > 0
-                        && h.serving_since_ms.is_some_and(|s| clocks.now_ms.saturating_sub(s) < clocks.stabilization_ms);
+                        && h.serving_since_ms.is_some_and(|s| {
+                            clocks.now_ms.saturating_sub(s) < clocks.stabilization_ms
+                        });
                     let busy = !lost && (h.busy || stabilising);
                     if !lost && h.busy {
                         busy_reasons.push(format!("{id} reports busy"));
                         stabilising_only = false;
                     } else if stabilising {
-                        busy_reasons.push(format!("{id} started serving less than {}ms ago", clocks.stabilization_ms));
+                        busy_reasons.push(format!(
+                            "{id} started serving less than {}ms ago",
+                            clocks.stabilization_ms
+                        ));
                     }
                     let detail = if lost {
                         if h.disconnected {
-                            format!("agent unreachable; last report {}ms ago", clocks.now_ms.saturating_sub(h.seen_ms))
+                            format!(
+                                "agent unreachable; last report {}ms ago",
+                                clocks.now_ms.saturating_sub(h.seen_ms)
+                            )
                         } else {
-                            format!("no report for {}ms", clocks.now_ms.saturating_sub(h.seen_ms))
+                            format!(
+                                "no report for {}ms",
+                                clocks.now_ms.saturating_sub(h.seen_ms)
+                            )
                         }
                     } else {
                         h.detail.clone()
@@ -174,7 +191,12 @@ pub fn evaluate(pool: &PoolSpec, health: &HashMap<String, ServerHealth>, clocks:
             rows.push(row);
         }
         active_in.push(active_here);
-        domains.push(DomainRow { name: name.clone(), ready_for_upgrade: false, reason: String::new(), servers: rows });
+        domains.push(DomainRow {
+            name: name.clone(),
+            ready_for_upgrade: false,
+            reason: String::new(),
+            servers: rows,
+        });
     }
     if operation_running {
         busy_reasons.push("an upgrade step is running on the pool".into());
@@ -190,11 +212,17 @@ pub fn evaluate(pool: &PoolSpec, health: &HashMap<String, ServerHealth>, clocks:
         any_domain_ok |= enough;
         d.ready_for_upgrade = enough && !busy;
         d.reason = if !enough {
-            format!("only {outside} active server(s) outside {}, min_active is {}", d.name, pool.min_active)
+            format!(
+                "only {outside} active server(s) outside {}, min_active is {}",
+                d.name, pool.min_active
+            )
         } else if busy {
             "pool is busy".into()
         } else {
-            format!("{outside} active server(s) stay outside {} (min_active {})", d.name, pool.min_active)
+            format!(
+                "{outside} active server(s) stay outside {} (min_active {})",
+                d.name, pool.min_active
+            )
         };
     }
     let (state, reason) = if !any_domain_ok {
@@ -205,7 +233,13 @@ pub fn evaluate(pool: &PoolSpec, health: &HashMap<String, ServerHealth>, clocks:
     } else if busy {
         (PoolState::Busy, busy_reasons.join("; "))
     } else {
-        (PoolState::Ready, format!("{active} of {total} servers active, min_active {}", pool.min_active))
+        (
+            PoolState::Ready,
+            format!(
+                "{active} of {total} servers active, min_active {}",
+                pool.min_active
+            ),
+        )
     };
     PoolReadiness {
         pool: pool.name.clone(),
@@ -226,7 +260,10 @@ mod tests {
     fn spec(domains: &[(&str, &[&str])], min_active: usize) -> PoolSpec {
         PoolSpec {
             name: "p".into(),
-            domains: domains.iter().map(|(d, s)| ((*d).into(), s.iter().map(|x| (*x).to_owned()).collect())).collect(),
+            domains: domains
+                .iter()
+                .map(|(d, s)| ((*d).into(), s.iter().map(|x| (*x).to_owned()).collect()))
+                .collect(),
             min_active,
             paired_pool: None,
         }
@@ -247,10 +284,21 @@ mod tests {
         }
     }
 
-    const CLOCKS: Clocks = Clocks { now_ms: 10_000, lost_after_ms: 3_000, stabilization_ms: 0 };
+    const CLOCKS: Clocks = Clocks {
+        now_ms: 10_000,
+        lost_after_ms: 3_000,
+        stabilization_ms: 0,
+    };
 
     fn six() -> PoolSpec {
-        spec(&[("ud-1", &["a", "b"]), ("ud-2", &["c", "d"]), ("ud-3", &["e", "f"])], 4)
+        spec(
+            &[
+                ("ud-1", &["a", "b"]),
+                ("ud-2", &["c", "d"]),
+                ("ud-3", &["e", "f"]),
+            ],
+            4,
+        )
     }
 
     fn all_serving(p: &PoolSpec) -> HashMap<String, ServerHealth> {
@@ -268,8 +316,20 @@ mod tests {
             ready: [bool; 3],
         }
         let cases = [
-            Case { name: "all serving", change: |_| {}, op: false, want: PoolState::Ready, ready: [true, true, true] },
-            Case { name: "operation running", change: |_| {}, op: true, want: PoolState::Busy, ready: [false, false, false] },
+            Case {
+                name: "all serving",
+                change: |_| {},
+                op: false,
+                want: PoolState::Ready,
+                ready: [true, true, true],
+            },
+            Case {
+                name: "operation running",
+                change: |_| {},
+                op: true,
+                want: PoolState::Busy,
+                ready: [false, false, false],
+            },
             Case {
                 name: "one busy",
                 change: |h| h.get_mut("c").into_iter().for_each(|s| s.busy = true),
@@ -287,8 +347,12 @@ mod tests {
             Case {
                 name: "two down in different domains: insufficient",
                 change: |h| {
-                    h.get_mut("a").into_iter().for_each(|s| s.state = "stopped".into());
-                    h.get_mut("c").into_iter().for_each(|s| s.disconnected = true);
+                    h.get_mut("a")
+                        .into_iter()
+                        .for_each(|s| s.state = "stopped".into());
+                    h.get_mut("c")
+                        .into_iter()
+                        .for_each(|s| s.disconnected = true);
                 },
                 op: false,
                 want: PoolState::InsufficientActiveFrontEnds,
@@ -316,12 +380,30 @@ mod tests {
     fn stabilisation_window_makes_busy_and_is_flagged() {
         let p = six();
         let mut h = all_serving(&p);
-        h.get_mut("b").into_iter().for_each(|s| s.serving_since_ms = Some(9_000));
-        let r = evaluate(&p, &h, Clocks { stabilization_ms: 5_000, ..CLOCKS }, false);
+        h.get_mut("b")
+            .into_iter()
+            .for_each(|s| s.serving_since_ms = Some(9_000));
+        let r = evaluate(
+            &p,
+            &h,
+            Clocks {
+                stabilization_ms: 5_000,
+                ..CLOCKS
+            },
+            false,
+        );
         assert_eq!(r.state, PoolState::Busy);
         assert!(r.busy_only_stabilising);
         assert!(r.reason.contains("b started serving"), "{}", r.reason);
-        let r = evaluate(&p, &h, Clocks { stabilization_ms: 500, ..CLOCKS }, false);
+        let r = evaluate(
+            &p,
+            &h,
+            Clocks {
+                stabilization_ms: 500,
+                ..CLOCKS
+            },
+            false,
+        );
         assert_eq!(r.state, PoolState::Ready);
     }
 

@@ -15,28 +15,45 @@ use tokio_util::sync::CancellationToken;
 pub async fn open_store(cfg: &CoordinatorConfig) -> anyhow::Result<Store> {
     Ok(match &cfg.store {
         StoreConfig::Embedded { path } => Store::Embedded(EmbeddedStore::open(path)?),
-        StoreConfig::Etcd { endpoints, prefix, .. } => Store::Etcd(EtcdStore::connect(endpoints, prefix).await?),
+        StoreConfig::Etcd {
+            endpoints, prefix, ..
+        } => Store::Etcd(EtcdStore::connect(endpoints, prefix).await?),
     })
 }
 
 /// Runs the coordinator until `shutdown` is cancelled. The bound address is written to
 /// `addr_file` when given (useful with port 0).
-pub async fn run(cfg: CoordinatorConfig, shutdown: CancellationToken, addr_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+pub async fn run(
+    cfg: CoordinatorConfig,
+    shutdown: CancellationToken,
+    addr_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let mut cfg = cfg;
     if cfg.advertise.is_none() {
         cfg.advertise = Some(addr.to_string());
     }
     let store = open_store(&cfg).await?;
-    let agents: Vec<(String, String)> =
-        cfg.pools.iter().flat_map(|p| p.servers.iter().map(|s| (s.id.clone(), s.agent.clone()))).collect();
+    let agents: Vec<(String, String)> = cfg
+        .pools
+        .iter()
+        .flat_map(|p| p.servers.iter().map(|s| (s.id.clone(), s.agent.clone())))
+        .collect();
     let client_tls = match &cfg.tls {
         Some(t) => Some(t.client_config()?),
         None => None,
     };
     let inventory = Arc::new(Inventory::new(&agents, client_tls)?);
-    let env = Env { me: cfg.id.clone(), store, inventory: Arc::clone(&inventory), lost_after: cfg.lost_after, stabilization: cfg.stabilization };
+    let env = Env {
+        me: cfg.id.clone(),
+        store,
+        inventory: Arc::clone(&inventory),
+        lost_after: cfg.lost_after,
+        stabilization: cfg.stabilization,
+    };
     let grace = cfg.shutdown_grace;
     let max_msg = 1 << 20;
     let tls = match &cfg.tls {
@@ -46,7 +63,8 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: CancellationToken, addr_file:
     let node = Node::new(Arc::new(cfg), env);
     let watchers = CancellationToken::new();
     inventory.watch_all(&node.tasks, &watchers);
-    node.tasks.spawn(Arc::clone(&node).lead_loop(shutdown.clone()));
+    node.tasks
+        .spawn(Arc::clone(&node).lead_loop(shutdown.clone()));
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<OperatorServer<OperatorApi>>().await;
@@ -54,7 +72,9 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: CancellationToken, addr_file:
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     } else {
-        tracing::warn!("INSECURE MODE: no TLS and no role checks on {addr}; use only for a local demo");
+        tracing::warn!(
+            "INSECURE MODE: no TLS and no role checks on {addr}; use only for a local demo"
+        );
     }
     if let Some(f) = addr_file {
         std::fs::write(f, addr.to_string())?;
@@ -63,13 +83,23 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: CancellationToken, addr_file:
     let stop = shutdown.clone();
     let served = builder
         .add_service(health)
-        .add_service(OperatorServer::new(OperatorApi::new(Arc::clone(&node))).max_decoding_message_size(max_msg))
-        .serve_with_incoming_shutdown(rollgate_common::incoming_nodelay(listener), async move { stop.cancelled().await })
+        .add_service(
+            OperatorServer::new(OperatorApi::new(Arc::clone(&node)))
+                .max_decoding_message_size(max_msg),
+        )
+        .serve_with_incoming_shutdown(rollgate_common::incoming_nodelay(listener), async move {
+            stop.cancelled().await
+        })
         .await;
-    reporter.set_not_serving::<OperatorServer<OperatorApi>>().await;
+    reporter
+        .set_not_serving::<OperatorServer<OperatorApi>>()
+        .await;
     watchers.cancel();
     node.tasks.close();
-    if tokio::time::timeout(grace, node.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(grace, node.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("tasks still running at the shutdown deadline");
     }
     served?;

@@ -32,21 +32,40 @@ async fn setup(version: &str) -> anyhow::Result<Setup> {
     let agent = AgentProc::start(&root, "fe-1", "pool-a", "ud-1", &tls, &fe).await?;
     let coord = pki.issue(RoleKind::Coordinator, "c1")?;
     let client = agent_client(agent.addr, &coord).await?;
-    Ok(Setup { _tmp: tmp, root, pki, fe, agent, client })
+    Ok(Setup {
+        _tmp: tmp,
+        root,
+        pki,
+        fe,
+        agent,
+        client,
+    })
 }
 
 fn header(id: &str, epoch: u64) -> Option<pb::OperationHeader> {
-    Some(pb::OperationHeader { operation_id: id.into(), epoch })
+    Some(pb::OperationHeader {
+        operation_id: id.into(),
+        epoch,
+    })
 }
 
 /// A client connection to the front end, checked to be served.
-async fn connect(port: u16) -> anyhow::Result<(BufReader<tokio::net::tcp::OwnedReadHalf>, tokio::net::tcp::OwnedWriteHalf)> {
+async fn connect(
+    port: u16,
+) -> anyhow::Result<(
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+)> {
     let s = TcpStream::connect(("127.0.0.1", port)).await?;
     let (r, w) = s.into_split();
     Ok((BufReader::new(r), w))
 }
 
-async fn ask(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>, w: &mut tokio::net::tcp::OwnedWriteHalf, line: &str) -> anyhow::Result<String> {
+async fn ask(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    line: &str,
+) -> anyhow::Result<String> {
     w.write_all(format!("{line}\n").as_bytes()).await?;
     let mut out = String::new();
     let n = tokio::time::timeout(WAIT, r.read_line(&mut out)).await??;
@@ -67,12 +86,24 @@ fn state(r: &pb::OperationResult) -> pb::OperationState {
 }
 
 #[tokio::test]
-async fn graceful_drain_lets_open_connections_finish_while_new_ones_are_refused() -> anyhow::Result<()> {
+async fn graceful_drain_lets_open_connections_finish_while_new_ones_are_refused(
+) -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
     let h = health(&mut s.client).await?;
-    assert_eq!(pb::ServiceState::try_from(h.state)?, pb::ServiceState::Serving, "{h:?}");
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving,
+        "{h:?}"
+    );
     assert_eq!(h.installed_version, "1.0");
-    assert_eq!((h.server_id.as_str(), h.pool.as_str(), h.upgrade_domain.as_str()), ("fe-1", "pool-a", "ud-1"));
+    assert_eq!(
+        (
+            h.server_id.as_str(),
+            h.pool.as_str(),
+            h.upgrade_domain.as_str()
+        ),
+        ("fe-1", "pool-a", "ud-1")
+    );
     assert!(h.accepting_connections && h.healthy && !h.busy);
     assert!(!h.boot_id.is_empty());
 
@@ -83,20 +114,38 @@ async fn graceful_drain_lets_open_connections_finish_while_new_ones_are_refused(
     assert_eq!(ask(&mut r2, &mut w2, "VERSION").await?, "1.0");
     let counted = eventually("the agent to count 2 active connections", WAIT, || {
         let mut c = s.client.clone();
-        async move { health(&mut c).await.ok().filter(|h| h.active_connections == 2) }
+        async move {
+            health(&mut c)
+                .await
+                .ok()
+                .filter(|h| h.active_connections == 2)
+        }
     })
     .await?;
     assert_eq!(counted.active_connections, 2);
 
     let mut c = s.client.clone();
     let drain = tokio::spawn(async move {
-        c.drain(pb::DrainRequest { header: header("drain-1", 1), timeout_ms: 30_000, on_timeout: pb::DrainTimeoutAction::Fail as i32 }).await
+        c.drain(pb::DrainRequest {
+            header: header("drain-1", 1),
+            timeout_ms: 30_000,
+            on_timeout: pb::DrainTimeoutAction::Fail as i32,
+        })
+        .await
     });
     let port = s.fe.port;
-    eventually("new connections to be refused", WAIT, || async move { refuses_new_connections(port).await.then_some(()) }).await?;
+    eventually("new connections to be refused", WAIT, || async move {
+        refuses_new_connections(port).await.then_some(())
+    })
+    .await?;
     let h = eventually("the agent to report draining", WAIT, || {
         let mut c = s.client.clone();
-        async move { health(&mut c).await.ok().filter(|h| h.state == pb::ServiceState::Draining as i32) }
+        async move {
+            health(&mut c)
+                .await
+                .ok()
+                .filter(|h| h.state == pb::ServiceState::Draining as i32)
+        }
     })
     .await?;
     assert!(!h.accepting_connections);
@@ -104,13 +153,19 @@ async fn graceful_drain_lets_open_connections_finish_while_new_ones_are_refused(
     assert_eq!(ask(&mut r1, &mut w1, "still here").await?, "still here");
     drop((r1, w1));
     assert_eq!(ask(&mut r2, &mut w2, "VERSION").await?, "1.0");
-    assert!(!drain.is_finished(), "the drain must wait for the last open connection");
+    assert!(
+        !drain.is_finished(),
+        "the drain must wait for the last open connection"
+    );
     drop((r2, w2));
     let res = tokio::time::timeout(WAIT, drain).await???.into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     assert!(res.message.contains("drained"), "{res:?}");
     let h = health(&mut s.client).await?;
-    assert_eq!(pb::ServiceState::try_from(h.state)?, pb::ServiceState::Drained);
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Drained
+    );
     assert_eq!(h.active_connections, 0);
     Ok(())
 }
@@ -120,11 +175,34 @@ async fn drain_timeout_fails_or_forces_as_asked() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
     let (mut r, mut w) = connect(s.fe.port).await?;
     assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
-    let res = s.client.drain(pb::DrainRequest { header: header("d-fail", 1), timeout_ms: 300, on_timeout: pb::DrainTimeoutAction::Fail as i32 }).await?.into_inner();
+    let res = s
+        .client
+        .drain(pb::DrainRequest {
+            header: header("d-fail", 1),
+            timeout_ms: 300,
+            on_timeout: pb::DrainTimeoutAction::Fail as i32,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Failed, "{res:?}");
-    assert!(res.message.contains("1 connection(s) still open"), "{res:?}");
-    assert_eq!(ask(&mut r, &mut w, "alive").await?, "alive", "a failed drain must not cut connections");
-    let res = s.client.drain(pb::DrainRequest { header: header("d-force", 1), timeout_ms: 300, on_timeout: pb::DrainTimeoutAction::Force as i32 }).await?.into_inner();
+    assert!(
+        res.message.contains("1 connection(s) still open"),
+        "{res:?}"
+    );
+    assert_eq!(
+        ask(&mut r, &mut w, "alive").await?,
+        "alive",
+        "a failed drain must not cut connections"
+    );
+    let res = s
+        .client
+        .drain(pb::DrainRequest {
+            header: header("d-force", 1),
+            timeout_ms: 300,
+            on_timeout: pb::DrainTimeoutAction::Force as i32,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     assert!(res.message.contains("by force"), "{res:?}");
     Ok(())
@@ -135,21 +213,33 @@ async fn immediate_stop_cuts_connections_at_once() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
     let (mut r, mut w) = connect(s.fe.port).await?;
     assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
-    let res = s.client.stop(pb::StopRequest { header: header("stop-1", 1) }).await?.into_inner();
+    let res = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("stop-1", 1),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     assert!(refuses_new_connections(s.fe.port).await);
     // The held connection is gone: the next read sees EOF or an error.
     let _ = w.write_all(b"x\n").await;
     let mut line = String::new();
-    let n = tokio::time::timeout(WAIT, r.read_line(&mut line)).await?.unwrap_or(0);
+    let n = tokio::time::timeout(WAIT, r.read_line(&mut line))
+        .await?
+        .unwrap_or(0);
     assert_eq!(n, 0, "connection should be cut, read {line:?}");
     let h = health(&mut s.client).await?;
-    assert_eq!(pb::ServiceState::try_from(h.state)?, pb::ServiceState::Stopped);
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Stopped
+    );
     Ok(())
 }
 
 #[tokio::test]
-async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -> anyhow::Result<()> {
+async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -> anyhow::Result<()>
+{
     let mut s = setup("1.0").await?;
     let (artifact, sha) = make_artifact(&s.root, "2.0")?;
     let install = |id: &str, sha: &str| pb::InstallPatchRequest {
@@ -161,66 +251,155 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
     };
 
     // Installing over a serving service is refused: it would take it down without a drain.
-    let err = s.client.install_patch(install("i-0", &sha)).await.expect_err("install while serving");
+    let err = s
+        .client
+        .install_patch(install("i-0", &sha))
+        .await
+        .expect_err("install while serving");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("drain or stop"), "{err:?}");
 
-    let res = s.client.stop(pb::StopRequest { header: header("stop", 1) }).await?.into_inner();
+    let res = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("stop", 1),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
 
     // A wrong checksum: clear error, nothing runs, nothing is journaled.
     let wrong = "0".repeat(64);
-    let err = s.client.install_patch(install("i-bad", &wrong)).await.expect_err("bad checksum");
+    let err = s
+        .client
+        .install_patch(install("i-bad", &wrong))
+        .await
+        .expect_err("bad checksum");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("sha256") && err.message().contains("nothing was installed"), "{err:?}");
-    assert!(s.fe.installs().is_empty(), "the install command must not have run");
-    let err = s.client.operation_status(pb::OperationStatusRequest { operation_id: "i-bad".into() }).await.expect_err("not journaled");
+    assert!(
+        err.message().contains("sha256") && err.message().contains("nothing was installed"),
+        "{err:?}"
+    );
+    assert!(
+        s.fe.installs().is_empty(),
+        "the install command must not have run"
+    );
+    let err = s
+        .client
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "i-bad".into(),
+        })
+        .await
+        .expect_err("not journaled");
     assert_eq!(err.code(), Code::NotFound);
 
     // The right checksum installs.
-    let res = s.client.install_patch(install("i-good", &sha)).await?.into_inner();
+    let res = s
+        .client
+        .install_patch(install("i-good", &sha))
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     assert_eq!(res.version, "2.0");
     assert_eq!(s.fe.installs(), vec!["2.0"]);
 
-    let res = s.client.restart(pb::RestartRequest { header: header("restart", 1), timeout_ms: 0 }).await?.into_inner();
+    let res = s
+        .client
+        .restart(pb::RestartRequest {
+            header: header("restart", 1),
+            timeout_ms: 0,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
-    let res = s.client.verify(pb::VerifyRequest { header: header("verify", 1), stable_ms: 500, timeout_ms: 10_000 }).await?.into_inner();
+    let res = s
+        .client
+        .verify(pb::VerifyRequest {
+            header: header("verify", 1),
+            stable_ms: 500,
+            timeout_ms: 10_000,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     let (mut r, mut w) = connect(s.fe.port).await?;
     assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "2.0");
     let h = health(&mut s.client).await?;
-    assert_eq!(pb::ServiceState::try_from(h.state)?, pb::ServiceState::Serving);
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving
+    );
     assert_eq!(h.installed_version, "2.0");
 
     // Rollback reinstalls the previous version from the agent's own cache.
-    let res = s.client.stop(pb::StopRequest { header: header("stop-2", 1) }).await?.into_inner();
+    let res = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("stop-2", 1),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
     // The initial version was not installed by the agent: nothing to roll back to.
-    let err = s.client.rollback(pb::RollbackRequest { header: header("rb-0", 1), timeout_ms: 0, from_version: String::new() }).await.expect_err("no previous");
+    let err = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb-0", 1),
+            timeout_ms: 0,
+            from_version: String::new(),
+        })
+        .await
+        .expect_err("no previous");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("nothing to roll back to"), "{err:?}");
     let (artifact3, sha3) = make_artifact(&s.root, "3.0")?;
-    let res = s.client.install_patch(pb::InstallPatchRequest {
-        header: header("i-3", 1),
-        artifact: artifact3.display().to_string(),
-        sha256: sha3,
-        version: "3.0".into(),
-        timeout_ms: 0,
-    }).await?.into_inner();
+    let res = s
+        .client
+        .install_patch(pb::InstallPatchRequest {
+            header: header("i-3", 1),
+            artifact: artifact3.display().to_string(),
+            sha256: sha3,
+            version: "3.0".into(),
+            timeout_ms: 0,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     // Rollback reinstalls the previous version from the agent's own artifact cache.
-    let res = s.client.rollback(pb::RollbackRequest { header: header("rb-1", 1), timeout_ms: 0, from_version: "3.0".into() }).await?.into_inner();
+    let res = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb-1", 1),
+            timeout_ms: 0,
+            from_version: "3.0".into(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     assert_eq!(res.version, "2.0");
     assert_eq!(s.fe.installs(), vec!["2.0", "3.0", "2.0"]);
     // A second rollback "from 3.0" (a new operation id, e.g. a retry by a new leader) finds 3.0
     // no longer installed and does nothing: a version is never rolled back twice.
-    let res = s.client.rollback(pb::RollbackRequest { header: header("rb-2", 1), timeout_ms: 0, from_version: "3.0".into() }).await?.into_inner();
+    let res = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb-2", 1),
+            timeout_ms: 0,
+            from_version: "3.0".into(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     assert!(res.message.contains("nothing to roll back"), "{res:?}");
     assert_eq!(s.fe.installs(), vec!["2.0", "3.0", "2.0"]);
-    let res = s.client.restart(pb::RestartRequest { header: header("restart-2", 1), timeout_ms: 0 }).await?.into_inner();
+    let res = s
+        .client
+        .restart(pb::RestartRequest {
+            header: header("restart-2", 1),
+            timeout_ms: 0,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     let (mut r, mut w) = connect(s.fe.port).await?;
     assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "2.0");
@@ -231,16 +410,40 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
 async fn verify_fails_while_busy_or_unhealthy_and_passes_once_stable() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
     std::fs::write(s.fe.dir.join("busy"), "")?;
-    let res = s.client.verify(pb::VerifyRequest { header: header("v1", 1), stable_ms: 200, timeout_ms: 800 }).await?.into_inner();
+    let res = s
+        .client
+        .verify(pb::VerifyRequest {
+            header: header("v1", 1),
+            stable_ms: 200,
+            timeout_ms: 800,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Failed, "{res:?}");
     assert!(res.message.contains("busy"), "{res:?}");
     std::fs::remove_file(s.fe.dir.join("busy"))?;
     std::fs::write(s.fe.dir.join("unhealthy"), "")?;
-    let res = s.client.verify(pb::VerifyRequest { header: header("v2", 1), stable_ms: 200, timeout_ms: 800 }).await?.into_inner();
+    let res = s
+        .client
+        .verify(pb::VerifyRequest {
+            header: header("v2", 1),
+            stable_ms: 200,
+            timeout_ms: 800,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Failed, "{res:?}");
     assert!(res.message.contains("503"), "{res:?}");
     std::fs::remove_file(s.fe.dir.join("unhealthy"))?;
-    let res = s.client.verify(pb::VerifyRequest { header: header("v3", 1), stable_ms: 200, timeout_ms: 5000 }).await?.into_inner();
+    let res = s
+        .client
+        .verify(pb::VerifyRequest {
+            header: header("v3", 1),
+            stable_ms: 200,
+            timeout_ms: 5000,
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
     Ok(())
 }
@@ -248,38 +451,81 @@ async fn verify_fails_while_busy_or_unhealthy_and_passes_once_stable() -> anyhow
 #[tokio::test]
 async fn stale_epoch_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
-    let f = s.client.fence(pb::FenceRequest { epoch: 7 }).await?.into_inner();
+    let f = s
+        .client
+        .fence(pb::FenceRequest { epoch: 7 })
+        .await?
+        .into_inner();
     assert_eq!(f.epoch, 7);
-    let err = s.client.stop(pb::StopRequest { header: header("old-leader-stop", 3) }).await.expect_err("stale epoch");
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("old-leader-stop", 3),
+        })
+        .await
+        .expect_err("stale epoch");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("stale epoch 3") && err.message().contains("epoch 7"), "{err:?}");
-    let err = s.client.fence(pb::FenceRequest { epoch: 6 }).await.expect_err("stale fence");
+    assert!(
+        err.message().contains("stale epoch 3") && err.message().contains("epoch 7"),
+        "{err:?}"
+    );
+    let err = s
+        .client
+        .fence(pb::FenceRequest { epoch: 6 })
+        .await
+        .expect_err("stale fence");
     assert_eq!(err.code(), Code::FailedPrecondition);
     // Nothing changed: still serving, nothing journaled, epoch still 7.
     let h = health(&mut s.client).await?;
-    assert_eq!(pb::ServiceState::try_from(h.state)?, pb::ServiceState::Serving);
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving
+    );
     assert_eq!(h.epoch, 7);
-    let err = s.client.operation_status(pb::OperationStatusRequest { operation_id: "old-leader-stop".into() }).await.expect_err("not journaled");
+    let err = s
+        .client
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "old-leader-stop".into(),
+        })
+        .await
+        .expect_err("not journaled");
     assert_eq!(err.code(), Code::NotFound);
     // The epoch is durable: still refused after a restart.
     s.agent.kill().await?;
     s.agent.restart().await?;
     let coord = s.pki.issue(RoleKind::Coordinator, "c1")?;
     let mut c = agent_client(s.agent.addr, &coord).await?;
-    let err = c.stop(pb::StopRequest { header: header("old-leader-stop", 3) }).await.expect_err("stale after restart");
+    let err = c
+        .stop(pb::StopRequest {
+            header: header("old-leader-stop", 3),
+        })
+        .await
+        .expect_err("stale after restart");
     assert_eq!(err.code(), Code::FailedPrecondition);
     // A newer epoch is accepted and raises the fence.
-    let res = c.stop(pb::StopRequest { header: header("new-leader-stop", 9) }).await?.into_inner();
+    let res = c
+        .stop(pb::StopRequest {
+            header: header("new-leader-stop", 9),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
     assert_eq!(health(&mut c).await?.epoch, 9);
     Ok(())
 }
 
 #[tokio::test]
-async fn repeated_operation_id_is_answered_from_the_journal_across_a_restart() -> anyhow::Result<()> {
+async fn repeated_operation_id_is_answered_from_the_journal_across_a_restart() -> anyhow::Result<()>
+{
     let mut s = setup("1.0").await?;
     let (artifact, sha) = make_artifact(&s.root, "3.1")?;
-    let res = s.client.stop(pb::StopRequest { header: header("plan1/fe-1/stop", 2) }).await?.into_inner();
+    let res = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("plan1/fe-1/stop", 2),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
     let req = pb::InstallPatchRequest {
         header: header("plan1/fe-1/install", 2),
@@ -299,28 +545,45 @@ async fn repeated_operation_id_is_answered_from_the_journal_across_a_restart() -
 
     // Graceful restart of the agent (SIGTERM), then the same id once more.
     let status = s.agent.terminate().await?;
-    assert!(status.success(), "agent exit status on SIGTERM: {status:?}\n{}", s.agent.log());
+    assert!(
+        status.success(),
+        "agent exit status on SIGTERM: {status:?}\n{}",
+        s.agent.log()
+    );
     s.agent.restart().await?;
     let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
     let mut c = agent_client(s.agent.addr, &coord).await?;
     let after = c.install_patch(req.clone()).await?.into_inner();
     assert!(after.replayed, "{after:?}");
     assert_eq!(state(&after), pb::OperationState::Succeeded);
-    assert_eq!((after.started_at_ms, after.finished_at_ms), (first.started_at_ms, first.finished_at_ms));
+    assert_eq!(
+        (after.started_at_ms, after.finished_at_ms),
+        (first.started_at_ms, first.finished_at_ms)
+    );
     assert_eq!(s.fe.installs(), vec!["3.1"], "installed exactly once");
 
     // And after a SIGKILL too; OperationStatus reads the same record.
     s.agent.kill().await?;
     s.agent.restart().await?;
     let mut c = agent_client(s.agent.addr, &coord).await?;
-    let st = c.operation_status(pb::OperationStatusRequest { operation_id: "plan1/fe-1/install".into() }).await?.into_inner();
+    let st = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "plan1/fe-1/install".into(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&st), pb::OperationState::Succeeded);
     assert_eq!(st.version, "3.1");
     let after = c.install_patch(req).await?.into_inner();
     assert!(after.replayed);
     assert_eq!(s.fe.installs(), vec!["3.1"], "installed exactly once");
     // The same id with another kind is refused.
-    let err = c.stop(pb::StopRequest { header: header("plan1/fe-1/install", 2) }).await.expect_err("kind mismatch");
+    let err = c
+        .stop(pb::StopRequest {
+            header: header("plan1/fe-1/install", 2),
+        })
+        .await
+        .expect_err("kind mismatch");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("install operation"), "{err:?}");
     Ok(())
@@ -332,10 +595,18 @@ async fn only_coordinators_may_change_state() -> anyhow::Result<()> {
     for (kind, name) in [(RoleKind::Operator, "alice"), (RoleKind::Agent, "fe-2")] {
         let tls = s.pki.issue(kind, name)?;
         let mut c = agent_client(s.agent.addr, &tls).await?;
-        let err = c.stop(pb::StopRequest { header: header("sneaky", 1) }).await.expect_err("wrong role must be refused");
+        let err = c
+            .stop(pb::StopRequest {
+                header: header("sneaky", 1),
+            })
+            .await
+            .expect_err("wrong role must be refused");
         assert_eq!(err.code(), Code::PermissionDenied, "{kind}: {err:?}");
         assert!(err.message().contains("coordinator role"), "{err:?}");
-        let err = c.fence(pb::FenceRequest { epoch: 99 }).await.expect_err("fence needs coordinator");
+        let err = c
+            .fence(pb::FenceRequest { epoch: 99 })
+            .await
+            .expect_err("fence needs coordinator");
         assert_eq!(err.code(), Code::PermissionDenied);
         if kind == RoleKind::Operator {
             // Operators may read.
@@ -346,24 +617,39 @@ async fn only_coordinators_may_change_state() -> anyhow::Result<()> {
     let foreign = s.pki.foreign(RoleKind::Coordinator, "mallory")?;
     let res = async {
         let mut c = agent_client(s.agent.addr, &foreign).await?;
-        c.stop(pb::StopRequest { header: header("sneaky", 1) }).await.map_err(anyhow::Error::from)
+        c.stop(pb::StopRequest {
+            header: header("sneaky", 1),
+        })
+        .await
+        .map_err(anyhow::Error::from)
     }
     .await;
     assert!(res.is_err(), "a foreign-CA certificate must be refused");
     // An expired certificate likewise.
-    let expired = s.pki.issue_with(RoleKind::Coordinator, "old", rollgate_common::pki::Validity {
-        not_before_ago: Duration::from_secs(7200),
-        not_after_in: None,
-    })?;
+    let expired = s.pki.issue_with(
+        RoleKind::Coordinator,
+        "old",
+        rollgate_common::pki::Validity {
+            not_before_ago: Duration::from_secs(7200),
+            not_after_in: None,
+        },
+    )?;
     let res = async {
         let mut c = agent_client(s.agent.addr, &expired).await?;
-        c.stop(pb::StopRequest { header: header("sneaky", 1) }).await.map_err(anyhow::Error::from)
+        c.stop(pb::StopRequest {
+            header: header("sneaky", 1),
+        })
+        .await
+        .map_err(anyhow::Error::from)
     }
     .await;
     assert!(res.is_err(), "an expired certificate must be refused");
     // Nothing changed.
     let h = health(&mut s.client).await?;
-    assert_eq!(pb::ServiceState::try_from(h.state)?, pb::ServiceState::Serving);
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving
+    );
     assert_eq!(h.epoch, 0);
     Ok(())
 }
@@ -371,12 +657,28 @@ async fn only_coordinators_may_change_state() -> anyhow::Result<()> {
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
-    let err = s.client.stop(pb::StopRequest { header: None }).await.expect_err("no header");
+    let err = s
+        .client
+        .stop(pb::StopRequest { header: None })
+        .await
+        .expect_err("no header");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("missing header"), "{err:?}");
-    let err = s.client.stop(pb::StopRequest { header: header("x", 0) }).await.expect_err("epoch 0");
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("x", 0),
+        })
+        .await
+        .expect_err("epoch 0");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = s.client.stop(pb::StopRequest { header: header("has space", 1) }).await.expect_err("bad id");
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("has space", 1),
+        })
+        .await
+        .expect_err("bad id");
     assert_eq!(err.code(), Code::InvalidArgument);
     let req = |artifact: &str, sha: &str, version: &str| pb::InstallPatchRequest {
         header: header("inst", 1),
@@ -385,31 +687,76 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         version: version.into(),
         timeout_ms: 0,
     };
-    let stop = s.client.stop(pb::StopRequest { header: header("stop", 1) }).await?.into_inner();
+    let stop = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("stop", 1),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&stop), pb::OperationState::Succeeded);
-    let err = s.client.install_patch(req("/tmp/x", "abc", "2")).await.expect_err("short sha");
+    let err = s
+        .client
+        .install_patch(req("/tmp/x", "abc", "2"))
+        .await
+        .expect_err("short sha");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("64 hex"), "{err:?}");
-    let err = s.client.install_patch(req("/nonexistent/artifact", &"a".repeat(64), "2")).await.expect_err("missing artifact");
+    let err = s
+        .client
+        .install_patch(req("/nonexistent/artifact", &"a".repeat(64), "2"))
+        .await
+        .expect_err("missing artifact");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains("/nonexistent/artifact"), "{err:?}");
-    let err = s.client.install_patch(req("ftp://example/x", &"a".repeat(64), "2")).await.expect_err("bad scheme");
+    let err = s
+        .client
+        .install_patch(req("ftp://example/x", &"a".repeat(64), "2"))
+        .await
+        .expect_err("bad scheme");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = s.client.install_patch(req("/tmp/x", &"a".repeat(64), "")).await.expect_err("no version");
+    let err = s
+        .client
+        .install_patch(req("/tmp/x", &"a".repeat(64), ""))
+        .await
+        .expect_err("no version");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = s.client.verify(pb::VerifyRequest { header: header("v", 1), stable_ms: 5000, timeout_ms: 100 }).await.expect_err("impossible verify");
+    let err = s
+        .client
+        .verify(pb::VerifyRequest {
+            header: header("v", 1),
+            stable_ms: 5000,
+            timeout_ms: 100,
+        })
+        .await
+        .expect_err("impossible verify");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = s.client.operation_status(pb::OperationStatusRequest { operation_id: "nope".into() }).await.expect_err("unknown op");
+    let err = s
+        .client
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "nope".into(),
+        })
+        .await
+        .expect_err("unknown op");
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("nope"));
     // An oversized message is refused before it reaches the handler.
     let big = req("/tmp/x", &"a".repeat(64), &"v".repeat(1024 * 1024));
     let err = s.client.install_patch(big).await.expect_err("oversized");
-    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal), "{err:?}");
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
     // Nothing changed beyond the stop.
     assert!(s.fe.installs().is_empty());
     let h = health(&mut s.client).await?;
-    assert_eq!(pb::ServiceState::try_from(h.state)?, pb::ServiceState::Stopped);
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Stopped
+    );
     assert_eq!(h.installed_version, "1.0");
     Ok(())
 }
@@ -421,16 +768,24 @@ async fn watch_streams_changes_and_sigterm_exits_cleanly() -> anyhow::Result<()>
     let first = stream.message().await?.context("first report")?;
     assert_eq!(first.server_id, "fe-1");
     let mut c = s.client.clone();
-    c.stop(pb::StopRequest { header: header("stop", 4) }).await?;
+    c.stop(pb::StopRequest {
+        header: header("stop", 4),
+    })
+    .await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     let stopped = loop {
-        let r = tokio::time::timeout_at(deadline, stream.message()).await??.context("watch stream ended")?;
+        let r = tokio::time::timeout_at(deadline, stream.message())
+            .await??
+            .context("watch stream ended")?;
         if r.state == pb::ServiceState::Stopped as i32 {
             break r;
         }
     };
     assert_eq!(stopped.epoch, 4);
-    assert_eq!(stopped.last_operation.map(|o| o.operation_id), Some("stop".into()));
+    assert_eq!(
+        stopped.last_operation.map(|o| o.operation_id),
+        Some("stop".into())
+    );
     // SIGTERM with a watcher attached: the agent still exits, cleanly and promptly.
     let status = s.agent.terminate().await?;
     assert!(status.success(), "{status:?}\n{}", s.agent.log());
@@ -441,21 +796,37 @@ async fn watch_streams_changes_and_sigterm_exits_cleanly() -> anyhow::Result<()>
 async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
     let (artifact, sha) = make_artifact(&s.root, "4.0")?;
-    let res = s.client.stop(pb::StopRequest { header: header("stop", 1) }).await?.into_inner();
+    let res = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("stop", 1),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
     // The install command writes the new version, then lingers: the agent dies meanwhile.
     std::fs::write(s.fe.dir.join("slow-install"), "3000")?;
-    let req = pb::InstallPatchRequest { header: header("crash/install", 1), artifact: artifact.display().to_string(), sha256: sha, version: "4.0".into(), timeout_ms: 0 };
+    let req = pb::InstallPatchRequest {
+        header: header("crash/install", 1),
+        artifact: artifact.display().to_string(),
+        sha256: sha,
+        version: "4.0".into(),
+        timeout_ms: 0,
+    };
     let mut c = s.client.clone();
     let pending = tokio::spawn({
         let req = req.clone();
         async move { c.install_patch(req).await }
     });
     let fe = s.fe.clone();
-    eventually("the install command to have written the new version", WAIT, || {
-        let fe = fe.clone();
-        async move { (fe.installs() == vec!["4.0"]).then_some(()) }
-    })
+    eventually(
+        "the install command to have written the new version",
+        WAIT,
+        || {
+            let fe = fe.clone();
+            async move { (fe.installs() == vec!["4.0"]).then_some(()) }
+        },
+    )
     .await?;
     s.agent.kill().await?;
     assert!(pending.await?.is_err(), "the caller loses its connection");
@@ -463,7 +834,12 @@ async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyh
     s.agent.restart().await?;
     let coord = s.pki.issue(RoleKind::Coordinator, "c1")?;
     let mut c = agent_client(s.agent.addr, &coord).await?;
-    let st = c.operation_status(pb::OperationStatusRequest { operation_id: "crash/install".into() }).await?.into_inner();
+    let st = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "crash/install".into(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(state(&st), pb::OperationState::Interrupted, "{st:?}");
     // The same operation again (what a coordinator does): the agent sees 4.0 is in place.
     let again = c.install_patch(req).await?.into_inner();

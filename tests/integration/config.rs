@@ -17,7 +17,10 @@ fn the_example_agent_config_loads_and_validates() -> anyhow::Result<()> {
     cfg.resolve_defaults();
     assert_eq!(cfg.server_id, "fe-01");
     assert_eq!(cfg.service.ports, vec![8080]);
-    assert_eq!(cfg.service.start, vec!["systemctl", "start", "frontend.service"]);
+    assert_eq!(
+        cfg.service.start,
+        vec!["systemctl", "start", "frontend.service"]
+    );
     // Its TLS paths point at /etc/rollgate; swap in real certificates to validate the rest.
     let tmp = tempfile::tempdir()?;
     let pki = Pki::new(tmp.path())?;
@@ -34,8 +37,15 @@ fn validate(text: &str) -> anyhow::Result<(bool, String, String)> {
     let tmp = tempfile::tempdir()?;
     let p = tmp.path().join("agent.toml");
     std::fs::write(&p, text)?;
-    let out = std::process::Command::new(bin("rollgate-agent")?).arg("validate").arg(&p).output()?;
-    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+    let out = std::process::Command::new(bin("rollgate-agent")?)
+        .arg("validate")
+        .arg(&p)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
 }
 
 #[test]
@@ -59,9 +69,18 @@ install = ["true"]
     for (bad, needle) in [
         (good.replace("ports = [80]", "ports = []"), "service.ports"),
         (good.replace("insecure = true", ""), "tls"),
-        (good.replace("drain = [\"true\"]", "drain = []"), "service.drain"),
-        (good.replace("pool = \"p\"", "pool = \"p\"\npoool = 1"), "poool"),
-        (good.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""), "listen"),
+        (
+            good.replace("drain = [\"true\"]", "drain = []"),
+            "service.drain",
+        ),
+        (
+            good.replace("pool = \"p\"", "pool = \"p\"\npoool = 1"),
+            "poool",
+        ),
+        (
+            good.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""),
+            "listen",
+        ),
         (format!("{good}hook_timeout = \"ten\"\n"), "hook_timeout"),
     ] {
         let (ok, _, err) = validate(&bad)?;
@@ -89,7 +108,10 @@ fn the_example_coordinator_config_loads_and_validates() -> anyhow::Result<()> {
     cfg.tls = Some(pki.issue(RoleKind::Coordinator, "c1")?);
     cfg.validate().map_err(anyhow::Error::msg)?;
     cfg.tls = Some(pki.issue(RoleKind::Operator, "c1")?);
-    assert!(cfg.validate().expect_err("operator cert").contains("coordinator/c1"));
+    assert!(cfg
+        .validate()
+        .expect_err("operator cert")
+        .contains("coordinator/c1"));
     Ok(())
 }
 
@@ -112,18 +134,42 @@ agent = "127.0.0.1:7001"
         let tmp = tempfile::tempdir()?;
         let p = tmp.path().join("c.toml");
         std::fs::write(&p, text)?;
-        let out = std::process::Command::new(bin("rollgate-coordinator")?).arg("validate").arg(&p).output()?;
+        let out = std::process::Command::new(bin("rollgate-coordinator")?)
+            .arg("validate")
+            .arg(&p)
+            .output()?;
         Ok((out.status.success(), String::from_utf8(out.stderr)?))
     };
     let (ok, err) = run(good)?;
     assert!(ok, "{err}");
     for (bad, needle) in [
-        (good.replace("kind = \"embedded\"", "kind = \"zookeeper\""), "zookeeper"),
-        (good.replace("agent = \"127.0.0.1:7001\"", "agent = \"nowhere\""), "agent"),
-        (format!("{good}\n[[pools.servers]]\nid = \"fe-1\"\nagent = \"127.0.0.1:7002\"\n"), "twice"),
-        (good.replace("name = \"p\"", "name = \"p\"\nmin_active = \"150%\""), "min_active"),
-        (good.replace("name = \"p\"", "name = \"p\"\npaired_pool = \"q\""), "failover"),
-        (good.replace("[store]\nkind = \"embedded\"\npath = \"/tmp/store.json\"", "[store]\nkind = \"etcd\"\nendpoints = []"), "endpoints"),
+        (
+            good.replace("kind = \"embedded\"", "kind = \"zookeeper\""),
+            "zookeeper",
+        ),
+        (
+            good.replace("agent = \"127.0.0.1:7001\"", "agent = \"nowhere\""),
+            "agent",
+        ),
+        (
+            format!("{good}\n[[pools.servers]]\nid = \"fe-1\"\nagent = \"127.0.0.1:7002\"\n"),
+            "twice",
+        ),
+        (
+            good.replace("name = \"p\"", "name = \"p\"\nmin_active = \"150%\""),
+            "min_active",
+        ),
+        (
+            good.replace("name = \"p\"", "name = \"p\"\npaired_pool = \"q\""),
+            "failover",
+        ),
+        (
+            good.replace(
+                "[store]\nkind = \"embedded\"\npath = \"/tmp/store.json\"",
+                "[store]\nkind = \"etcd\"\nendpoints = []",
+            ),
+            "endpoints",
+        ),
     ] {
         let (ok, err) = run(&bad)?;
         assert!(!ok, "should fail: {bad}");

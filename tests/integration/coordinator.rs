@@ -16,7 +16,10 @@ use tonic::transport::Channel;
 const LONG: Duration = Duration::from_secs(120);
 
 fn embedded(root: &Path) -> String {
-    format!("[store]\nkind = \"embedded\"\npath = \"{}\"", root.join("store.json").display())
+    format!(
+        "[store]\nkind = \"embedded\"\npath = \"{}\"",
+        root.join("store.json").display()
+    )
 }
 
 fn etcd_store(endpoints: &[String], ttl_s: u64) -> String {
@@ -26,7 +29,15 @@ fn etcd_store(endpoints: &[String], ttl_s: u64) -> String {
 async fn wait_ready(c: &OperatorClient<Channel>, pool: &str) -> anyhow::Result<()> {
     eventually("the pool to be Ready", Duration::from_secs(30), || {
         let (mut c, pool) = (c.clone(), pool.to_owned());
-        async move { (c.readiness(pb::PoolRequest { pool }).await.ok()?.into_inner().state == "Ready").then_some(()) }
+        async move {
+            (c.readiness(pb::PoolRequest { pool })
+                .await
+                .ok()?
+                .into_inner()
+                .state
+                == "Ready")
+                .then_some(())
+        }
     })
     .await
 }
@@ -46,7 +57,13 @@ fn start_req(pool: &str, artifact: &Path, sha: &str) -> pb::StartUpgradeRequest 
 }
 
 /// Polls the upgrade's status (from any coordinator, following to the leader) until `done`.
-async fn wait_status(addrs: &[std::net::SocketAddr], op: &TlsFiles, pool: &str, limit: Duration, done: fn(&pb::UpgradeStatus) -> bool) -> anyhow::Result<pb::UpgradeStatus> {
+async fn wait_status(
+    addrs: &[std::net::SocketAddr],
+    op: &TlsFiles,
+    pool: &str,
+    limit: Duration,
+    done: fn(&pb::UpgradeStatus) -> bool,
+) -> anyhow::Result<pb::UpgradeStatus> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut last = None;
     loop {
@@ -70,7 +87,10 @@ async fn wait_status(addrs: &[std::net::SocketAddr], op: &TlsFiles, pool: &str, 
 }
 
 fn ended(s: &pb::UpgradeStatus) -> bool {
-    matches!(s.status.as_str(), "completed" | "aborted" | "failed" | "rolled_back") && s.servers.iter().all(|x| x.phase != "in_flight")
+    matches!(
+        s.status.as_str(),
+        "completed" | "aborted" | "failed" | "rolled_back"
+    ) && s.servers.iter().all(|x| x.phase != "in_flight")
 }
 
 /// Every agent's journal: the epochs it accepted, in the order it accepted them, never decrease.
@@ -82,7 +102,11 @@ async fn check_epochs_monotonic(fleet: &Fleet) -> anyhow::Result<()> {
             let v: serde_json::Value = serde_json::from_str(line)?;
             if v["event"] == "begin" {
                 let e = v["epoch"].as_u64().context("epoch")?;
-                ensure!(e >= last, "{}: epoch {e} accepted after epoch {last}: a deposed leader acted", s.id);
+                ensure!(
+                    e >= last,
+                    "{}: epoch {e} accepted after epoch {last}: a deposed leader acted",
+                    s.id
+                );
                 last = e;
             }
         }
@@ -91,11 +115,19 @@ async fn check_epochs_monotonic(fleet: &Fleet) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load() -> anyhow::Result<()> {
+async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load(
+) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 6, 3, "1.0").await?;
-    let mut coord = CoordinatorProc::start(root, "c1", &fleet.pki.issue(RoleKind::Coordinator, "c1")?, &embedded(root), &fleet.pool_toml("")).await?;
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        &fleet.pool_toml(""),
+    )
+    .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let mut c = operator_client(coord.addr, &op).await?;
     wait_ready(&c, "pool-a").await?;
@@ -104,33 +136,65 @@ async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load()
     let domains: Vec<String> = fleet.servers.iter().map(|s| s.domain.clone()).collect();
     let monitor = Monitor::start(ports, LONG);
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    let started = c.start_upgrade(start_req("pool-a", &artifact, &sha)).await?.into_inner();
+    let started = c
+        .start_upgrade(start_req("pool-a", &artifact, &sha))
+        .await?
+        .into_inner();
     assert_eq!(started.status, "running");
     assert_eq!(started.domains_total, 3);
     let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     let report = monitor.stop().await;
     assert_eq!(end.status, "completed", "{end:?}\n{}", coord.log());
     report.check(&domains, 4).map_err(anyhow::Error::msg)?;
-    assert!(report.samples_with_outage() > 0, "the load never saw a server out of service: it proved nothing");
+    assert!(
+        report.samples_with_outage() > 0,
+        "the load never saw a server out of service: it proved nothing"
+    );
     assert!(report.served > 10, "{report:?}");
     for (id, installs) in fleet.installs() {
         assert_eq!(installs, vec!["2.0"], "{id} must be installed exactly once");
     }
     // The last server's final health report may still be on its way: poll, with a deadline.
-    eventually("every server serving 2.0 and the pool Ready", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await.ok()?.into_inner();
-            let all = r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "2.0" && s.state == "serving");
-            (r.state == "Ready" && all).then_some(())
-        }
-    })
+    eventually(
+        "every server serving 2.0 and the pool Ready",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .readiness(pb::PoolRequest {
+                        pool: "pool-a".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                let all = r
+                    .domains
+                    .iter()
+                    .flat_map(|d| &d.servers)
+                    .all(|s| s.version == "2.0" && s.state == "serving");
+                (r.state == "Ready" && all).then_some(())
+            }
+        },
+    )
     .await?;
-    let events = c.events(pb::EventsRequest { pool: "pool-a".into(), limit: 1000 }).await?.into_inner().events;
+    let events = c
+        .events(pb::EventsRequest {
+            pool: "pool-a".into(),
+            limit: 1000,
+        })
+        .await?
+        .into_inner()
+        .events;
     assert!(events.len() >= 6, "{events:?}");
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
     // A second upgrade to the same pool is allowed once the first ended; while one runs, not.
-    let err = c.pause_upgrade(pb::PoolRequest { pool: "nope".into() }).await.expect_err("unknown pool");
+    let err = c
+        .pause_upgrade(pb::PoolRequest {
+            pool: "nope".into(),
+        })
+        .await
+        .expect_err("unknown pool");
     assert_eq!(err.code(), tonic::Code::NotFound);
     check_epochs_monotonic(&fleet).await?;
     let st = coord.terminate().await?;
@@ -151,7 +215,14 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
         marker.display(),
         busy.display()
     );
-    let mut coord = CoordinatorProc::start(root, "c1", &fleet.pki.issue(RoleKind::Coordinator, "c1")?, &embedded(root), &fleet.pool_toml(&hook)).await?;
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        &fleet.pool_toml(&hook),
+    )
+    .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let mut c = operator_client(coord.addr, &op).await?;
     wait_ready(&c, "pool-a").await?;
@@ -159,35 +230,80 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
 
     // Pause: three Busy answers, then the upgrade pauses and touches nothing.
     std::fs::write(&busy, "")?;
-    let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await?.into_inner();
-    let r = if r.state == "Busy" { r } else {
+    let r = c
+        .readiness(pb::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await?
+        .into_inner();
+    let r = if r.state == "Busy" {
+        r
+    } else {
         eventually("Busy", Duration::from_secs(10), || {
             let mut c = c.clone();
-            async move { let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await.ok()?.into_inner(); (r.state == "Busy").then_some(r) }
-        }).await?
+            async move {
+                let r = c
+                    .readiness(pb::PoolRequest {
+                        pool: "pool-a".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (r.state == "Busy").then_some(r)
+            }
+        })
+        .await?
     };
     assert!(r.reason.contains("fe-2 reports busy"), "{r:?}");
     let t0 = Instant::now();
-    c.start_upgrade(pb::StartUpgradeRequest { on_exhausted: "pause".into(), ..start_req("pool-a", &artifact, &sha) }).await?;
+    c.start_upgrade(pb::StartUpgradeRequest {
+        on_exhausted: "pause".into(),
+        ..start_req("pool-a", &artifact, &sha)
+    })
+    .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| s.status == "paused").await?;
-    assert!(t0.elapsed() >= Duration::from_millis(600), "two waits of the busy retry interval come before the third answer");
-    assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()), "nothing may be touched");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(600),
+        "two waits of the busy retry interval come before the third answer"
+    );
+    assert!(
+        fleet.installs().iter().all(|(_, v)| v.is_empty()),
+        "nothing may be touched"
+    );
     assert!(!marker.exists());
-    let events = c.events(pb::EventsRequest { pool: "pool-a".into(), limit: 100 }).await?.into_inner().events;
-    let busy_answers = events.iter().filter(|e| e.message.to_lowercase().contains("busy")).count();
+    let events = c
+        .events(pb::EventsRequest {
+            pool: "pool-a".into(),
+            limit: 100,
+        })
+        .await?
+        .into_inner()
+        .events;
+    let busy_answers = events
+        .iter()
+        .filter(|e| e.message.to_lowercase().contains("busy"))
+        .count();
     assert!(busy_answers >= 3, "{events:#?}");
     assert!(s.reason.to_lowercase().contains("busy"), "{s:?}");
-    c.abort_upgrade(pb::PoolRequest { pool: "pool-a".into() }).await?;
+    c.abort_upgrade(pb::PoolRequest {
+        pool: "pool-a".into(),
+    })
+    .await?;
     wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
 
     // Abort: the same, but the upgrade ends aborted.
-    c.start_upgrade(pb::StartUpgradeRequest { on_exhausted: "abort".into(), ..start_req("pool-a", &artifact, &sha) }).await?;
+    c.start_upgrade(pb::StartUpgradeRequest {
+        on_exhausted: "abort".into(),
+        ..start_req("pool-a", &artifact, &sha)
+    })
+    .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     assert_eq!(s.status, "aborted", "{s:?}");
     assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()));
 
     // Failover (the default with a paired pool): the hook runs, then the upgrade goes on.
-    c.start_upgrade(start_req("pool-a", &artifact, &sha)).await?;
+    c.start_upgrade(start_req("pool-a", &artifact, &sha))
+        .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     assert_eq!(s.status, "completed", "{s:?}\n{}", coord.log());
     assert!(s.failed_over);
@@ -195,9 +311,19 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
     for (id, v) in fleet.installs() {
         assert_eq!(v, vec!["2.0"], "{id}");
     }
-    let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await?.into_inner();
+    let r = c
+        .readiness(pb::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await?
+        .into_inner();
     assert!(r.failed_over, "readiness shows the pool failed over");
-    let fb = c.failback(pb::PoolRequest { pool: "pool-a".into() }).await?.into_inner();
+    let fb = c
+        .failback(pb::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await?
+        .into_inner();
     assert!(!fb.failed_over);
     coord.terminate().await?;
     Ok(())
@@ -208,32 +334,59 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 6, 3, "1.0").await?;
-    let mut coord = CoordinatorProc::start(root, "c1", &fleet.pki.issue(RoleKind::Coordinator, "c1")?, &embedded(root), &fleet.pool_toml("")).await?;
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        &fleet.pool_toml(""),
+    )
+    .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let mut c = operator_client(coord.addr, &op).await?;
     wait_ready(&c, "pool-a").await?;
     // Two servers of different domains go down: no domain can be taken out and keep 4 active.
     fleet.servers[0].fe.stop()?;
     fleet.servers[1].fe.stop()?;
-    let r = eventually("InsufficientActiveFrontEnds", Duration::from_secs(15), || {
-        let mut c = c.clone();
-        async move {
-            let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await.ok()?.into_inner();
-            (r.state == "InsufficientActiveFrontEnds").then_some(r)
-        }
-    })
+    let r = eventually(
+        "InsufficientActiveFrontEnds",
+        Duration::from_secs(15),
+        || {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .readiness(pb::PoolRequest {
+                        pool: "pool-a".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (r.state == "InsufficientActiveFrontEnds").then_some(r)
+            }
+        },
+    )
     .await?;
     assert_eq!(r.active, 4);
     assert!(r.domains.iter().all(|d| !d.ready_for_upgrade));
     // The CLI shows the same, as JSON for programs.
-    let out = cli(&op, &[coord.addr])?.args(["readiness", "--pool", "pool-a", "-o", "json"]).output()?;
+    let out = cli(&op, &[coord.addr])?
+        .args(["readiness", "--pool", "pool-a", "-o", "json"])
+        .output()?;
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["PoolUpgradeState"], "InsufficientActiveFrontEnds");
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    c.start_upgrade(pb::StartUpgradeRequest { on_exhausted: "pause".into(), ..start_req("pool-a", &artifact, &sha) }).await?;
+    c.start_upgrade(pb::StartUpgradeRequest {
+        on_exhausted: "pause".into(),
+        ..start_req("pool-a", &artifact, &sha)
+    })
+    .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| s.status == "paused").await?;
-    assert!(s.reason.contains("InsufficientActiveFrontEnds") || s.reason.to_lowercase().contains("insufficient"), "{s:?}");
+    assert!(
+        s.reason.contains("InsufficientActiveFrontEnds")
+            || s.reason.to_lowercase().contains("insufficient"),
+        "{s:?}"
+    );
     assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()));
     coord.terminate().await?;
     Ok(())
@@ -246,7 +399,14 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
     let fleet = Fleet::start(root, "pool-a", 6, 3, "1.0").await?;
     // fe-5 (domain ud-2) comes up unhealthy on 2.0.
     std::fs::write(fleet.servers[4].fe.dir.join("break-on-install"), "2.0")?;
-    let mut coord = CoordinatorProc::start(root, "c1", &fleet.pki.issue(RoleKind::Coordinator, "c1")?, &embedded(root), &fleet.pool_toml("")).await?;
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        &fleet.pool_toml(""),
+    )
+    .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let mut c = operator_client(coord.addr, &op).await?;
     wait_ready(&c, "pool-a").await?;
@@ -260,9 +420,22 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
     .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     assert_eq!(s.status, "rolled_back", "{s:?}\n{}", coord.log());
-    let events = c.events(pb::EventsRequest { pool: "pool-a".into(), limit: 1000 }).await?.into_inner().events;
-    let verify_fails = events.iter().filter(|e| e.server == "fe-5" && e.message.contains("verify failed")).count();
-    assert!(verify_fails >= 2, "verify must be tried again before giving up: {events:#?}");
+    let events = c
+        .events(pb::EventsRequest {
+            pool: "pool-a".into(),
+            limit: 1000,
+        })
+        .await?
+        .into_inner()
+        .events;
+    let verify_fails = events
+        .iter()
+        .filter(|e| e.server == "fe-5" && e.message.contains("verify failed"))
+        .count();
+    assert!(
+        verify_fails >= 2,
+        "verify must be tried again before giving up: {events:#?}"
+    );
     let installs: std::collections::HashMap<_, _> = fleet.installs().into_iter().collect();
     // ud-1 and fe-2 of ud-2 went to 2.0 and back; fe-5 went to 2.0 (broken) and back; ud-3 untouched.
     for id in ["fe-1", "fe-4", "fe-2", "fe-5"] {
@@ -274,8 +447,18 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
     eventually("every server back on 1.0", Duration::from_secs(10), || {
         let mut c = c.clone();
         async move {
-            let r = c.readiness(pb::PoolRequest { pool: "pool-a".into() }).await.ok()?.into_inner();
-            r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "1.0").then_some(())
+            let r = c
+                .readiness(pb::PoolRequest {
+                    pool: "pool-a".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            r.domains
+                .iter()
+                .flat_map(|d| &d.servers)
+                .all(|s| s.version == "1.0")
+                .then_some(())
         }
     })
     .await?;
@@ -289,8 +472,11 @@ async fn etcd_cluster() -> anyhow::Result<Option<rollgate_tests::etcd::EtcdClust
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exactly_once() -> anyhow::Result<()> {
-    let Some(etcd) = etcd_cluster().await? else { return Ok(()) };
+async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exactly_once(
+) -> anyhow::Result<()> {
+    let Some(etcd) = etcd_cluster().await? else {
+        return Ok(());
+    };
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 6, 3, "1.0").await?;
@@ -298,26 +484,63 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     let mut coords = Vec::new();
     for i in 1..=3 {
         let id = format!("c{i}");
-        coords.push(CoordinatorProc::start(root, &id, &fleet.pki.issue(RoleKind::Coordinator, &id)?, &etcd_store(&etcd.endpoints(), ttl), &fleet.pool_toml("")).await?);
+        coords.push(
+            CoordinatorProc::start(
+                root,
+                &id,
+                &fleet.pki.issue(RoleKind::Coordinator, &id)?,
+                &etcd_store(&etcd.endpoints(), ttl),
+                &fleet.pool_toml(""),
+            )
+            .await?,
+        );
     }
     let addrs: Vec<_> = coords.iter().map(|c| c.addr).collect();
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(addrs[0], &op).await?;
-    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || { let mut c = c.clone(); async move { leader_of(&mut c).await } }).await?;
-    let mut lc = operator_client(coords.iter().find(|x| x.id == leader).context("leader")?.addr, &op).await?;
+    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { leader_of(&mut c).await }
+    })
+    .await?;
+    let mut lc = operator_client(
+        coords
+            .iter()
+            .find(|x| x.id == leader)
+            .context("leader")?
+            .addr,
+        &op,
+    )
+    .await?;
     wait_ready(&lc, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
     let ports: Vec<u16> = fleet.servers.iter().map(|s| s.fe.port).collect();
     let domains: Vec<String> = fleet.servers.iter().map(|s| s.domain.clone()).collect();
     let monitor = Monitor::start(ports, LONG);
-    let started = lc.start_upgrade(pb::StartUpgradeRequest { verify_stable_ms: 800, ..start_req("pool-a", &artifact, &sha) }).await?.into_inner();
+    let started = lc
+        .start_upgrade(pb::StartUpgradeRequest {
+            verify_stable_ms: 800,
+            ..start_req("pool-a", &artifact, &sha)
+        })
+        .await?
+        .into_inner();
     assert_eq!(started.status, "running");
     // Kill the leader in the middle of the second domain.
-    wait_status(&addrs, &op, "pool-a", LONG, |s| s.domain_index == 1 && s.servers.iter().any(|x| x.phase == "in_flight")).await?;
-    let li = coords.iter().position(|x| x.id == leader).context("leader")?;
+    wait_status(&addrs, &op, "pool-a", LONG, |s| {
+        s.domain_index == 1 && s.servers.iter().any(|x| x.phase == "in_flight")
+    })
+    .await?;
+    let li = coords
+        .iter()
+        .position(|x| x.id == leader)
+        .context("leader")?;
     coords[li].kill().await?;
     let killed = Instant::now();
-    let others: Vec<_> = coords.iter().filter(|x| x.id != leader).map(|x| x.addr).collect();
+    let others: Vec<_> = coords
+        .iter()
+        .filter(|x| x.id != leader)
+        .map(|x| x.addr)
+        .collect();
     let mut oc = operator_client(others[0], &op).await?;
     let (new_leader, new_epoch) = eventually("a new leader", Duration::from_secs(20), || {
         let mut c = oc.clone();
@@ -326,8 +549,14 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     })
     .await?;
     let takeover = killed.elapsed();
-    assert!(new_epoch > epoch, "epochs must grow: {epoch} -> {new_epoch}");
-    assert!(takeover < Duration::from_secs(ttl) + Duration::from_millis(1500), "takeover took {takeover:?} with a {ttl}s TTL");
+    assert!(
+        new_epoch > epoch,
+        "epochs must grow: {epoch} -> {new_epoch}"
+    );
+    assert!(
+        takeover < Duration::from_secs(ttl) + Duration::from_millis(1500),
+        "takeover took {takeover:?} with a {ttl}s TTL"
+    );
     let end = wait_status(&others, &op, "pool-a", LONG, ended).await?;
     let report = monitor.stop().await;
     assert_eq!(end.status, "completed", "{end:?}");
@@ -337,15 +566,27 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
         assert_eq!(v, vec!["2.0"], "{id} must be installed exactly once");
     }
     check_epochs_monotonic(&fleet).await?;
-    let events = oc.events(pb::EventsRequest { pool: "pool-a".into(), limit: 1000 }).await?.into_inner().events;
-    assert!(events.iter().any(|e| e.coordinator == new_leader), "the new leader recorded steps");
+    let events = oc
+        .events(pb::EventsRequest {
+            pool: "pool-a".into(),
+            limit: 1000,
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        events.iter().any(|e| e.coordinator == new_leader),
+        "the new leader recorded steps"
+    );
     drop(c);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow::Result<()> {
-    let Some(etcd) = etcd_cluster().await? else { return Ok(()) };
+    let Some(etcd) = etcd_cluster().await? else {
+        return Ok(());
+    };
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 4, 2, "1.0").await?;
@@ -353,19 +594,42 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
     let mut coords = Vec::new();
     for i in 1..=2 {
         let id = format!("c{i}");
-        coords.push(CoordinatorProc::start(root, &id, &fleet.pki.issue(RoleKind::Coordinator, &id)?, &etcd_store(&etcd.endpoints(), ttl), &fleet.pool_toml("min_active = 2")).await?);
+        coords.push(
+            CoordinatorProc::start(
+                root,
+                &id,
+                &fleet.pki.issue(RoleKind::Coordinator, &id)?,
+                &etcd_store(&etcd.endpoints(), ttl),
+                &fleet.pool_toml("min_active = 2"),
+            )
+            .await?,
+        );
     }
     let addrs: Vec<_> = coords.iter().map(|c| c.addr).collect();
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(addrs[0], &op).await?;
-    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || { let mut c = c.clone(); async move { leader_of(&mut c).await } }).await?;
-    let li = coords.iter().position(|x| x.id == leader).context("leader")?;
+    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { leader_of(&mut c).await }
+    })
+    .await?;
+    let li = coords
+        .iter()
+        .position(|x| x.id == leader)
+        .context("leader")?;
     let fi = 1 - li;
     let mut lc = operator_client(coords[li].addr, &op).await?;
     wait_ready(&lc, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    lc.start_upgrade(pb::StartUpgradeRequest { verify_stable_ms: 1_000, ..start_req("pool-a", &artifact, &sha) }).await?;
-    wait_status(&addrs, &op, "pool-a", LONG, |s| s.servers.iter().any(|x| x.phase == "in_flight")).await?;
+    lc.start_upgrade(pb::StartUpgradeRequest {
+        verify_stable_ms: 1_000,
+        ..start_req("pool-a", &artifact, &sha)
+    })
+    .await?;
+    wait_status(&addrs, &op, "pool-a", LONG, |s| {
+        s.servers.iter().any(|x| x.phase == "in_flight")
+    })
+    .await?;
     // Freeze the leader past its lease: the follower takes over and fences the agents.
     coords[li].stop_process()?;
     let mut fc = operator_client(coords[fi].addr, &op).await?;
@@ -379,12 +643,32 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
     // The old leader's own epoch is refused by the agents, whatever it still believes.
     let stale = fleet.pki.issue(RoleKind::Coordinator, &leader)?;
     let mut a = agent_client(fleet.servers[0].agent.addr, &stale).await?;
-    eventually("the agents to be fenced at the new epoch", Duration::from_secs(10), || {
-        let mut a = a.clone();
-        async move { (a.health(apb::HealthRequest {}).await.ok()?.into_inner().epoch >= new_epoch).then_some(()) }
-    })
+    eventually(
+        "the agents to be fenced at the new epoch",
+        Duration::from_secs(10),
+        || {
+            let mut a = a.clone();
+            async move {
+                (a.health(apb::HealthRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .epoch
+                    >= new_epoch)
+                    .then_some(())
+            }
+        },
+    )
     .await?;
-    let err = a.stop(apb::StopRequest { header: Some(apb::OperationHeader { operation_id: "stale-leader-call".into(), epoch }) }).await.expect_err("stale epoch");
+    let err = a
+        .stop(apb::StopRequest {
+            header: Some(apb::OperationHeader {
+                operation_id: "stale-leader-call".into(),
+                epoch,
+            }),
+        })
+        .await
+        .expect_err("stale epoch");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     // Wake it: it must notice it lost leadership and do no harm.
     coords[li].continue_process()?;
@@ -394,13 +678,23 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
         assert_eq!(v, vec!["2.0"], "{id} must be installed exactly once");
     }
     check_epochs_monotonic(&fleet).await?;
-    eventually("the old leader to log its loss of leadership", Duration::from_secs(10), || {
-        let log = coords[li].log();
-        async move { (log.contains("leadership lost") || log.contains("fenced") || log.contains("stale")).then_some(()) }
-    })
+    eventually(
+        "the old leader to log its loss of leadership",
+        Duration::from_secs(10),
+        || {
+            let log = coords[li].log();
+            async move {
+                (log.contains("leadership lost") || log.contains("fenced") || log.contains("stale"))
+                    .then_some(())
+            }
+        },
+    )
     .await?;
     let (now_leader, _) = leader_of(&mut fc).await.context("leader")?;
-    assert_ne!(now_leader, leader, "the woken leader must not lead again by itself");
+    assert_ne!(
+        now_leader, leader,
+        "the woken leader must not lead again by itself"
+    );
     Ok(())
 }
 
@@ -409,24 +703,91 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
-    let mut coord = CoordinatorProc::start(root, "c1", &fleet.pki.issue(RoleKind::Coordinator, "c1")?, &embedded(root), &fleet.pool_toml("")).await?;
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        &fleet.pool_toml(""),
+    )
+    .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
     let out = cli(&op, &[coord.addr])?
-        .args(["upgrade", "start", "--pool", "pool-a", "--version", "2.0", "--artifact", artifact.to_str().context("path")?, "--sha256", &sha, "--dry-run", "--domain-order", "ud-3,ud-1,ud-2", "-o", "json"])
+        .args([
+            "upgrade",
+            "start",
+            "--pool",
+            "pool-a",
+            "--version",
+            "2.0",
+            "--artifact",
+            artifact.to_str().context("path")?,
+            "--sha256",
+            &sha,
+            "--dry-run",
+            "--domain-order",
+            "ud-3,ud-1,ud-2",
+            "-o",
+            "json",
+        ])
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let names: Vec<_> = plan["domains"].as_array().context("domains")?.iter().map(|d| d["name"].as_str().unwrap_or_default().to_owned()).collect();
+    let names: Vec<_> = plan["domains"]
+        .as_array()
+        .context("domains")?
+        .iter()
+        .map(|d| d["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
     assert_eq!(names, vec!["ud-3", "ud-1", "ud-2"]);
     assert_eq!(plan["busy_retries"], 3);
     let mut c = operator_client(coord.addr, &op).await?;
-    let s = c.get_upgrade(pb::PoolRequest { pool: "pool-a".into() }).await?.into_inner();
+    let s = c
+        .get_upgrade(pb::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(s.status, "none", "a dry run starts nothing");
     for (args, needle) in [
         (vec!["readiness", "--pool", "nope"], "unknown pool"),
-        (vec!["upgrade", "start", "--pool", "pool-a", "--version", "2.0", "--artifact", "/x", "--sha256", "abc"], "sha256"),
-        (vec!["upgrade", "start", "--pool", "pool-a", "--version", "2.0", "--artifact", "/x", "--sha256", &sha, "--domain-order", "ud-9"], "ud-9"),
+        (
+            vec![
+                "upgrade",
+                "start",
+                "--pool",
+                "pool-a",
+                "--version",
+                "2.0",
+                "--artifact",
+                "/x",
+                "--sha256",
+                "abc",
+            ],
+            "sha256",
+        ),
+        (
+            vec![
+                "upgrade",
+                "start",
+                "--pool",
+                "pool-a",
+                "--version",
+                "2.0",
+                "--artifact",
+                "/x",
+                "--sha256",
+                &sha,
+                "--domain-order",
+                "ud-9",
+            ],
+            "ud-9",
+        ),
         (vec!["upgrade", "pause", "--pool", "pool-a"], "no upgrade"),
     ] {
         let out = cli(&op, &[coord.addr])?.args(&args).output()?;
@@ -439,8 +800,14 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
     let (mut c1, mut c2) = (c.clone(), c.clone());
     let req = start_req("pool-a", &artifact, &sha);
     let (a, b) = tokio::join!(c1.start_upgrade(req.clone()), c2.start_upgrade(req));
-    let codes: Vec<_> = [&a, &b].iter().map(|r| r.as_ref().err().map(tonic::Status::code)).collect();
-    assert!(codes.contains(&None) && codes.contains(&Some(tonic::Code::AlreadyExists)), "{a:?} {b:?}");
+    let codes: Vec<_> = [&a, &b]
+        .iter()
+        .map(|r| r.as_ref().err().map(tonic::Status::code))
+        .collect();
+    assert!(
+        codes.contains(&None) && codes.contains(&Some(tonic::Code::AlreadyExists)),
+        "{a:?} {b:?}"
+    );
     let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     assert_eq!(end.status, "completed");
     for (id, v) in fleet.installs() {
@@ -448,7 +815,9 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
     }
     // An agent certificate may not use the operator API.
     let agent_cert = fleet.pki.issue(RoleKind::Agent, "fe-1")?;
-    let out = cli(&agent_cert, &[coord.addr])?.args(["readiness", "--pool", "pool-a"]).output()?;
+    let out = cli(&agent_cert, &[coord.addr])?
+        .args(["readiness", "--pool", "pool-a"])
+        .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr)?.contains("operator role"));
     coord.terminate().await?;

@@ -5,12 +5,19 @@
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_seeds_survive_injected_faults() -> anyhow::Result<()> {
     if rollgate_tests::etcd::etcd_binary().is_none() {
-        anyhow::ensure!(!rollgate_tests::ci(), "etcd is missing and CI=true: install etcd-server");
+        anyhow::ensure!(
+            !rollgate_tests::ci(),
+            "etcd is missing and CI=true: install etcd-server"
+        );
         return Ok(());
     }
     for seed in [7_u64, 1_000_003] {
         let r = rollgate_tests::chaos::run(seed, 3).await?;
-        println!("seed {seed}: ok in {:.1}s, faults: {}", r.took.as_secs_f64(), r.faults.join("; "));
+        println!(
+            "seed {seed}: ok in {:.1}s, faults: {}",
+            r.took.as_secs_f64(),
+            r.faults.join("; ")
+        );
         assert_eq!(r.faults.len(), 3);
         assert!(r.served > 0);
     }

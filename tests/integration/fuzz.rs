@@ -13,7 +13,11 @@ const COORDINATOR: &str = include_str!("../../deploy/coordinator.example.toml");
 
 /// Mutates a valid document: cut it, duplicate a line, or replace a slice with noise.
 fn mutate(doc: &str, how: u8, at: usize, noise: &str) -> String {
-    let at = doc.char_indices().map(|(i, _)| i).nth(at % doc.chars().count().max(1)).unwrap_or(0);
+    let at = doc
+        .char_indices()
+        .map(|(i, _)| i)
+        .nth(at % doc.chars().count().max(1))
+        .unwrap_or(0);
     match how % 3 {
         0 => doc[..at].to_owned(),
         1 => format!("{}{}{}", &doc[..at], noise, &doc[at..]),

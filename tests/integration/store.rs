@@ -3,7 +3,9 @@
 //! partitions and member restarts; the embedded file lock and epochs across reopen.
 
 use anyhow::{bail, ensure, Context, Result};
-use rollgate_coordinator::store::{Candidate, EmbeddedStore, EtcdStore, LeaderInfo, Leadership, Store, StoreError, WriteOp};
+use rollgate_coordinator::store::{
+    Candidate, EmbeddedStore, EtcdStore, LeaderInfo, Leadership, Store, StoreError, WriteOp,
+};
 use rollgate_tests::etcd::{EtcdCluster, TcpProxy};
 use rollgate_tests::eventually;
 use std::time::{Duration, Instant};
@@ -13,11 +15,17 @@ const TTL: Duration = Duration::from_secs(2);
 const PREFIX: &str = "/rollgate/test/";
 
 fn cand(id: &str) -> Candidate {
-    Candidate { id: id.into(), address: format!("127.0.0.1:{}", 9000 + id.len()) }
+    Candidate {
+        id: id.into(),
+        address: format!("127.0.0.1:{}", 9000 + id.len()),
+    }
 }
 
 fn put(key: &str, value: &[u8]) -> WriteOp {
-    WriteOp::Put { key: key.into(), value: value.to_vec() }
+    WriteOp::Put {
+        key: key.into(),
+        value: value.to_vec(),
+    }
 }
 
 /// A fresh value of the same type as `like` (used for cancellation tokens, whose crate this
@@ -28,7 +36,12 @@ fn fresh<T: Default>(_like: &T) -> T {
 
 async fn campaign(store: &Store, id: &str) -> Result<Leadership> {
     let never = Default::default();
-    Ok(tokio::time::timeout(Duration::from_secs(10), store.campaign(&cand(id), TTL, &never)).await.context("campaign hung")??)
+    Ok(tokio::time::timeout(
+        Duration::from_secs(10),
+        store.campaign(&cand(id), TTL, &never),
+    )
+    .await
+    .context("campaign hung")??)
 }
 
 /// A store under test and what keeps it alive.
@@ -43,7 +56,11 @@ impl Backend {
     async fn embedded() -> Result<Backend> {
         let dir = tempfile::tempdir()?;
         let store = Store::Embedded(EmbeddedStore::open(&dir.path().join("store.json"))?);
-        Ok(Backend { store, etcd: None, _dir: Some(dir) })
+        Ok(Backend {
+            store,
+            etcd: None,
+            _dir: Some(dir),
+        })
     }
 
     /// `None` when etcd is not installed (and not under CI).
@@ -52,14 +69,20 @@ impl Backend {
             return Ok(None);
         };
         let store = Store::Etcd(EtcdStore::connect(&cluster.endpoints(), PREFIX).await?);
-        Ok(Some(Backend { store, etcd: Some(cluster), _dir: None }))
+        Ok(Some(Backend {
+            store,
+            etcd: Some(cluster),
+            _dir: None,
+        }))
     }
 
     /// The store a second coordinator would use: its own etcd connection, or the same
     /// embedded store (a second open of the file is refused by design).
     async fn peer(&self) -> Result<Store> {
         match &self.etcd {
-            Some(c) => Ok(Store::Etcd(EtcdStore::connect(&c.endpoints(), PREFIX).await?)),
+            Some(c) => Ok(Store::Etcd(
+                EtcdStore::connect(&c.endpoints(), PREFIX).await?,
+            )),
             None => Ok(self.store.clone()),
         }
     }
@@ -71,9 +94,17 @@ impl Backend {
             return Ok(());
         }
         let s = &self.store;
-        eventually(&format!("{n} candidates queued"), Duration::from_secs(5), || async move {
-            s.range("election/").await.ok().filter(|kvs| kvs.len() == n).map(|_| ())
-        })
+        eventually(
+            &format!("{n} candidates queued"),
+            Duration::from_secs(5),
+            || async move {
+                s.range("election/")
+                    .await
+                    .ok()
+                    .filter(|kvs| kvs.len() == n)
+                    .map(|_| ())
+            },
+        )
         .await
     }
 }
@@ -117,24 +148,69 @@ async fn writes_round_trip(b: Backend) -> Result<()> {
     let r1 = s
         .fenced_write(
             &l,
-            vec![put("plans/p1/meta", b"m"), put("plans/p1/servers/s2", b"2"), put("plans/p1/servers/s1", &[0, 255, 1]), put("other", b"o")],
+            vec![
+                put("plans/p1/meta", b"m"),
+                put("plans/p1/servers/s2", b"2"),
+                put("plans/p1/servers/s1", &[0, 255, 1]),
+                put("other", b"o"),
+            ],
         )
         .await?;
-    ensure!(r1 > l.epoch.get() as i64, "write revision {r1} must follow epoch {}", l.epoch);
+    ensure!(
+        r1 > l.epoch.get() as i64,
+        "write revision {r1} must follow epoch {}",
+        l.epoch
+    );
     let meta = s.get("plans/p1/meta").await?.context("meta missing")?;
-    ensure!(meta.key == "plans/p1/meta" && meta.value == b"m" && meta.create_revision == r1 && meta.mod_revision == r1, "{meta:?}");
+    ensure!(
+        meta.key == "plans/p1/meta"
+            && meta.value == b"m"
+            && meta.create_revision == r1
+            && meta.mod_revision == r1,
+        "{meta:?}"
+    );
 
     let servers = s.range("plans/p1/servers/").await?;
-    let got: Vec<(&str, &[u8])> = servers.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())).collect();
-    ensure!(got == [("plans/p1/servers/s1", &[0u8, 255, 1][..]), ("plans/p1/servers/s2", b"2")], "{got:?}");
+    let got: Vec<(&str, &[u8])> = servers
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.as_slice()))
+        .collect();
+    ensure!(
+        got == [
+            ("plans/p1/servers/s1", &[0u8, 255, 1][..]),
+            ("plans/p1/servers/s2", b"2")
+        ],
+        "{got:?}"
+    );
 
-    let r2 = s.fenced_write(&l, vec![put("plans/p1/servers/s1", b"1b"), WriteOp::Delete { key: "plans/p1/servers/s2".into() }]).await?;
+    let r2 = s
+        .fenced_write(
+            &l,
+            vec![
+                put("plans/p1/servers/s1", b"1b"),
+                WriteOp::Delete {
+                    key: "plans/p1/servers/s2".into(),
+                },
+            ],
+        )
+        .await?;
     ensure!(r2 > r1);
     let s1 = s.get("plans/p1/servers/s1").await?.context("s1 missing")?;
-    ensure!(s1.value == b"1b" && s1.create_revision == r1 && s1.mod_revision == r2, "{s1:?}");
-    ensure!(s.get("plans/p1/servers/s2").await?.is_none(), "deleted key still there");
+    ensure!(
+        s1.value == b"1b" && s1.create_revision == r1 && s1.mod_revision == r2,
+        "{s1:?}"
+    );
+    ensure!(
+        s.get("plans/p1/servers/s2").await?.is_none(),
+        "deleted key still there"
+    );
     ensure!(s.get("missing").await?.is_none());
-    let keys: Vec<String> = s.range("plans/").await?.into_iter().map(|kv| kv.key).collect();
+    let keys: Vec<String> = s
+        .range("plans/")
+        .await?
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
     ensure!(keys == ["plans/p1/meta", "plans/p1/servers/s1"], "{keys:?}");
     s.resign(&l).await?;
     Ok(())
@@ -151,13 +227,22 @@ async fn write_after_resign_is_fenced(b: Backend) -> Result<()> {
         other => bail!("write after resign: {other:?}"),
     }
     // Not only the local token: the store itself refuses the old epoch.
-    let forged = Leadership { lost: fresh(&l.lost), ..l.clone() };
+    let forged = Leadership {
+        lost: fresh(&l.lost),
+        ..l.clone()
+    };
     match s.fenced_write(&forged, vec![put("k", b"v3")]).await {
         Err(StoreError::Fenced { .. }) => {}
         other => bail!("write with a resigned epoch and a live token: {other:?}"),
     }
-    ensure!(forged.lost.is_cancelled(), "a fenced write must cancel lost");
-    ensure!(s.get("k").await?.map(|kv| kv.value) == Some(b"v1".to_vec()), "a fenced write changed data");
+    ensure!(
+        forged.lost.is_cancelled(),
+        "a fenced write must cancel lost"
+    );
+    ensure!(
+        s.get("k").await?.map(|kv| kv.value) == Some(b"v1".to_vec()),
+        "a fenced write changed data"
+    );
     s.resign(&l).await.context("resigning twice is harmless")?;
     Ok(())
 }
@@ -172,18 +257,35 @@ async fn second_candidate_waits_for_resign(b: Backend) -> Result<()> {
     });
     b.wait_queued(2).await?;
     // Asserting that something does NOT happen needs a window; this one is not a wait for it.
-    ensure!(tokio::time::timeout(Duration::from_millis(500), &mut waiting).await.is_err(), "b won while a leads");
-    s.fenced_write(&a, vec![put("k", b"a")]).await.context("the leader writes while b waits")?;
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "b won while a leads"
+    );
+    s.fenced_write(&a, vec![put("k", b"a")])
+        .await
+        .context("the leader writes while b waits")?;
     ensure!(s.leader().await?.map(|i| i.id) == Some("a".into()));
 
     let t = Instant::now();
     s.resign(&a).await?;
-    let bl = tokio::time::timeout(Duration::from_secs(5), waiting).await.context("b did not take over after resign")???;
+    let bl = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .context("b did not take over after resign")???;
     println!("takeover after resign: {:?}", t.elapsed());
-    ensure!(bl.epoch > a.epoch, "epoch {} must exceed {}", bl.epoch, a.epoch);
+    ensure!(
+        bl.epoch > a.epoch,
+        "epoch {} must exceed {}",
+        bl.epoch,
+        a.epoch
+    );
     let info = s.leader().await?.context("no leader")?;
     ensure!(info.id == "b" && info.epoch == bl.epoch, "{info:?}");
-    ensure!(matches!(s.fenced_write(&a, vec![put("k", b"stale")]).await, Err(StoreError::Fenced { .. })));
+    ensure!(matches!(
+        s.fenced_write(&a, vec![put("k", b"stale")]).await,
+        Err(StoreError::Fenced { .. })
+    ));
     s.fenced_write(&bl, vec![put("k", b"b")]).await?;
     ensure!(s.get("k").await?.map(|kv| kv.value) == Some(b"b".to_vec()));
     s.resign(&bl).await?;
@@ -194,9 +296,16 @@ async fn leader_reports_current_leader(b: Backend) -> Result<()> {
     let s = &b.store;
     ensure!(s.leader().await?.is_none(), "leader before any campaign");
     let a = campaign(s, "a").await?;
-    let want = LeaderInfo { id: "a".into(), address: cand("a").address, epoch: a.epoch };
+    let want = LeaderInfo {
+        id: "a".into(),
+        address: cand("a").address,
+        epoch: a.epoch,
+    };
     ensure!(s.leader().await? == Some(want.clone()));
-    ensure!(b.peer().await?.leader().await? == Some(want), "another coordinator sees the same leader");
+    ensure!(
+        b.peer().await?.leader().await? == Some(want),
+        "another coordinator sees the same leader"
+    );
     s.resign(&a).await?;
     ensure!(s.leader().await?.is_none(), "leader after resign");
     Ok(())
@@ -213,7 +322,10 @@ async fn cancelled_campaign_gives_up(b: Backend) -> Result<()> {
     };
     b.wait_queued(2).await?;
     cancel.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), waiting).await.context("cancelled campaign hung")?? {
+    match tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .context("cancelled campaign hung")??
+    {
         Err(StoreError::Cancelled) => {}
         other => bail!("cancelled campaign: {other:?}"),
     }
@@ -238,7 +350,13 @@ async fn embedded_second_open_is_locked() -> Result<()> {
     }
     // The lock is a real flock, seen by other processes too (util-linux flock, when present).
     let lock = dir.path().join("store.json.lock");
-    let held_elsewhere = || std::process::Command::new("flock").arg("-n").arg(&lock).arg("true").status();
+    let held_elsewhere = || {
+        std::process::Command::new("flock")
+            .arg("-n")
+            .arg(&lock)
+            .arg("true")
+            .status()
+    };
     if let Ok(st) = held_elsewhere() {
         ensure!(!st.success(), "another process could take the lock");
         drop(first);
@@ -257,12 +375,20 @@ async fn embedded_epochs_grow_across_reopen() -> Result<()> {
     let mut last = None;
     for (run, resign) in [(1, true), (2, false), (3, true)] {
         let s = Store::Embedded(EmbeddedStore::open(&path)?);
-        ensure!(s.leader().await?.is_none(), "run {run} starts with a leader left over");
+        ensure!(
+            s.leader().await?.is_none(),
+            "run {run} starts with a leader left over"
+        );
         let l = campaign(&s, &format!("run{run}")).await?;
         if let Some(prev) = last {
-            ensure!(l.epoch > prev, "run {run}: epoch {} not above {prev}", l.epoch);
+            ensure!(
+                l.epoch > prev,
+                "run {run}: epoch {} not above {prev}",
+                l.epoch
+            );
         }
-        s.fenced_write(&l, vec![put(&format!("runs/{run}"), b"x")]).await?;
+        s.fenced_write(&l, vec![put(&format!("runs/{run}"), b"x")])
+            .await?;
         if resign {
             s.resign(&l).await?;
         }
@@ -291,53 +417,90 @@ fn lease_of(key: &str) -> Result<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_lease_ttl_is_read_back() -> Result<()> {
-    let Some(cluster) = EtcdCluster::start(1).await? else { return Ok(()) };
+    let Some(cluster) = EtcdCluster::start(1).await? else {
+        return Ok(());
+    };
     let (s, _) = etcd_pair(&cluster).await?;
     let never = Default::default();
-    let short = s.campaign(&cand("a"), Duration::from_millis(300), &never).await?;
-    ensure!(short.ttl == Duration::from_secs(2), "etcd raises short TTLs to its minimum; got {:?}", short.ttl);
+    let short = s
+        .campaign(&cand("a"), Duration::from_millis(300), &never)
+        .await?;
+    ensure!(
+        short.ttl == Duration::from_secs(2),
+        "etcd raises short TTLs to its minimum; got {:?}",
+        short.ttl
+    );
     ensure!(short.lease_id != 0);
     s.resign(&short).await?;
-    let long = s.campaign(&cand("a"), Duration::from_millis(2500), &never).await?;
-    ensure!(long.ttl == Duration::from_secs(3), "fractions round up to whole seconds; got {:?}", long.ttl);
+    let long = s
+        .campaign(&cand("a"), Duration::from_millis(2500), &never)
+        .await?;
+    ensure!(
+        long.ttl == Duration::from_secs(3),
+        "fractions round up to whole seconds; got {:?}",
+        long.ttl
+    );
     s.resign(&long).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_takeover_after_lease_revoked() -> Result<()> {
-    let Some(cluster) = EtcdCluster::start(1).await? else { return Ok(()) };
+    let Some(cluster) = EtcdCluster::start(1).await? else {
+        return Ok(());
+    };
     let (s, peer) = etcd_pair(&cluster).await?;
     let a = campaign(&s, "a").await?;
     let waiting = tokio::spawn(async move {
         let never = Default::default();
         peer.campaign(&cand("b"), TTL, &never).await
     });
-    eventually("b queued", Duration::from_secs(5), || async { s.range("election/").await.ok().filter(|k| k.len() == 2) }).await?;
+    eventually("b queued", Duration::from_secs(5), || async {
+        s.range("election/").await.ok().filter(|k| k.len() == 2)
+    })
+    .await?;
 
     // a's lease dies behind its back, as when etcd expires it.
     let mut raw = etcd_client::Client::connect(cluster.endpoints(), None).await?;
     let t0 = Instant::now();
     raw.lease_revoke(a.lease_id).await?;
-    let bl = tokio::time::timeout(TTL + Duration::from_secs(1), waiting).await.context("b did not take over within TTL+1s")???;
+    let bl = tokio::time::timeout(TTL + Duration::from_secs(1), waiting)
+        .await
+        .context("b did not take over within TTL+1s")???;
     let b_leads = t0.elapsed();
     let lost = a.lost.clone();
-    tokio::time::timeout(TTL + Duration::from_secs(1), lost.cancelled()).await.context("a's lost token was not cancelled")?;
+    tokio::time::timeout(TTL + Duration::from_secs(1), lost.cancelled())
+        .await
+        .context("a's lost token was not cancelled")?;
     let a_knows = t0.elapsed();
     println!("takeover after lease revoke: b leads after {b_leads:?}, a's lost cancelled after {a_knows:?}");
 
     ensure!(bl.epoch > a.epoch);
     ensure!(s.leader().await?.map(|i| i.id) == Some("b".into()));
-    ensure!(matches!(s.fenced_write(&a, vec![put("k", b"a")]).await, Err(StoreError::Fenced { .. })));
-    let forged = Leadership { lost: fresh(&a.lost), ..a.clone() };
-    ensure!(matches!(s.fenced_write(&forged, vec![put("k", b"a")]).await, Err(StoreError::Fenced { .. })), "etcd accepted a deposed epoch");
+    ensure!(matches!(
+        s.fenced_write(&a, vec![put("k", b"a")]).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    let forged = Leadership {
+        lost: fresh(&a.lost),
+        ..a.clone()
+    };
+    ensure!(
+        matches!(
+            s.fenced_write(&forged, vec![put("k", b"a")]).await,
+            Err(StoreError::Fenced { .. })
+        ),
+        "etcd accepted a deposed epoch"
+    );
     ensure!(s.get("k").await?.is_none());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_takeover_when_renewals_stop() -> Result<()> {
-    let Some(cluster) = EtcdCluster::start(1).await? else { return Ok(()) };
+    let Some(cluster) = EtcdCluster::start(1).await? else {
+        return Ok(());
+    };
     // a reaches etcd only through the proxy; freezing it is a partition of a alone.
     let proxy = TcpProxy::start(cluster.client_addr(0)?).await?;
     let a_store = Store::Etcd(EtcdStore::connect(&[proxy.url()], PREFIX).await?);
@@ -351,7 +514,10 @@ async fn etcd_takeover_when_renewals_stop() -> Result<()> {
         })
     };
     let bs = &b_store;
-    eventually("b queued", Duration::from_secs(5), || async move { bs.range("election/").await.ok().filter(|k| k.len() == 2) }).await?;
+    eventually("b queued", Duration::from_secs(5), || async move {
+        bs.range("election/").await.ok().filter(|k| k.len() == 2)
+    })
+    .await?;
 
     let t0 = Instant::now();
     proxy.freeze();
@@ -360,26 +526,48 @@ async fn etcd_takeover_when_renewals_stop() -> Result<()> {
         lost.cancelled().await;
         t0.elapsed()
     });
-    let bl = tokio::time::timeout(TTL + Duration::from_secs(1), waiting).await.context("b did not take over within TTL+1s")???;
+    let bl = tokio::time::timeout(TTL + Duration::from_secs(1), waiting)
+        .await
+        .context("b did not take over within TTL+1s")???;
     let b_leads = t0.elapsed();
-    let a_knew = tokio::time::timeout(TTL, a_knew).await.context("a never noticed it lost")??;
-    println!("takeover after partition: a's lost cancelled after {a_knew:?}, b leads after {b_leads:?}");
-    ensure!(a_knew < b_leads, "the old leader must give up ({a_knew:?}) before its successor leads ({b_leads:?})");
+    let a_knew = tokio::time::timeout(TTL, a_knew)
+        .await
+        .context("a never noticed it lost")??;
+    println!(
+        "takeover after partition: a's lost cancelled after {a_knew:?}, b leads after {b_leads:?}"
+    );
+    ensure!(
+        a_knew < b_leads,
+        "the old leader must give up ({a_knew:?}) before its successor leads ({b_leads:?})"
+    );
     ensure!(bl.epoch > a.epoch);
 
     // Healed, the old leader's writes are refused by etcd itself, not only by its own token.
     proxy.thaw();
-    ensure!(matches!(a_store.fenced_write(&a, vec![put("k", b"a")]).await, Err(StoreError::Fenced { .. })));
-    let forged = Leadership { lost: fresh(&a.lost), ..a.clone() };
+    ensure!(matches!(
+        a_store.fenced_write(&a, vec![put("k", b"a")]).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    let forged = Leadership {
+        lost: fresh(&a.lost),
+        ..a.clone()
+    };
     let (st, fg) = (&a_store, &forged);
-    let outcome = eventually("the deposed leader's write to be refused", Duration::from_secs(20), || async move {
-        match st.fenced_write(fg, vec![put("k", b"a")]).await {
-            Err(StoreError::Unavailable(_)) => None,
-            other => Some(other),
-        }
-    })
+    let outcome = eventually(
+        "the deposed leader's write to be refused",
+        Duration::from_secs(20),
+        || async move {
+            match st.fenced_write(fg, vec![put("k", b"a")]).await {
+                Err(StoreError::Unavailable(_)) => None,
+                other => Some(other),
+            }
+        },
+    )
     .await?;
-    ensure!(matches!(outcome, Err(StoreError::Fenced { .. })), "deposed leader's write: {outcome:?}");
+    ensure!(
+        matches!(outcome, Err(StoreError::Fenced { .. })),
+        "deposed leader's write: {outcome:?}"
+    );
     b_store.fenced_write(&bl, vec![put("k", b"b")]).await?;
     ensure!(b_store.get("k").await?.map(|kv| kv.value) == Some(b"b".to_vec()));
     Ok(())
@@ -387,18 +575,29 @@ async fn etcd_takeover_when_renewals_stop() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_campaign_fails_when_its_lease_dies() -> Result<()> {
-    let Some(cluster) = EtcdCluster::start(1).await? else { return Ok(()) };
+    let Some(cluster) = EtcdCluster::start(1).await? else {
+        return Ok(());
+    };
     let (s, peer) = etcd_pair(&cluster).await?;
     let a = campaign(&s, "a").await?;
     let waiting = tokio::spawn(async move {
         let never = Default::default();
         peer.campaign(&cand("b"), TTL, &never).await
     });
-    let keys = eventually("b queued", Duration::from_secs(5), || async { s.range("election/").await.ok().filter(|k| k.len() == 2) }).await?;
-    let b_key = keys.iter().find(|kv| kv.key != a.key).context("no key for b")?;
+    let keys = eventually("b queued", Duration::from_secs(5), || async {
+        s.range("election/").await.ok().filter(|k| k.len() == 2)
+    })
+    .await?;
+    let b_key = keys
+        .iter()
+        .find(|kv| kv.key != a.key)
+        .context("no key for b")?;
     let mut raw = etcd_client::Client::connect(cluster.endpoints(), None).await?;
     raw.lease_revoke(lease_of(&b_key.key)?).await?;
-    match tokio::time::timeout(TTL + Duration::from_secs(1), waiting).await.context("b kept waiting on a dead lease")?? {
+    match tokio::time::timeout(TTL + Duration::from_secs(1), waiting)
+        .await
+        .context("b kept waiting on a dead lease")??
+    {
         Err(StoreError::Unavailable(_)) => {}
         other => bail!("campaign on a dead lease: {other:?}"),
     }
@@ -409,7 +608,9 @@ async fn etcd_campaign_fails_when_its_lease_dies() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_three_members_survive_member_restart() -> Result<()> {
-    let Some(mut cluster) = EtcdCluster::start(3).await? else { return Ok(()) };
+    let Some(mut cluster) = EtcdCluster::start(3).await? else {
+        return Ok(());
+    };
     let eps = cluster.endpoints();
     let s = Store::Etcd(EtcdStore::connect(&eps, PREFIX).await?);
     let a = campaign(&s, "a").await?;
@@ -420,9 +621,16 @@ async fn etcd_three_members_survive_member_restart() -> Result<()> {
     cluster.kill_member(0)?;
     // If it was the raft leader, the others need an election first ("leader changed").
     let survivors = &eps[1..];
-    let rest = eventually("the surviving quorum to serve", Duration::from_secs(15), || async move {
-        EtcdStore::connect(survivors, PREFIX).await.ok().map(Store::Etcd)
-    })
+    let rest = eventually(
+        "the surviving quorum to serve",
+        Duration::from_secs(15),
+        || async move {
+            EtcdStore::connect(survivors, PREFIX)
+                .await
+                .ok()
+                .map(Store::Etcd)
+        },
+    )
     .await?;
     let b = campaign(&rest, "b").await?;
     ensure!(b.epoch > a.epoch);
@@ -431,7 +639,10 @@ async fn etcd_three_members_survive_member_restart() -> Result<()> {
     // Back again, the member catches up and serves linearizable reads of the new value.
     cluster.restart_member(0).await?;
     let only0 = Store::Etcd(EtcdStore::connect(&eps[..1], PREFIX).await?);
-    let got = only0.get("k").await?.context("k missing on the restarted member")?;
+    let got = only0
+        .get("k")
+        .await?
+        .context("k missing on the restarted member")?;
     ensure!(got.value == b"2", "{got:?}");
     ensure!(only0.leader().await?.map(|i| i.id) == Some("b".into()));
     rest.resign(&b).await?;

@@ -126,9 +126,15 @@ impl World {
                 let mut oc = operator_client(c.proc_.addr, &self.op).await.ok()?;
                 leader_of(&mut oc).await
             };
-            let got = tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten();
+            let got = tokio::time::timeout(Duration::from_secs(2), ask)
+                .await
+                .ok()
+                .flatten();
             if let Some((id, _)) = got {
-                return self.coords.iter().position(|x| x.proc_.id == id && x.proc_.pid().is_some());
+                return self
+                    .coords
+                    .iter()
+                    .position(|x| x.proc_.id == id && x.proc_.pid().is_some());
             }
         }
         None
@@ -141,7 +147,11 @@ impl World {
             }
             let ask = async {
                 let mut oc = operator_client(c.proc_.addr, &self.op).await.ok()?;
-                oc.get_upgrade(pb::PoolRequest { pool: "chaos".into() }).await.ok()
+                oc.get_upgrade(pb::PoolRequest {
+                    pool: "chaos".into(),
+                })
+                .await
+                .ok()
             };
             if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(3), ask).await {
                 return Some(s.into_inner());
@@ -158,7 +168,11 @@ impl World {
                 if s.status != "running" {
                     return None;
                 }
-                if let Some(x) = s.servers.iter().find(|x| x.phase == "in_flight" && x.step == step) {
+                if let Some(x) = s
+                    .servers
+                    .iter()
+                    .find(|x| x.phase == "in_flight" && x.step == step)
+                {
                     return self.fleet.servers.iter().position(|f| f.id == x.server);
                 }
             }
@@ -169,7 +183,9 @@ impl World {
 }
 
 async fn start_world(root: &Path) -> anyhow::Result<World> {
-    let etcd = EtcdCluster::start(3).await?.ok_or_else(|| anyhow!("etcd not found: install etcd-server"))?;
+    let etcd = EtcdCluster::start(3)
+        .await?
+        .ok_or_else(|| anyhow!("etcd not found: install etcd-server"))?;
     let fleet = Fleet::start(root, "chaos", 9, 3, "1.0").await?;
     // The install command lingers a little, so that "kill the agent during install" can land.
     for s in &fleet.servers {
@@ -190,13 +206,34 @@ async fn start_world(root: &Path) -> anyhow::Result<World> {
         let store = format!("[store]\nkind = \"etcd\"\nendpoints = {endpoints:?}\nprefix = \"/rollgate/chaos/\"\nelection_ttl = \"{TTL_S}s\"");
         let mut pools = "[[pools]]\nname = \"chaos\"\n".to_owned();
         for (s, p) in fleet.servers.iter().zip(&agent_proxies) {
-            pools.push_str(&format!("\n[[pools.servers]]\nid = \"{}\"\nagent = \"{}\"\nupgrade_domain = \"{}\"\n", s.id, p.addr(), s.domain));
+            pools.push_str(&format!(
+                "\n[[pools.servers]]\nid = \"{}\"\nagent = \"{}\"\nupgrade_domain = \"{}\"\n",
+                s.id,
+                p.addr(),
+                s.domain
+            ));
         }
-        let proc_ = CoordinatorProc::start(root, &id, &fleet.pki.issue(RoleKind::Coordinator, &id)?, &store, &pools).await?;
-        coords.push(Coord { proc_, etcd_proxies, agent_proxies });
+        let proc_ = CoordinatorProc::start(
+            root,
+            &id,
+            &fleet.pki.issue(RoleKind::Coordinator, &id)?,
+            &store,
+            &pools,
+        )
+        .await?;
+        coords.push(Coord {
+            proc_,
+            etcd_proxies,
+            agent_proxies,
+        });
     }
     let op = fleet.pki.issue(RoleKind::Operator, "chaos")?;
-    Ok(World { etcd, fleet, coords, op })
+    Ok(World {
+        etcd,
+        fleet,
+        coords,
+        op,
+    })
 }
 
 /// Injects one fault and heals it; returns a line saying what was done.
@@ -204,43 +241,72 @@ async fn inject(w: &mut World, fault: Fault, rng: &mut Rng) -> anyhow::Result<St
     let ttl = Duration::from_secs(TTL_S);
     match fault {
         Fault::KillLeader => {
-            let Some(l) = w.leader().await else { return Ok("kill leader: no leader right now".into()) };
+            let Some(l) = w.leader().await else {
+                return Ok("kill leader: no leader right now".into());
+            };
             w.coords[l].proc_.kill().await?;
             tokio::time::sleep(rng.millis(500, 2500)).await;
             w.coords[l].proc_.restart().await?;
-            Ok(format!("SIGKILL leader {} then restart", w.coords[l].proc_.id))
+            Ok(format!(
+                "SIGKILL leader {} then restart",
+                w.coords[l].proc_.id
+            ))
         }
         Fault::PauseLeader => {
-            let Some(l) = w.leader().await else { return Ok("pause leader: no leader right now".into()) };
+            let Some(l) = w.leader().await else {
+                return Ok("pause leader: no leader right now".into());
+            };
             w.coords[l].proc_.stop_process()?;
             let d = ttl + rng.millis(1000, 2500);
             tokio::time::sleep(d).await;
             w.coords[l].proc_.continue_process()?;
-            Ok(format!("SIGSTOP leader {} for {d:?} then SIGCONT", w.coords[l].proc_.id))
+            Ok(format!(
+                "SIGSTOP leader {} for {d:?} then SIGCONT",
+                w.coords[l].proc_.id
+            ))
         }
         Fault::LeaderEtcdPartition => {
-            let Some(l) = w.leader().await else { return Ok("etcd partition: no leader right now".into()) };
+            let Some(l) = w.leader().await else {
+                return Ok("etcd partition: no leader right now".into());
+            };
             w.coords[l].etcd_proxies.iter().for_each(TcpProxy::freeze);
             let d = ttl + rng.millis(1000, 2500);
             tokio::time::sleep(d).await;
             w.coords[l].etcd_proxies.iter().for_each(TcpProxy::thaw);
-            Ok(format!("leader {} cut off from etcd for {d:?}", w.coords[l].proc_.id))
+            Ok(format!(
+                "leader {} cut off from etcd for {d:?}",
+                w.coords[l].proc_.id
+            ))
         }
         Fault::LeaderAgentPartition => {
-            let Some(l) = w.leader().await else { return Ok("agent partition: no leader right now".into()) };
+            let Some(l) = w.leader().await else {
+                return Ok("agent partition: no leader right now".into());
+            };
             w.coords[l].agent_proxies.iter().for_each(TcpProxy::freeze);
             let d = rng.millis(1000, 4000);
             tokio::time::sleep(d).await;
             w.coords[l].agent_proxies.iter().for_each(TcpProxy::thaw);
-            Ok(format!("leader {} cut off from the agents for {d:?}", w.coords[l].proc_.id))
+            Ok(format!(
+                "leader {} cut off from the agents for {d:?}",
+                w.coords[l].proc_.id
+            ))
         }
         Fault::KillAgentDuringInstall | Fault::KillAgentDuringDrain => {
-            let step = if fault == Fault::KillAgentDuringInstall { "install" } else { "drain" };
-            let Some(i) = w.server_in(step).await else { return Ok(format!("kill agent during {step}: no server was in {step}")) };
+            let step = if fault == Fault::KillAgentDuringInstall {
+                "install"
+            } else {
+                "drain"
+            };
+            let Some(i) = w.server_in(step).await else {
+                return Ok(format!("kill agent during {step}: no server was in {step}"));
+            };
             w.fleet.servers[i].agent.kill().await?;
             tokio::time::sleep(rng.millis(200, 1500)).await;
             w.fleet.servers[i].agent.restart().await?;
-            Ok(format!("SIGKILL agent {} during {step} then restart", w.fleet.servers[i].id))
+            Ok(format!(
+                "SIGKILL agent {} during {step} then restart",
+                w.fleet.servers[i].id
+            ))
         }
         Fault::KillEtcdMember => {
             let m = usize::try_from(rng.below(3))?;
@@ -261,9 +327,14 @@ async fn inject(w: &mut World, fault: Fault, rng: &mut Rng) -> anyhow::Result<St
             Ok(format!("etcd quorum lost for {d:?} (members {a}, {b})"))
         }
         Fault::LostResponse => {
-            let Some(l) = w.leader().await else { return Ok("lost response: no leader right now".into()) };
+            let Some(l) = w.leader().await else {
+                return Ok("lost response: no leader right now".into());
+            };
             // Requests still reach etcd and commit; only the answers are held back.
-            w.coords[l].etcd_proxies.iter().for_each(TcpProxy::freeze_answers);
+            w.coords[l]
+                .etcd_proxies
+                .iter()
+                .for_each(TcpProxy::freeze_answers);
             let d = rng.millis(300, 2500);
             tokio::time::sleep(d).await;
             w.coords[l].etcd_proxies.iter().for_each(TcpProxy::thaw);
@@ -298,7 +369,17 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
     let mut lc = operator_client(w.coords[l].proc_.addr, &w.op).await?;
     eventually("the pool to be Ready", Duration::from_secs(30), || {
         let mut c = lc.clone();
-        async move { (c.readiness(pb::PoolRequest { pool: "chaos".into() }).await.ok()?.into_inner().state == "Ready").then_some(()) }
+        async move {
+            (c.readiness(pb::PoolRequest {
+                pool: "chaos".into(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .state
+                == "Ready")
+                .then_some(())
+        }
     })
     .await?;
     let monitor = Monitor::start(ports, Duration::from_secs(300));
@@ -323,22 +404,44 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
         tokio::time::sleep(rng.millis(100, 1500)).await;
         let pool = fault_pool();
         let f = pool[usize::try_from(rng.below(pool.len() as u64))?];
-        let line = inject(&mut w, f, &mut rng).await.with_context(|| format!("seed {seed}: injecting {f:?}"))?;
+        let line = inject(&mut w, f, &mut rng)
+            .await
+            .with_context(|| format!("seed {seed}: injecting {f:?}"))?;
         done.push(line);
     }
     // Faults are over: the upgrade must end, and end completed, within a deadline.
-    let end = eventually("the upgrade to end after the faults", Duration::from_secs(120), || {
-        let w = &w;
-        async move { w.status().await.filter(|s| s.status != "running" && s.servers.iter().all(|x| x.phase != "in_flight")) }
-    })
+    let end = eventually(
+        "the upgrade to end after the faults",
+        Duration::from_secs(120),
+        || {
+            let w = &w;
+            async move {
+                w.status().await.filter(|s| {
+                    s.status != "running" && s.servers.iter().all(|x| x.phase != "in_flight")
+                })
+            }
+        },
+    )
     .await
     .with_context(|| format!("seed {seed}: faults {done:?}"))?;
     let report = monitor.stop().await;
     let ctx = || format!("seed {seed}, faults {done:?}");
-    ensure!(end.status == "completed", "{}: the upgrade ended {} ({})", ctx(), end.status, end.reason);
-    report.check(&domains, 5).map_err(|e| anyhow!("{}: {e}", ctx()))?;
+    ensure!(
+        end.status == "completed",
+        "{}: the upgrade ended {} ({})",
+        ctx(),
+        end.status,
+        end.reason
+    );
+    report
+        .check(&domains, 5)
+        .map_err(|e| anyhow!("{}: {e}", ctx()))?;
     for (id, v) in w.fleet.installs() {
-        ensure!(v == vec!["2.0".to_owned()], "{}: {id} installs {v:?}: not exactly once", ctx());
+        ensure!(
+            v == vec!["2.0".to_owned()],
+            "{}: {id} installs {v:?}: not exactly once",
+            ctx()
+        );
     }
     // Epochs each agent accepted only increase (no call from a deposed leader after a newer one).
     for s in &w.fleet.servers {
@@ -348,7 +451,12 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
             let v: serde_json::Value = serde_json::from_str(line)?;
             if v["event"] == "begin" {
                 let e = v["epoch"].as_u64().context("epoch")?;
-                ensure!(e >= last, "{}: {} accepted epoch {e} after epoch {last}", ctx(), s.id);
+                ensure!(
+                    e >= last,
+                    "{}: {} accepted epoch {e} after epoch {last}",
+                    ctx(),
+                    s.id
+                );
                 last = e;
             }
         }
@@ -358,10 +466,23 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
         let w = &w;
         async move {
             for c in &w.coords {
-                let Ok(mut oc) = operator_client(c.proc_.addr, &w.op).await else { continue };
-                let Ok(r) = oc.readiness(pb::PoolRequest { pool: "chaos".into() }).await else { continue };
+                let Ok(mut oc) = operator_client(c.proc_.addr, &w.op).await else {
+                    continue;
+                };
+                let Ok(r) = oc
+                    .readiness(pb::PoolRequest {
+                        pool: "chaos".into(),
+                    })
+                    .await
+                else {
+                    continue;
+                };
                 let r = r.into_inner();
-                let all = r.domains.iter().flat_map(|d| &d.servers).all(|s| s.state == "serving" && s.version == "2.0");
+                let all = r
+                    .domains
+                    .iter()
+                    .flat_map(|d| &d.servers)
+                    .all(|s| s.state == "serving" && s.version == "2.0");
                 if all {
                     return Some(());
                 }
@@ -375,15 +496,30 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
     }
     let took = t0.elapsed();
     drop(w);
-    Ok(RunReport { seed, faults: done, took, status: end.status, served: report.served, refused: report.refused })
+    Ok(RunReport {
+        seed,
+        faults: done,
+        took,
+        status: end.status,
+        served: report.served,
+        refused: report.refused,
+    })
 }
 
 /// The faults to choose from: all, or those named (Debug names, comma-separated) in
 /// ROLLGATE_CHAOS_FAULTS, to focus a soak on one kind.
 pub fn fault_pool() -> Vec<Fault> {
     let only = std::env::var("ROLLGATE_CHAOS_FAULTS").unwrap_or_default();
-    let picked: Vec<Fault> = ALL_FAULTS.iter().copied().filter(|f| only.split(',').any(|n| n.trim() == format!("{f:?}"))).collect();
-    if picked.is_empty() { ALL_FAULTS.to_vec() } else { picked }
+    let picked: Vec<Fault> = ALL_FAULTS
+        .iter()
+        .copied()
+        .filter(|f| only.split(',').any(|n| n.trim() == format!("{f:?}")))
+        .collect();
+    if picked.is_empty() {
+        ALL_FAULTS.to_vec()
+    } else {
+        picked
+    }
 }
 
 /// The seed printed for a run: from ROLLGATE_CHAOS_SEED when set, else from the clock.

@@ -41,7 +41,13 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts `n` servers spread round-robin over `domains` domains (ud-1..ud-N).
-    pub async fn start(root: &Path, pool: &str, n: usize, domains: usize, version: &str) -> anyhow::Result<Fleet> {
+    pub async fn start(
+        root: &Path,
+        pool: &str,
+        n: usize,
+        domains: usize,
+        version: &str,
+    ) -> anyhow::Result<Fleet> {
         let pki = Pki::new(&root.join("pki"))?;
         let setup = pki.issue(RoleKind::Coordinator, "setup")?;
         let (artifact, sha) = make_artifact(root, version)?;
@@ -54,31 +60,71 @@ impl Fleet {
             let agent = AgentProc::start(root, &id, pool, &domain, &tls, &fe).await?;
             // The base version goes in through the agent, as a real first roll-out would.
             let mut c = agent_client(agent.addr, &setup).await?;
-            let h = |s: &str| Some(apb::OperationHeader { operation_id: format!("setup/{id}/{s}"), epoch: 1 });
-            let ok = |r: apb::OperationResult| -> anyhow::Result<()> {
-                if r.state == apb::OperationState::Succeeded as i32 { Ok(()) } else { bail!("set-up step {} failed: {}", r.operation_id, r.message) }
+            let h = |s: &str| {
+                Some(apb::OperationHeader {
+                    operation_id: format!("setup/{id}/{s}"),
+                    epoch: 1,
+                })
             };
-            ok(c.stop(apb::StopRequest { header: h("stop") }).await?.into_inner())?;
-            ok(c.install_patch(apb::InstallPatchRequest { header: h("install"), artifact: artifact.display().to_string(), sha256: sha.clone(), version: version.into(), timeout_ms: 0 }).await?.into_inner())?;
-            ok(c.restart(apb::RestartRequest { header: h("restart"), timeout_ms: 0 }).await?.into_inner())?;
+            let ok = |r: apb::OperationResult| -> anyhow::Result<()> {
+                if r.state == apb::OperationState::Succeeded as i32 {
+                    Ok(())
+                } else {
+                    bail!("set-up step {} failed: {}", r.operation_id, r.message)
+                }
+            };
+            ok(c.stop(apb::StopRequest { header: h("stop") })
+                .await?
+                .into_inner())?;
+            ok(c.install_patch(apb::InstallPatchRequest {
+                header: h("install"),
+                artifact: artifact.display().to_string(),
+                sha256: sha.clone(),
+                version: version.into(),
+                timeout_ms: 0,
+            })
+            .await?
+            .into_inner())?;
+            ok(c.restart(apb::RestartRequest {
+                header: h("restart"),
+                timeout_ms: 0,
+            })
+            .await?
+            .into_inner())?;
             std::fs::remove_file(fe.dir.join("installs.log"))?;
-            servers.push(Server { id, domain, fe, agent });
+            servers.push(Server {
+                id,
+                domain,
+                fe,
+                agent,
+            });
         }
-        Ok(Fleet { root: root.to_owned(), pki, pool: pool.to_owned(), servers })
+        Ok(Fleet {
+            root: root.to_owned(),
+            pki,
+            pool: pool.to_owned(),
+            servers,
+        })
     }
 
     /// The `[[pools]]` section for this fleet; `extra` lines go into the pool table.
     pub fn pool_toml(&self, extra: &str) -> String {
         let mut s = format!("[[pools]]\nname = \"{}\"\n{extra}\n", self.pool);
         for sv in &self.servers {
-            s.push_str(&format!("\n[[pools.servers]]\nid = \"{}\"\nagent = \"{}\"\nupgrade_domain = \"{}\"\n", sv.id, sv.agent.addr, sv.domain));
+            s.push_str(&format!(
+                "\n[[pools.servers]]\nid = \"{}\"\nagent = \"{}\"\nupgrade_domain = \"{}\"\n",
+                sv.id, sv.agent.addr, sv.domain
+            ));
         }
         s
     }
 
     /// Every version installed through the agents since set-up, per server.
     pub fn installs(&self) -> Vec<(String, Vec<String>)> {
-        self.servers.iter().map(|s| (s.id.clone(), s.fe.installs())).collect()
+        self.servers
+            .iter()
+            .map(|s| (s.id.clone(), s.fe.installs()))
+            .collect()
     }
 }
 
@@ -95,7 +141,13 @@ pub struct CoordinatorProc {
 
 impl CoordinatorProc {
     /// Writes a config (`store_toml` is the `[store]` table, `pools_toml` the pools) and starts it.
-    pub async fn start(root: &Path, id: &str, tls: &TlsFiles, store_toml: &str, pools_toml: &str) -> anyhow::Result<CoordinatorProc> {
+    pub async fn start(
+        root: &Path,
+        id: &str,
+        tls: &TlsFiles,
+        store_toml: &str,
+        pools_toml: &str,
+    ) -> anyhow::Result<CoordinatorProc> {
         let dir = root.join(format!("coordinator-{id}"));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("coordinator.toml");
@@ -108,7 +160,12 @@ impl CoordinatorProc {
                 tls.key.display()
             ),
         )?;
-        let mut me = CoordinatorProc { id: id.into(), dir, addr: "127.0.0.1:1".parse()?, child: None };
+        let mut me = CoordinatorProc {
+            id: id.into(),
+            dir,
+            addr: "127.0.0.1:1".parse()?,
+            child: None,
+        };
         me.spawn().await?;
         Ok(me)
     }
@@ -121,7 +178,13 @@ impl CoordinatorProc {
             OsString::from("--addr-file"),
             self.dir.join("coordinator.addr").into_os_string(),
         ];
-        let (child, addr) = spawn_daemon("rollgate-coordinator", &args, &self.dir.join("coordinator.addr"), &self.dir.join("coordinator.log")).await?;
+        let (child, addr) = spawn_daemon(
+            "rollgate-coordinator",
+            &args,
+            &self.dir.join("coordinator.addr"),
+            &self.dir.join("coordinator.log"),
+        )
+        .await?;
         self.addr = addr;
         self.child = Some(child);
         Ok(())
@@ -133,7 +196,9 @@ impl CoordinatorProc {
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
-        let pid = self.pid().ok_or_else(|| anyhow!("coordinator {} is not running", self.id))?;
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("coordinator {} is not running", self.id))?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), sig)?;
         Ok(())
     }
@@ -175,7 +240,10 @@ impl CoordinatorProc {
 }
 
 /// An operator client to `addr`.
-pub async fn operator_client(addr: SocketAddr, tls: &TlsFiles) -> anyhow::Result<OperatorClient<Channel>> {
+pub async fn operator_client(
+    addr: SocketAddr,
+    tls: &TlsFiles,
+) -> anyhow::Result<OperatorClient<Channel>> {
     Ok(OperatorClient::new(crate::channel(addr, tls).await?))
 }
 
@@ -191,6 +259,13 @@ pub fn cli(tls: &TlsFiles, coordinators: &[SocketAddr]) -> anyhow::Result<std::p
     c.env("ROLLGATE_CA", &tls.ca)
         .env("ROLLGATE_CERT", &tls.cert)
         .env("ROLLGATE_KEY", &tls.key)
-        .env("ROLLGATE_COORDINATOR", coordinators.iter().map(ToString::to_string).collect::<Vec<_>>().join(","));
+        .env(
+            "ROLLGATE_COORDINATOR",
+            coordinators
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        );
     Ok(c)
 }

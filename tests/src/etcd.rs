@@ -21,7 +21,9 @@ const START_ATTEMPTS: usize = 3;
 /// Finds the `etcd` binary on PATH.
 pub fn etcd_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("etcd")).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
 }
 
 struct Member {
@@ -56,13 +58,25 @@ impl EtcdCluster {
         };
         let mut last = None;
         for attempt in 1..=START_ATTEMPTS {
-            let dir = tempfile::Builder::new().prefix("rollgate-etcd-").tempdir()?;
+            let dir = tempfile::Builder::new()
+                .prefix("rollgate-etcd-")
+                .tempdir()?;
             let mut members_v = Vec::with_capacity(members);
             for i in 0..members {
-                members_v.push(Member { name: format!("m{i}"), client_port: free_port()?, peer_port: free_port()?, child: None });
+                members_v.push(Member {
+                    name: format!("m{i}"),
+                    client_port: free_port()?,
+                    peer_port: free_port()?,
+                    child: None,
+                });
             }
             let token = format!("rollgate-test-{}-{attempt}", std::process::id());
-            let mut cluster = EtcdCluster { dir, bin: bin.clone(), token, members: members_v };
+            let mut cluster = EtcdCluster {
+                dir,
+                bin: bin.clone(),
+                token,
+                members: members_v,
+            };
             match cluster.boot().await {
                 Ok(()) => return Ok(Some(cluster)),
                 Err(e) => {
@@ -85,7 +99,11 @@ impl EtcdCluster {
     }
 
     fn initial_cluster(&self) -> String {
-        self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port)).collect::<Vec<_>>().join(",")
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The log file of member `i`.
@@ -105,20 +123,41 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let initial = self.initial_cluster();
-        let m = self.members.get(i).ok_or_else(|| anyhow!("no member {i}"))?;
+        let m = self
+            .members
+            .get(i)
+            .ok_or_else(|| anyhow!("no member {i}"))?;
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let data = self.dir.path().join(&m.name);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(i))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))?;
         // The data dir remembers the membership on restart; the initial-* flags then are ignored.
         let child = Command::new(&self.bin)
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+            ])
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdin(Stdio::null())
@@ -133,39 +172,62 @@ impl EtcdCluster {
     }
 
     async fn wait_healthy(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = self.members.get(i).ok_or_else(|| anyhow!("no member {i}"))?.client_port;
+        let port = self
+            .members
+            .get(i)
+            .ok_or_else(|| anyhow!("no member {i}"))?
+            .client_port;
         let members = &mut self.members;
-        let outcome = eventually(&format!("etcd member m{i} to be healthy"), START_LIMIT, || {
-            let exited = members.get_mut(i).and_then(|m| m.child.as_mut()).and_then(|c| c.try_wait().ok().flatten());
-            async move {
-                if let Some(status) = exited {
-                    return Some(Err(status));
+        let outcome = eventually(
+            &format!("etcd member m{i} to be healthy"),
+            START_LIMIT,
+            || {
+                let exited = members
+                    .get_mut(i)
+                    .and_then(|m| m.child.as_mut())
+                    .and_then(|c| c.try_wait().ok().flatten());
+                async move {
+                    if let Some(status) = exited {
+                        return Some(Err(status));
+                    }
+                    healthy(port).await.then_some(Ok(()))
                 }
-                healthy(port).await.then_some(Ok(()))
-            }
-        })
+            },
+        )
         .await;
         match outcome {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(status)) => bail!("etcd member m{i} exited ({status}) at start:\n{}", tail(&self.log(i))),
+            Ok(Err(status)) => bail!(
+                "etcd member m{i} exited ({status}) at start:\n{}",
+                tail(&self.log(i))
+            ),
             Err(e) => bail!("{e}:\n{}", tail(&self.log(i))),
         }
     }
 
     /// Client URLs of every member, e.g. `http://127.0.0.1:PORT`.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect()
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
     }
 
     /// The client address of member `i`.
     pub fn client_addr(&self, i: usize) -> anyhow::Result<SocketAddr> {
-        let m = self.members.get(i).ok_or_else(|| anyhow!("no member {i}"))?;
+        let m = self
+            .members
+            .get(i)
+            .ok_or_else(|| anyhow!("no member {i}"))?;
         Ok(SocketAddr::from(([127, 0, 0, 1], m.client_port)))
     }
 
     /// SIGKILL member `i` and reap it (no-op if it is not running).
     pub fn kill_member(&mut self, i: usize) -> anyhow::Result<()> {
-        let m = self.members.get_mut(i).ok_or_else(|| anyhow!("no member {i}"))?;
+        let m = self
+            .members
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("no member {i}"))?;
         if let Some(mut c) = m.child.take() {
             c.kill()?;
             c.wait()?;
@@ -210,13 +272,23 @@ fn tail(log: &str) -> String {
 async fn healthy(port: u16) -> bool {
     let probe = async {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes()).await.ok()?;
+        s.write_all(format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
         let mut body = Vec::new();
         s.read_to_end(&mut body).await.ok()?;
         let text = String::from_utf8_lossy(&body);
-        Some(text.starts_with("HTTP/1.") && text.contains(" 200 ") && text.contains("\"health\":\"true\""))
+        Some(
+            text.starts_with("HTTP/1.")
+                && text.contains(" 200 ")
+                && text.contains("\"health\":\"true\""),
+        )
     };
-    tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten().unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// A TCP proxy on 127.0.0.1 in front of one upstream address. [`TcpProxy::freeze`] stops
@@ -256,7 +328,12 @@ impl TcpProxy {
                 }
             }
         });
-        Ok(TcpProxy { addr, frozen, answers_frozen, task })
+        Ok(TcpProxy {
+            addr,
+            frozen,
+            answers_frozen,
+            task,
+        })
     }
 
     /// The proxy's own address.

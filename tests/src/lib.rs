@@ -5,9 +5,9 @@
 //! - [`AgentProc`]: a real `rollgate-agent` process driving one front end.
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 
+pub mod chaos;
 pub mod cluster;
 pub mod etcd;
-pub mod chaos;
 pub mod monitor;
 
 use anyhow::{anyhow, bail, Context};
@@ -15,8 +15,8 @@ use rollgate_common::pki::Ca;
 use rollgate_common::tls::{Role, RoleKind, TlsFiles};
 use rollgate_proto::agent::v1::agent_client::AgentClient;
 use sha2::{Digest, Sha256};
-use std::future::Future;
 use std::ffi::OsString;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -38,7 +38,10 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test binary> or target/<profile>/<binary>
-    let mut dir = exe.parent().ok_or_else(|| anyhow!("no parent for {}", exe.display()))?.to_owned();
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| anyhow!("no parent for {}", exe.display()))?
+        .to_owned();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -51,7 +54,10 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     if p.is_file() {
         Ok(p)
     } else {
-        bail!("{} not found: build the workspace first (cargo build --workspace --bins)", p.display())
+        bail!(
+            "{} not found: build the workspace first (cargo build --workspace --bins)",
+            p.display()
+        )
     }
 }
 
@@ -75,7 +81,9 @@ where
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A CA and the certificates issued from it, under one directory.
@@ -92,7 +100,11 @@ impl Pki {
         let ca = Ca::generate("rollgate test CA")?;
         let ca_path = dir.join("ca.crt");
         std::fs::write(&ca_path, ca.cert_pem())?;
-        Ok(Pki { dir: dir.to_owned(), ca, ca_path })
+        Ok(Pki {
+            dir: dir.to_owned(),
+            ca,
+            ca_path,
+        })
     }
 
     /// Certificate files for `role`, valid for 127.0.0.1, ::1 and localhost.
@@ -101,13 +113,22 @@ impl Pki {
     }
 
     /// [`Pki::issue`] with an explicit validity (e.g. expired).
-    pub fn issue_with(&self, kind: RoleKind, name: &str, validity: rollgate_common::pki::Validity) -> anyhow::Result<TlsFiles> {
+    pub fn issue_with(
+        &self,
+        kind: RoleKind,
+        name: &str,
+        validity: rollgate_common::pki::Validity,
+    ) -> anyhow::Result<TlsFiles> {
         let role = Role::new(kind, name);
         let hosts = ["127.0.0.1", "::1", "localhost"].map(String::from);
         let issued = self.ca.issue_with(&role, &hosts, validity)?;
         let stem = format!("{kind}-{name}-{}", rollgate_common::time::now_ms());
         let (cert, key) = issued.write(&self.dir, &stem)?;
-        Ok(TlsFiles { ca: self.ca_path.clone(), cert, key })
+        Ok(TlsFiles {
+            ca: self.ca_path.clone(),
+            cert,
+            key,
+        })
     }
 
     /// A second, unrelated CA's certificate for `role` (must be refused by our servers).
@@ -115,7 +136,11 @@ impl Pki {
         let other = Ca::generate("someone else's CA")?;
         let issued = other.issue(&Role::new(kind, name), &["127.0.0.1".into()])?;
         let (cert, key) = issued.write(&self.dir, &format!("foreign-{kind}-{name}"))?;
-        Ok(TlsFiles { ca: self.ca_path.clone(), cert, key })
+        Ok(TlsFiles {
+            ca: self.ca_path.clone(),
+            cert,
+            key,
+        })
     }
 }
 
@@ -129,7 +154,10 @@ pub async fn channel(addr: SocketAddr, tls: &TlsFiles) -> anyhow::Result<Channel
 }
 
 /// An agent client over mTLS.
-pub async fn agent_client(addr: SocketAddr, tls: &TlsFiles) -> anyhow::Result<AgentClient<Channel>> {
+pub async fn agent_client(
+    addr: SocketAddr,
+    tls: &TlsFiles,
+) -> anyhow::Result<AgentClient<Channel>> {
     Ok(AgentClient::new(channel(addr, tls).await?))
 }
 
@@ -147,7 +175,10 @@ impl FrontEnd {
     pub fn create(root: &Path, name: &str, version: &str) -> anyhow::Result<FrontEnd> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
-        let fe = FrontEnd { dir, port: free_port()? };
+        let fe = FrontEnd {
+            dir,
+            port: free_port()?,
+        };
         let (artifact, _) = make_artifact(root, version)?;
         let out = std::process::Command::new(bin("rollgate-sample")?)
             .args(["install", "--dir"])
@@ -156,7 +187,10 @@ impl FrontEnd {
             .env("ROLLGATE_VERSION", version)
             .output()?;
         if !out.status.success() {
-            bail!("initial install failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "initial install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         // The initial install is set-up, not an upgrade: forget it.
         std::fs::remove_file(fe.dir.join("installs.log"))?;
@@ -179,7 +213,11 @@ impl FrontEnd {
 
     /// Stops it if it runs.
     pub fn stop(&self) -> anyhow::Result<()> {
-        std::process::Command::new(bin("rollgate-sample")?).args(["stop", "--dir"]).arg(&self.dir).stdout(Stdio::null()).status()?;
+        std::process::Command::new(bin("rollgate-sample")?)
+            .args(["stop", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .status()?;
         Ok(())
     }
 
@@ -219,7 +257,11 @@ impl Drop for FrontEnd {
     fn drop(&mut self) {
         // Never leave a daemonised front end behind a finished test.
         if let Ok(b) = bin("rollgate-sample") {
-            let _ = std::process::Command::new(b).args(["stop", "--dir"]).arg(&self.dir).stdout(Stdio::null()).status();
+            let _ = std::process::Command::new(b)
+                .args(["stop", "--dir"])
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .status();
         }
     }
 }
@@ -241,9 +283,17 @@ pub fn make_artifact(root: &Path, version: &str) -> anyhow::Result<(PathBuf, Str
 
 /// Starts workspace binary `name` with `args`, logging to `log`, and waits until it writes its
 /// bound address to `addr_file`. Fails with the log when the process exits first.
-pub async fn spawn_daemon(name: &str, args: &[OsString], addr_file: &Path, log: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+pub async fn spawn_daemon(
+    name: &str,
+    args: &[OsString],
+    addr_file: &Path,
+    log: &Path,
+) -> anyhow::Result<(Child, SocketAddr)> {
     let _ = std::fs::remove_file(addr_file);
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     let mut child = Command::new(bin(name)?)
         .args(args)
         .env("RUST_LOG", "info")
@@ -253,19 +303,29 @@ pub async fn spawn_daemon(name: &str, args: &[OsString], addr_file: &Path, log: 
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {name}"))?;
-    let addr = eventually(&format!("{name} to listen"), Duration::from_secs(20), || {
-        let exited = child.try_wait().ok().flatten().is_some();
-        async move {
-            if exited {
-                return Some(None);
+    let addr = eventually(
+        &format!("{name} to listen"),
+        Duration::from_secs(20),
+        || {
+            let exited = child.try_wait().ok().flatten().is_some();
+            async move {
+                if exited {
+                    return Some(None);
+                }
+                std::fs::read_to_string(addr_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+                    .map(Some)
             }
-            std::fs::read_to_string(addr_file).ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()).map(Some)
-        }
-    })
+        },
+    )
     .await?;
     match addr {
         Some(addr) => Ok((child, addr)),
-        None => bail!("{name} exited at start:\n{}", std::fs::read_to_string(log).unwrap_or_default()),
+        None => bail!(
+            "{name} exited at start:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
     }
 }
 
@@ -282,7 +342,14 @@ pub struct AgentProc {
 
 impl AgentProc {
     /// Writes a config for `server_id` driving `fe`, with TLS `tls`, and starts the agent.
-    pub async fn start(root: &Path, server_id: &str, pool: &str, domain: &str, tls: &TlsFiles, fe: &FrontEnd) -> anyhow::Result<AgentProc> {
+    pub async fn start(
+        root: &Path,
+        server_id: &str,
+        pool: &str,
+        domain: &str,
+        tls: &TlsFiles,
+        fe: &FrontEnd,
+    ) -> anyhow::Result<AgentProc> {
         let state_dir = root.join(format!("agent-{server_id}"));
         std::fs::create_dir_all(&state_dir)?;
         let config = state_dir.join("agent.toml");
@@ -315,9 +382,24 @@ key = "{key}"
 
     /// Starts the agent with an existing config.
     pub async fn spawn(config: PathBuf, state_dir: PathBuf) -> anyhow::Result<AgentProc> {
-        let args = [OsString::from("run"), OsString::from("--config"), config.clone().into_os_string()];
-        let (child, addr) = spawn_daemon("rollgate-agent", &args, &state_dir.join("agent.addr"), &state_dir.join("agent.log")).await?;
-        Ok(AgentProc { config, state_dir, addr, child: Some(child) })
+        let args = [
+            OsString::from("run"),
+            OsString::from("--config"),
+            config.clone().into_os_string(),
+        ];
+        let (child, addr) = spawn_daemon(
+            "rollgate-agent",
+            &args,
+            &state_dir.join("agent.addr"),
+            &state_dir.join("agent.log"),
+        )
+        .await?;
+        Ok(AgentProc {
+            config,
+            state_dir,
+            addr,
+            child: Some(child),
+        })
     }
 
     /// SIGKILL: the agent dies without any chance to clean up.
@@ -330,9 +412,15 @@ key = "{key}"
 
     /// SIGTERM, then waits for a clean exit; returns the exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let mut c = self.child.take().ok_or_else(|| anyhow!("agent not running"))?;
+        let mut c = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("agent not running"))?;
         let pid = c.id().ok_or_else(|| anyhow!("agent already reaped"))?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
         Ok(tokio::time::timeout(Duration::from_secs(20), c.wait()).await??)
     }
 

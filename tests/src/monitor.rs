@@ -34,11 +34,18 @@ impl Report {
             if up < min_active {
                 return Err(format!("sample {n}: only {up} front ends accepted connections, min_active is {min_active}: {s:?}"));
             }
-            let mut down: Vec<&str> = s.iter().zip(domain_of).filter(|(a, _)| !**a).map(|(_, d)| d.as_str()).collect();
+            let mut down: Vec<&str> = s
+                .iter()
+                .zip(domain_of)
+                .filter(|(a, _)| !**a)
+                .map(|(_, d)| d.as_str())
+                .collect();
             down.sort_unstable();
             down.dedup();
             if down.len() > 1 {
-                return Err(format!("sample {n}: front ends of several domains out of service at once: {down:?}"));
+                return Err(format!(
+                    "sample {n}: front ends of several domains out of service at once: {down:?}"
+                ));
             }
         }
         if self.cut > 0 {
@@ -66,7 +73,8 @@ impl Monitor {
     /// by itself after `limit` even if nobody stops it.
     pub fn start(ports: Vec<u16>, limit: Duration) -> Monitor {
         let stop = CancellationToken::new();
-        let counters: Arc<[AtomicU64; 3]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+        let counters: Arc<[AtomicU64; 3]> =
+            Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
         let mut tasks = JoinSet::new();
         for &port in &ports {
             let (stop, counters) = (stop.clone(), Arc::clone(&counters));
@@ -81,7 +89,11 @@ impl Monitor {
                 for (i, &port) in ports.iter().enumerate() {
                     probes.spawn(async move {
                         let ok = matches!(
-                            tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(("127.0.0.1", port))).await,
+                            tokio::time::timeout(
+                                Duration::from_millis(500),
+                                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                            )
+                            .await,
                             Ok(Ok(_))
                         );
                         (i, ok)
@@ -96,7 +108,12 @@ impl Monitor {
             }
             samples
         });
-        Monitor { stop, tasks, sampler, counters }
+        Monitor {
+            stop,
+            tasks,
+            sampler,
+            counters,
+        }
     }
 
     /// Stops the load and returns what it saw.

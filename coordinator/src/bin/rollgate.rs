@@ -10,7 +10,10 @@ async fn main() -> ExitCode {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("error: {}", rollgate_common::config::one_line(&format!("{e:#}")));
+            eprintln!(
+                "error: {}",
+                rollgate_common::config::one_line(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

@@ -94,7 +94,9 @@ pub struct EmbeddedStore {
 
 impl fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EmbeddedStore").field("path", &self.shared.path).finish_non_exhaustive()
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,13 +117,20 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn to_kv(key: &str, e: &Entry) -> Result<KeyValue, StoreError> {
-    let value = hex::decode(&e.value).map_err(|err| StoreError::Corrupt(format!("value of {key} is not hex: {err}")))?;
-    Ok(KeyValue { key: key.to_owned(), value, create_revision: e.create_revision, mod_revision: e.mod_revision })
+    let value = hex::decode(&e.value)
+        .map_err(|err| StoreError::Corrupt(format!("value of {key} is not hex: {err}")))?;
+    Ok(KeyValue {
+        key: key.to_owned(),
+        value,
+        create_revision: e.create_revision,
+        mod_revision: e.mod_revision,
+    })
 }
 
 /// Writes `data` to `path` so that a crash leaves either the old or the new file.
 fn persist(path: &Path, data: &Data) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec(data).map_err(|e| StoreError::Corrupt(format!("cannot encode the store: {e}")))?;
+    let bytes = serde_json::to_vec(data)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode the store: {e}")))?;
     let tmp = with_suffix(path, ".tmp");
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
@@ -136,13 +145,22 @@ fn persist(path: &Path, data: &Data) -> Result<(), StoreError> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync directory", dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("cannot sync directory", dir, e))
 }
 
 /// Puts `key` at revision `rev` in `data`.
 fn put(data: &mut Data, key: String, value: &[u8], rev: i64) {
     let create_revision = data.keys.get(&key).map_or(rev, |e| e.create_revision);
-    data.keys.insert(key, Entry { value: hex::encode(value), create_revision, mod_revision: rev });
+    data.keys.insert(
+        key,
+        Entry {
+            value: hex::encode(value),
+            create_revision,
+            mod_revision: rev,
+        },
+    );
 }
 
 impl EmbeddedStore {
@@ -150,7 +168,8 @@ impl EmbeddedStore {
     /// [`StoreError::Locked`] while another store holds it, in this process or another.
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create directory", dir, e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| io_error("cannot create directory", dir, e))?;
         }
         let lock_path = with_suffix(path, ".lock");
         let lock_file = OpenOptions::new()
@@ -161,25 +180,42 @@ impl EmbeddedStore {
             .map_err(|e| io_error("cannot open lock file", &lock_path, e))?;
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StoreError::Locked { path: path.display().to_string() }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(StoreError::Locked {
+                    path: path.display().to_string(),
+                })
+            }
             Err((_, e)) => return Err(io_error("cannot lock", &lock_path, e.into())),
         };
 
         let mut data = match std::fs::read(path) {
             Ok(bytes) => {
-                let data: Data = serde_json::from_slice(&bytes)
-                    .map_err(|e| StoreError::Corrupt(format!("{} is not a rollgate store: {e}", path.display())))?;
+                let data: Data = serde_json::from_slice(&bytes).map_err(|e| {
+                    StoreError::Corrupt(format!("{} is not a rollgate store: {e}", path.display()))
+                })?;
                 if data.format != FORMAT {
-                    return Err(StoreError::Corrupt(format!("{} has format {}, this build reads {FORMAT}", path.display(), data.format)));
+                    return Err(StoreError::Corrupt(format!(
+                        "{} has format {}, this build reads {FORMAT}",
+                        path.display(),
+                        data.format
+                    )));
                 }
                 data
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => Data { format: FORMAT, ..Data::default() },
+            Err(e) if e.kind() == ErrorKind::NotFound => Data {
+                format: FORMAT,
+                ..Data::default()
+            },
             Err(e) => return Err(io_error("cannot read", path, e)),
         };
         // We hold the lock, so any election key left behind belongs to a coordinator that died
         // without resigning: clear it, or leader() would report a ghost.
-        let stale: Vec<String> = data.keys.range(ELECTION_PREFIX.to_owned()..).map(|(k, _)| k.clone()).take_while(|k| k.starts_with(ELECTION_PREFIX)).collect();
+        let stale: Vec<String> = data
+            .keys
+            .range(ELECTION_PREFIX.to_owned()..)
+            .map(|(k, _)| k.clone())
+            .take_while(|k| k.starts_with(ELECTION_PREFIX))
+            .collect();
         if !stale.is_empty() {
             data.revision += 1;
             for k in &stale {
@@ -233,10 +269,16 @@ impl EmbeddedStore {
             return Ok(None);
         };
         let kv = to_kv(key, e)?;
-        let v: ElectionValue = serde_json::from_slice(&kv.value)
-            .map_err(|err| StoreError::Corrupt(format!("election key {key} holds no candidate: {err}")))?;
-        let epoch = u64::try_from(e.create_revision).map_err(|_| StoreError::Corrupt(format!("negative create revision in {key}")))?;
-        Ok(Some(LeaderInfo { id: v.id, address: v.address, epoch: Epoch(epoch) }))
+        let v: ElectionValue = serde_json::from_slice(&kv.value).map_err(|err| {
+            StoreError::Corrupt(format!("election key {key} holds no candidate: {err}"))
+        })?;
+        let epoch = u64::try_from(e.create_revision)
+            .map_err(|_| StoreError::Corrupt(format!("negative create revision in {key}")))?;
+        Ok(Some(LeaderInfo {
+            id: v.id,
+            address: v.address,
+            epoch: Epoch(epoch),
+        }))
     }
 
     /// Wins at once when nobody leads through this store; otherwise blocks until the current
@@ -248,9 +290,17 @@ impl EmbeddedStore {
     /// run to resign) and returns [`StoreError::Unavailable`] instead of deadlocking. A
     /// [`Leadership`] dropped without resign (and with `lost` not cancelled) holds until the
     /// store is dropped.
-    pub fn campaign(&self, me: &Candidate, ttl: Duration, cancel: &CancellationToken) -> Result<Leadership, StoreError> {
-        let value = serde_json::to_vec(&ElectionValue { id: me.id.clone(), address: me.address.clone() })
-            .map_err(|e| StoreError::Corrupt(format!("cannot encode candidate: {e}")))?;
+    pub fn campaign(
+        &self,
+        me: &Candidate,
+        ttl: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Leadership, StoreError> {
+        let value = serde_json::to_vec(&ElectionValue {
+            id: me.id.clone(),
+            address: me.address.clone(),
+        })
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode candidate: {e}")))?;
         let mut st = lock_state(&self.shared.state);
         if self.must_wait(&mut st)? {
             drop(st);
@@ -268,9 +318,18 @@ impl EmbeddedStore {
         persist(&self.shared.path, &data)?;
         st.data = data;
         let lost = CancellationToken::new();
-        st.leader = Some(Live { key: key.clone(), lost: lost.clone() });
+        st.leader = Some(Live {
+            key: key.clone(),
+            lost: lost.clone(),
+        });
         tracing::info!(id = %me.id, epoch = rev, path = %self.shared.path.display(), "leading through the embedded store");
-        Ok(Leadership { epoch: Epoch(rev.unsigned_abs()), key, lost, ttl, lease_id: 0 })
+        Ok(Leadership {
+            epoch: Epoch(rev.unsigned_abs()),
+            key,
+            lost,
+            ttl,
+            lease_id: 0,
+        })
     }
 
     /// True while a leadership is live. One whose `lost` token was cancelled is given up, as
@@ -293,7 +352,10 @@ impl EmbeddedStore {
         Ok(false)
     }
 
-    fn wait_for_release(&self, cancel: &CancellationToken) -> Result<MutexGuard<'_, State>, StoreError> {
+    fn wait_for_release(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<MutexGuard<'_, State>, StoreError> {
         let wait = || -> Result<MutexGuard<'_, State>, StoreError> {
             let mut st = lock_state(&self.shared.state);
             loop {
@@ -303,7 +365,12 @@ impl EmbeddedStore {
                 if !self.must_wait(&mut st)? {
                     return Ok(st);
                 }
-                st = self.shared.released.wait_timeout(st, CANCEL_POLL).unwrap_or_else(|p| p.into_inner()).0;
+                st = self
+                    .shared
+                    .released
+                    .wait_timeout(st, CANCEL_POLL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         };
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
@@ -317,13 +384,21 @@ impl EmbeddedStore {
 
     /// Applies `ops` at one new revision if and only if the election key still has create
     /// revision `leadership.epoch`. Returns the revision of the write.
-    pub fn fenced_write(&self, leadership: &Leadership, ops: Vec<WriteOp>) -> Result<i64, StoreError> {
+    pub fn fenced_write(
+        &self,
+        leadership: &Leadership,
+        ops: Vec<WriteOp>,
+    ) -> Result<i64, StoreError> {
         let epoch = leadership.epoch;
         if leadership.lost.is_cancelled() {
             return Err(StoreError::Fenced { epoch });
         }
         let mut st = lock_state(&self.shared.state);
-        let holds = st.data.keys.get(&leadership.key).is_some_and(|e| u64::try_from(e.create_revision).ok() == Some(epoch.get()));
+        let holds = st
+            .data
+            .keys
+            .get(&leadership.key)
+            .is_some_and(|e| u64::try_from(e.create_revision).ok() == Some(epoch.get()));
         if !holds {
             leadership.lost.cancel();
             return Err(StoreError::Fenced { epoch });
@@ -355,7 +430,10 @@ impl EmbeddedStore {
     pub fn resign(&self, leadership: &Leadership) -> Result<(), StoreError> {
         leadership.lost.cancel();
         let mut st = lock_state(&self.shared.state);
-        let mine = st.data.keys.get(&leadership.key).is_some_and(|e| u64::try_from(e.create_revision).ok() == Some(leadership.epoch.get()));
+        let mine =
+            st.data.keys.get(&leadership.key).is_some_and(|e| {
+                u64::try_from(e.create_revision).ok() == Some(leadership.epoch.get())
+            });
         if mine {
             let mut data = st.data.clone();
             data.keys.remove(&leadership.key);
@@ -377,11 +455,17 @@ mod tests {
     use super::*;
 
     fn me(id: &str) -> Candidate {
-        Candidate { id: id.into(), address: format!("127.0.0.1:{}", 7000 + id.len()) }
+        Candidate {
+            id: id.into(),
+            address: format!("127.0.0.1:{}", 7000 + id.len()),
+        }
     }
 
     fn put_op(key: &str, value: &str) -> WriteOp {
-        WriteOp::Put { key: key.into(), value: value.as_bytes().to_vec() }
+        WriteOp::Put {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+        }
     }
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -391,19 +475,34 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let s = EmbeddedStore::open(&dir.path().join("store.json"))?;
         let l = s.campaign(&me("a"), Duration::from_secs(5), &CancellationToken::new())?;
-        let r1 = s.fenced_write(&l, vec![put_op("p/a", "1"), put_op("p/b", "2"), put_op("q", "3")])?;
+        let r1 = s.fenced_write(
+            &l,
+            vec![put_op("p/a", "1"), put_op("p/b", "2"), put_op("q", "3")],
+        )?;
         assert!(r1 > l.epoch.get() as i64);
         let a = s.get("p/a")?.ok_or("p/a missing")?;
-        assert_eq!((a.value.as_slice(), a.create_revision, a.mod_revision), (&b"1"[..], r1, r1));
-        let r2 = s.fenced_write(&l, vec![put_op("p/a", "one"), WriteOp::Delete { key: "p/b".into() }])?;
+        assert_eq!(
+            (a.value.as_slice(), a.create_revision, a.mod_revision),
+            (&b"1"[..], r1, r1)
+        );
+        let r2 = s.fenced_write(
+            &l,
+            vec![put_op("p/a", "one"), WriteOp::Delete { key: "p/b".into() }],
+        )?;
         assert_eq!(r2, r1 + 1);
         let a = s.get("p/a")?.ok_or("p/a missing")?;
-        assert_eq!((a.value.as_slice(), a.create_revision, a.mod_revision), (&b"one"[..], r1, r2));
+        assert_eq!(
+            (a.value.as_slice(), a.create_revision, a.mod_revision),
+            (&b"one"[..], r1, r2)
+        );
         assert_eq!(s.get("p/b")?, None);
         let keys: Vec<String> = s.range("p/")?.into_iter().map(|kv| kv.key).collect();
         assert_eq!(keys, ["p/a"]);
         // Deleting nothing makes no revision.
-        assert_eq!(s.fenced_write(&l, vec![WriteOp::Delete { key: "nope".into() }])?, r2);
+        assert_eq!(
+            s.fenced_write(&l, vec![WriteOp::Delete { key: "nope".into() }])?,
+            r2
+        );
         Ok(())
     }
 
@@ -418,14 +517,30 @@ mod tests {
             // Dropped without resigning, as a crash would.
             l
         };
-        assert!(first.lost.is_cancelled(), "dropping the store must end its leadership");
-        assert!(!with_suffix(&path, ".tmp").exists(), "no temp file is left behind");
+        assert!(
+            first.lost.is_cancelled(),
+            "dropping the store must end its leadership"
+        );
+        assert!(
+            !with_suffix(&path, ".tmp").exists(),
+            "no temp file is left behind"
+        );
         let s = EmbeddedStore::open(&path)?;
         assert_eq!(s.leader()?, None, "a dead run's election key is cleared");
         assert_eq!(s.get("k")?.map(|kv| kv.value), Some(b"v".to_vec()));
         let l = s.campaign(&me("b"), Duration::from_secs(5), &CancellationToken::new())?;
-        assert!(l.epoch > first.epoch, "epoch {} must exceed the previous run's {}", l.epoch, first.epoch);
-        assert_eq!(s.fenced_write(&first, vec![put_op("k", "stale")]).err().map(|e| e.to_string()), Some(StoreError::Fenced { epoch: first.epoch }.to_string()));
+        assert!(
+            l.epoch > first.epoch,
+            "epoch {} must exceed the previous run's {}",
+            l.epoch,
+            first.epoch
+        );
+        assert_eq!(
+            s.fenced_write(&first, vec![put_op("k", "stale")])
+                .err()
+                .map(|e| e.to_string()),
+            Some(StoreError::Fenced { epoch: first.epoch }.to_string())
+        );
         Ok(())
     }
 
@@ -435,9 +550,15 @@ mod tests {
         let path = dir.path().join("store.json");
         let s = EmbeddedStore::open(&path)?;
         let clone = s.clone();
-        assert!(matches!(EmbeddedStore::open(&path), Err(StoreError::Locked { .. })));
+        assert!(matches!(
+            EmbeddedStore::open(&path),
+            Err(StoreError::Locked { .. })
+        ));
         drop(s);
-        assert!(matches!(EmbeddedStore::open(&path), Err(StoreError::Locked { .. })));
+        assert!(matches!(
+            EmbeddedStore::open(&path),
+            Err(StoreError::Locked { .. })
+        ));
         drop(clone);
         EmbeddedStore::open(&path)?;
         Ok(())
@@ -448,7 +569,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("store.json");
         std::fs::write(&path, b"{not json")?;
-        assert!(matches!(EmbeddedStore::open(&path), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            EmbeddedStore::open(&path),
+            Err(StoreError::Corrupt(_))
+        ));
         Ok(())
     }
 
@@ -464,8 +588,14 @@ mod tests {
         s.resign(&l)?;
         assert_eq!(s.leader()?, None);
         // The store itself refuses, not only the cancelled token.
-        let forged = Leadership { lost: CancellationToken::new(), ..l.clone() };
-        assert!(matches!(s.fenced_write(&forged, vec![put_op("k", "v")]), Err(StoreError::Fenced { .. })));
+        let forged = Leadership {
+            lost: CancellationToken::new(),
+            ..l.clone()
+        };
+        assert!(matches!(
+            s.fenced_write(&forged, vec![put_op("k", "v")]),
+            Err(StoreError::Fenced { .. })
+        ));
         assert!(forged.lost.is_cancelled(), "a refused write cancels lost");
         assert_eq!(s.get("k")?, None);
         Ok(())
@@ -497,7 +627,10 @@ mod tests {
                 r
             })
         };
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "second campaign must wait while the first leads");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "second campaign must wait while the first leads"
+        );
         s.resign(&first)?;
         let second = waiter.join().map_err(|_| "campaign thread panicked")??;
         assert!(second.epoch > first.epoch);
@@ -513,8 +646,14 @@ mod tests {
         first.lost.cancel();
         let second = s.campaign(&me("b"), Duration::from_secs(5), &CancellationToken::new())?;
         assert!(second.epoch > first.epoch);
-        let forged = Leadership { lost: CancellationToken::new(), ..first };
-        assert!(matches!(s.fenced_write(&forged, vec![]), Err(StoreError::Fenced { .. })));
+        let forged = Leadership {
+            lost: CancellationToken::new(),
+            ..first
+        };
+        assert!(matches!(
+            s.fenced_write(&forged, vec![]),
+            Err(StoreError::Fenced { .. })
+        ));
         Ok(())
     }
 

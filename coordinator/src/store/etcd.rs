@@ -15,8 +15,8 @@
 
 use super::{Candidate, KeyValue, LeaderInfo, Leadership, StoreError, WriteOp};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions,
 };
 use rollgate_common::Epoch;
 use serde::{Deserialize, Serialize};
@@ -62,7 +62,10 @@ pub struct EtcdStore {
 
 impl fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdStore").field("endpoints", &self.endpoints).field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,23 +83,39 @@ impl EtcdStore {
     /// answers a linearizable read. Every key is kept under `prefix` (e.g. `/rollgate/default/`).
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
         if endpoints.is_empty() {
-            return Err(StoreError::Unavailable("no etcd endpoints configured".into()));
+            return Err(StoreError::Unavailable(
+                "no etcd endpoints configured".into(),
+            ));
         }
         // require_leader: a member cut off from the quorum refuses requests and closes our
         // streams instead of leaving a keepalive or a watch hanging silently (etcd#7275).
-        let base = ConnectOptions::new().with_require_leader(true).with_connect_timeout(CONNECT_TIMEOUT);
+        let base = ConnectOptions::new()
+            .with_require_leader(true)
+            .with_connect_timeout(CONNECT_TIMEOUT);
         let client = Client::connect(endpoints, Some(base.clone().with_timeout(REQUEST_TIMEOUT)))
             .await
             .map_err(|e| unavailable("cannot connect to etcd", e))?;
-        let streams = Client::connect(endpoints, Some(base)).await.map_err(|e| unavailable("cannot connect to etcd", e))?;
-        let store = EtcdStore { client, streams, prefix: Arc::from(prefix), endpoints: Arc::from(endpoints.to_vec()) };
+        let streams = Client::connect(endpoints, Some(base))
+            .await
+            .map_err(|e| unavailable("cannot connect to etcd", e))?;
+        let store = EtcdStore {
+            client,
+            streams,
+            prefix: Arc::from(prefix),
+            endpoints: Arc::from(endpoints.to_vec()),
+        };
         // Fail now, with a clear error, on a wrong address rather than at the first campaign.
         store
             .client
             .kv_client()
             .get(prefix, Some(GetOptions::new().with_count_only()))
             .await
-            .map_err(|e| unavailable(&format!("etcd at {} does not answer", endpoints.join(",")), e))?;
+            .map_err(|e| {
+                unavailable(
+                    &format!("etcd at {} does not answer", endpoints.join(",")),
+                    e,
+                )
+            })?;
         Ok(store)
     }
 
@@ -110,10 +129,15 @@ impl EtcdStore {
     }
 
     fn relative(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
-        let key = kv.key_str().map_err(|_| StoreError::Corrupt(format!("etcd key is not utf-8: {:?}", kv.key())))?;
-        let key = key
-            .strip_prefix(&*self.prefix)
-            .ok_or_else(|| StoreError::Corrupt(format!("etcd returned key {key} outside prefix {}", self.prefix)))?;
+        let key = kv
+            .key_str()
+            .map_err(|_| StoreError::Corrupt(format!("etcd key is not utf-8: {:?}", kv.key())))?;
+        let key = key.strip_prefix(&*self.prefix).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "etcd returned key {key} outside prefix {}",
+                self.prefix
+            ))
+        })?;
         Ok(KeyValue {
             key: key.to_owned(),
             value: kv.value().to_vec(),
@@ -124,13 +148,21 @@ impl EtcdStore {
 
     /// Linearizable read of one full key.
     async fn get_raw(&self, full: &str) -> Result<Option<etcd_client::KeyValue>, StoreError> {
-        let mut resp = self.client.kv_client().get(full, None).await.map_err(|e| unavailable("etcd get failed", e))?;
+        let mut resp = self
+            .client
+            .kv_client()
+            .get(full, None)
+            .await
+            .map_err(|e| unavailable("etcd get failed", e))?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
     /// Reads one key.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.get_raw(&self.full(key)).await?.map(|kv| self.relative(&kv)).transpose()
+        self.get_raw(&self.full(key))
+            .await?
+            .map(|kv| self.relative(&kv))
+            .transpose()
     }
 
     /// Reads every key under `prefix` (relative), sorted by key.
@@ -141,14 +173,21 @@ impl EtcdStore {
             .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| unavailable("etcd range failed", e))?;
-        let mut out = resp.take_kvs().iter().map(|kv| self.relative(kv)).collect::<Result<Vec<_>, _>>()?;
+        let mut out = resp
+            .take_kvs()
+            .iter()
+            .map(|kv| self.relative(kv))
+            .collect::<Result<Vec<_>, _>>()?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 
     /// The current leader: the election key with the lowest create revision.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, StoreError> {
-        let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
         let mut resp = self
             .client
             .kv_client()
@@ -158,11 +197,20 @@ impl EtcdStore {
         let Some(kv) = resp.take_kvs().into_iter().next() else {
             return Ok(None);
         };
-        let v: ElectionValue = serde_json::from_slice(kv.value())
-            .map_err(|e| StoreError::Corrupt(format!("election key {:?} holds no candidate: {e}", String::from_utf8_lossy(kv.key()))))?;
-        let epoch = u64::try_from(kv.create_revision())
-            .map_err(|_| StoreError::Corrupt(format!("negative create revision {}", kv.create_revision())))?;
-        Ok(Some(LeaderInfo { id: v.id, address: v.address, epoch: Epoch(epoch) }))
+        let v: ElectionValue = serde_json::from_slice(kv.value()).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "election key {:?} holds no candidate: {e}",
+                String::from_utf8_lossy(kv.key())
+            ))
+        })?;
+        let epoch = u64::try_from(kv.create_revision()).map_err(|_| {
+            StoreError::Corrupt(format!("negative create revision {}", kv.create_revision()))
+        })?;
+        Ok(Some(LeaderInfo {
+            id: v.id,
+            address: v.address,
+            epoch: Epoch(epoch),
+        }))
     }
 
     /// Campaigns until `me` leads, `cancel` fires (→ [`StoreError::Cancelled`]) or the
@@ -172,9 +220,16 @@ impl EtcdStore {
     /// cancel `lost` itself, or the lease (and leadership) stays renewed.
     ///
     /// [`resign`]: EtcdStore::resign
-    pub async fn campaign(&self, me: &Candidate, ttl: Duration, cancel: &CancellationToken) -> Result<Leadership, StoreError> {
+    pub async fn campaign(
+        &self,
+        me: &Candidate,
+        ttl: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Leadership, StoreError> {
         // Whole seconds only (etcd#11746); round up so the caller gets at least what it asked.
-        let asked = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(MIN_TTL_SECS);
+        let asked = i64::try_from(ttl.as_millis().div_ceil(1000))
+            .unwrap_or(i64::MAX)
+            .max(MIN_TTL_SECS);
         let mut leases = self.client.lease_client();
         let grant = tokio::select! {
             _ = cancel.cancelled() => return Err(StoreError::Cancelled),
@@ -184,12 +239,22 @@ impl EtcdStore {
         let granted = u64::try_from(grant.ttl())
             .ok()
             .filter(|t| *t > 0)
-            .ok_or_else(|| StoreError::Unavailable(format!("etcd granted lease {lease_id:x} with ttl {}", grant.ttl())))?;
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "etcd granted lease {lease_id:x} with ttl {}",
+                    grant.ttl()
+                ))
+            })?;
         let ttl = Duration::from_secs(granted);
         let lost = CancellationToken::new();
         // Until leadership is handed over, a failure or a dropped future must not leave the
         // lease renewed forever nor the candidate key in the queue.
-        let mut guard = CampaignGuard { client: self.client.clone(), lease_id, lost: lost.clone(), armed: true };
+        let mut guard = CampaignGuard {
+            client: self.client.clone(),
+            lease_id,
+            lost: lost.clone(),
+            armed: true,
+        };
 
         tokio::select! {
             _ = cancel.cancelled() => return Err(StoreError::Cancelled),
@@ -204,24 +269,43 @@ impl EtcdStore {
             r = self.win(me, &key, lease_id) => r?,
         };
         if lost.is_cancelled() {
-            return Err(StoreError::Unavailable(format!("the campaign's lease {lease_id:x} was lost while waiting to lead")));
+            return Err(StoreError::Unavailable(format!(
+                "the campaign's lease {lease_id:x} was lost while waiting to lead"
+            )));
         }
         guard.armed = false;
         tracing::info!(id = %me.id, epoch, lease = %format!("{lease_id:x}"), ttl = ?ttl, "won the etcd election");
-        Ok(Leadership { epoch: Epoch(epoch.unsigned_abs()), key, lost, ttl, lease_id })
+        Ok(Leadership {
+            epoch: Epoch(epoch.unsigned_abs()),
+            key,
+            lost,
+            ttl,
+            lease_id,
+        })
     }
 
     /// Puts our election key and waits until it is the oldest. Returns the epoch.
     async fn win(&self, me: &Candidate, key: &str, lease_id: i64) -> Result<i64, StoreError> {
         let full = self.full(key);
-        let value = serde_json::to_vec(&ElectionValue { id: me.id.clone(), address: me.address.clone() })
-            .map_err(|e| StoreError::Corrupt(format!("cannot encode candidate: {e}")))?;
+        let value = serde_json::to_vec(&ElectionValue {
+            id: me.id.clone(),
+            address: me.address.clone(),
+        })
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode candidate: {e}")))?;
         // The lease is fresh, so the key cannot exist yet; the compare keeps a retried request
         // from moving its create revision (and so the epoch).
         let txn = Txn::new()
             .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(full.clone(), value, Some(PutOptions::new().with_lease(lease_id)))]);
-        self.client.kv_client().txn(txn).await.map_err(|e| unavailable("etcd campaign put failed", e))?;
+            .and_then([TxnOp::put(
+                full.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease_id)),
+            )]);
+        self.client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| unavailable("etcd campaign put failed", e))?;
         let epoch = self.check_mine(&full, lease_id, None).await?;
 
         loop {
@@ -247,15 +331,26 @@ impl EtcdStore {
 
     /// Linearizable read of our election key: it must exist on our lease (and, when given,
     /// with create revision `epoch`). Returns its create revision.
-    async fn check_mine(&self, full: &str, lease_id: i64, epoch: Option<i64>) -> Result<i64, StoreError> {
+    async fn check_mine(
+        &self,
+        full: &str,
+        lease_id: i64,
+        epoch: Option<i64>,
+    ) -> Result<i64, StoreError> {
         match self.get_raw(full).await? {
-            Some(kv) if kv.lease() == lease_id && epoch.is_none_or(|e| e == kv.create_revision()) => Ok(kv.create_revision()),
+            Some(kv)
+                if kv.lease() == lease_id && epoch.is_none_or(|e| e == kv.create_revision()) =>
+            {
+                Ok(kv.create_revision())
+            }
             Some(kv) => Err(StoreError::Unavailable(format!(
                 "election key {full} changed under us (lease {:x}, create revision {})",
                 kv.lease(),
                 kv.create_revision()
             ))),
-            None => Err(StoreError::Unavailable(format!("election key {full} vanished: lease {lease_id:x} expired"))),
+            None => Err(StoreError::Unavailable(format!(
+                "election key {full} vanished: lease {lease_id:x} expired"
+            ))),
         }
     }
 
@@ -277,13 +372,19 @@ impl EtcdStore {
             .await
             .map_err(|e| unavailable("etcd election read failed", e))?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok(resp.take_kvs().into_iter().next().map(|kv| (kv.key().to_vec(), rev)))
+        Ok(resp
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| (kv.key().to_vec(), rev)))
     }
 
     /// Returns once `key` may have been deleted after revision `rev` (a delete event, a
     /// cancelled or closed watch) or after [`POLL_FALLBACK`]; the caller re-checks.
     async fn wait_gone(&self, key: &[u8], rev: i64) -> Result<(), StoreError> {
-        let opts = WatchOptions::new().with_start_revision(rev + 1).with_filters([WatchFilterType::NoPut]);
+        let opts = WatchOptions::new()
+            .with_start_revision(rev + 1)
+            .with_filters([WatchFilterType::NoPut]);
         let deadline = Instant::now() + POLL_FALLBACK;
         let mut watches = self.streams.watch_client();
         let mut stream = tokio::select! {
@@ -305,13 +406,26 @@ impl EtcdStore {
 
     /// Opens the keepalive stream (its first renewal acknowledged) and spawns the loop that
     /// renews every ttl/3 until `lost` is cancelled.
-    async fn start_keepalive(&self, lease_id: i64, ttl: Duration, lost: CancellationToken) -> Result<(), StoreError> {
+    async fn start_keepalive(
+        &self,
+        lease_id: i64,
+        ttl: Duration,
+        lost: CancellationToken,
+    ) -> Result<(), StoreError> {
         let sent = Instant::now();
-        let opened = tokio::time::timeout(renew_budget(ttl), self.streams.lease_client().keep_alive(lease_id)).await;
+        let opened = tokio::time::timeout(
+            renew_budget(ttl),
+            self.streams.lease_client().keep_alive(lease_id),
+        )
+        .await;
         let (keeper, stream) = match opened {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return Err(unavailable("etcd lease keepalive failed", e)),
-            Err(_) => return Err(StoreError::Unavailable(format!("etcd did not acknowledge keepalive of lease {lease_id:x}"))),
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "etcd did not acknowledge keepalive of lease {lease_id:x}"
+                )))
+            }
         };
         tokio::spawn(keep_alive_loop(keeper, stream, lease_id, ttl, sent, lost));
         Ok(())
@@ -320,14 +434,22 @@ impl EtcdStore {
     /// Applies `ops` in one transaction if and only if the election key still has create
     /// revision `leadership.epoch`. On refusal, cancels `leadership.lost` and returns
     /// [`StoreError::Fenced`]. Returns the revision of the write.
-    pub async fn fenced_write(&self, leadership: &Leadership, ops: Vec<WriteOp>) -> Result<i64, StoreError> {
+    pub async fn fenced_write(
+        &self,
+        leadership: &Leadership,
+        ops: Vec<WriteOp>,
+    ) -> Result<i64, StoreError> {
         let epoch = leadership.epoch;
         // Leadership already given up here: the server might still accept the write (the lease
         // can outlive our own deadline), but leader work must stop the moment `lost` fires.
         if leadership.lost.is_cancelled() {
             return Err(StoreError::Fenced { epoch });
         }
-        let guard = Compare::create_revision(self.full(&leadership.key), CompareOp::Equal, revision_of(epoch)?);
+        let guard = Compare::create_revision(
+            self.full(&leadership.key),
+            CompareOp::Equal,
+            revision_of(epoch)?,
+        );
         let ops: Vec<TxnOp> = ops
             .into_iter()
             .map(|op| match op {
@@ -346,7 +468,9 @@ impl EtcdStore {
             leadership.lost.cancel();
             return Err(StoreError::Fenced { epoch });
         }
-        resp.header().map(|h| h.revision()).ok_or_else(|| StoreError::Corrupt("etcd txn response without header".into()))
+        resp.header()
+            .map(|h| h.revision())
+            .ok_or_else(|| StoreError::Corrupt("etcd txn response without header".into()))
     }
 
     /// Gives leadership up: stops renewing, deletes the election key (fenced, so a successor's
@@ -355,9 +479,18 @@ impl EtcdStore {
         leadership.lost.cancel();
         let full = self.full(&leadership.key);
         let txn = Txn::new()
-            .when([Compare::create_revision(full.clone(), CompareOp::Equal, revision_of(leadership.epoch)?)])
+            .when([Compare::create_revision(
+                full.clone(),
+                CompareOp::Equal,
+                revision_of(leadership.epoch)?,
+            )])
             .and_then([TxnOp::delete(full, None)]);
-        let deleted = self.client.kv_client().txn(txn).await.map_err(|e| unavailable("etcd resign failed", e));
+        let deleted = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| unavailable("etcd resign failed", e));
         if leadership.lease_id != 0 {
             // The key is already gone when the delete worked; a failed revoke only means the
             // lease lives out its TTL, so it is logged, not returned.

@@ -150,7 +150,12 @@ impl Store {
 
     /// Campaigns until this candidate leads (or `cancel` fires). The lease is kept alive in
     /// the background every ttl/3 until leadership is lost or resigned.
-    pub async fn campaign(&self, me: &Candidate, ttl: Duration, cancel: &CancellationToken) -> Result<Leadership, StoreError> {
+    pub async fn campaign(
+        &self,
+        me: &Candidate,
+        ttl: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Leadership, StoreError> {
         match self {
             Store::Etcd(s) => s.campaign(me, ttl, cancel).await,
             Store::Embedded(s) => s.campaign(me, ttl, cancel),
@@ -167,7 +172,11 @@ impl Store {
 
     /// Applies `ops` atomically if and only if `leadership` still holds. Returns the revision
     /// of the write.
-    pub async fn fenced_write(&self, leadership: &Leadership, ops: Vec<WriteOp>) -> Result<i64, StoreError> {
+    pub async fn fenced_write(
+        &self,
+        leadership: &Leadership,
+        ops: Vec<WriteOp>,
+    ) -> Result<i64, StoreError> {
         match self {
             Store::Etcd(s) => s.fenced_write(leadership, ops).await,
             Store::Embedded(s) => s.fenced_write(leadership, ops),

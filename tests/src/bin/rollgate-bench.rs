@@ -79,8 +79,15 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
 
 fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = text.lines().find(|l| l.starts_with(field)).ok_or_else(|| anyhow!("no {field}"))?;
-    Ok(line.split_whitespace().nth(1).ok_or_else(|| anyhow!("bad {field}"))?.parse()?)
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| anyhow!("no {field}"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow!("bad {field}"))?
+        .parse()?)
 }
 
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
@@ -106,10 +113,34 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().what {
-        What::Agent { runs, idle, report_interval } => agent(runs.clamp(1, 50), idle.min(Duration::from_secs(600)), &report_interval).await,
+        What::Agent {
+            runs,
+            idle,
+            report_interval,
+        } => {
+            agent(
+                runs.clamp(1, 50),
+                idle.min(Duration::from_secs(600)),
+                &report_interval,
+            )
+            .await
+        }
         What::Failover { runs, ttl } => failover(runs.clamp(1, 50), ttl.clamp(2, 60)).await,
-        What::Overhead { runs, servers, domains, verify_stable, etcd } => {
-            overhead(runs.clamp(1, 20), servers.clamp(1, 60), domains.clamp(1, 20), verify_stable.min(Duration::from_secs(60)), etcd).await
+        What::Overhead {
+            runs,
+            servers,
+            domains,
+            verify_stable,
+            etcd,
+        } => {
+            overhead(
+                runs.clamp(1, 20),
+                servers.clamp(1, 60),
+                domains.clamp(1, 20),
+                verify_stable.min(Duration::from_secs(60)),
+                etcd,
+            )
+            .await
         }
     }
 }
@@ -117,7 +148,11 @@ async fn main() -> anyhow::Result<()> {
 async fn agent(runs: usize, idle: Duration, report_interval: &str) -> anyhow::Result<()> {
     let agent_bin = bin("rollgate-agent")?;
     let size = std::fs::metadata(&agent_bin)?.len();
-    println!("agent binary {}: {:.2} MiB", agent_bin.display(), size as f64 / 1048576.0);
+    println!(
+        "agent binary {}: {:.2} MiB",
+        agent_bin.display(),
+        size as f64 / 1048576.0
+    );
     let (mut rss, mut hwm, mut threads, mut cpu) = (vec![], vec![], vec![], vec![]);
     let tick = 100.0; // USER_HZ on Linux
     for run in 1..=runs {
@@ -128,7 +163,10 @@ async fn agent(runs: usize, idle: Duration, report_interval: &str) -> anyhow::Re
         let tls = pki.issue(RoleKind::Agent, "fe-1")?;
         let mut a = AgentProc::start(tmp.path(), "fe-1", "bench", "ud-1", &tls, &fe).await?;
         // Use the configured report interval rather than the harness's fast one.
-        let cfg = std::fs::read_to_string(&a.config)?.replace("report_interval = \"200ms\"", &format!("report_interval = \"{report_interval}\""));
+        let cfg = std::fs::read_to_string(&a.config)?.replace(
+            "report_interval = \"200ms\"",
+            &format!("report_interval = \"{report_interval}\""),
+        );
         std::fs::write(&a.config, cfg)?;
         a.terminate().await?;
         a.restart().await?;
@@ -164,7 +202,9 @@ async fn agent(runs: usize, idle: Duration, report_interval: &str) -> anyhow::Re
 }
 
 async fn etcd() -> anyhow::Result<rollgate_tests::etcd::EtcdCluster> {
-    rollgate_tests::etcd::EtcdCluster::start(1).await?.ok_or_else(|| anyhow!("etcd not found: install etcd-server"))
+    rollgate_tests::etcd::EtcdCluster::start(1)
+        .await?
+        .ok_or_else(|| anyhow!("etcd not found: install etcd-server"))
 }
 
 async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
@@ -184,14 +224,30 @@ async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
     let mut coords = Vec::new();
     for i in 1..=3 {
         let id = format!("c{i}");
-        coords.push(CoordinatorProc::start(root, &id, &fleet.pki.issue(RoleKind::Coordinator, &id)?, &store, &pools).await?);
+        coords.push(
+            CoordinatorProc::start(
+                root,
+                &id,
+                &fleet.pki.issue(RoleKind::Coordinator, &id)?,
+                &store,
+                &pools,
+            )
+            .await?,
+        );
     }
-    let fenced_at = |epoch: u64, agents: Vec<rollgate_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>>| async move {
+    let fenced_at = |epoch: u64,
+                     agents: Vec<
+        rollgate_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    >| async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let mut all = true;
             for mut a in agents.clone() {
-                let e = a.health(pb::HealthRequest {}).await.map(|r| r.into_inner().epoch).unwrap_or(0);
+                let e = a
+                    .health(pb::HealthRequest {})
+                    .await
+                    .map(|r| r.into_inner().epoch)
+                    .unwrap_or(0);
                 all &= e > epoch;
             }
             if all {
@@ -207,18 +263,33 @@ async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
     let mut graceful = Vec::new();
     for run in 0..runs * 2 {
         let kill = run % 2 == 0;
-        let mut c = operator_client(coords.iter().find(|c| c.pid().is_some()).context("a live coordinator")?.addr, &op).await?;
-        let (leader, epoch) = rollgate_tests::eventually("a leader", Duration::from_secs(30), || {
-            let mut c = c.clone();
-            async move { leader_of(&mut c).await }
-        })
+        let mut c = operator_client(
+            coords
+                .iter()
+                .find(|c| c.pid().is_some())
+                .context("a live coordinator")?
+                .addr,
+            &op,
+        )
         .await?;
+        let (leader, epoch) =
+            rollgate_tests::eventually("a leader", Duration::from_secs(30), || {
+                let mut c = c.clone();
+                async move { leader_of(&mut c).await }
+            })
+            .await?;
         // Every agent must already carry this leader's epoch, so that the next rise is the new one.
         rollgate_tests::eventually("agents fenced", Duration::from_secs(30), || {
             let ag = agents.clone();
             async move {
                 for mut a in ag {
-                    if a.health(pb::HealthRequest {}).await.ok()?.into_inner().epoch < epoch {
+                    if a.health(pb::HealthRequest {})
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .epoch
+                        < epoch
+                    {
                         return None;
                     }
                 }
@@ -226,7 +297,10 @@ async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
             }
         })
         .await?;
-        let li = coords.iter().position(|x| x.id == leader).context("leader")?;
+        let li = coords
+            .iter()
+            .position(|x| x.id == leader)
+            .context("leader")?;
         let t0 = std::time::Instant::now();
         if kill {
             coords[li].kill().await?;
@@ -236,7 +310,11 @@ async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
         fenced_at(epoch, agents.clone()).await?;
         let took = t0.elapsed().as_secs_f64();
         println!("run {}: {} of leader {leader}: agents fenced by the new leader after {:.3}s ({:.2}x TTL)", run / 2 + 1, if kill { "SIGKILL" } else { "SIGTERM" }, took, took / ttl as f64);
-        if kill { crash.push(took) } else { graceful.push(took) }
+        if kill {
+            crash.push(took)
+        } else {
+            graceful.push(took)
+        }
         coords[li].restart().await?;
         c = operator_client(coords[li].addr, &op).await?;
         drop(c);
@@ -246,7 +324,13 @@ async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn overhead(runs: usize, servers: usize, domains: usize, verify_stable: Duration, use_etcd: bool) -> anyhow::Result<()> {
+async fn overhead(
+    runs: usize,
+    servers: usize,
+    domains: usize,
+    verify_stable: Duration,
+    use_etcd: bool,
+) -> anyhow::Result<()> {
     use rollgate_proto::operator::v1 as opb;
     use rollgate_tests::cluster::{operator_client, CoordinatorProc, Fleet};
     let mut ratios = Vec::new();
@@ -260,12 +344,29 @@ async fn overhead(runs: usize, servers: usize, domains: usize, verify_stable: Du
             Some(e) => format!("[store]\nkind = \"etcd\"\nendpoints = {:?}\nprefix = \"/rollgate/bench/\"\nelection_ttl = \"5s\"", e.endpoints()),
             None => format!("[store]\nkind = \"embedded\"\npath = \"{}\"", root.join("store.json").display()),
         };
-        let mut coord = CoordinatorProc::start(root, "c1", &fleet.pki.issue(RoleKind::Coordinator, "c1")?, &store, &fleet.pool_toml("")).await?;
+        let mut coord = CoordinatorProc::start(
+            root,
+            "c1",
+            &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+            &store,
+            &fleet.pool_toml(""),
+        )
+        .await?;
         let op = fleet.pki.issue(RoleKind::Operator, "bench")?;
         let mut c = operator_client(coord.addr, &op).await?;
         rollgate_tests::eventually("Ready", Duration::from_secs(30), || {
             let mut c = c.clone();
-            async move { (c.readiness(opb::PoolRequest { pool: "bench".into() }).await.ok()?.into_inner().state == "Ready").then_some(()) }
+            async move {
+                (c.readiness(opb::PoolRequest {
+                    pool: "bench".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .state
+                    == "Ready")
+                    .then_some(())
+            }
         })
         .await?;
         let (artifact, sha) = rollgate_tests::make_artifact(root, "2.0")?;
@@ -282,19 +383,39 @@ async fn overhead(runs: usize, servers: usize, domains: usize, verify_stable: Du
             ..Default::default()
         })
         .await?;
-        let end = rollgate_tests::eventually("the upgrade to end", Duration::from_secs(600), || {
-            let mut c = c.clone();
-            async move {
-                let s = c.get_upgrade(opb::PoolRequest { pool: "bench".into() }).await.ok()?.into_inner();
-                (s.status != "running").then_some(s)
-            }
-        })
-        .await?;
-        anyhow::ensure!(end.status == "completed", "upgrade ended {}: {}", end.status, end.reason);
-        let events = c.events(opb::EventsRequest { pool: "bench".into(), limit: 100_000 }).await?.into_inner().events;
+        let end =
+            rollgate_tests::eventually("the upgrade to end", Duration::from_secs(600), || {
+                let mut c = c.clone();
+                async move {
+                    let s = c
+                        .get_upgrade(opb::PoolRequest {
+                            pool: "bench".into(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    (s.status != "running").then_some(s)
+                }
+            })
+            .await?;
+        anyhow::ensure!(
+            end.status == "completed",
+            "upgrade ended {}: {}",
+            end.status,
+            end.reason
+        );
+        let events = c
+            .events(opb::EventsRequest {
+                pool: "bench".into(),
+                limit: 100_000,
+            })
+            .await?
+            .into_inner()
+            .events;
         let t1 = events.iter().map(|e| e.at_ms).max().context("no events")?;
         // Per server: the sum of its four forward operations, from its agent's journal.
-        let mut slowest: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        let mut slowest: std::collections::BTreeMap<String, u64> =
+            std::collections::BTreeMap::new();
         for s in &fleet.servers {
             let text = std::fs::read_to_string(s.agent.state_dir.join("journal.jsonl"))?;
             let mut begin = std::collections::HashMap::new();
@@ -306,8 +427,15 @@ async fn overhead(runs: usize, servers: usize, domains: usize, verify_stable: Du
                     continue;
                 }
                 match v["event"].as_str() {
-                    Some("begin") => { begin.insert(id, v["at_ms"].as_u64().unwrap_or(0)); }
-                    Some("end") => total += v["at_ms"].as_u64().unwrap_or(0).saturating_sub(begin.get(&id).copied().unwrap_or(0)),
+                    Some("begin") => {
+                        begin.insert(id, v["at_ms"].as_u64().unwrap_or(0));
+                    }
+                    Some("end") => {
+                        total += v["at_ms"]
+                            .as_u64()
+                            .unwrap_or(0)
+                            .saturating_sub(begin.get(&id).copied().unwrap_or(0))
+                    }
                     _ => {}
                 }
             }

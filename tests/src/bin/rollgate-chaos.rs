@@ -6,7 +6,10 @@ use clap::Parser;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "rollgate-chaos", about = "rolling upgrades under injected faults, checked against rollgate's invariants")]
+#[command(
+    name = "rollgate-chaos",
+    about = "rolling upgrades under injected faults, checked against rollgate's invariants"
+)]
 struct Args {
     /// Number of runs (each with a fresh cluster).
     #[arg(long, default_value_t = 10)]
@@ -28,7 +31,11 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let budget = Duration::from_secs(a.minutes.min(24 * 60) * 60);
     let base = a.seed.unwrap_or_else(rollgate_common::time::now_ms);
-    let runs = if a.seed.is_some() { 1 } else { a.runs.clamp(1, 10_000) };
+    let runs = if a.seed.is_some() {
+        1
+    } else {
+        a.runs.clamp(1, 10_000)
+    };
     let (mut ok, mut faults, mut failed) = (0u32, 0usize, Vec::new());
     for i in 0..runs {
         if start.elapsed() > budget {
@@ -41,7 +48,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(r) => {
                 ok += 1;
                 faults += r.faults.len();
-                println!("  ok in {:.1}s: {} connections served, {} refused; faults: {}", r.took.as_secs_f64(), r.served, r.refused, r.faults.join("; "));
+                println!(
+                    "  ok in {:.1}s: {} connections served, {} refused; faults: {}",
+                    r.took.as_secs_f64(),
+                    r.served,
+                    r.refused,
+                    r.faults.join("; ")
+                );
             }
             Err(e) => {
                 println!("  FAILED: {e:#}");
@@ -49,7 +62,26 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("{ok} runs survived ({faults} faults injected), {} failed{}", failed.len(), if failed.is_empty() { String::new() } else { format!(": replay with --seed {}", failed.iter().map(u64::to_string).collect::<Vec<_>>().join(" / --seed ")) });
+    println!(
+        "{ok} runs survived ({faults} faults injected), {} failed{}",
+        failed.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": replay with --seed {}",
+                failed
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" / --seed ")
+            )
+        }
+    );
     println!("{} passed, {} failed", ok, failed.len());
-    if failed.is_empty() { Ok(()) } else { std::process::exit(1) }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        std::process::exit(1)
+    }
 }

@@ -16,7 +16,10 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Parser)]
-#[command(name = "rollgate-demo", about = "a real local rolling upgrade with rollgate")]
+#[command(
+    name = "rollgate-demo",
+    about = "a real local rolling upgrade with rollgate"
+)]
 struct Args {
     /// Work directory (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
@@ -74,7 +77,10 @@ async fn client_load(ports: Vec<u16>, load: Arc<Load>, stop: tokio_util::sync::C
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ensure!(args.servers >= args.domains && args.domains >= 1, "--servers must be at least --domains, and --domains at least 1");
+    ensure!(
+        args.servers >= args.domains && args.domains >= 1,
+        "--servers must be at least --domains, and --domains at least 1"
+    );
     let tmp;
     let root = match &args.dir {
         Some(d) => {
@@ -86,10 +92,18 @@ async fn main() -> anyhow::Result<()> {
             tmp.path().to_owned()
         }
     };
-    println!("== rollgate demo: {} front ends in {} upgrade domains (work dir {})", args.servers, args.domains, root.display());
+    println!(
+        "== rollgate demo: {} front ends in {} upgrade domains (work dir {})",
+        args.servers,
+        args.domains,
+        root.display()
+    );
     let fleet = Fleet::start(&root, "demo", args.servers, args.domains, "1.0").await?;
     for s in &fleet.servers {
-        println!("   {} ({}) serving 1.0 on 127.0.0.1:{}, agent on {}", s.id, s.domain, s.fe.port, s.agent.addr);
+        println!(
+            "   {} ({}) serving 1.0 on 127.0.0.1:{}, agent on {}",
+            s.id, s.domain, s.fe.port, s.agent.addr
+        );
     }
 
     let etcd = if args.etcd {
@@ -120,18 +134,34 @@ async fn main() -> anyhow::Result<()> {
         async move { leader_of(&mut c).await }
     })
     .await?;
-    println!("== {} coordinator(s) {}; leader {leader} at epoch {epoch}", n, if args.etcd { "on etcd" } else { "on the embedded store" });
+    println!(
+        "== {} coordinator(s) {}; leader {leader} at epoch {epoch}",
+        n,
+        if args.etcd {
+            "on etcd"
+        } else {
+            "on the embedded store"
+        }
+    );
     eventually("the pool to be Ready", Duration::from_secs(20), || {
         let mut c = c.clone();
         async move {
-            let r = c.readiness(pb::PoolRequest { pool: "demo".into() }).await.ok()?.into_inner();
+            let r = c
+                .readiness(pb::PoolRequest {
+                    pool: "demo".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
             (r.state == "Ready").then_some(())
         }
     })
     .await?;
 
     println!("\n$ rollgate readiness --pool demo");
-    let st = cli(&op, &addrs)?.args(["readiness", "--pool", "demo"]).status()?;
+    let st = cli(&op, &addrs)?
+        .args(["readiness", "--pool", "demo"])
+        .status()?;
     ensure!(st.success(), "rollgate readiness failed");
 
     let load = Arc::new(Load::default());
@@ -141,10 +171,26 @@ async fn main() -> anyhow::Result<()> {
 
     let (artifact, sha) = make_artifact(&root, "2.0")?;
     let start = [
-        "upgrade", "start", "--pool", "demo", "--version", "2.0", "--artifact", artifact.to_str().context("path")?, "--sha256", &sha,
-        "--verify-stable", "500ms", "--busy-retry-interval", "2s", "--watch",
+        "upgrade",
+        "start",
+        "--pool",
+        "demo",
+        "--version",
+        "2.0",
+        "--artifact",
+        artifact.to_str().context("path")?,
+        "--sha256",
+        &sha,
+        "--verify-stable",
+        "500ms",
+        "--busy-retry-interval",
+        "2s",
+        "--watch",
     ];
-    println!("\n$ rollgate {}", start.join(" ").replace(&sha, &format!("{}…", &sha[..12])));
+    println!(
+        "\n$ rollgate {}",
+        start.join(" ").replace(&sha, &format!("{}…", &sha[..12]))
+    );
     let t0 = std::time::Instant::now();
     let st = cli(&op, &addrs)?.args(start).status()?;
     let took = t0.elapsed();
@@ -153,20 +199,38 @@ async fn main() -> anyhow::Result<()> {
     ensure!(st.success(), "the upgrade did not complete (exit {st:?})");
 
     // The last server's final health report may still be on its way.
-    eventually("every server to report 2.0", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            let r = c.readiness(pb::PoolRequest { pool: "demo".into() }).await.ok()?.into_inner();
-            r.domains.iter().flat_map(|d| &d.servers).all(|s| s.version == "2.0" && s.state == "serving").then_some(())
-        }
-    })
+    eventually(
+        "every server to report 2.0",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .readiness(pb::PoolRequest {
+                        pool: "demo".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                r.domains
+                    .iter()
+                    .flat_map(|d| &d.servers)
+                    .all(|s| s.version == "2.0" && s.state == "serving")
+                    .then_some(())
+            }
+        },
+    )
     .await?;
     println!("\n$ rollgate readiness --pool demo");
-    let st = cli(&op, &addrs)?.args(["readiness", "--pool", "demo"]).status()?;
+    let st = cli(&op, &addrs)?
+        .args(["readiness", "--pool", "demo"])
+        .status()?;
     ensure!(st.success(), "rollgate readiness failed");
 
     println!("\n$ rollgate events --pool demo --limit 8");
-    cli(&op, &addrs)?.args(["events", "--pool", "demo", "--limit", "8"]).status()?;
+    cli(&op, &addrs)?
+        .args(["events", "--pool", "demo", "--limit", "8"])
+        .status()?;
 
     let installs = fleet.installs();
     let once = installs.iter().all(|(_, v)| v == &vec!["2.0".to_owned()]);
@@ -178,7 +242,10 @@ async fn main() -> anyhow::Result<()> {
         load.cut.load(Ordering::Relaxed)
     );
     ensure!(once, "installs: {installs:?}");
-    ensure!(load.cut.load(Ordering::Relaxed) == 0, "an open connection was cut");
+    ensure!(
+        load.cut.load(Ordering::Relaxed) == 0,
+        "an open connection was cut"
+    );
     for mut co in coordinators {
         co.terminate().await?;
     }

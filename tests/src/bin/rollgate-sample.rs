@@ -23,7 +23,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Parser)]
-#[command(name = "rollgate-sample", about = "a sample front end that rollgate can drive")]
+#[command(
+    name = "rollgate-sample",
+    about = "a sample front end that rollgate can drive"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -113,11 +116,15 @@ fn version(dir: &Path) -> anyhow::Result<String> {
 
 fn install(dir: &Path) -> anyhow::Result<()> {
     if dir.join("fail-install").exists() {
-        bail!("install refused: {} exists", dir.join("fail-install").display());
+        bail!(
+            "install refused: {} exists",
+            dir.join("fail-install").display()
+        );
     }
     let artifact = std::env::var("ROLLGATE_ARTIFACT").context("ROLLGATE_ARTIFACT is not set")?;
     let version = std::env::var("ROLLGATE_VERSION").context("ROLLGATE_VERSION is not set")?;
-    let text = std::fs::read_to_string(&artifact).with_context(|| format!("cannot read {artifact}"))?;
+    let text =
+        std::fs::read_to_string(&artifact).with_context(|| format!("cannot read {artifact}"))?;
     let expected = format!("{MAGIC} {version}");
     if text.trim() != expected {
         bail!("artifact {artifact} is not a release of version {version}");
@@ -127,14 +134,19 @@ fn install(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(release.join("VERSION"), format!("{version}\n"))?;
     // Append-only record of installs, so tests can check that nothing was installed twice.
     use std::io::Write;
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("installs.log"))?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("installs.log"))?;
     writeln!(log, "{version}")?;
     let tmp = dir.join("current.tmp");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&release, &tmp)?;
     std::fs::rename(&tmp, dir.join("current"))?;
     // Fault injection for tests: <dir>/break-on-install names a version that comes up unhealthy.
-    let breaks = std::fs::read_to_string(dir.join("break-on-install")).map(|v| v.trim() == version).unwrap_or(false);
+    let breaks = std::fs::read_to_string(dir.join("break-on-install"))
+        .map(|v| v.trim() == version)
+        .unwrap_or(false);
     if breaks {
         std::fs::write(dir.join("unhealthy"), "")?;
     } else {
@@ -142,7 +154,10 @@ fn install(dir: &Path) -> anyhow::Result<()> {
     }
     // Fault injection for tests: <dir>/slow-install holds milliseconds to linger after installing,
     // so a test can kill the agent while its install command is still running.
-    if let Some(ms) = std::fs::read_to_string(dir.join("slow-install")).ok().and_then(|t| t.trim().parse::<u64>().ok()) {
+    if let Some(ms) = std::fs::read_to_string(dir.join("slow-install"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    {
         std::thread::sleep(Duration::from_millis(ms.min(60_000)));
     }
     println!("installed {version} into {}", release.display());
@@ -178,10 +193,17 @@ fn start(dir: &Path, port: u16) -> anyhow::Result<()> {
         return Ok(());
     }
     version(dir)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("sample.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("sample.log"))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("serve").arg("--dir").arg(dir).arg("--port").arg(port.to_string());
+    cmd.arg("serve")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--port")
+        .arg(port.to_string());
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -190,13 +212,21 @@ fn start(dir: &Path, port: u16) -> anyhow::Result<()> {
     let child = cmd.spawn().context("cannot spawn the service")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
+        if std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_millis(200),
+        )
+        .is_ok()
+        {
             println!("started pid {} on port {port}", child.id());
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    bail!("service did not accept connections on port {port} within 10s (see {})", dir.join("sample.log").display())
+    bail!(
+        "service did not accept connections on port {port} within 10s (see {})",
+        dir.join("sample.log").display()
+    )
 }
 
 fn stop(dir: &Path) -> anyhow::Result<()> {
@@ -244,7 +274,10 @@ async fn serve(dir: PathBuf, port: u16) -> anyhow::Result<()> {
         }
     }
     drop(listener);
-    eprintln!("draining: listener closed, {} connection(s) open", open.load(Ordering::SeqCst));
+    eprintln!(
+        "draining: listener closed, {} connection(s) open",
+        open.load(Ordering::SeqCst)
+    );
     while open.load(Ordering::SeqCst) > 0 {
         tokio::select! {
             _ = closed_rx.recv() => {}
@@ -265,11 +298,18 @@ async fn handle(stream: TcpStream, version: &str, dir: &Path) -> std::io::Result
             } else {
                 ("200 OK", format!("ok {version}\n"))
             };
-            let resp = format!("HTTP/1.1 {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.1 {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             w.write_all(resp.as_bytes()).await?;
             return Ok(());
         }
-        let reply = if line.trim() == "VERSION" { version.to_owned() } else { line };
+        let reply = if line.trim() == "VERSION" {
+            version.to_owned()
+        } else {
+            line
+        };
         w.write_all(reply.as_bytes()).await?;
         w.write_all(b"\n").await?;
     }
