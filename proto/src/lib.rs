@@ -6,6 +6,30 @@ pub mod agent {
     pub mod v1 {
         tonic::include_proto!("rollgate.agent.v1");
     }
+
+    impl v1::AgentErrorDetail {
+        /// A status with `code` and `message` carrying this detail (prost-encoded) in its
+        /// details, so that callers act on the typed reason rather than on the text.
+        pub fn to_status(&self, code: tonic::Code, message: impl Into<String>) -> tonic::Status {
+            use prost::Message;
+            tonic::Status::with_details(code, message, self.encode_to_vec().into())
+        }
+
+        /// The detail carried by `status`, if it has one this crate can read.
+        pub fn from_status(status: &tonic::Status) -> Option<v1::AgentErrorDetail> {
+            use prost::Message;
+            let bytes = status.details();
+            if bytes.is_empty() {
+                return None;
+            }
+            v1::AgentErrorDetail::decode(bytes).ok()
+        }
+
+        /// The reason, `Unspecified` when unknown to this version.
+        pub fn reason_or_unspecified(&self) -> v1::AgentErrorReason {
+            v1::AgentErrorReason::try_from(self.reason).unwrap_or(v1::AgentErrorReason::Unspecified)
+        }
+    }
 }
 
 /// `rollgate.operator.v1`: the coordinator's operator API.
@@ -14,4 +38,10 @@ pub mod operator {
     pub mod v1 {
         tonic::include_proto!("rollgate.operator.v1");
     }
+
+    /// Response metadata: the leader's address, set by a follower refusing a leader-only call.
+    pub const LEADER_HEADER: &str = "rollgate-leader";
+    /// Response metadata: how long to wait before retrying an UNAVAILABLE call (milliseconds),
+    /// set while a coordinator is taking over leadership.
+    pub const RETRY_AFTER_HEADER: &str = "rollgate-retry-after-ms";
 }
