@@ -1,434 +1,329 @@
-//! The operator API: converts wire types to domain types, checks the operator role, sends
-//! state-changing calls to the leader's drivers, and maps errors to `tonic::Status` in one place.
+//! The operator gRPC API: checks the operator role, converts wire types to the control layer's
+//! domain types and back, and maps [`ControlError`] to `tonic::Status` in one place
+//! ([`to_status`]). No logic lives here.
 
-use crate::driver::{self, events_prefix, failover_key, upgrade_key, Command, EventRecord, Stored};
+use crate::control::{Control, ControlError, DrainKind, StartRequest, UpgradeCommand, Watched};
 use crate::engine::{
-    Direction, DomainPhase, DrainMode, Event, ExhaustedAction, FailureAction, Plan, ServerPhase,
-    Status as UpStatus, Upgrade,
+    Direction, DomainPhase, ExhaustedAction, FailureAction, PoolState, RollbackArtifact,
+    ServerPhase, Status as UpStatus, Step, Upgrade,
 };
-use crate::node::Node;
-use crate::readiness::PoolReadiness;
+use crate::progress::EventRecord;
+use crate::readiness::{PoolReadiness, ServerState};
 use rollgate_common::tls::{authorize, Caller, RoleKind};
 use rollgate_proto::operator::v1 as pb;
+use rollgate_proto::operator::{LEADER_HEADER, RETRY_AFTER_HEADER};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-/// The metadata key a follower puts the leader's address in.
-pub const LEADER_HEADER: &str = "rollgate-leader";
+/// How long a client should wait before retrying a coordinator that is taking over.
+const RETRY_AFTER_MS: &str = "200";
 
-/// Why an operator call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The request is malformed.
-    #[error("{0}")]
-    Invalid(String),
-    /// The pool is not configured.
-    #[error("unknown pool {0:?}")]
-    UnknownPool(String),
-    /// This node does not lead; the leader is elsewhere (or unknown).
-    #[error("this coordinator is not the leader; {0}")]
-    NotLeader(String, Option<String>),
-    /// An upgrade is already running on the pool.
-    #[error("an upgrade ({0}) is already running on pool {1}; pause, abort or wait for it")]
-    AlreadyRunning(String, String),
-    /// There is no upgrade to act on.
-    #[error("no upgrade is running on pool {0}")]
-    NoUpgrade(String),
-    /// The store failed.
-    #[error("store: {0}")]
-    Store(String),
-    /// Leadership was lost while handling the call.
-    #[error("leadership lost while handling the call: {0}")]
-    Lost(String),
-    /// A failover/failback hook failed.
-    #[error("{0}")]
-    Hook(String),
-}
-
-fn to_status(e: ApiError) -> Status {
+/// Maps every control error to a gRPC status: FAILED_PRECONDITION with the leader's address
+/// for a follower, UNAVAILABLE with a retry hint while taking over.
+pub fn to_status(e: ControlError) -> Status {
     let msg = e.to_string();
     match e {
-        ApiError::Invalid(_) => Status::invalid_argument(msg),
-        ApiError::UnknownPool(_) | ApiError::NoUpgrade(_) => Status::not_found(msg),
-        ApiError::NotLeader(_, addr) => {
-            let mut s = Status::failed_precondition(msg);
-            if let Some(a) = addr.and_then(|a| a.parse().ok()) {
+        ControlError::Invalid(_) => Status::invalid_argument(msg),
+        ControlError::UnknownPool(_) | ControlError::NoUpgrade(_) => Status::not_found(msg),
+        ControlError::NotLeader { leader } => {
+            let mut s = if leader.is_some() {
+                Status::failed_precondition(msg)
+            } else {
+                Status::unavailable(msg)
+            };
+            if let Some(a) = leader.and_then(|l| l.address.parse().ok()) {
                 s.metadata_mut().insert(LEADER_HEADER, a);
             }
             s
         }
-        ApiError::AlreadyRunning(..) => Status::already_exists(msg),
-        ApiError::Store(_) | ApiError::Lost(_) => Status::unavailable(msg),
-        ApiError::Hook(_) => Status::aborted(msg),
+        ControlError::TakingOver { .. } => {
+            let mut s = Status::unavailable(msg);
+            s.metadata_mut().insert(
+                RETRY_AFTER_HEADER,
+                tonic::metadata::MetadataValue::from_static(RETRY_AFTER_MS),
+            );
+            s
+        }
+        ControlError::AlreadyRunning { .. } => Status::already_exists(msg),
+        ControlError::Store { .. } | ControlError::LeadershipLost(_) => Status::unavailable(msg),
+        ControlError::Hook(_) => Status::aborted(msg),
     }
 }
 
 /// The `rollgate.operator.v1.Operator` service.
 #[derive(Debug, Clone)]
 pub struct OperatorApi {
-    node: Arc<Node>,
+    control: Control,
+    insecure: bool,
 }
 
 impl OperatorApi {
-    /// Serves `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        OperatorApi { node }
+    /// Serves `control`; `insecure` turns role checks off (only with TLS off).
+    pub fn new(control: Control, insecure: bool) -> Self {
+        OperatorApi { control, insecure }
     }
 
     /// Checks the operator role; returns who is calling, for the event history.
     #[allow(clippy::result_large_err)]
     fn allow<T>(&self, req: &Request<T>) -> Result<String, Status> {
         Ok(
-            match authorize(req, self.node.cfg.insecure, &[RoleKind::Operator])? {
+            match authorize(req, self.insecure, &[RoleKind::Operator])? {
                 Caller::Authenticated(role) => role.to_string(),
                 Caller::Insecure => "operator (insecure mode)".to_owned(),
             },
         )
     }
 
-    async fn not_leader(&self) -> ApiError {
-        match self.node.env.store.leader().await {
-            Ok(Some(l)) => ApiError::NotLeader(
-                format!(
-                    "the leader is {} at {} (epoch {})",
-                    l.id, l.address, l.epoch
-                ),
-                Some(l.address),
-            ),
-            Ok(None) => {
-                ApiError::NotLeader("no leader is elected right now; retry shortly".into(), None)
-            }
-            Err(e) => ApiError::NotLeader(format!("and the leader cannot be read: {e}"), None),
-        }
-    }
-
-    fn pool(&self, name: &str) -> Result<&crate::config::PoolConfig, ApiError> {
-        if name.is_empty() {
-            return Err(ApiError::Invalid("pool: a pool name is required".into()));
-        }
-        self.node
-            .cfg
-            .pool(name)
-            .ok_or_else(|| ApiError::UnknownPool(name.into()))
-    }
-
-    async fn stored(&self, pool: &str) -> Result<Option<Stored>, ApiError> {
-        match self.node.env.store.get(&upgrade_key(pool)).await {
-            Ok(Some(kv)) => serde_json::from_slice(&kv.value)
-                .map(Some)
-                .map_err(|e| ApiError::Store(format!("stored upgrade is unreadable: {e}"))),
-            Ok(None) => Ok(None),
-            Err(e) => Err(ApiError::Store(e.to_string())),
-        }
-    }
-
-    async fn failed_over(&self, pool: &str) -> bool {
-        matches!(self.node.env.store.get(&failover_key(pool)).await, Ok(Some(kv))
-            if serde_json::from_slice::<serde_json::Value>(&kv.value).ok().and_then(|v| v.get("failed_over").and_then(serde_json::Value::as_bool)) == Some(true))
-    }
-
-    /// The current state of `pool`'s upgrade: the leader's live driver, else the store.
-    async fn current(&self, pool: &str) -> Result<Option<Upgrade>, ApiError> {
-        if self.node.leadership().is_some() {
-            if let Some(h) = self.node.driver(pool) {
-                if let Some(u) = h.status.borrow().clone() {
-                    return Ok(Some(u));
-                }
-            }
-        }
-        Ok(self.stored(pool).await?.map(|s| s.upgrade))
-    }
-
-    fn status_of(&self, u: Option<&Upgrade>, pool: &str, dry_run: bool) -> pb::UpgradeStatus {
-        let lead = self.node.leadership();
-        let mut s = pb::UpgradeStatus {
-            pool: pool.to_owned(),
-            status: "none".into(),
-            epoch: lead.as_ref().map_or(0, |l| l.epoch.get()),
-            leader: if lead.is_some() {
-                self.node.cfg.id.clone()
+    fn status(&self, u: Option<&Upgrade>, pool: &str, dry_run: bool) -> pb::UpgradeStatus {
+        let lead = self.control.node().leadership();
+        status_of(
+            u,
+            pool,
+            dry_run,
+            lead.as_ref().map_or(0, |l| l.epoch.get()),
+            if lead.is_some() {
+                self.control.node().cfg.id.clone()
             } else {
                 String::new()
             },
-            dry_run,
-            ..Default::default()
-        };
-        let Some(u) = u else { return s };
-        let (status, reason) = match &u.status {
-            UpStatus::Running => ("running", String::new()),
-            UpStatus::Paused { reason } => ("paused", reason.clone()),
-            UpStatus::Completed => ("completed", String::new()),
-            UpStatus::Aborted { reason } => ("aborted", reason.clone()),
-            UpStatus::Failed { reason } => ("failed", reason.clone()),
-            UpStatus::RollingBack { reason } => ("rolling_back", reason.clone()),
-            UpStatus::RolledBack => ("rolled_back", String::new()),
-        };
-        s.plan_id = u.plan.id.clone();
-        s.version = u.plan.version.clone();
-        s.status = status.into();
-        s.reason = reason;
-        s.direction = dir_name(u.direction).into();
-        s.current_domain = u
-            .plan
-            .domains
-            .get(u.domain_index)
-            .map(|d| d.name.clone())
-            .unwrap_or_default();
-        s.domain_phase = match u.domain_phase {
-            DomainPhase::WaitingReady { .. } => "waiting_ready",
-            DomainPhase::FailingOver => "failing_over",
-            DomainPhase::InProgress => "in_progress",
-            DomainPhase::Soaking => "soaking",
-        }
-        .into();
-        s.domain_index = u32::try_from(u.domain_index).unwrap_or(u32::MAX);
-        s.domains_total = u32::try_from(u.plan.domains.len()).unwrap_or(u32::MAX);
-        s.failed_over = u.failed_over;
-        s.plan_json = serde_json::to_string_pretty(&u.plan).unwrap_or_default();
-        for d in &u.plan.domains {
-            for server in &d.servers {
-                let Some(p) = u.servers.get(server) else {
-                    continue;
-                };
-                let (phase, step, attempt, message) = match &p.phase {
-                    ServerPhase::Pending => ("pending", String::new(), 0, String::new()),
-                    ServerPhase::InFlight { step, attempt } => {
-                        ("in_flight", step.name().to_owned(), *attempt, String::new())
-                    }
-                    ServerPhase::Done => ("done", String::new(), 0, String::new()),
-                    ServerPhase::Failed { step, message } => {
-                        ("failed", step.name().to_owned(), 0, message.clone())
-                    }
-                };
-                s.servers.push(pb::ServerProgress {
-                    server: server.clone(),
-                    domain: d.name.clone(),
-                    phase: phase.into(),
-                    step,
-                    attempt,
-                    message,
-                    direction: dir_name(p.direction).into(),
-                });
-            }
-        }
-        s
-    }
-
-    fn plan_from(&self, r: &pb::StartUpgradeRequest) -> Result<Plan, ApiError> {
-        let pool = self.pool(&r.pool)?;
-        let spec = pool.spec();
-        let invalid = |m: String| ApiError::Invalid(m);
-        let ms = |v: u64, d: Duration| if v == 0 { d } else { Duration::from_millis(v) };
-        let drain = match r.drain.as_str() {
-            "" | "graceful" => DrainMode::Graceful {
-                timeout: ms(r.drain_timeout_ms, Duration::from_secs(300)),
-            },
-            "immediate" => DrainMode::Immediate,
-            other => {
-                return Err(invalid(format!(
-                    "drain: {other:?} is not graceful or immediate"
-                )))
-            }
-        };
-        let on_exhausted = match r.on_exhausted.as_str() {
-            "" => {
-                if pool.paired_pool.is_some() {
-                    ExhaustedAction::Failover
-                } else {
-                    ExhaustedAction::Pause
-                }
-            }
-            "failover" => ExhaustedAction::Failover,
-            "pause" => ExhaustedAction::Pause,
-            "abort" => ExhaustedAction::Abort,
-            other => {
-                return Err(invalid(format!(
-                    "on_exhausted: {other:?} is not failover, pause or abort"
-                )))
-            }
-        };
-        let on_failure = match r.on_failure.as_str() {
-            "" | "pause" => FailureAction::Pause,
-            "rollback" => FailureAction::Rollback,
-            other => {
-                return Err(invalid(format!(
-                    "on_failure: {other:?} is not pause or rollback"
-                )))
-            }
-        };
-        let mut domains: Vec<crate::engine::Domain> = spec
-            .domains
-            .iter()
-            .map(|(name, servers)| crate::engine::Domain {
-                name: name.clone(),
-                servers: servers.clone(),
-            })
-            .collect();
-        if !r.domain_order.is_empty() {
-            let mut ordered = Vec::new();
-            for name in &r.domain_order {
-                let i = domains
-                    .iter()
-                    .position(|d| &d.name == name)
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "domain_order: pool {} has no upgrade domain {name:?}",
-                            r.pool
-                        ))
-                    })?;
-                ordered.push(domains.remove(i));
-            }
-            if !domains.is_empty() {
-                let left: Vec<_> = domains.iter().map(|d| d.name.clone()).collect();
-                return Err(invalid(format!(
-                    "domain_order: leaves out domain(s) {}",
-                    left.join(", ")
-                )));
-            }
-            domains = ordered;
-        }
-        if r.version.is_empty() {
-            return Err(invalid("version: the target version is required".into()));
-        }
-        if r.artifact.is_empty() {
-            return Err(invalid("artifact: a path or URL is required".into()));
-        }
-        let sha = r.sha256.trim().to_ascii_lowercase();
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(invalid(format!(
-                "sha256: {:?} is not 64 hex digits",
-                r.sha256
-            )));
-        }
-        let plan = Plan {
-            id: format!("{}-{}", r.pool, rollgate_common::time::now_ms()),
-            pool: r.pool.clone(),
-            version: r.version.clone(),
-            artifact: r.artifact.clone(),
-            sha256: sha,
-            drain,
-            parallelism: if r.parallelism == 0 { 1 } else { r.parallelism },
-            verify_stable: ms(r.verify_stable_ms, Duration::from_secs(5)),
-            verify_timeout: ms(r.verify_timeout_ms, Duration::from_secs(120)),
-            busy_retry_interval: ms(r.busy_retry_interval_ms, Duration::from_secs(600)),
-            busy_retries: if r.busy_retries == 0 {
-                3
-            } else {
-                r.busy_retries
-            },
-            on_exhausted,
-            server_retries: r.server_retries,
-            on_failure,
-            domains,
-            canary_soak: (r.canary_soak_ms > 0).then(|| Duration::from_millis(r.canary_soak_ms)),
-            paired_pool: pool.paired_pool.clone(),
-        };
-        plan.validate().map_err(|e| invalid(e.to_string()))?;
-        Ok(plan)
-    }
-
-    async fn start(
-        &self,
-        r: pb::StartUpgradeRequest,
-        by: &str,
-    ) -> Result<pb::UpgradeStatus, ApiError> {
-        let plan = self.plan_from(&r)?;
-        if r.dry_run {
-            let (u, _) = Upgrade::new(plan).map_err(|e| ApiError::Invalid(e.to_string()))?;
-            return Ok(self.status_of(Some(&u), &r.pool, true));
-        }
-        let Some(lead) = self.node.leadership() else {
-            return Err(self.not_leader().await);
-        };
-        let _one_at_a_time = self.node.start_lock.lock().await;
-        if let Some(cur) = self.current(&r.pool).await? {
-            if !cur.is_terminal() || cur.in_flight() > 0 {
-                return Err(ApiError::AlreadyRunning(cur.plan.id, r.pool));
-            }
-        }
-        let pool = self.pool(&r.pool)?.clone();
-        let next_event = self.stored(&r.pool).await?.map_or(0, |s| s.next_event);
-        let (u, mut actions) = Upgrade::new(plan).map_err(|e| ApiError::Invalid(e.to_string()))?;
-        actions.insert(
-            0,
-            crate::engine::Action::Record {
-                kind: "upgrade_requested".into(),
-                server: None,
-                domain: None,
-                message: format!(
-                    "{by} asked for version {} on pool {} (plan {})",
-                    u.plan.version, u.plan.pool, u.plan.id
-                ),
-            },
-        );
-        let stored = Stored {
-            upgrade: u,
-            next_event,
-        };
-        self.node
-            .start_driver(&lead, pool, stored.clone(), actions, false);
-        Ok(self.status_of(Some(&stored.upgrade), &r.pool, false))
+        )
     }
 
     async fn command(
         &self,
-        pool: &str,
-        by: String,
-        make: fn(String) -> Event,
-    ) -> Result<pb::UpgradeStatus, ApiError> {
-        self.pool(pool)?;
-        if self.node.leadership().is_none() {
-            return Err(self.not_leader().await);
+        req: Request<pb::PoolRequest>,
+        cmd: UpgradeCommand,
+    ) -> Result<Response<pb::UpgradeStatus>, Status> {
+        let by = self.allow(&req)?;
+        let pool = req.into_inner().pool;
+        let u = self
+            .control
+            .command(&pool, cmd, &by)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(self.status(Some(&u), &pool, false)))
+    }
+}
+
+fn ms(v: Option<u64>) -> Option<Duration> {
+    v.map(Duration::from_millis)
+}
+
+/// A wire start request in domain terms. Unset optional fields stay unset: the control layer
+/// resolves defaults; an explicit zero is kept.
+pub fn start_request(r: pb::StartUpgradeRequest) -> Result<StartRequest, ControlError> {
+    let drain = match pb::DrainMode::try_from(r.drain) {
+        Ok(pb::DrainMode::Unspecified) => None,
+        Ok(pb::DrainMode::Graceful) => Some(DrainKind::Graceful),
+        Ok(pb::DrainMode::Immediate) => Some(DrainKind::Immediate),
+        Err(_) => {
+            return Err(ControlError::Invalid(format!(
+                "drain: unknown mode {}",
+                r.drain
+            )))
         }
-        let h = self
-            .node
-            .driver(pool)
-            .ok_or_else(|| ApiError::NoUpgrade(pool.into()))?;
-        let (tx, rx) = oneshot::channel();
-        h.commands
-            .send(Command {
-                event: make(by),
-                reply: tx,
-            })
-            .await
-            .map_err(|_| ApiError::NoUpgrade(pool.into()))?;
-        let u = rx
-            .await
-            .map_err(|_| ApiError::Lost("the driver stopped".into()))?
-            .map_err(ApiError::Lost)?;
-        Ok(self.status_of(Some(&u), pool, false))
-    }
-
-    async fn readiness(&self, pool: &str) -> Result<PoolReadiness, ApiError> {
-        let spec = self.pool(pool)?.spec();
-        let running = self.current(pool).await?.is_some_and(|u| u.in_flight() > 0);
-        Ok(driver::evaluate(&self.node.env, &spec, running))
-    }
+    };
+    let on_exhausted = match pb::ExhaustedAction::try_from(r.on_exhausted) {
+        Ok(pb::ExhaustedAction::Unspecified) => None,
+        Ok(pb::ExhaustedAction::Failover) => Some(ExhaustedAction::Failover),
+        Ok(pb::ExhaustedAction::Pause) => Some(ExhaustedAction::Pause),
+        Ok(pb::ExhaustedAction::Abort) => Some(ExhaustedAction::Abort),
+        Err(_) => {
+            return Err(ControlError::Invalid(format!(
+                "on_exhausted: unknown action {}",
+                r.on_exhausted
+            )))
+        }
+    };
+    let on_failure = match pb::FailureAction::try_from(r.on_failure) {
+        Ok(pb::FailureAction::Unspecified) => None,
+        Ok(pb::FailureAction::Pause) => Some(FailureAction::Pause),
+        Ok(pb::FailureAction::Rollback) => Some(FailureAction::Rollback),
+        Err(_) => {
+            return Err(ControlError::Invalid(format!(
+                "on_failure: unknown action {}",
+                r.on_failure
+            )))
+        }
+    };
+    let rollback_artifact = match (r.rollback_artifact.is_empty(), r.rollback_sha256.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(RollbackArtifact {
+            artifact: r.rollback_artifact,
+            sha256: r.rollback_sha256,
+        }),
+        _ => {
+            return Err(ControlError::Invalid(
+                "rollback_artifact and rollback_sha256 go together: give both or neither".into(),
+            ))
+        }
+    };
+    Ok(StartRequest {
+        pool: r.pool,
+        version: r.version,
+        artifact: r.artifact,
+        sha256: r.sha256,
+        drain,
+        drain_timeout: ms(r.drain_timeout_ms),
+        parallelism: r.parallelism,
+        verify_stable: ms(r.verify_stable_ms),
+        verify_timeout: ms(r.verify_timeout_ms),
+        busy_retry_interval: ms(r.busy_retry_interval_ms),
+        busy_retries: r.busy_retries,
+        on_exhausted,
+        server_retries: r.server_retries,
+        on_failure,
+        domain_order: r.domain_order,
+        canary_soak: ms(r.canary_soak_ms),
+        rollback_artifact,
+        dry_run: r.dry_run,
+    })
 }
 
-fn dir_name(d: Direction) -> &'static str {
+fn direction(d: Direction) -> pb::Direction {
     match d {
-        Direction::Forward => "forward",
-        Direction::Backward => "backward",
+        Direction::Forward => pb::Direction::Forward,
+        Direction::Backward => pb::Direction::Backward,
+        Direction::Restore => pb::Direction::Restore,
     }
 }
 
-fn readiness_of(r: &PoolReadiness, failed_over: bool) -> pb::PoolReadiness {
+fn step(s: Step) -> pb::Step {
+    match s {
+        Step::Prepare => pb::Step::Prepare,
+        Step::Drain => pb::Step::Drain,
+        Step::Stop => pb::Step::Stop,
+        Step::Install => pb::Step::Install,
+        Step::Rollback => pb::Step::Rollback,
+        Step::Restart => pb::Step::Restart,
+        Step::Verify => pb::Step::Verify,
+    }
+}
+
+fn u32_of(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// An upgrade on the wire.
+pub fn status_of(
+    u: Option<&Upgrade>,
+    pool: &str,
+    dry_run: bool,
+    epoch: u64,
+    leader: String,
+) -> pb::UpgradeStatus {
+    let mut s = pb::UpgradeStatus {
+        pool: pool.to_owned(),
+        status: pb::UpgradeState::None as i32,
+        epoch,
+        leader,
+        dry_run,
+        ..Default::default()
+    };
+    let Some(u) = u else { return s };
+    s.status = match &u.status {
+        UpStatus::Running => pb::UpgradeState::Running,
+        UpStatus::Paused { .. } => pb::UpgradeState::Paused,
+        UpStatus::Completed => pb::UpgradeState::Completed,
+        UpStatus::Aborted { .. } => pb::UpgradeState::Aborted,
+        UpStatus::Failed { .. } => pb::UpgradeState::Failed,
+        UpStatus::RollingBack { .. } => pb::UpgradeState::RollingBack,
+        UpStatus::RolledBack => pb::UpgradeState::RolledBack,
+    } as i32;
+    s.reason = u.status.reason().unwrap_or_default().to_string();
+    s.plan_id = u.plan.id.clone();
+    s.version = u.plan.version.clone();
+    s.direction = direction(u.direction) as i32;
+    s.current_domain = u.current_domain().unwrap_or_default().to_string();
+    s.domain_phase = match u.domain_phase {
+        DomainPhase::FailingOver => pb::DomainPhase::FailingOver,
+        DomainPhase::Soaking => pb::DomainPhase::Soaking,
+        DomainPhase::InProgress if u.waiting_ready() => pb::DomainPhase::WaitingReady,
+        DomainPhase::InProgress => pb::DomainPhase::InProgress,
+    } as i32;
+    s.domain_index = u32_of(u.domain_index);
+    s.domains_total = u32_of(u.plan.domains.len());
+    s.failed_over = u.failed_over;
+    s.ended = u.is_terminal();
+    s.plan_json = serde_json::to_string_pretty(&u.plan).unwrap_or_default();
+    for d in &u.plan.domains {
+        for server in &d.servers {
+            let Some(p) = u.servers.get(server) else {
+                continue;
+            };
+            let (phase, st, attempt, message) = match &p.phase {
+                ServerPhase::Pending => (pb::ServerPhase::Pending, None, 0, String::new()),
+                ServerPhase::InFlight { step, attempt } => (
+                    pb::ServerPhase::InFlight,
+                    Some(*step),
+                    *attempt,
+                    String::new(),
+                ),
+                ServerPhase::Prepared => (pb::ServerPhase::Prepared, None, 0, String::new()),
+                ServerPhase::Unanswered {
+                    step,
+                    attempt,
+                    message,
+                } => (
+                    pb::ServerPhase::Unanswered,
+                    Some(*step),
+                    *attempt,
+                    message.clone(),
+                ),
+                ServerPhase::Done => (pb::ServerPhase::Done, None, 0, String::new()),
+                ServerPhase::Failed { step, message } => {
+                    (pb::ServerPhase::Failed, Some(*step), 0, message.clone())
+                }
+            };
+            s.servers.push(pb::ServerProgress {
+                server: server.clone(),
+                domain: d.name.clone(),
+                phase: phase as i32,
+                step: st.map_or(pb::Step::Unspecified, step) as i32,
+                attempt,
+                message,
+                direction: direction(p.direction) as i32,
+            });
+        }
+    }
+    s.out_of_service = u
+        .out_of_service()
+        .into_iter()
+        .map(|(server, reason)| pb::OutOfService { server, reason })
+        .collect();
+    s
+}
+
+fn server_state(s: ServerState) -> pb::ServerState {
+    match s {
+        ServerState::Serving => pb::ServerState::Serving,
+        ServerState::Draining => pb::ServerState::Draining,
+        ServerState::Drained => pb::ServerState::Drained,
+        ServerState::Stopped => pb::ServerState::Stopped,
+        ServerState::Installing => pb::ServerState::Installing,
+        ServerState::Starting => pb::ServerState::Starting,
+        ServerState::Failed => pb::ServerState::Failed,
+        ServerState::Lost => pb::ServerState::Lost,
+        ServerState::Unknown => pb::ServerState::Unknown,
+    }
+}
+
+/// A pool's readiness on the wire.
+pub fn readiness_of(r: &PoolReadiness, failed_over: bool) -> pb::PoolReadiness {
     pb::PoolReadiness {
         pool: r.pool.clone(),
         state: match r.state {
-            crate::engine::PoolState::Ready => "Ready",
-            crate::engine::PoolState::Busy => "Busy",
-            crate::engine::PoolState::InsufficientActiveFrontEnds => "InsufficientActiveFrontEnds",
-        }
-        .into(),
+            PoolState::Ready => pb::ReadinessState::Ready,
+            PoolState::Busy => pb::ReadinessState::Busy,
+            PoolState::InsufficientActiveFrontEnds => {
+                pb::ReadinessState::InsufficientActiveFrontEnds
+            }
+        } as i32,
         reason: r.reason.clone(),
-        min_active: u32::try_from(r.min_active).unwrap_or(u32::MAX),
-        active: u32::try_from(r.active).unwrap_or(u32::MAX),
-        total: u32::try_from(r.total).unwrap_or(u32::MAX),
+        min_active: u32_of(r.min_active),
+        active: u32_of(r.active),
+        total: u32_of(r.total),
         failed_over,
         domains: r
             .domains
@@ -442,7 +337,7 @@ fn readiness_of(r: &PoolReadiness, failed_over: bool) -> pb::PoolReadiness {
                     .iter()
                     .map(|s| pb::ServerReadiness {
                         server: s.server.clone(),
-                        state: s.state.clone(),
+                        state: server_state(s.state) as i32,
                         version: s.version.clone(),
                         active: s.active,
                         busy: s.busy,
@@ -453,6 +348,20 @@ fn readiness_of(r: &PoolReadiness, failed_over: bool) -> pb::PoolReadiness {
                     .collect(),
             })
             .collect(),
+    }
+}
+
+fn event_of(e: EventRecord) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        at_ms: e.at_ms,
+        plan_id: e.plan_id,
+        epoch: e.epoch,
+        coordinator: e.coordinator,
+        kind: e.kind,
+        server: e.server,
+        domain: e.domain,
+        message: e.message,
     }
 }
 
@@ -467,11 +376,8 @@ impl pb::operator_server::Operator for OperatorApi {
     ) -> Result<Response<pb::PoolReadiness>, Status> {
         self.allow(&req)?;
         let pool = req.into_inner().pool;
-        let r = self.readiness(&pool).await.map_err(to_status)?;
-        Ok(Response::new(readiness_of(
-            &r,
-            self.failed_over(&pool).await,
-        )))
+        let (r, failed_over) = self.control.readiness(&pool).await.map_err(to_status)?;
+        Ok(Response::new(readiness_of(&r, failed_over)))
     }
 
     async fn inventory(
@@ -479,12 +385,10 @@ impl pb::operator_server::Operator for OperatorApi {
         req: Request<pb::InventoryRequest>,
     ) -> Result<Response<pb::InventoryResponse>, Status> {
         self.allow(&req)?;
-        let mut pools = Vec::new();
-        for p in &self.node.cfg.pools {
-            let r = self.readiness(&p.name).await.map_err(to_status)?;
-            pools.push(readiness_of(&r, self.failed_over(&p.name).await));
-        }
-        Ok(Response::new(pb::InventoryResponse { pools }))
+        let pools = self.control.inventory().await.map_err(to_status)?;
+        Ok(Response::new(pb::InventoryResponse {
+            pools: pools.iter().map(|(r, f)| readiness_of(r, *f)).collect(),
+        }))
     }
 
     async fn start_upgrade(
@@ -492,10 +396,10 @@ impl pb::operator_server::Operator for OperatorApi {
         req: Request<pb::StartUpgradeRequest>,
     ) -> Result<Response<pb::UpgradeStatus>, Status> {
         let by = self.allow(&req)?;
-        self.start(req.into_inner(), &by)
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        let r = start_request(req.into_inner()).map_err(to_status)?;
+        let (pool, dry_run) = (r.pool.clone(), r.dry_run);
+        let u = self.control.start(r, &by).await.map_err(to_status)?;
+        Ok(Response::new(self.status(Some(&u), &pool, dry_run)))
     }
 
     async fn get_upgrade(
@@ -504,9 +408,20 @@ impl pb::operator_server::Operator for OperatorApi {
     ) -> Result<Response<pb::UpgradeStatus>, Status> {
         self.allow(&req)?;
         let pool = req.into_inner().pool;
-        self.pool(&pool).map_err(to_status)?;
-        let u = self.current(&pool).await.map_err(to_status)?;
-        Ok(Response::new(self.status_of(u.as_ref(), &pool, false)))
+        let u = match self.control.upgrade(&pool).await {
+            Ok(u) => u,
+            Err(e) => {
+                // A leader that found the record unreadable says so rather than "store".
+                if let Some(why) = self.control.unreadable(&pool) {
+                    return Err(Status::data_loss(format!(
+                        "the stored upgrade of pool {pool} is unreadable ({why}); start a new \
+                         upgrade to replace it"
+                    )));
+                }
+                return Err(to_status(e));
+            }
+        };
+        Ok(Response::new(self.status(u.as_ref(), &pool, false)))
     }
 
     type WatchUpgradeStream = StatusStream;
@@ -517,18 +432,14 @@ impl pb::operator_server::Operator for OperatorApi {
     ) -> Result<Response<Self::WatchUpgradeStream>, Status> {
         self.allow(&req)?;
         let pool = req.into_inner().pool;
-        self.pool(&pool).map_err(to_status)?;
-        if self.node.leadership().is_none() {
-            return Err(to_status(self.not_leader().await));
-        }
-        let rx = self.node.driver(&pool).map(|h| h.status);
-        let me = self.clone();
-        let Some(rx) = rx else {
-            // Nothing running here: one status from the store, then the stream ends.
-            let u = self.current(&pool).await.map_err(to_status)?;
-            let s = self.status_of(u.as_ref(), &pool, false);
-            return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(s)]))));
+        let rx = match self.control.watch(&pool).await.map_err(to_status)? {
+            Watched::Live(rx) => rx,
+            Watched::Once(u) => {
+                let s = self.status(u.as_ref(), &pool, false);
+                return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(s)]))));
+            }
         };
+        let me = self.clone();
         let stream = futures_util::stream::unfold(
             (rx, me, pool, false, true),
             |(mut rx, me, pool, ended, first)| async move {
@@ -539,10 +450,8 @@ impl pb::operator_server::Operator for OperatorApi {
                     return None;
                 }
                 let u = rx.borrow_and_update().clone();
-                let done = u
-                    .as_ref()
-                    .is_none_or(|u| u.is_terminal() && u.in_flight() == 0);
-                let s = me.status_of(u.as_ref(), &pool, false);
+                let done = u.as_ref().is_none_or(Upgrade::is_terminal);
+                let s = me.status(u.as_ref(), &pool, false);
                 Some((Ok(s), (rx, me, pool, done, false)))
             },
         );
@@ -553,44 +462,28 @@ impl pb::operator_server::Operator for OperatorApi {
         &self,
         req: Request<pb::PoolRequest>,
     ) -> Result<Response<pb::UpgradeStatus>, Status> {
-        let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Pause { by })
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        self.command(req, UpgradeCommand::Pause).await
     }
 
     async fn resume_upgrade(
         &self,
         req: Request<pb::PoolRequest>,
     ) -> Result<Response<pb::UpgradeStatus>, Status> {
-        let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Resume { by })
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        self.command(req, UpgradeCommand::Resume).await
     }
 
     async fn abort_upgrade(
         &self,
         req: Request<pb::PoolRequest>,
     ) -> Result<Response<pb::UpgradeStatus>, Status> {
-        let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Abort { by })
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        self.command(req, UpgradeCommand::Abort).await
     }
 
     async fn rollback_upgrade(
         &self,
         req: Request<pb::PoolRequest>,
     ) -> Result<Response<pb::UpgradeStatus>, Status> {
-        let by = self.allow(&req)?;
-        self.command(&req.into_inner().pool, by, |by| Event::Rollback { by })
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        self.command(req, UpgradeCommand::Rollback).await
     }
 
     async fn failover(
@@ -598,10 +491,17 @@ impl pb::operator_server::Operator for OperatorApi {
         req: Request<pb::PoolRequest>,
     ) -> Result<Response<pb::PoolActionResponse>, Status> {
         let by = self.allow(&req)?;
-        self.pool_action(&req.into_inner().pool, true, &by)
+        let pool = req.into_inner().pool;
+        let message = self
+            .control
+            .failover(&pool, true, &by)
             .await
-            .map(Response::new)
-            .map_err(to_status)
+            .map_err(to_status)?;
+        Ok(Response::new(pb::PoolActionResponse {
+            pool,
+            message,
+            failed_over: true,
+        }))
     }
 
     async fn failback(
@@ -609,10 +509,17 @@ impl pb::operator_server::Operator for OperatorApi {
         req: Request<pb::PoolRequest>,
     ) -> Result<Response<pb::PoolActionResponse>, Status> {
         let by = self.allow(&req)?;
-        self.pool_action(&req.into_inner().pool, false, &by)
+        let pool = req.into_inner().pool;
+        let message = self
+            .control
+            .failover(&pool, false, &by)
             .await
-            .map(Response::new)
-            .map_err(to_status)
+            .map_err(to_status)?;
+        Ok(Response::new(pb::PoolActionResponse {
+            pool,
+            message,
+            failed_over: false,
+        }))
     }
 
     async fn events(
@@ -621,34 +528,14 @@ impl pb::operator_server::Operator for OperatorApi {
     ) -> Result<Response<pb::EventsResponse>, Status> {
         self.allow(&req)?;
         let r = req.into_inner();
-        self.pool(&r.pool).map_err(to_status)?;
-        let kvs = self
-            .node
-            .env
-            .store
-            .range(&events_prefix(&r.pool))
+        let events = self
+            .control
+            .events(&r.pool, r.limit)
             .await
-            .map_err(|e| to_status(ApiError::Store(e.to_string())))?;
-        let mut events: Vec<pb::Event> = kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<EventRecord>(&kv.value).ok())
-            .map(|e| pb::Event {
-                seq: e.seq,
-                at_ms: e.at_ms,
-                plan_id: e.plan_id,
-                epoch: e.epoch,
-                coordinator: e.coordinator,
-                kind: e.kind,
-                server: e.server,
-                domain: e.domain,
-                message: e.message,
-            })
-            .collect();
-        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
-        if events.len() > limit {
-            events.drain(..events.len() - limit);
-        }
-        Ok(Response::new(pb::EventsResponse { events }))
+            .map_err(to_status)?;
+        Ok(Response::new(pb::EventsResponse {
+            events: events.into_iter().map(event_of).collect(),
+        }))
     }
 
     async fn leader(
@@ -656,53 +543,19 @@ impl pb::operator_server::Operator for OperatorApi {
         req: Request<pb::LeaderRequest>,
     ) -> Result<Response<pb::LeaderResponse>, Status> {
         self.allow(&req)?;
-        let l = self
-            .node
-            .env
-            .store
-            .leader()
-            .await
-            .map_err(|e| to_status(ApiError::Store(e.to_string())))?;
-        let mine = self.node.leadership();
-        Ok(Response::new(match l {
+        let v = self.control.leader().await.map_err(to_status)?;
+        Ok(Response::new(match v.leader {
             Some(l) => pb::LeaderResponse {
-                this_is_leader: mine.is_some_and(|m| m.epoch == l.epoch),
+                this_is_leader: v.this_is_leader,
                 id: l.id,
                 address: l.address,
                 epoch: l.epoch.get(),
-                this_id: self.node.cfg.id.clone(),
+                this_id: v.this_id,
             },
             None => pb::LeaderResponse {
-                this_id: self.node.cfg.id.clone(),
+                this_id: v.this_id,
                 ..Default::default()
             },
         }))
-    }
-}
-
-impl OperatorApi {
-    async fn pool_action(
-        &self,
-        pool: &str,
-        over: bool,
-        by: &str,
-    ) -> Result<pb::PoolActionResponse, ApiError> {
-        let cfg = self.pool(pool)?.clone();
-        let Some(lead) = self.node.leadership() else {
-            return Err(self.not_leader().await);
-        };
-        let paired = cfg.paired_pool.clone().ok_or_else(|| {
-            ApiError::Invalid(format!("pool {pool} has no paired_pool to fail over to"))
-        })?;
-        let (ok, message) =
-            driver::run_failover(&self.node.env, &lead, &cfg, pool, &paired, over, by).await;
-        if !ok {
-            return Err(ApiError::Hook(message));
-        }
-        Ok(pb::PoolActionResponse {
-            pool: pool.into(),
-            message,
-            failed_over: over,
-        })
     }
 }

@@ -2,13 +2,13 @@
 //! exit 0 on success, otherwise one clear line and a non-zero code. It finds the leader itself:
 //! give it any coordinator, and it follows a follower's pointer to the leader.
 
-use crate::api::LEADER_HEADER;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rollgate_common::pki::Ca;
 use rollgate_common::tls::{Role, RoleKind, TlsFiles};
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::v1::operator_client::OperatorClient;
+use rollgate_proto::operator::{names, LEADER_HEADER, RETRY_AFTER_HEADER};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -159,7 +159,8 @@ pub struct PoolArg {
     pub pool: String,
 }
 
-/// `rollgate upgrade start` arguments.
+/// `rollgate upgrade start` arguments. An option left out takes the coordinator's default
+/// (shown in brackets); an explicit value, zero included, is used as given.
 #[derive(Debug, Args)]
 pub struct StartArgs {
     /// The pool.
@@ -171,46 +172,53 @@ pub struct StartArgs {
     /// Artifact path or file://, http(s):// URL, as each agent sees it.
     #[arg(long)]
     pub artifact: String,
-    /// sha256 of the artifact (mandatory; agents check it before anything runs).
+    /// sha256 of the artifact (mandatory; agents check it before anything goes down).
     #[arg(long)]
     pub sha256: String,
-    /// graceful (default) or immediate (declared outage).
-    #[arg(long, default_value = "graceful")]
-    pub drain: String,
-    /// How long a graceful drain waits for connections.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
-    /// Servers of one domain upgraded at once.
-    #[arg(long, default_value_t = 1)]
-    pub parallelism: u32,
-    /// How long a server must stay good after restart.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub verify_stable: Duration,
-    /// How long verify may try.
-    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
-    pub verify_timeout: Duration,
-    /// Wait between Busy answers.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub busy_retry_interval: Duration,
-    /// Busy answers before the pool counts as in trouble.
-    #[arg(long, default_value_t = 3)]
-    pub busy_retries: u32,
-    /// When Busy persists or active servers are insufficient: failover, pause or abort
-    /// (default: failover when the pool has a paired pool, else pause).
+    /// How servers stop taking traffic [graceful].
+    #[arg(long, value_enum)]
+    pub drain: Option<DrainArg>,
+    /// How long a graceful drain waits for connections [5m; at most 24h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Servers of one domain out of service at once [1].
     #[arg(long)]
-    pub on_busy: Option<String>,
-    /// Extra attempts for a failed server step.
-    #[arg(long, default_value_t = 1)]
-    pub server_retries: u32,
-    /// When a server still fails: pause or rollback.
-    #[arg(long, default_value = "pause")]
-    pub on_failure: String,
-    /// Domain order, comma-separated (default: the configured order).
+    pub parallelism: Option<u32>,
+    /// How long a server must stay good after restart [5s; 0s: one good probe].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub verify_stable: Option<Duration>,
+    /// How long verify may try [2m; at most 24h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub verify_timeout: Option<Duration>,
+    /// Wait between Busy answers [10m; at most 24h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub busy_retry_interval: Option<Duration>,
+    /// Busy answers before the pool counts as in trouble [3; at most 100].
+    #[arg(long)]
+    pub busy_retries: Option<u32>,
+    /// When Busy persists or active servers are insufficient [failover when the pool has a
+    /// paired pool, else pause].
+    #[arg(long, value_enum)]
+    pub on_busy: Option<ExhaustedArg>,
+    /// Extra attempts for a failed server step [1; at most 20].
+    #[arg(long)]
+    pub server_retries: Option<u32>,
+    /// When a server still fails [pause].
+    #[arg(long, value_enum)]
+    pub on_failure: Option<FailureArg>,
+    /// Domain order, comma-separated [the configured order].
     #[arg(long, value_delimiter = ',')]
     pub domain_order: Vec<String>,
-    /// Soak the first domain this long before the next (canary).
+    /// Soak the first domain this long before the next (canary) [none; at most 7d].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub canary_soak: Option<Duration>,
+    /// The artifact of the version the servers run now, for servers whose version was
+    /// installed outside rollgate: what a rollback installs on them.
+    #[arg(long, requires = "rollback_sha256")]
+    pub rollback_artifact: Option<String>,
+    /// sha256 of --rollback-artifact.
+    #[arg(long, requires = "rollback_artifact")]
+    pub rollback_sha256: Option<String>,
     /// Print the plan (domains, servers, order, policies) and start nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -219,8 +227,72 @@ pub struct StartArgs {
     pub watch: bool,
 }
 
+/// `--drain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DrainArg {
+    /// Stop new connections and let open ones finish.
+    Graceful,
+    /// A declared outage: stop at once.
+    Immediate,
+}
+
+/// `--on-busy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExhaustedArg {
+    Failover,
+    Pause,
+    Abort,
+}
+
+/// `--on-failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailureArg {
+    Pause,
+    Rollback,
+}
+
+/// Milliseconds for the wire; a duration too long for it is sent as the largest value, which
+/// the coordinator refuses with the field's bound.
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The wire request for `a`.
+pub fn start_request(a: &StartArgs) -> pb::StartUpgradeRequest {
+    pb::StartUpgradeRequest {
+        pool: a.pool.clone(),
+        version: a.version.clone(),
+        artifact: a.artifact.clone(),
+        sha256: a.sha256.clone(),
+        drain: match a.drain {
+            None => pb::DrainMode::Unspecified,
+            Some(DrainArg::Graceful) => pb::DrainMode::Graceful,
+            Some(DrainArg::Immediate) => pb::DrainMode::Immediate,
+        } as i32,
+        drain_timeout_ms: a.drain_timeout.map(ms),
+        parallelism: a.parallelism,
+        verify_stable_ms: a.verify_stable.map(ms),
+        verify_timeout_ms: a.verify_timeout.map(ms),
+        busy_retry_interval_ms: a.busy_retry_interval.map(ms),
+        busy_retries: a.busy_retries,
+        on_exhausted: match a.on_busy {
+            None => pb::ExhaustedAction::Unspecified,
+            Some(ExhaustedArg::Failover) => pb::ExhaustedAction::Failover,
+            Some(ExhaustedArg::Pause) => pb::ExhaustedAction::Pause,
+            Some(ExhaustedArg::Abort) => pb::ExhaustedAction::Abort,
+        } as i32,
+        server_retries: a.server_retries,
+        on_failure: match a.on_failure {
+            None => pb::FailureAction::Unspecified,
+            Some(FailureArg::Pause) => pb::FailureAction::Pause,
+            Some(FailureArg::Rollback) => pb::FailureAction::Rollback,
+        } as i32,
+        domain_order: a.domain_order.clone(),
+        canary_soak_ms: a.canary_soak.map(ms),
+        dry_run: a.dry_run,
+        rollback_artifact: a.rollback_artifact.clone().unwrap_or_default(),
+        rollback_sha256: a.rollback_sha256.clone().unwrap_or_default(),
+    }
 }
 
 /// Connection settings.
@@ -245,39 +317,103 @@ impl Conn {
     }
 
     /// Calls `f` on the first reachable coordinator, following a follower to the leader.
+    /// While no coordinator can answer yet (a leader taking over, an election under way, a
+    /// leader that just went away), it waits as told (`rollgate-retry-after-ms`) and retries,
+    /// for up to [`RETRY_FOR`].
     async fn call<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
     where
         F: Fn(OperatorClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let mut last = anyhow!("no coordinator address given");
+        let give_up = tokio::time::Instant::now() + RETRY_FOR;
+        let mut said = String::new();
+        loop {
+            let (err, wait) = match self.call_once(&f).await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let Some(wait) = wait else {
+                return Err(err);
+            };
+            if tokio::time::Instant::now() + wait > give_up {
+                return Err(err.context(format!(
+                    "no coordinator could answer within {}",
+                    humantime::format_duration(RETRY_FOR)
+                )));
+            }
+            let line = format!("{err:#}; retrying");
+            if line != said {
+                eprintln!("{line}");
+                said = line;
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One pass over the addresses. The error comes with how long to wait before another pass
+    /// when it is worth one.
+    async fn call_once<T, F, Fut>(&self, f: &F) -> Result<T, (anyhow::Error, Option<Duration>)>
+    where
+        F: Fn(OperatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut last = (anyhow!("no coordinator address given"), None);
         for addr in &self.addrs {
             let c = match self.client(addr).await {
                 Ok(c) => c,
                 Err(e) => {
-                    last = e;
+                    last = (e, Some(Duration::from_millis(500)));
                     continue;
                 }
             };
-            match f(c).await {
+            let s = match f(c).await {
                 Ok(v) => return Ok(v),
-                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    if let Some(leader) = s
-                        .metadata()
-                        .get(LEADER_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                    {
-                        let c = self.client(leader).await?;
-                        return f(c).await.map_err(status_error);
-                    }
-                    return Err(status_error(s));
+                Err(s) => s,
+            };
+            let leader = s
+                .metadata()
+                .get(LEADER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match (s.code(), leader) {
+                (tonic::Code::FailedPrecondition, Some(leader)) => {
+                    let c = self
+                        .client(&leader)
+                        .await
+                        .map_err(|e| (e, Some(Duration::from_millis(500))))?;
+                    return match f(c).await {
+                        Ok(v) => Ok(v),
+                        Err(s) => Err(retryable(s)),
+                    };
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable => last = status_error(s),
-                Err(s) => return Err(status_error(s)),
+                (tonic::Code::Unavailable, _) => last = retryable(s),
+                _ => return Err((status_error(s), None)),
             }
         }
         Err(last)
     }
+}
+
+/// How long the CLI keeps retrying while no coordinator can answer.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// The error, and the wait before retrying when the status says the call may succeed later.
+fn retryable(s: tonic::Status) -> (anyhow::Error, Option<Duration>) {
+    let hinted = s
+        .metadata()
+        .get(RETRY_AFTER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let wait = match s.code() {
+        tonic::Code::Unavailable => Some(
+            hinted
+                .unwrap_or(Duration::from_millis(500))
+                .min(Duration::from_secs(5)),
+        ),
+        _ => None,
+    };
+    (status_error(s), wait)
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -423,25 +559,7 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
     };
     let s = match u {
         UpgradeCmd::Start(a) => {
-            let req = pb::StartUpgradeRequest {
-                pool: a.pool.clone(),
-                version: a.version,
-                artifact: a.artifact,
-                sha256: a.sha256,
-                drain: a.drain,
-                drain_timeout_ms: ms(a.drain_timeout),
-                parallelism: a.parallelism,
-                verify_stable_ms: ms(a.verify_stable),
-                verify_timeout_ms: ms(a.verify_timeout),
-                busy_retry_interval_ms: ms(a.busy_retry_interval),
-                busy_retries: a.busy_retries,
-                on_exhausted: a.on_busy.unwrap_or_default(),
-                server_retries: a.server_retries,
-                on_failure: a.on_failure,
-                domain_order: a.domain_order,
-                canary_soak_ms: a.canary_soak.map_or(0, ms),
-                dry_run: a.dry_run,
-            };
+            let req = start_request(&a);
             let s = conn
                 .call(|mut c| {
                     let req = req.clone();
@@ -536,16 +654,16 @@ async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
             last = Some(s);
         }
         if let Some(s) = last {
-            let terminal = matches!(
-                s.status.as_str(),
-                "completed" | "aborted" | "failed" | "rolled_back" | "none"
-            );
-            let in_flight = s.servers.iter().any(|x| x.phase == "in_flight");
-            if terminal && !in_flight {
+            let none = s.status == pb::UpgradeState::None as i32;
+            if s.ended || none {
                 if out == Output::Table {
                     print_status(&s, out);
                 }
-                return Ok(if s.status == "completed" { 0 } else { 2 });
+                return Ok(if s.status == pb::UpgradeState::Completed as i32 {
+                    0
+                } else {
+                    2
+                });
             }
         }
     }
@@ -563,27 +681,32 @@ fn fmt_time(ms: u64) -> String {
 }
 
 fn progress_line(s: &pb::UpgradeStatus) -> String {
-    let done = s.servers.iter().filter(|x| x.phase == "done").count();
+    let is = |x: &pb::ServerProgress, p: pb::ServerPhase| x.phase == p as i32;
+    let done = s
+        .servers
+        .iter()
+        .filter(|x| is(x, pb::ServerPhase::Done))
+        .count();
     let flying: Vec<String> = s
         .servers
         .iter()
-        .filter(|x| x.phase == "in_flight")
-        .map(|x| format!("{}:{}", x.server, x.step))
+        .filter(|x| is(x, pb::ServerPhase::InFlight))
+        .map(|x| format!("{}:{}", x.server, names::step(x.step)))
         .collect();
     let failed: Vec<String> = s
         .servers
         .iter()
-        .filter(|x| x.phase == "failed")
+        .filter(|x| is(x, pb::ServerPhase::Failed) || is(x, pb::ServerPhase::Unanswered))
         .map(|x| x.server.clone())
         .collect();
     let mut line = format!(
         "{} {} domain {}/{} {} ({}) done {}/{}",
         s.pool,
-        s.status,
+        names::upgrade_state(s.status),
         s.domain_index + 1,
         s.domains_total,
         s.current_domain,
-        s.domain_phase,
+        names::domain_phase(s.domain_phase),
         done,
         s.servers.len()
     );
@@ -596,16 +719,27 @@ fn progress_line(s: &pb::UpgradeStatus) -> String {
     if !s.reason.is_empty() {
         line.push_str(&format!(" | {}", s.reason));
     }
+    if !s.out_of_service.is_empty() {
+        let list: Vec<String> = s.out_of_service.iter().map(|o| o.server.clone()).collect();
+        line.push_str(&format!(" | OUT OF SERVICE: {}", list.join(" ")));
+    }
     line
 }
 
 fn status_json(s: &pb::UpgradeStatus) -> serde_json::Value {
     serde_json::json!({
-        "pool": s.pool, "plan_id": s.plan_id, "version": s.version, "status": s.status, "reason": s.reason,
-        "direction": s.direction, "current_domain": s.current_domain, "domain_phase": s.domain_phase,
+        "pool": s.pool, "plan_id": s.plan_id, "version": s.version,
+        "status": names::upgrade_state(s.status), "reason": s.reason,
+        "direction": names::direction(s.direction), "current_domain": s.current_domain,
+        "domain_phase": names::domain_phase(s.domain_phase),
         "domain_index": s.domain_index, "domains_total": s.domains_total, "failed_over": s.failed_over,
-        "epoch": s.epoch, "leader": s.leader,
-        "servers": s.servers.iter().map(|x| serde_json::json!({"server": x.server, "domain": x.domain, "phase": x.phase, "step": x.step, "attempt": x.attempt, "direction": x.direction, "message": x.message})).collect::<Vec<_>>(),
+        "epoch": s.epoch, "leader": s.leader, "ended": s.ended,
+        "servers": s.servers.iter().map(|x| serde_json::json!({
+            "server": x.server, "domain": x.domain, "phase": names::server_phase(x.phase),
+            "step": names::step(x.step), "attempt": x.attempt,
+            "direction": names::direction(x.direction), "message": x.message,
+        })).collect::<Vec<_>>(),
+        "out_of_service": s.out_of_service.iter().map(|o| serde_json::json!({"server": o.server, "reason": o.reason})).collect::<Vec<_>>(),
     })
 }
 
@@ -613,7 +747,7 @@ fn print_status(s: &pb::UpgradeStatus, out: Output) {
     match out {
         Output::Json => println!("{}", status_json(s)),
         Output::Table => {
-            if s.status == "none" {
+            if s.status == pb::UpgradeState::None as i32 {
                 println!("no upgrade on pool {}", s.pool);
                 return;
             }
@@ -622,19 +756,28 @@ fn print_status(s: &pb::UpgradeStatus, out: Output) {
                 s.pool,
                 s.plan_id,
                 s.version,
-                s.status,
+                names::upgrade_state(s.status),
                 if s.reason.is_empty() {
                     String::new()
                 } else {
                     format!(" ({})", s.reason)
                 }
             );
-            println!("SERVER       DOMAIN     PHASE      STEP      ATTEMPT  DIRECTION  MESSAGE");
+            println!("SERVER       DOMAIN     PHASE       STEP      ATTEMPT  DIRECTION  MESSAGE");
             for x in &s.servers {
                 println!(
-                    "{:<12} {:<10} {:<10} {:<9} {:<8} {:<10} {}",
-                    x.server, x.domain, x.phase, x.step, x.attempt, x.direction, x.message
+                    "{:<12} {:<10} {:<11} {:<9} {:<8} {:<10} {}",
+                    x.server,
+                    x.domain,
+                    names::server_phase(x.phase),
+                    names::step(x.step),
+                    x.attempt,
+                    names::direction(x.direction),
+                    x.message
                 );
+            }
+            for o in &s.out_of_service {
+                println!("OUT OF SERVICE: {}: {}", o.server, o.reason);
             }
         }
     }
@@ -655,11 +798,11 @@ fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
         let v: Vec<_> = pools
             .iter()
             .map(|r| serde_json::json!({
-                "pool": r.pool, "PoolUpgradeState": r.state, "reason": r.reason, "min_active": r.min_active,
+                "pool": r.pool, "PoolUpgradeState": names::readiness_state(r.state), "reason": r.reason, "min_active": r.min_active,
                 "active": r.active, "total": r.total, "failed_over": r.failed_over,
                 "domains": r.domains.iter().map(|d| serde_json::json!({
                     "name": d.name, "ReadyForUpgrade": d.ready_for_upgrade, "reason": d.reason,
-                    "servers": d.servers.iter().map(|s| serde_json::json!({"server": s.server, "state": s.state, "version": s.version, "active": s.active, "busy": s.busy, "healthy": s.healthy, "connections": s.active_connections, "detail": s.detail})).collect::<Vec<_>>(),
+                    "servers": d.servers.iter().map(|s| serde_json::json!({"server": s.server, "state": names::server_state(s.state), "version": s.version, "active": s.active, "busy": s.busy, "healthy": s.healthy, "connections": s.active_connections, "detail": s.detail})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             }))
             .collect();
@@ -677,7 +820,7 @@ fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
         println!(
             "Pool {}: PoolUpgradeState {} ({}){}",
             r.pool,
-            r.state,
+            names::readiness_state(r.state),
             r.reason,
             if r.failed_over { " [failed over]" } else { "" }
         );
@@ -699,7 +842,7 @@ fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
                     dn,
                     ready,
                     s.server,
-                    s.state,
+                    names::server_state(s.state),
                     s.version,
                     s.active,
                     s.busy,

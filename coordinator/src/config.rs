@@ -194,6 +194,49 @@ pub struct PoolSpec {
 }
 
 impl PoolSpec {
+    /// The pool as a running plan sees it: the plan's domains (fixed when it started, so a
+    /// config change cannot reshuffle them mid-upgrade) and its `min_active`; servers the
+    /// config has gained since are appended as one more domain, `not-in-plan`, which counts
+    /// toward the active servers but is never upgraded by this plan.
+    pub fn for_plan(plan: &crate::engine::Plan, cfg: Option<&PoolConfig>) -> PoolSpec {
+        let mut domains: Vec<(String, Vec<String>)> = plan
+            .domains
+            .iter()
+            .map(|d| {
+                let mut servers = d.servers.clone();
+                servers.sort();
+                (d.name.clone(), servers)
+            })
+            .collect();
+        let planned: HashSet<&String> = plan.servers().collect();
+        let mut extra: Vec<String> = cfg
+            .map(|c| {
+                c.servers
+                    .iter()
+                    .map(|s| &s.id)
+                    .filter(|id| !planned.contains(id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let total = planned.len() + extra.len();
+        if !extra.is_empty() {
+            extra.sort();
+            domains.push(("not-in-plan".to_string(), extra));
+        }
+        let min_active = match (plan.min_active, cfg) {
+            (Some(m), _) => m as usize,
+            (None, Some(c)) => c.min_active.resolve(total),
+            (None, None) => MinActive::Majority.resolve(total),
+        };
+        PoolSpec {
+            name: plan.pool.clone(),
+            domains,
+            min_active,
+            paired_pool: plan.paired_pool.clone(),
+        }
+    }
+
     /// Every server id.
     pub fn servers(&self) -> impl Iterator<Item = &String> {
         self.domains.iter().flat_map(|(_, s)| s.iter())

@@ -1,129 +1,71 @@
 //! The driver: the I/O shell around the pure engine. It feeds the engine events (agent step
-//! results, readiness answers, operator commands, timers), writes every new state to the store
-//! in one fenced transaction *before* carrying out the actions that state implies, and carries
-//! them out: agent RPCs carrying the leader's epoch, readiness checks, failover hooks, waits.
+//! results, readiness answers, operator commands, timers) and, for every transition, **stores
+//! the new state in one fenced transaction before** it carries out anything that follows from
+//! it: agent calls carrying the leader's epoch, the failover hook, timers, operator replies.
+//! A transition that leads only to a readiness read or a history record is stored with the
+//! next one. A leader that dies at any point therefore leaves a stored state that accounts for
+//! every command it sent, and the next leader resumes from it with the same operation ids.
 //!
 //! If the store says the leader is fenced, or an agent says the epoch is stale, the driver stops
-//! at once: a newer leader owns the upgrade and will resume it from the store.
+//! at once: a newer leader owns the upgrade.
 
 use crate::config::{PoolConfig, PoolSpec};
-use crate::engine::{Action, DrainMode, Event, PoolState, Step, Upgrade};
-use crate::inventory::Inventory;
-use crate::readiness::{self, Clocks};
-use crate::store::{Leadership, Store, StoreError, WriteOp};
-use rollgate_common::time::now_ms;
-use rollgate_proto::agent::v1 as pb;
-use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use crate::engine::{
+    bounds, Action, Direction, DrainMode, Event, Outcome, Plan, PoolState, Step, Upgrade,
+};
+use crate::env::Env;
+use crate::link::{AgentCommand, AgentLimits, LinkError, OpState};
+use crate::progress::{self, EventRecord, FailoverRecord, UpgradeRecord};
+use crate::readiness::{self, AgentState, Clocks};
+use crate::store::{Leadership, StoreError, WriteOp};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
-use tonic::Code;
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio::time::Instant;
 
-/// The store key of a pool's upgrade state.
-pub fn upgrade_key(pool: &str) -> String {
-    format!("upgrades/{pool}")
-}
-
-/// The store prefix of a pool's event history.
-pub fn events_prefix(pool: &str) -> String {
-    format!("events/{pool}/")
-}
-
-/// The store key of a pool's failover flag.
-pub fn failover_key(pool: &str) -> String {
-    format!("pools/{pool}/failover")
-}
-
-/// What is stored for a pool's upgrade: the engine state and the next event number.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Stored {
-    /// The engine state.
-    pub upgrade: Upgrade,
-    /// The sequence number the next event record gets.
-    pub next_event: u64,
-}
-
-/// One entry of the durable history.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EventRecord {
-    /// Position in the pool's history.
-    pub seq: u64,
-    /// Wall-clock time (unix ms).
-    pub at_ms: u64,
-    /// The plan it belongs to.
-    pub plan_id: String,
-    /// The leader epoch that wrote it.
-    pub epoch: u64,
-    /// The coordinator that wrote it.
-    pub coordinator: String,
-    /// What happened (e.g. step_succeeded).
-    pub kind: String,
-    /// The server, if any.
-    pub server: String,
-    /// The domain, if any.
-    pub domain: String,
-    /// The detail.
-    pub message: String,
-}
-
-/// Everything a driver needs that outlives one upgrade.
-#[derive(Debug, Clone)]
-pub struct Env {
-    /// This coordinator's id.
-    pub me: String,
-    /// The store.
-    pub store: Store,
-    /// Agents' health and clients.
-    pub inventory: Arc<Inventory>,
-    /// Readiness clocks (lost_after, stabilisation).
-    pub lost_after: Duration,
-    /// See config.
-    pub stabilization: Duration,
-}
-
-/// A command from the operator API to a running driver.
+/// A command from the control layer to a running driver.
 #[derive(Debug)]
 pub struct Command {
     /// The engine event (Pause, Resume, Abort, Rollback).
     pub event: Event,
-    /// Answered with the state after the event was applied (or an error).
-    pub reply: oneshot::Sender<Result<Upgrade, String>>,
+    /// Answered once the state after the event is stored.
+    pub reply: oneshot::Sender<Result<Upgrade, DriveError>>,
 }
 
 /// Why a driver stopped before its upgrade ended.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DriveError {
-    /// Leadership was lost (fenced write, stale epoch, lease lost).
+    /// Leadership was lost (fenced write, stale epoch, lease lost): a newer leader resumes.
     #[error("leadership lost: {0}")]
     LeadershipLost(String),
 }
 
-/// Writes one engine state plus its new event records in one fenced transaction, retrying
-/// while the store is unavailable (the write is idempotent: same keys, same values).
-pub async fn persist(
+/// The longest deadline given to one agent call: far beyond any step the plan bounds allow,
+/// and small enough for gRPC's timeout header (which cannot carry "years").
+const MAX_CALL: Duration = Duration::from_secs(3 * 24 * 3600);
+
+/// Room for the network and the agent's own bookkeeping on top of a step's limits.
+const SLACK: Duration = Duration::from_secs(30);
+
+/// Stores `record` and `events` in one fenced transaction, retrying while the store is
+/// unavailable (the write is idempotent: same keys, same values). A write whose answer was
+/// lost may have committed; writing it again is harmless.
+pub async fn store(
     env: &Env,
     lead: &Leadership,
-    stored: &Stored,
-    records: &[EventRecord],
+    record: &UpgradeRecord,
+    events: &[EventRecord],
 ) -> Result<(), DriveError> {
-    let mut ops = Vec::with_capacity(records.len() + 1);
-    let bytes = serde_json::to_vec(stored)
-        .map_err(|e| DriveError::LeadershipLost(format!("cannot encode state: {e}")))?;
-    ops.push(WriteOp::Put {
-        key: upgrade_key(&stored.upgrade.plan.pool),
-        value: bytes,
-    });
-    for r in records {
-        let value = serde_json::to_vec(r)
-            .map_err(|e| DriveError::LeadershipLost(format!("cannot encode event: {e}")))?;
-        ops.push(WriteOp::Put {
-            key: format!("{}{:012}", events_prefix(&stored.upgrade.plan.pool), r.seq),
-            value,
-        });
-    }
+    write_fenced(env, lead, progress::upgrade_writes(record, events)).await
+}
+
+async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result<(), DriveError> {
     let mut backoff = Duration::from_millis(50);
     loop {
+        if lead.lost.is_cancelled() {
+            return Err(DriveError::LeadershipLost("lease lost".into()));
+        }
         match env.store.fenced_write(lead, ops.clone()).await {
             Ok(_) => return Ok(()),
             Err(StoreError::Fenced { epoch }) => {
@@ -135,7 +77,10 @@ pub async fn persist(
             Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "progress write failed; retrying");
                 tokio::select! {
-                    _ = lead.lost.cancelled() => return Err(DriveError::LeadershipLost("lease lost while retrying a write".into())),
+                    biased;
+                    _ = lead.lost.cancelled() => {
+                        return Err(DriveError::LeadershipLost("lease lost while retrying a write".into()))
+                    }
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -150,102 +95,169 @@ pub async fn persist(
     }
 }
 
+/// What a spawned task is doing, so that a task that panics is turned into an answer.
+#[derive(Debug, Clone)]
+enum Task {
+    Step {
+        server: String,
+        step: Step,
+        attempt: u32,
+    },
+    Readiness,
+    Failover,
+    Soak,
+}
+
 /// Drives one pool's upgrade until it ends or leadership is lost.
 pub struct Driver {
     env: Env,
     lead: Leadership,
     pool: PoolConfig,
-    spec: PoolSpec,
-    stored: Stored,
+    record: UpgradeRecord,
+    /// Records of transitions not stored yet (they go with the next stored state).
+    unstored: Vec<EventRecord>,
+    /// The state differs from the stored one.
+    dirty: bool,
     status: watch::Sender<Option<Upgrade>>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     work: JoinSet<()>,
-    /// The progress write under way, if any. Writes are pipelined one deep: a transition's
-    /// actions start while its state is being written, but the next transition waits for that
-    /// write. Safe because every step is named by a deterministic operation id that the agents
-    /// journal: a new leader resuming from a state one transition old re-issues those ids and
-    /// gets the stored answers back, so nothing runs twice.
-    writing: Option<tokio::task::JoinHandle<Result<(), DriveError>>>,
+    tasks: HashMap<Id, Task>,
 }
 
 impl Driver {
-    /// A driver for `stored`, publishing its state on `status`.
+    /// A driver for `record` (already stored, or stored by the first transition), publishing
+    /// its state on `status`.
     pub fn new(
         env: Env,
         lead: Leadership,
         pool: PoolConfig,
-        stored: Stored,
+        record: UpgradeRecord,
         status: watch::Sender<Option<Upgrade>>,
     ) -> Driver {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let spec = pool.spec();
-        status.send_replace(Some(stored.upgrade.clone()));
+        status.send_replace(Some(record.upgrade.clone()));
         Driver {
             env,
             lead,
             pool,
-            spec,
-            stored,
+            record,
+            unstored: Vec::new(),
+            dirty: true,
             status,
             events_tx,
             events_rx,
             work: JoinSet::new(),
-            writing: None,
+            tasks: HashMap::new(),
         }
     }
 
-    /// Runs `initial` actions (from `Upgrade::new` or, with `resuming`, from `resume()` after
-    /// reconciling with the agents' journals), then every event until the upgrade ends.
+    /// Carries out `initial` (from `Upgrade::new`, answering `started` once stored, or from
+    /// `resume()` with `reconcile`: each in-flight step reads the agent's journal first), then
+    /// every event until the upgrade ends.
     pub async fn run(
         mut self,
         initial: Vec<Action>,
-        resuming: bool,
+        reconcile: bool,
+        started: Option<oneshot::Sender<Result<Upgrade, DriveError>>>,
         mut commands: mpsc::Receiver<Command>,
     ) -> Result<Upgrade, DriveError> {
-        self.dispatch(initial, resuming).await?;
+        self.handle(initial, started, reconcile).await?;
         loop {
-            if self.stored.upgrade.is_terminal() && self.stored.upgrade.in_flight() == 0 {
-                self.flush().await?;
-                return Ok(self.stored.upgrade.clone());
+            if self.record.upgrade.is_terminal() {
+                self.store_now().await?;
+                return Ok(self.record.upgrade.clone());
             }
             tokio::select! {
-                _ = self.lead.lost.cancelled() => return Err(DriveError::LeadershipLost("lease lost".into())),
-                Some(ev) = self.events_rx.recv() => { self.apply(ev).await?; }
-                Some(cmd) = commands.recv() => {
-                    let r = self.apply(cmd.event).await;
-                    let _ = cmd.reply.send(match &r {
-                        Ok(()) => Ok(self.stored.upgrade.clone()),
-                        Err(e) => Err(e.to_string()),
-                    });
-                    r?;
+                biased;
+                _ = self.lead.lost.cancelled() => {
+                    return Err(DriveError::LeadershipLost("lease lost".into()))
                 }
-                Some(_) = self.work.join_next(), if !self.work.is_empty() => {}
+                Some(joined) = self.work.join_next_with_id(), if !self.work.is_empty() => {
+                    self.joined(joined).await?;
+                }
+                Some(ev) = self.events_rx.recv() => self.apply(ev, None).await?,
+                Some(cmd) = commands.recv() => self.apply(cmd.event, Some(cmd.reply)).await?,
             }
         }
     }
 
-    /// Waits for the progress write under way.
-    async fn flush(&mut self) -> Result<(), DriveError> {
-        match self.writing.take() {
-            Some(h) => h
-                .await
-                .map_err(|e| DriveError::LeadershipLost(format!("progress writer failed: {e}")))?,
-            None => Ok(()),
+    async fn apply(
+        &mut self,
+        ev: Event,
+        reply: Option<oneshot::Sender<Result<Upgrade, DriveError>>>,
+    ) -> Result<(), DriveError> {
+        let (next, actions) = self.record.upgrade.clone().step(ev);
+        self.record.upgrade = next;
+        self.dirty = true;
+        self.handle(actions, reply, false).await
+    }
+
+    /// A task ended: a panic becomes an answer, so no server waits forever for it.
+    async fn joined(&mut self, joined: Result<(Id, ()), JoinError>) -> Result<(), DriveError> {
+        let (id, failure) = match joined {
+            Ok((id, ())) => (id, None),
+            Err(e) => (e.id(), Some(panic_message(e))),
+        };
+        let task = self.tasks.remove(&id);
+        let (Some(task), Some(why)) = (task, failure) else {
+            return Ok(());
+        };
+        tracing::error!(pool = %self.pool.name, ?task, %why, "a driver task failed");
+        let ev = match task {
+            Task::Step {
+                server,
+                step,
+                attempt,
+            } => Event::StepDone {
+                server,
+                step,
+                attempt,
+                outcome: Outcome::Unknown {
+                    message: format!("internal error: the {step} task failed: {why}"),
+                },
+            },
+            Task::Failover => Event::FailoverDone {
+                ok: false,
+                message: format!("internal error: the failover task failed: {why}"),
+            },
+            Task::Readiness | Task::Soak => Event::Internal {
+                message: format!("a {task:?} task failed: {why}"),
+            },
+        };
+        self.apply(ev, None).await
+    }
+
+    /// Stores the state when an action needs it (or an operator waits for the answer), then
+    /// answers, then carries the actions out.
+    async fn handle(
+        &mut self,
+        actions: Vec<Action>,
+        reply: Option<oneshot::Sender<Result<Upgrade, DriveError>>>,
+        reconcile: bool,
+    ) -> Result<(), DriveError> {
+        self.collect_records(&actions);
+        if reply.is_some() || actions.iter().any(Action::needs_stored_state) {
+            if let Err(e) = self.store_now().await {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(e.clone()));
+                }
+                return Err(e);
+            }
         }
+        self.status.send_replace(Some(self.record.upgrade.clone()));
+        if let Some(r) = reply {
+            let _ = r.send(Ok(self.record.upgrade.clone()));
+        }
+        for a in actions {
+            self.dispatch(a, reconcile);
+        }
+        Ok(())
     }
 
-    async fn apply(&mut self, ev: Event) -> Result<(), DriveError> {
-        let (next, actions) = self.stored.upgrade.clone().step(ev);
-        self.stored.upgrade = next;
-        self.dispatch(actions, false).await
-    }
-
-    /// Persists the current state with the actions' records, then carries out the rest.
-    async fn dispatch(&mut self, actions: Vec<Action>, reconcile: bool) -> Result<(), DriveError> {
-        let plan_id = self.stored.upgrade.plan.id.clone();
-        let mut records = Vec::new();
-        for a in &actions {
+    fn collect_records(&mut self, actions: &[Action]) {
+        let plan_id = self.record.upgrade.plan.id.clone();
+        for a in actions {
             if let Action::Record {
                 kind,
                 server,
@@ -253,9 +265,9 @@ impl Driver {
                 message,
             } = a
             {
-                records.push(EventRecord {
-                    seq: self.stored.next_event,
-                    at_ms: now_ms(),
+                let r = EventRecord {
+                    seq: self.record.next_event,
+                    at_ms: self.env.clock.wall_ms(),
                     plan_id: plan_id.clone(),
                     epoch: self.lead.epoch.get(),
                     coordinator: self.env.me.clone(),
@@ -263,127 +275,176 @@ impl Driver {
                     server: server.clone().unwrap_or_default(),
                     domain: domain.clone().unwrap_or_default(),
                     message: message.clone(),
-                });
-                self.stored.next_event += 1;
+                };
+                tracing::info!(pool = %self.pool.name, kind = %r.kind, server = %r.server, domain = %r.domain, "{}", r.message);
+                self.record.next_event = self.record.next_event.saturating_add(1);
+                self.unstored.push(r);
+                self.dirty = true;
             }
         }
-        self.flush().await?;
-        let (env, lead, stored, recs) = (
-            self.env.clone(),
-            self.lead.clone(),
-            self.stored.clone(),
-            records.clone(),
-        );
-        self.writing = Some(tokio::spawn(async move {
-            persist(&env, &lead, &stored, &recs).await
-        }));
-        self.status.send_replace(Some(self.stored.upgrade.clone()));
-        for r in &records {
-            tracing::info!(pool = %self.spec.name, kind = %r.kind, server = %r.server, domain = %r.domain, "{}", r.message);
+    }
+
+    async fn store_now(&mut self) -> Result<(), DriveError> {
+        if !self.dirty && self.unstored.is_empty() {
+            return Ok(());
         }
-        for a in actions {
-            match a {
-                Action::Record { .. } => {}
-                Action::Finished { status } => {
-                    tracing::info!(pool = %self.spec.name, ?status, "upgrade finished")
-                }
-                Action::CheckReadiness { domain, after } => {
-                    let (env, spec, tx, stop) = (
-                        self.env.clone(),
-                        self.spec.clone(),
-                        self.events_tx.clone(),
-                        self.lead.lost.clone(),
-                    );
-                    self.work.spawn(async move {
-                        tokio::select! {
-                            _ = stop.cancelled() => {}
-                            ev = check_readiness(&env, &spec, &domain, after) => { let _ = tx.send(ev); }
+        store(&self.env, &self.lead, &self.record, &self.unstored).await?;
+        self.unstored.clear();
+        self.dirty = false;
+        Ok(())
+    }
+
+    fn spawn(&mut self, task: Task, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = self.work.spawn(fut);
+        self.tasks.insert(handle.id(), task);
+    }
+
+    fn dispatch(&mut self, action: Action, reconcile: bool) {
+        match action {
+            Action::Record { .. } => {}
+            Action::Finished { status } => {
+                tracing::info!(pool = %self.pool.name, %status, "upgrade finished")
+            }
+            Action::CheckReadiness { domain, after } => {
+                let (env, cfg, tx, stop) = (
+                    self.env.clone(),
+                    self.pool.clone(),
+                    self.events_tx.clone(),
+                    self.lead.lost.clone(),
+                );
+                let state = self.status.subscribe();
+                self.spawn(Task::Readiness, async move {
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => {}
+                        ev = check_readiness(&env, &cfg, state, &domain, after) => {
+                            let _ = tx.send(ev);
                         }
-                    });
-                }
-                Action::RunStep {
-                    server,
+                    }
+                });
+            }
+            Action::RunStep {
+                server,
+                step,
+                direction,
+                op_id,
+                attempt,
+            } => {
+                let call = StepCall {
+                    env: self.env.clone(),
+                    lead: self.lead.clone(),
+                    command: command_for(&self.record.upgrade.plan, step, direction),
+                    server: server.clone(),
                     step,
                     op_id,
                     attempt,
-                } => {
-                    let call = StepCall {
-                        env: self.env.clone(),
-                        lead: self.lead.clone(),
-                        plan: self.stored.upgrade.plan.clone(),
-                        server,
-                        step,
-                        op_id,
-                        attempt,
-                        reconcile,
+                    reconcile,
+                };
+                let tx = self.events_tx.clone();
+                let task = Task::Step {
+                    server,
+                    step,
+                    attempt,
+                };
+                self.spawn(task, async move {
+                    if let Some(ev) = call.run().await {
+                        let _ = tx.send(ev);
+                    }
+                });
+            }
+            Action::Failover { pool, paired } => {
+                let (env, lead, cfg, tx) = (
+                    self.env.clone(),
+                    self.lead.clone(),
+                    self.pool.clone(),
+                    self.events_tx.clone(),
+                );
+                self.spawn(Task::Failover, async move {
+                    let r = fail_over(&env, &lead, &cfg, &paired, true, "upgrade").await;
+                    if lead.lost.is_cancelled() {
+                        return;
+                    }
+                    let (ok, message) = match r {
+                        Ok(m) => (true, m),
+                        Err(m) => (false, m),
                     };
-                    let tx = self.events_tx.clone();
-                    self.work.spawn(async move {
-                        if let Some(ev) = call.run().await {
-                            let _ = tx.send(ev);
-                        }
-                    });
-                }
-                Action::Failover { pool, paired } => {
-                    let (env, lead, cfg, tx) = (
-                        self.env.clone(),
-                        self.lead.clone(),
-                        self.pool.clone(),
-                        self.events_tx.clone(),
-                    );
-                    self.work.spawn(async move {
-                        let (ok, message) =
-                            run_failover(&env, &lead, &cfg, &pool, &paired, true, "upgrade").await;
-                        let _ = tx.send(Event::FailoverDone { ok, message });
-                    });
-                }
-                Action::Soak { after } => {
-                    let (tx, stop) = (self.events_tx.clone(), self.lead.lost.clone());
-                    self.work.spawn(async move {
-                        tokio::select! {
-                            _ = stop.cancelled() => {}
-                            _ = tokio::time::sleep(after) => { let _ = tx.send(Event::SoakDone); }
-                        }
-                    });
-                }
+                    tracing::info!(%pool, ok, %message, "failover hook finished");
+                    let _ = tx.send(Event::FailoverDone { ok, message });
+                });
+            }
+            Action::Soak { after } => {
+                let (tx, stop) = (self.events_tx.clone(), self.lead.lost.clone());
+                self.spawn(Task::Soak, async move {
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(after.min(MAX_CALL)) => { let _ = tx.send(Event::SoakDone); }
+                    }
+                });
             }
         }
-        Ok(())
     }
 }
 
-/// Evaluates readiness for `domain` after `after`. Busy caused only by the stabilisation window
-/// is waited out rather than answered, so that it never counts as one of the Busy answers.
-pub async fn check_readiness(env: &Env, spec: &PoolSpec, domain: &str, after: Duration) -> Event {
-    tokio::time::sleep(after).await;
+fn panic_message(e: JoinError) -> String {
+    if e.is_cancelled() {
+        return "cancelled".into();
+    }
+    let payload = e.into_panic();
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked".into()
+    }
+}
+
+/// Evaluates readiness for `domain` after `after`, on the plan's fixed domains, with the
+/// servers the upgrade has taken down counted as down. Busy caused only by the stabilisation
+/// window is waited out rather than answered, so that it never counts as a Busy answer.
+pub async fn check_readiness(
+    env: &Env,
+    cfg: &PoolConfig,
+    state: watch::Receiver<Option<Upgrade>>,
+    domain: &str,
+    after: Duration,
+) -> Event {
+    tokio::time::sleep(after.min(MAX_CALL)).await;
     // InsufficientActiveFrontEnds triggers failover or a pause at once, so it is confirmed
     // first: a new leader's inventory, or a health stream that is reconnecting, can briefly
-    // show servers as lost that are in fact serving.
-    // The window outlasts a short partition between this leader and the agents: what the
-    // leader cannot see is unknown, not absent.
-    let confirm_until = tokio::time::Instant::now() + env.lost_after * 2 + Duration::from_secs(10);
+    // show servers as lost that are in fact serving. The window outlasts a short partition
+    // between this leader and the agents: what the leader cannot see is unknown, not absent.
+    let confirm_until = Instant::now() + env.lost_after * 2 + Duration::from_secs(10);
+    let mut refresh_all = false;
     loop {
-        let stale: Vec<String> = {
-            let snap = env.inventory.snapshot();
-            spec.servers()
-                .filter(|s| {
-                    snap.get(*s)
-                        .is_none_or(|h| h.state != "serving" || !h.accepting)
-                })
-                .cloned()
-                .collect()
+        let Some(up) = state.borrow().clone() else {
+            return Event::Internal {
+                message: "readiness asked without an upgrade".into(),
+            };
         };
-        env.inventory.refresh_all(stale).await;
-        let r = evaluate(env, spec, false);
+        let spec = PoolSpec::for_plan(&up.plan, Some(cfg));
+        let down: BTreeSet<String> = up.down_servers().into_iter().collect();
+        let health = env.agents.health();
+        let stale: Vec<String> = spec
+            .servers()
+            .filter(|s| {
+                refresh_all
+                    || health
+                        .get(*s)
+                        .is_none_or(|h| h.state != AgentState::Serving || !h.accepting)
+            })
+            .cloned()
+            .collect();
+        env.agents.refresh(stale).await;
+        let r = evaluate(env, &spec, &down, false);
         if r.state == PoolState::Busy && r.busy_only_stabilising {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        if r.state == PoolState::InsufficientActiveFrontEnds
-            && tokio::time::Instant::now() < confirm_until
-        {
+        if r.state == PoolState::InsufficientActiveFrontEnds && Instant::now() < confirm_until {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            env.inventory.refresh_all(spec.servers().cloned()).await;
+            refresh_all = true;
             continue;
         }
         let domain_ready = r.domain(domain).is_some_and(|d| d.ready_for_upgrade);
@@ -401,92 +462,126 @@ pub async fn check_readiness(env: &Env, spec: &PoolSpec, domain: &str, after: Du
     }
 }
 
-/// Readiness of a pool now.
-pub fn evaluate(env: &Env, spec: &PoolSpec, operation_running: bool) -> readiness::PoolReadiness {
+/// Readiness of a pool now, from the agents' last reports.
+pub fn evaluate(
+    env: &Env,
+    spec: &PoolSpec,
+    going_down: &BTreeSet<String>,
+    operation_running: bool,
+) -> readiness::PoolReadiness {
     let clocks = Clocks {
-        now_ms: env.inventory.now_ms(),
+        now_ms: env.agents.now_ms(),
         lost_after_ms: u64::try_from(env.lost_after.as_millis()).unwrap_or(u64::MAX),
         stabilization_ms: u64::try_from(env.stabilization.as_millis()).unwrap_or(u64::MAX),
     };
-    readiness::evaluate(spec, &env.inventory.snapshot(), clocks, operation_running)
+    readiness::evaluate(
+        spec,
+        &env.agents.health(),
+        clocks,
+        going_down,
+        operation_running,
+    )
 }
 
-/// Runs the failover (or failback) hook and records the pool's state durably.
-pub async fn run_failover(
+/// Runs the failover (or failback) hook for the leader at `lead` and records where the pool's
+/// traffic is, fenced. The hook is not started once leadership is known to be lost.
+pub async fn fail_over(
     env: &Env,
     lead: &Leadership,
     cfg: &PoolConfig,
-    pool: &str,
     paired: &str,
     over: bool,
     by: &str,
-) -> (bool, String) {
-    let argv = if over { &cfg.failover } else { &cfg.failback };
-    let what = if over { "failover" } else { "failback" };
-    if argv.is_empty() {
-        return (
-            false,
-            format!("pool {pool} has no {what} command configured"),
-        );
+) -> Result<String, String> {
+    if lead.lost.is_cancelled() {
+        return Err("leadership lost before the hook ran".into());
     }
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("ROLLGATE_POOL", pool)
-        .env("ROLLGATE_PAIRED_POOL", paired)
-        .kill_on_drop(true);
-    let out = match tokio::time::timeout(cfg.hook_timeout, cmd.output()).await {
-        Err(_) => {
-            return (
-                false,
-                format!(
-                    "{what} command timed out after {}s",
-                    cfg.hook_timeout.as_secs()
-                ),
-            )
+    let message = env.hooks.run(cfg, paired, over, lead.epoch).await?;
+    let record = FailoverRecord {
+        failed_over: over,
+        paired_pool: paired.to_string(),
+        at_ms: env.clock.wall_ms(),
+        by: by.to_string(),
+        epoch: lead.epoch.get(),
+    };
+    write_fenced(
+        env,
+        lead,
+        vec![progress::failover_write(&cfg.name, &record)],
+    )
+    .await
+    .map_err(|e| format!("the hook ran but could not be recorded: {e}"))?;
+    Ok(message)
+}
+
+/// What `step` of a `direction` chain asks of the agent under `plan`.
+pub fn command_for(plan: &Plan, step: Step, direction: Direction) -> AgentCommand {
+    match (step, direction) {
+        (Step::Prepare, Direction::Backward) => AgentCommand::PrepareRollback {
+            from_version: plan.version.clone(),
+            fallback: plan.rollback_artifact.clone(),
+        },
+        (Step::Prepare, _) => AgentCommand::PrepareInstall {
+            artifact: plan.artifact.clone(),
+            sha256: plan.sha256.clone(),
+            version: plan.version.clone(),
+        },
+        (Step::Drain, _) => AgentCommand::Drain {
+            timeout: match plan.drain {
+                DrainMode::Graceful { timeout } => timeout.min(bounds::MAX_STEP_WAIT),
+                DrainMode::Immediate => Duration::ZERO,
+            },
+        },
+        (Step::Stop, _) => AgentCommand::Stop,
+        (Step::Install, _) => AgentCommand::Install {
+            artifact: plan.artifact.clone(),
+            sha256: plan.sha256.clone(),
+            version: plan.version.clone(),
+        },
+        (Step::Rollback, _) => AgentCommand::Rollback {
+            from_version: plan.version.clone(),
+            fallback: plan.rollback_artifact.clone(),
+        },
+        (Step::Restart, _) => AgentCommand::Restart {
+            // A server that is accepting when its restart begins (a restart that timed out
+            // came up and took traffic) is drained first, unless this is a declared outage.
+            drain_first: match plan.drain {
+                DrainMode::Graceful { timeout } => Some(timeout.min(bounds::MAX_STEP_WAIT)),
+                DrainMode::Immediate => None,
+            },
+        },
+        (Step::Verify, _) => AgentCommand::Verify {
+            stable: plan.verify_stable.min(bounds::MAX_STEP_WAIT),
+            timeout: plan.verify_timeout.min(bounds::MAX_STEP_WAIT),
+        },
+    }
+}
+
+/// How long `command` may take on an agent with `limits`, before the coordinator stops waiting
+/// for an answer and asks the agent's journal instead. Never a failure by itself.
+pub fn deadline(command: &AgentCommand, limits: AgentLimits) -> Duration {
+    // Saturating: a corrupt stored value must not overflow into a panic.
+    let hooks = |n: u32| limits.hook.saturating_mul(n);
+    let d = match command {
+        AgentCommand::PrepareInstall { .. } | AgentCommand::PrepareRollback { .. } => limits.fetch,
+        AgentCommand::Drain { timeout } => timeout.saturating_add(hooks(2)),
+        AgentCommand::Stop => limits.hook,
+        AgentCommand::Install { .. } | AgentCommand::Rollback { .. } => {
+            limits.fetch.saturating_add(limits.install)
         }
-        Ok(Err(e)) => return (false, format!("{what} command could not run: {e}")),
-        Ok(Ok(o)) => o,
-    };
-    if !out.status.success() {
-        let tail = String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
+        AgentCommand::Restart { drain_first } => drain_first
             .unwrap_or_default()
-            .to_owned();
-        return (
-            false,
-            format!(
-                "{what} command exited with {}: {tail}",
-                out.status.code().unwrap_or(-1)
-            ),
-        );
-    }
-    let flag = serde_json::json!({ "failed_over": over, "paired_pool": paired, "at_ms": now_ms(), "by": by });
-    if let Err(e) = env
-        .store
-        .fenced_write(
-            lead,
-            vec![WriteOp::Put {
-                key: failover_key(pool),
-                value: flag.to_string().into_bytes(),
-            }],
-        )
-        .await
-    {
-        return (false, format!("{what} ran but could not be recorded: {e}"));
-    }
-    let msg = if over {
-        format!("pool {pool} failed over to {paired}")
-    } else {
-        format!("pool {pool} failed back from {paired}")
+            .saturating_add(hooks(3))
+            .saturating_add(limits.start),
+        AgentCommand::Verify { timeout, .. } => *timeout,
     };
-    (true, msg)
+    d.saturating_add(SLACK).min(MAX_CALL)
 }
 
 struct StepCall {
     env: Env,
     lead: Leadership,
-    plan: crate::engine::Plan,
+    command: AgentCommand,
     server: String,
     step: Step,
     op_id: String,
@@ -495,210 +590,146 @@ struct StepCall {
 }
 
 impl StepCall {
-    fn done(&self, ok: bool, message: String) -> Event {
+    fn done(&self, outcome: Outcome) -> Event {
         Event::StepDone {
             server: self.server.clone(),
             step: self.step,
             attempt: self.attempt,
-            ok,
-            message,
+            outcome,
         }
     }
 
-    fn header(&self) -> Option<pb::OperationHeader> {
-        Some(pb::OperationHeader {
-            operation_id: self.op_id.clone(),
-            epoch: self.lead.epoch.get(),
-        })
+    fn limits(&self) -> AgentLimits {
+        self.env
+            .agents
+            .health()
+            .get(&self.server)
+            .and_then(|h| h.limits)
+            .unwrap_or_default()
     }
 
-    /// How long the agent may take for this step, plus slack for the network.
-    fn deadline(&self) -> Duration {
-        let p = &self.plan;
-        let step = match self.step {
-            Step::Drain => match p.drain {
-                DrainMode::Graceful { timeout } => timeout,
-                DrainMode::Immediate => Duration::from_secs(60),
-            },
-            Step::Verify => p.verify_timeout,
-            _ => Duration::from_secs(600),
-        };
-        step + Duration::from_secs(30)
+    /// The journal's answer, if the agent has a final one.
+    fn final_answer(&self, state: OpState, message: String) -> Option<Event> {
+        match state {
+            OpState::Succeeded => Some(self.done(Outcome::Succeeded { message })),
+            OpState::Failed => Some(self.done(Outcome::Failed { message })),
+            OpState::Running | OpState::Interrupted => None,
+        }
     }
 
-    /// Calls the agent; `None` when leadership was lost (nothing to report).
+    /// Calls the agent until it answers; `None` when leadership was lost (nothing to report).
+    /// A call that times out or cannot connect is not a failure: the agent's journal is asked,
+    /// and the same operation id is sent again (it attaches to a run under way, or runs once if
+    /// it never arrived). Only when the agent stays unreachable past the step's deadline is the
+    /// outcome reported unknown.
     async fn run(self) -> Option<Event> {
-        let Some(mut client) = self.env.inventory.client(&self.server) else {
-            return Some(self.done(
-                false,
-                format!("server {} has no agent address", self.server),
-            ));
-        };
         if self.reconcile {
             // A new leader reads the agent's journal before acting, instead of re-issuing blindly.
-            match client
-                .operation_status(pb::OperationStatusRequest {
-                    operation_id: self.op_id.clone(),
-                })
-                .await
-            {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    match pb::OperationState::try_from(r.state) {
-                        Ok(pb::OperationState::Succeeded) => {
-                            return Some(
-                                self.done(
-                                    true,
-                                    format!("(from the agent's journal) {}", r.message),
-                                ),
-                            )
-                        }
-                        Ok(pb::OperationState::Failed) => {
-                            return Some(
-                                self.done(
-                                    false,
-                                    format!("(from the agent's journal) {}", r.message),
-                                ),
-                            )
-                        }
-                        _ => {} // running or interrupted: re-issuing the same id attaches or reruns
-                    }
-                }
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => {
-                    tracing::warn!(server = %self.server, op = %self.op_id, error = %s.message(), "cannot read the agent's journal; issuing the step")
+            if let Ok(r) = self.env.agents.operation(&self.server, &self.op_id).await {
+                if let Some(ev) =
+                    self.final_answer(r.state, format!("(from the agent's journal) {}", r.message))
+                {
+                    return Some(ev);
                 }
             }
         }
-        let give_up = tokio::time::Instant::now() + self.deadline();
+        let deadline = deadline(&self.command, self.limits());
+        let mut unreachable_since: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
         loop {
             let res = tokio::select! {
+                biased;
                 _ = self.lead.lost.cancelled() => return None,
-                r = self.call(&mut client) => r,
+                r = self.env.agents.run(&self.server, &self.op_id, self.lead.epoch, &self.command, deadline) => r,
             };
-            match res {
-                Ok(r) => {
-                    let ok = r.state == pb::OperationState::Succeeded as i32;
-                    return Some(self.done(ok, r.message));
-                }
-                Err(s)
-                    if s.code() == Code::FailedPrecondition
-                        && s.message().starts_with("stale epoch") =>
-                {
-                    tracing::warn!(server = %self.server, error = %s.message(), "an agent has seen a newer leader: stepping down");
+            let err = match res {
+                Ok(r) => match self.final_answer(r.state, r.message.clone()) {
+                    Some(ev) => return Some(ev),
+                    None => LinkError::Retryable(format!(
+                        "the agent answered {:?}: {}",
+                        r.state, r.message
+                    )),
+                },
+                Err(e) => e,
+            };
+            match err {
+                LinkError::StaleEpoch { current, .. } => {
+                    tracing::warn!(server = %self.server, current, "an agent has seen a newer leader: stepping down");
                     self.lead.lost.cancel();
                     return None;
                 }
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::Unavailable
-                            | Code::Unknown
-                            | Code::DeadlineExceeded
-                            | Code::Aborted
-                            | Code::Cancelled
-                    ) && tokio::time::Instant::now() < give_up =>
-                {
-                    // The same operation id again: the agent's journal makes this safe.
-                    tracing::debug!(server = %self.server, op = %self.op_id, error = %s.message(), "agent call failed; retrying the same operation");
+                e if !e.is_retryable() => {
+                    let message = format!("{} refused: {e}", self.step);
+                    return Some(self.done(Outcome::Failed { message }));
+                }
+                e => {
+                    // No answer is not a failure: ask the journal what happened.
+                    let mut reached = !e.is_unreachable();
+                    match self.env.agents.operation(&self.server, &self.op_id).await {
+                        Ok(r) => {
+                            if let Some(ev) = self.final_answer(r.state, r.message) {
+                                return Some(ev);
+                            }
+                            reached = true;
+                        }
+                        Err(LinkError::NotFound(_)) => reached = true,
+                        Err(_) => {}
+                    }
+                    if reached {
+                        unreachable_since = None;
+                    } else {
+                        let since = *unreachable_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= deadline {
+                            let message = format!(
+                                "agent unreachable for {} (limit {} for a {}): {e}",
+                                humantime::format_duration(round_s(since.elapsed())),
+                                humantime::format_duration(round_s(deadline)),
+                                self.step
+                            );
+                            return Some(self.done(Outcome::Unknown { message }));
+                        }
+                    }
+                    tracing::debug!(server = %self.server, op = %self.op_id, error = %e, "no answer yet; asking again with the same operation id");
                     tokio::select! {
+                        biased;
                         _ = self.lead.lost.cancelled() => return None,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
-                Err(s) => {
-                    return Some(self.done(
-                        false,
-                        format!("{} call refused: {}", self.step.name(), s.message()),
-                    ))
-                }
             }
         }
     }
-
-    async fn call(
-        &self,
-        c: &mut rollgate_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>,
-    ) -> Result<pb::OperationResult, tonic::Status> {
-        let p = &self.plan;
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let h = self.header();
-        let limit = self.deadline();
-        let r = match self.step {
-            Step::Drain => {
-                let timeout_ms = match p.drain {
-                    DrainMode::Graceful { timeout } => ms(timeout),
-                    DrainMode::Immediate => 0,
-                };
-                c.drain(with_deadline(
-                    limit,
-                    pb::DrainRequest {
-                        header: h,
-                        timeout_ms,
-                        on_timeout: pb::DrainTimeoutAction::Fail as i32,
-                    },
-                ))
-                .await?
-            }
-            Step::Stop => {
-                c.stop(with_deadline(limit, pb::StopRequest { header: h }))
-                    .await?
-            }
-            Step::Install => {
-                c.install_patch(with_deadline(
-                    limit,
-                    pb::InstallPatchRequest {
-                        header: h,
-                        artifact: p.artifact.clone(),
-                        sha256: p.sha256.clone(),
-                        version: p.version.clone(),
-                        timeout_ms: 0,
-                    },
-                ))
-                .await?
-            }
-            Step::Rollback => {
-                c.rollback(with_deadline(
-                    limit,
-                    pb::RollbackRequest {
-                        header: h,
-                        timeout_ms: 0,
-                        from_version: p.version.clone(),
-                    },
-                ))
-                .await?
-            }
-            Step::Restart => {
-                c.restart(with_deadline(
-                    limit,
-                    pb::RestartRequest {
-                        header: h,
-                        timeout_ms: 0,
-                    },
-                ))
-                .await?
-            }
-            Step::Verify => {
-                c.verify(with_deadline(
-                    limit,
-                    pb::VerifyRequest {
-                        header: h,
-                        stable_ms: ms(p.verify_stable),
-                        timeout_ms: ms(p.verify_timeout),
-                    },
-                ))
-                .await?
-            }
-        };
-        Ok(r.into_inner())
-    }
 }
 
-/// A request with a gRPC deadline, so that a hung agent cannot hold a step forever.
-fn with_deadline<T>(limit: Duration, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(limit);
-    r
+fn round_s(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_derive_from_agent_limits_and_stay_encodable() {
+        let limits = AgentLimits {
+            hook: Duration::from_secs(10),
+            install: Duration::from_secs(100),
+            start: Duration::from_secs(20),
+            fetch: Duration::from_secs(50),
+        };
+        let install = AgentCommand::Install {
+            artifact: "a".into(),
+            sha256: "b".into(),
+            version: "2".into(),
+        };
+        assert_eq!(
+            deadline(&install, limits),
+            Duration::from_secs(50 + 100 + 30)
+        );
+        let absurd = AgentCommand::Drain {
+            timeout: Duration::from_secs(u64::MAX / 4),
+        };
+        assert_eq!(deadline(&absurd, limits), MAX_CALL);
+    }
 }

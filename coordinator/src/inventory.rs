@@ -1,29 +1,33 @@
-//! The live inventory: one health stream per agent, kept in memory (no store write per report),
-//! and the gRPC clients the driver uses to command agents.
+//! The live inventory: one health stream per agent, kept in memory (no store write per
+//! report), and [`AgentLink`] over tonic: the calls the leader makes to agents, with the
+//! agents' typed refusals (status details) turned into [`LinkError`]s.
 
-use crate::readiness::ServerHealth;
+use crate::link::{AgentCommand, AgentLimits, AgentLink, LinkError, OpReply, OpState};
+use crate::readiness::{AgentState, ServerHealth};
+use rollgate_common::Epoch;
 use rollgate_proto::agent::v1 as pb;
 use rollgate_proto::agent::v1::agent_client::AgentClient;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
 
-/// Health of every known server, and a clock to stamp it with.
+/// Health of every known server, a clock to stamp it with, and a client per agent.
 #[derive(Debug)]
 pub struct Inventory {
     start: Instant,
     health: RwLock<HashMap<String, ServerHealth>>,
-    clients: HashMap<String, AgentClient<Channel>>,
+    clients: BTreeMap<String, AgentClient<Channel>>,
 }
 
 /// Why an agent client could not be made.
 #[derive(Debug, thiserror::Error)]
 #[error("agent {server} at {address}: {message}")]
-pub struct LinkError {
+pub struct ClientError {
     /// The server.
     pub server: String,
     /// Its configured address.
@@ -32,17 +36,87 @@ pub struct LinkError {
     pub message: String,
 }
 
-/// Maps a wire service state to its lower-case name.
-pub fn state_name(s: i32) -> String {
-    pb::ServiceState::try_from(s)
-        .ok()
-        .filter(|s| *s != pb::ServiceState::Unspecified)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("SERVICE_STATE_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|| "unknown".into())
+/// Maps a wire service state to the domain's.
+pub fn agent_state(s: i32) -> AgentState {
+    match pb::ServiceState::try_from(s) {
+        Ok(pb::ServiceState::Serving) => AgentState::Serving,
+        Ok(pb::ServiceState::Draining) => AgentState::Draining,
+        Ok(pb::ServiceState::Drained) => AgentState::Drained,
+        Ok(pb::ServiceState::Stopped) => AgentState::Stopped,
+        Ok(pb::ServiceState::Installing) => AgentState::Installing,
+        Ok(pb::ServiceState::Starting) => AgentState::Starting,
+        Ok(pb::ServiceState::Failed) => AgentState::Failed,
+        Ok(pb::ServiceState::Unspecified) | Err(_) => AgentState::Unknown,
+    }
+}
+
+fn limits_of(l: &pb::AgentLimits) -> AgentLimits {
+    let d = AgentLimits::default();
+    let ms = |v: u64, default: Duration| {
+        if v == 0 {
+            default
+        } else {
+            Duration::from_millis(v)
+        }
+    };
+    AgentLimits {
+        hook: ms(l.hook_timeout_ms, d.hook),
+        install: ms(l.install_timeout_ms, d.install),
+        start: ms(l.start_timeout_ms, d.start),
+        fetch: ms(l.fetch_timeout_ms, d.fetch),
+    }
+}
+
+/// Turns an agent's refusal (or a transport failure) into what the caller does next. The
+/// agent's typed detail decides; the status code is only a fallback for transport errors.
+pub fn link_error(s: &tonic::Status) -> LinkError {
+    let message = s.message().to_string();
+    if let Some(d) = pb::AgentErrorDetail::from_status(s) {
+        return match d.reason_or_unspecified() {
+            pb::AgentErrorReason::StaleEpoch => LinkError::StaleEpoch {
+                current: d.current_epoch,
+                message,
+            },
+            pb::AgentErrorReason::Busy => LinkError::Busy {
+                running: d.running_operation_id,
+                message,
+            },
+            pb::AgentErrorReason::UnknownOperation => LinkError::NotFound(message),
+            _ if d.retryable => LinkError::Retryable(message),
+            _ => LinkError::Refused(message),
+        };
+    }
+    match s.code() {
+        Code::Unavailable | Code::Unknown => LinkError::Unreachable(message),
+        Code::DeadlineExceeded | Code::Cancelled => LinkError::TimedOut(message),
+        Code::Aborted | Code::ResourceExhausted | Code::Internal => LinkError::Retryable(message),
+        Code::NotFound => LinkError::NotFound(message),
+        _ => LinkError::Refused(message),
+    }
+}
+
+fn op_reply(r: pb::OperationResult) -> OpReply {
+    let state = match pb::OperationState::try_from(r.state) {
+        Ok(pb::OperationState::Succeeded) => OpState::Succeeded,
+        Ok(pb::OperationState::Failed) => OpState::Failed,
+        Ok(pb::OperationState::Running) => OpState::Running,
+        _ => OpState::Interrupted,
+    };
+    OpReply {
+        state,
+        message: r.message,
+    }
+}
+
+/// A request with a gRPC deadline (bounded: gRPC's header cannot carry years).
+fn with_deadline<T>(limit: Duration, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(limit.min(Duration::from_secs(3 * 24 * 3600)));
+    r
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Inventory {
@@ -50,10 +124,10 @@ impl Inventory {
     pub fn new(
         agents: &[(String, String)],
         tls: Option<ClientTlsConfig>,
-    ) -> Result<Inventory, LinkError> {
-        let mut clients = HashMap::new();
+    ) -> Result<Inventory, ClientError> {
+        let mut clients = BTreeMap::new();
         for (server, address) in agents {
-            let err = |message: String| LinkError {
+            let err = |message: String| ClientError {
                 server: server.clone(),
                 address: address.clone(),
                 message,
@@ -80,47 +154,37 @@ impl Inventory {
         })
     }
 
-    /// Milliseconds since this inventory was made (the readiness clock).
-    pub fn now_ms(&self) -> u64 {
+    fn client(&self, server: &str) -> Result<AgentClient<Channel>, LinkError> {
+        self.clients
+            .get(server)
+            .cloned()
+            .ok_or_else(|| LinkError::UnknownServer(server.to_string()))
+    }
+
+    fn clock_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// A client for `server`.
-    pub fn client(&self, server: &str) -> Option<AgentClient<Channel>> {
-        self.clients.get(server).cloned()
-    }
-
-    /// Every server with a client.
-    pub fn servers(&self) -> impl Iterator<Item = &String> {
-        self.clients.keys()
-    }
-
-    /// A copy of all health.
-    pub fn snapshot(&self) -> HashMap<String, ServerHealth> {
-        self.health
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// Applies a report from `server`'s agent.
     pub fn update(&self, server: &str, r: &pb::HealthReport) {
-        let now = self.now_ms();
+        let now = self.clock_ms();
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
         let prev = map.get(server);
-        let mut state = state_name(r.state);
+        let mut state = agent_state(r.state);
         let mut detail = r.detail.clone();
         if r.server_id != server {
             // A miswired address: never count someone else's health as this server's.
-            state = "failed".into();
+            state = AgentState::Failed;
             detail = format!(
                 "the agent at this address reports server_id {:?}",
                 r.server_id
             );
         }
-        let serving = state == "serving";
+        let serving = state == AgentState::Serving;
         let serving_since_ms = match prev {
-            Some(p) if p.state == "serving" && !p.disconnected && serving => p.serving_since_ms,
+            Some(p) if p.state == AgentState::Serving && !p.disconnected && serving => {
+                p.serving_since_ms
+            }
             _ if serving => Some(now),
             _ => None,
         };
@@ -137,6 +201,8 @@ impl Inventory {
                 seen_ms: now,
                 serving_since_ms,
                 disconnected: false,
+                limits: r.limits.as_ref().map(limits_of),
+                installed_sha256: r.installed_sha256.clone(),
             },
         );
     }
@@ -147,39 +213,29 @@ impl Inventory {
         let seen = map.get(server).map_or(0, |h| h.seen_ms);
         let entry = map
             .entry(server.to_owned())
-            .or_insert_with(|| ServerHealth {
-                state: "unknown".into(),
-                accepting: false,
-                busy: false,
-                healthy: false,
-                version: String::new(),
-                active_connections: 0,
-                detail: String::new(),
-                seen_ms: seen,
-                serving_since_ms: None,
-                disconnected: true,
-            });
+            .or_insert_with(|| ServerHealth::unknown(seen, why));
         entry.disconnected = true;
         entry.serving_since_ms = None;
         entry.detail = why.to_owned();
     }
 
-    /// Asks `server`'s agent for a fresh probe now and applies it (used before readiness
-    /// decisions, so a server that just finished verify is not judged on a stale report).
-    pub async fn refresh(&self, server: &str) {
-        let Some(mut c) = self.client(server) else {
+    async fn refresh_one(&self, server: &str) {
+        let Ok(mut c) = self.client(server) else {
             return;
         };
-        let asked_ms = self.now_ms();
-        let mut req = tonic::Request::new(pb::HealthRequest {});
-        req.set_timeout(Duration::from_secs(3));
-        match c.health(req).await {
+        let asked_ms = self.clock_ms();
+        match c
+            .health(with_deadline(Duration::from_secs(3), pb::HealthRequest {}))
+            .await
+        {
             Ok(r) => self.update(server, &r.into_inner()),
             Err(e) => {
                 // The health stream may have delivered a report while this call hung: that
                 // report is fresher than this failure.
                 let fresh = self
-                    .snapshot()
+                    .health
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
                     .get(server)
                     .is_some_and(|h| !h.disconnected && h.seen_ms >= asked_ms);
                 if !fresh {
@@ -187,16 +243,6 @@ impl Inventory {
                 }
             }
         }
-    }
-
-    /// [`Inventory::refresh`] for several servers at once.
-    pub async fn refresh_all(self: &Arc<Self>, servers: impl IntoIterator<Item = String>) {
-        let mut set = tokio::task::JoinSet::new();
-        for s in servers {
-            let me = Arc::clone(self);
-            set.spawn(async move { me.refresh(&s).await });
-        }
-        while set.join_next().await.is_some() {}
     }
 
     /// Starts one watch task per agent on `tasks`, until `stop` is cancelled.
@@ -208,7 +254,7 @@ impl Inventory {
     }
 
     async fn watch_one(&self, server: &str, stop: &CancellationToken) {
-        let Some(mut client) = self.client(server) else {
+        let Ok(mut client) = self.client(server) else {
             return;
         };
         let mut backoff = Duration::from_millis(100);
@@ -241,5 +287,204 @@ impl Inventory {
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentLink for Inventory {
+    fn servers(&self) -> Vec<String> {
+        self.clients.keys().cloned().collect()
+    }
+
+    fn health(&self) -> HashMap<String, ServerHealth> {
+        self.health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock_ms()
+    }
+
+    async fn refresh(&self, servers: Vec<String>) {
+        futures_util::future::join_all(servers.iter().map(|s| self.refresh_one(s))).await;
+    }
+
+    async fn run(
+        &self,
+        server: &str,
+        op_id: &str,
+        epoch: Epoch,
+        command: &AgentCommand,
+        timeout: Duration,
+    ) -> Result<OpReply, LinkError> {
+        let mut c = self.client(server)?;
+        let header = Some(pb::OperationHeader {
+            operation_id: op_id.to_string(),
+            epoch: epoch.get(),
+        });
+        let t = timeout;
+        let r = match command {
+            AgentCommand::PrepareInstall {
+                artifact,
+                sha256,
+                version,
+            }
+            | AgentCommand::Install {
+                artifact,
+                sha256,
+                version,
+            } => {
+                let prepare_only = matches!(command, AgentCommand::PrepareInstall { .. });
+                c.install_patch(with_deadline(
+                    t,
+                    pb::InstallPatchRequest {
+                        header,
+                        artifact: artifact.clone(),
+                        sha256: sha256.clone(),
+                        version: version.clone(),
+                        timeout_ms: 0,
+                        prepare_only,
+                    },
+                ))
+                .await
+            }
+            AgentCommand::PrepareRollback {
+                from_version,
+                fallback,
+            }
+            | AgentCommand::Rollback {
+                from_version,
+                fallback,
+            } => {
+                let prepare_only = matches!(command, AgentCommand::PrepareRollback { .. });
+                let (fallback_artifact, fallback_sha256) = fallback
+                    .as_ref()
+                    .map(|f| (f.artifact.clone(), f.sha256.clone()))
+                    .unwrap_or_default();
+                c.rollback(with_deadline(
+                    t,
+                    pb::RollbackRequest {
+                        header,
+                        timeout_ms: 0,
+                        from_version: from_version.clone(),
+                        prepare_only,
+                        fallback_artifact,
+                        fallback_sha256,
+                    },
+                ))
+                .await
+            }
+            AgentCommand::Drain { timeout } => {
+                c.drain(with_deadline(
+                    t,
+                    pb::DrainRequest {
+                        header,
+                        // 0 would mean the agent's default: a drain of zero waits 1 ms.
+                        timeout_ms: ms(*timeout).max(1),
+                        on_timeout: pb::DrainTimeoutAction::Fail as i32,
+                    },
+                ))
+                .await
+            }
+            AgentCommand::Stop => c.stop(with_deadline(t, pb::StopRequest { header })).await,
+            AgentCommand::Restart { drain_first } => {
+                c.restart(with_deadline(
+                    t,
+                    pb::RestartRequest {
+                        header,
+                        timeout_ms: 0,
+                        drain_if_accepting: drain_first.is_some(),
+                        drain_timeout_ms: drain_first.map_or(0, |d| ms(d).max(1)),
+                    },
+                ))
+                .await
+            }
+            AgentCommand::Verify { stable, timeout } => {
+                // Always set: an explicit zero means "one good probe", not "the default".
+                c.verify(with_deadline(
+                    t,
+                    pb::VerifyRequest {
+                        header,
+                        stable_ms: Some(ms(*stable)),
+                        timeout_ms: ms(*timeout).max(1),
+                    },
+                ))
+                .await
+            }
+        };
+        r.map(|r| op_reply(r.into_inner()))
+            .map_err(|s| link_error(&s))
+    }
+
+    async fn operation(&self, server: &str, op_id: &str) -> Result<OpReply, LinkError> {
+        let mut c = self.client(server)?;
+        c.operation_status(with_deadline(
+            Duration::from_secs(5),
+            pb::OperationStatusRequest {
+                operation_id: op_id.to_string(),
+            },
+        ))
+        .await
+        .map(|r| op_reply(r.into_inner()))
+        .map_err(|s| link_error(&s))
+    }
+
+    async fn fence(&self, server: &str, epoch: Epoch) -> Result<(), LinkError> {
+        let mut c = self.client(server)?;
+        c.fence(with_deadline(
+            Duration::from_secs(2),
+            pb::FenceRequest { epoch: epoch.get() },
+        ))
+        .await
+        .map(|_| ())
+        .map_err(|s| link_error(&s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_epoch_is_read_from_the_status_detail_not_the_text() {
+        let detail = pb::AgentErrorDetail {
+            reason: pb::AgentErrorReason::StaleEpoch as i32,
+            current_epoch: 9,
+            ..Default::default()
+        };
+        // The text says nothing about epochs: only the detail does.
+        let s = detail.to_status(Code::FailedPrecondition, "refused");
+        assert_eq!(
+            link_error(&s),
+            LinkError::StaleEpoch {
+                current: 9,
+                message: "refused".into()
+            }
+        );
+        // And a text that looks like it, without the detail, is not taken for it.
+        let s = tonic::Status::failed_precondition("stale epoch 3: this agent has accepted 7");
+        assert!(matches!(link_error(&s), LinkError::Refused(_)));
+    }
+
+    #[test]
+    fn transport_failures_are_retryable_and_refusals_are_not() {
+        assert!(link_error(&tonic::Status::unavailable("connect refused")).is_retryable());
+        assert!(link_error(&tonic::Status::deadline_exceeded("slow")).is_unreachable());
+        let busy = pb::AgentErrorDetail {
+            reason: pb::AgentErrorReason::Busy as i32,
+            running_operation_id: "x".into(),
+            retryable: true,
+            ..Default::default()
+        }
+        .to_status(Code::Aborted, "busy");
+        assert!(link_error(&busy).is_retryable());
+        let pre = pb::AgentErrorDetail {
+            reason: pb::AgentErrorReason::Precondition as i32,
+            ..Default::default()
+        }
+        .to_status(Code::FailedPrecondition, "serving");
+        assert!(!link_error(&pre).is_retryable());
     }
 }

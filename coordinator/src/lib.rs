@@ -1,22 +1,30 @@
-//! The rollgate coordinator.
+//! The rollgate coordinator, in layers (each uses only the ones below it):
 //!
-//! - [`config`]: the TOML config, pools and their upgrade domains.
-//! - [`store`]: leadership and progress: etcd, or an embedded file for one coordinator; every
-//!   leader write fenced by the election key's create revision.
-//! - [`inventory`]: one health stream per agent, in memory; agent clients.
+//! - [`cli`]: the `rollgate` command; [`api`]: the operator gRPC adapter (wire ↔ domain, role
+//!   checks, one error → status map); [`server`]: wiring and the shutdown path.
+//! - [`control`]: the leader-side use cases (start with plan defaults, commands, readiness,
+//!   events, failover), typed errors.
+//! - [`node`]: campaign, take over (fence agents, resume upgrades), step down.
+//! - [`driver`]: the loop around the engine: store the new state (fenced), then act.
+//! - [`engine`]: the pure upgrade state machine `(state, event) -> (state, actions)`.
+//! - [`progress`]: typed records and key layout in the store.
+//! - [`store`]: leadership and fenced transactions: etcd, or an embedded file.
 //! - [`readiness`]: Ready / Busy / InsufficientActiveFrontEnds, a pure function.
-//! - [`engine`]: the upgrade engine, a pure state machine `(state, event) -> (state, actions)`.
-//! - [`driver`]: the I/O shell around the engine: fenced progress writes, agent calls, hooks.
-//! - [`node`]: campaign, lead (fence agents, resume upgrades), step down.
-//! - [`api`]: the operator gRPC API; [`server`]: wiring and shutdown; [`cli`]: the `rollgate` CLI.
+//! - [`link`]: the `AgentLink` seam to the agents; [`inventory`]: its tonic implementation
+//!   and the live health model; [`env`]: the store, agents, hooks and clock the leader runs on.
+//! - [`config`]: the TOML config, pools and their upgrade domains.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod driver;
 pub mod engine;
+pub mod env;
 pub mod inventory;
+pub mod link;
 pub mod node;
+pub mod progress;
 pub mod readiness;
 pub mod server;
 pub mod store;

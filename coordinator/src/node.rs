@@ -1,26 +1,43 @@
-//! A coordinator node: campaigns for leadership, and while it leads, fences the agents, resumes
-//! every unfinished upgrade from the store and runs one driver per pool. Leadership is a value
-//! others watch (`leader`); losing it stops every driver at once.
+//! A coordinator node: campaigns for leadership and, while it leads, takes over (fences the
+//! agents, resumes every unfinished upgrade from the store) and runs one driver per pool.
+//! Leadership is a value others watch ([`Node::role`]); losing it stops every driver at once.
 
-use crate::config::CoordinatorConfig;
-use crate::driver::{upgrade_key, Command, Driver, Env, Stored};
+use crate::config::{CoordinatorConfig, PoolConfig};
+use crate::driver::{Command, DriveError, Driver};
 use crate::engine::{Action, Upgrade};
+use crate::env::Env;
+use crate::link::LinkError;
+use crate::progress::{self, ProgressError, UpgradeRecord};
 use crate::store::{Candidate, Leadership, StoreError};
-use rollgate_proto::agent::v1 as pb;
-use std::collections::HashMap;
+use rollgate_common::Epoch;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A running driver, as the operator API sees it.
+/// Where this node stands.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// Not the leader (or not yet).
+    Follower,
+    /// Won the election at `epoch`; fencing agents and resuming upgrades. Leader-only calls
+    /// are answered "unavailable, retry shortly" until it is done.
+    TakingOver { epoch: Epoch },
+    /// Leading: drivers run, leader-only calls are served.
+    Leader(Leadership),
+}
+
+/// A running driver, as the control layer sees it.
 #[derive(Debug, Clone)]
 pub struct DriverHandle {
     /// Sends operator commands.
     pub commands: mpsc::Sender<Command>,
     /// The engine state after every transition.
     pub status: watch::Receiver<Option<Upgrade>>,
+    /// Cancelled when the driver's task has ended.
+    pub ended: CancellationToken,
 }
 
 /// One coordinator.
@@ -28,11 +45,13 @@ pub struct DriverHandle {
 pub struct Node {
     /// Its configuration.
     pub cfg: Arc<CoordinatorConfig>,
-    /// Store, inventory, clocks.
+    /// Store, agents, hooks, clocks.
     pub env: Env,
-    /// Current leadership, if this node leads.
-    pub leader: watch::Sender<Option<Leadership>>,
-    drivers: Mutex<HashMap<String, DriverHandle>>,
+    /// Where this node stands; watch it to follow leadership.
+    pub role: watch::Sender<Role>,
+    drivers: Mutex<BTreeMap<String, DriverHandle>>,
+    /// Pools whose stored upgrade could not be read at take-over, and why.
+    unreadable: Mutex<BTreeMap<String, String>>,
     /// Serialises upgrade starts, so two concurrent requests cannot both pass the "nothing is
     /// running on this pool" check.
     pub start_lock: tokio::sync::Mutex<()>,
@@ -43,32 +62,58 @@ pub struct Node {
 impl Node {
     /// A node that does not lead yet.
     pub fn new(cfg: Arc<CoordinatorConfig>, env: Env) -> Arc<Node> {
-        let (leader, _) = watch::channel(None);
+        let (role, _) = watch::channel(Role::Follower);
         Arc::new(Node {
             cfg,
             env,
-            leader,
-            drivers: Mutex::new(HashMap::new()),
+            role,
+            drivers: Mutex::new(BTreeMap::new()),
+            unreadable: Mutex::new(BTreeMap::new()),
             start_lock: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
         })
     }
 
-    /// The leadership this node holds now, if any and not lost.
+    /// The leadership this node holds now, if it leads and has taken over.
     pub fn leadership(&self) -> Option<Leadership> {
-        self.leader
-            .borrow()
-            .clone()
-            .filter(|l| !l.lost.is_cancelled())
+        match &*self.role.borrow() {
+            Role::Leader(l) if !l.lost.is_cancelled() => Some(l.clone()),
+            _ => None,
+        }
     }
 
-    /// The driver of `pool`, if one runs here.
+    /// The epoch this node is taking over at, while it does.
+    pub fn taking_over(&self) -> Option<Epoch> {
+        match &*self.role.borrow() {
+            Role::TakingOver { epoch } => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    /// The driver of `pool`, if one runs (or ran) under this leadership.
     pub fn driver(&self, pool: &str) -> Option<DriverHandle> {
         self.drivers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(pool)
             .cloned()
+    }
+
+    /// Why `pool`'s stored upgrade could not be read at take-over, if it could not.
+    pub fn unreadable(&self, pool: &str) -> Option<String> {
+        self.unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pool)
+            .cloned()
+    }
+
+    /// Forgets that `pool`'s stored upgrade was unreadable (a new plan replaced it).
+    pub fn forget_unreadable(&self, pool: &str) {
+        self.unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(pool);
     }
 
     /// Campaigns, leads until leadership is lost, and campaigns again, until `shutdown`.
@@ -90,6 +135,7 @@ impl Node {
                 Err(e) => {
                     tracing::warn!(error = %e, "campaign failed; retrying");
                     tokio::select! {
+                        biased;
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
                     }
@@ -98,9 +144,15 @@ impl Node {
                 }
             };
             backoff = Duration::from_millis(200);
-            tracing::info!(epoch = lead.epoch.get(), id = %self.cfg.id, "became leader");
-            Arc::clone(&self).lead(lead.clone()).await;
+            tracing::info!(epoch = lead.epoch.get(), id = %self.cfg.id, "won the election; taking over");
             tokio::select! {
+                biased;
+                _ = lead.lost.cancelled() => {}
+                _ = shutdown.cancelled() => {}
+                _ = Arc::clone(&self).take_over(lead.clone()) => {}
+            }
+            tokio::select! {
+                biased;
                 _ = lead.lost.cancelled() => {
                     tracing::warn!(epoch = lead.epoch.get(), "leadership lost: all leader work stopped");
                 }
@@ -112,7 +164,7 @@ impl Node {
                     lead.lost.cancel();
                 }
             }
-            self.leader.send_replace(None);
+            self.role.send_replace(Role::Follower);
             self.drivers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -120,94 +172,150 @@ impl Node {
         }
     }
 
-    /// Takes over: fences agents, then resumes unfinished upgrades from the store.
-    async fn lead(self: Arc<Self>, lead: Leadership) {
+    /// Takes over: fences agents, then resumes unfinished upgrades from the store. Leader-only
+    /// calls are refused as "taking over" until it is done, so nothing can start a second
+    /// driver for a pool being resumed.
+    async fn take_over(self: Arc<Self>, lead: Leadership) {
+        self.role
+            .send_replace(Role::TakingOver { epoch: lead.epoch });
         self.fence_agents(&lead).await;
-        self.leader.send_replace(Some(lead.clone()));
-        for pool in &self.cfg.pools {
-            let stored = match self.env.store.get(&upgrade_key(&pool.name)).await {
-                Ok(Some(kv)) => match serde_json::from_slice::<Stored>(&kv.value) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(pool = %pool.name, error = %e, "stored upgrade is unreadable; not resuming it");
-                        continue;
-                    }
-                },
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(pool = %pool.name, error = %e, "cannot read the stored upgrade; not resuming it");
+        if lead.lost.is_cancelled() {
+            return;
+        }
+        let pools: Vec<PoolConfig> = self.cfg.pools.clone();
+        let mut resumed = Vec::new();
+        for pool in pools {
+            let record = match self.load(&lead, &pool.name).await {
+                Some(Ok(r)) => r,
+                Some(Err(why)) => {
+                    tracing::error!(pool = %pool.name, %why, "stored upgrade is unreadable; not resuming it");
+                    self.unreadable
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(pool.name.clone(), why);
                     continue;
                 }
+                None => continue,
             };
-            if stored.upgrade.is_terminal() && stored.upgrade.in_flight() == 0 {
+            if record.upgrade.is_terminal() {
                 continue;
             }
-            let actions = stored.upgrade.resume();
-            tracing::info!(pool = %pool.name, plan = %stored.upgrade.plan.id, actions = actions.len(), "resuming upgrade");
-            self.start_driver(&lead, pool.clone(), stored, actions, true);
+            resumed.push((pool, record));
+        }
+        if lead.lost.is_cancelled() {
+            return;
+        }
+        for (pool, record) in resumed {
+            let (upgrade, mut actions) = match record.upgrade.plan.validate() {
+                Ok(()) => (record.upgrade.clone(), Vec::new()),
+                // A stored plan that can no longer be executed pauses with the reason; the
+                // steps already in flight are still answered.
+                Err(e) => record.upgrade.clone().block(&e),
+            };
+            actions.extend(upgrade.resume());
+            tracing::info!(pool = %pool.name, plan = %upgrade.plan.id, actions = actions.len(), "resuming upgrade");
+            let record = UpgradeRecord {
+                upgrade,
+                next_event: record.next_event,
+            };
+            if let Err(e) = self.start_driver(&lead, pool, record, actions, true, None) {
+                tracing::error!(error = %e, "cannot resume upgrade");
+            }
+        }
+        if !lead.lost.is_cancelled() {
+            self.role.send_replace(Role::Leader(lead.clone()));
+            tracing::info!(epoch = lead.epoch.get(), "took over: leading");
+        }
+    }
+
+    /// Reads `pool`'s upgrade record, retrying while the store is unavailable. `None`: none
+    /// stored (or leadership lost); `Some(Err)`: stored but unreadable.
+    async fn load(&self, lead: &Leadership, pool: &str) -> Option<Result<UpgradeRecord, String>> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match progress::load_upgrade(&self.env.store, pool).await {
+                Ok(r) => return r.map(Ok),
+                Err(ProgressError::Unreadable { key, message }) => {
+                    return Some(Err(format!("{key}: {message}")))
+                }
+                Err(e) => {
+                    tracing::warn!(%pool, error = %e, "cannot read the stored upgrade; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = lead.lost.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
         }
     }
 
     /// Raises the epoch on every agent so that an older leader's calls are refused from now on.
     /// Unreachable agents are fenced by the epoch on the first command they get.
     async fn fence_agents(&self, lead: &Leadership) {
-        let mut set = tokio::task::JoinSet::new();
-        for server in self.env.inventory.servers() {
-            let Some(mut c) = self.env.inventory.client(server) else {
-                continue;
-            };
-            let (server, epoch) = (server.clone(), lead.epoch.get());
-            set.spawn(async move {
-                let mut req = tonic::Request::new(pb::FenceRequest { epoch });
-                req.set_timeout(Duration::from_secs(2));
-                (server, c.fence(req).await)
-            });
-        }
-        while let Some(Ok((server, r))) = set.join_next().await {
+        let calls = self.env.agents.servers().into_iter().map(|server| {
+            let agents = Arc::clone(&self.env.agents);
+            let epoch = lead.epoch;
+            async move {
+                let r = agents.fence(&server, epoch).await;
+                (server, r)
+            }
+        });
+        for (server, r) in futures_util::future::join_all(calls).await {
             match r {
-                Ok(_) => {}
-                Err(s) if s.message().starts_with("stale epoch") => {
-                    tracing::warn!(%server, "agent has seen a newer epoch: this leadership is stale");
+                Ok(()) => {}
+                Err(LinkError::StaleEpoch { current, .. }) => {
+                    tracing::warn!(%server, current, "agent has seen a newer epoch: this leadership is stale");
                     lead.lost.cancel();
                 }
-                Err(s) => {
-                    tracing::warn!(%server, error = %s.message(), "could not fence agent (it will be fenced by its next command)")
+                Err(e) => {
+                    tracing::warn!(%server, error = %e, "could not fence agent (it will be fenced by its next command)")
                 }
             }
         }
     }
 
-    /// Starts a driver for `stored` on this node's tasks.
+    /// Starts a driver for `record` on this node's tasks. Refused when a driver for the pool
+    /// is still running under this leadership: never two drivers for one pool. `started` is
+    /// answered once the first state is stored.
     pub fn start_driver(
         self: &Arc<Self>,
         lead: &Leadership,
-        pool: crate::config::PoolConfig,
-        stored: Stored,
+        pool: PoolConfig,
+        record: UpgradeRecord,
         actions: Vec<Action>,
-        resuming: bool,
-    ) {
+        reconcile: bool,
+        started: Option<oneshot::Sender<Result<Upgrade, DriveError>>>,
+    ) -> Result<(), String> {
+        let name = pool.name.clone();
+        let mut drivers = self.drivers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = drivers.get(&name) {
+            if !h.ended.is_cancelled() {
+                return Err(format!("a driver for pool {name} is already running"));
+            }
+        }
         let (status_tx, status_rx) = watch::channel(None);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
-        let name = pool.name.clone();
-        let driver = Driver::new(self.env.clone(), lead.clone(), pool, stored, status_tx);
-        self.drivers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                name.clone(),
-                DriverHandle {
-                    commands: cmd_tx,
-                    status: status_rx,
-                },
-            );
-        let me = Arc::clone(self);
+        let ended = CancellationToken::new();
+        let driver = Driver::new(self.env.clone(), lead.clone(), pool, record, status_tx);
+        drivers.insert(
+            name.clone(),
+            DriverHandle {
+                commands: cmd_tx,
+                status: status_rx,
+                ended: ended.clone(),
+            },
+        );
+        drop(drivers);
         self.tasks.spawn(async move {
-            match driver.run(actions, resuming, cmd_rx).await {
-                Ok(u) => tracing::info!(pool = %name, status = ?u.status, "driver done"),
+            match driver.run(actions, reconcile, started, cmd_rx).await {
+                Ok(u) => tracing::info!(pool = %name, status = %u.status, "driver done"),
                 Err(e) => tracing::warn!(pool = %name, error = %e, "driver stopped"),
             }
             // Keep the handle: its status receiver still shows the final state to readers.
-            let _ = &me;
+            ended.cancel();
         });
+        Ok(())
     }
 }

@@ -9,16 +9,81 @@
 //!   or an operation is running on the pool;
 //! - **Ready** otherwise. A domain is ReadyForUpgrade when the pool is not busy and the active
 //!   servers outside it number at least `min_active`.
+//!
+//! Servers a running upgrade has taken down (or is taking down) count as inactive whatever
+//! their last report says: a report can predate the drain that was just sent.
 
 use crate::config::PoolSpec;
 use crate::engine::PoolState;
-use std::collections::HashMap;
+use crate::link::AgentLimits;
+use std::collections::{BTreeSet, HashMap};
+
+/// The service state an agent reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    Serving,
+    Draining,
+    Drained,
+    Stopped,
+    Installing,
+    Starting,
+    Failed,
+    /// Not reported (or a value this version does not know).
+    Unknown,
+}
+
+/// A server as readiness shows it: the agent's state, or lost / unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    Serving,
+    Draining,
+    Drained,
+    Stopped,
+    Installing,
+    Starting,
+    Failed,
+    /// No fresh report from its agent.
+    Lost,
+    /// Never heard from.
+    Unknown,
+}
+
+impl ServerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerState::Serving => "serving",
+            ServerState::Draining => "draining",
+            ServerState::Drained => "drained",
+            ServerState::Stopped => "stopped",
+            ServerState::Installing => "installing",
+            ServerState::Starting => "starting",
+            ServerState::Failed => "failed",
+            ServerState::Lost => "lost",
+            ServerState::Unknown => "unknown",
+        }
+    }
+}
+
+impl From<AgentState> for ServerState {
+    fn from(s: AgentState) -> Self {
+        match s {
+            AgentState::Serving => ServerState::Serving,
+            AgentState::Draining => ServerState::Draining,
+            AgentState::Drained => ServerState::Drained,
+            AgentState::Stopped => ServerState::Stopped,
+            AgentState::Installing => ServerState::Installing,
+            AgentState::Starting => ServerState::Starting,
+            AgentState::Failed => ServerState::Failed,
+            AgentState::Unknown => ServerState::Unknown,
+        }
+    }
+}
 
 /// What the coordinator last heard from one agent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerHealth {
-    /// serving, draining, drained, stopped, installing, starting, failed.
-    pub state: String,
+    /// The service state the agent reported.
+    pub state: AgentState,
     /// A TCP connect to the service succeeded.
     pub accepting: bool,
     /// The busy probe said busy.
@@ -37,6 +102,31 @@ pub struct ServerHealth {
     pub serving_since_ms: Option<u64>,
     /// The health stream is broken (agent unreachable).
     pub disconnected: bool,
+    /// The agent's own time limits, once it has reported them.
+    pub limits: Option<AgentLimits>,
+    /// The sha256 of the installed artifact in the agent's cache (empty: the version was
+    /// installed outside rollgate, so rolling back to it needs an artifact from the plan).
+    pub installed_sha256: String,
+}
+
+impl ServerHealth {
+    /// A server the coordinator has not heard from.
+    pub fn unknown(seen_ms: u64, detail: &str) -> ServerHealth {
+        ServerHealth {
+            state: AgentState::Unknown,
+            accepting: false,
+            busy: false,
+            healthy: false,
+            version: String::new(),
+            active_connections: 0,
+            detail: detail.to_string(),
+            seen_ms,
+            serving_since_ms: None,
+            disconnected: true,
+            limits: None,
+            installed_sha256: String::new(),
+        }
+    }
 }
 
 /// The readiness of one server, as shown to operators.
@@ -44,8 +134,8 @@ pub struct ServerHealth {
 pub struct ServerRow {
     /// Server id.
     pub server: String,
-    /// Its state, or "lost" / "unknown".
-    pub state: String,
+    /// Its state, or lost / unknown.
+    pub state: ServerState,
     /// Installed version.
     pub version: String,
     /// Counts toward min_active.
@@ -113,11 +203,14 @@ pub struct Clocks {
     pub stabilization_ms: u64,
 }
 
-/// Evaluates a pool. `operation_running` is true while an upgrade step runs on the pool.
+/// Evaluates a pool. `going_down` are servers a running upgrade has taken (or is taking) out
+/// of service: never active. `operation_running` is true while an upgrade step runs on the
+/// pool (the operator's view: the pool is Busy); the upgrade's own gate passes false.
 pub fn evaluate(
     pool: &PoolSpec,
     health: &HashMap<String, ServerHealth>,
     clocks: Clocks,
+    going_down: &BTreeSet<String>,
     operation_running: bool,
 ) -> PoolReadiness {
     let mut busy_reasons: Vec<String> = Vec::new();
@@ -131,7 +224,7 @@ pub fn evaluate(
             let row = match health.get(id) {
                 None => ServerRow {
                     server: id.clone(),
-                    state: "unknown".into(),
+                    state: ServerState::Unknown,
                     version: String::new(),
                     active: false,
                     busy: false,
@@ -142,7 +235,8 @@ pub fn evaluate(
                 Some(h) => {
                     let lost = h.disconnected
                         || clocks.now_ms.saturating_sub(h.seen_ms) > clocks.lost_after_ms;
-                    let active = !lost && h.state == "serving" && h.accepting;
+                    let down = going_down.contains(id);
+                    let active = !lost && !down && h.state == AgentState::Serving && h.accepting;
                     let stabilising = active
                         && clocks.stabilization_ms > 0
                         && h.serving_since_ms.is_some_and(|s| {
@@ -158,7 +252,9 @@ pub fn evaluate(
                             clocks.stabilization_ms
                         ));
                     }
-                    let detail = if lost {
+                    let detail = if down && !lost {
+                        "taken out of service by the running upgrade".to_string()
+                    } else if lost {
                         if h.disconnected {
                             format!(
                                 "agent unreachable; last report {}ms ago",
@@ -175,7 +271,11 @@ pub fn evaluate(
                     };
                     ServerRow {
                         server: id.clone(),
-                        state: if lost { "lost".into() } else { h.state.clone() },
+                        state: if lost {
+                            ServerState::Lost
+                        } else {
+                            h.state.into()
+                        },
                         version: h.version.clone(),
                         active,
                         busy,
@@ -271,7 +371,7 @@ mod tests {
 
     fn serving(seen_ms: u64) -> ServerHealth {
         ServerHealth {
-            state: "serving".into(),
+            state: AgentState::Serving,
             accepting: true,
             busy: false,
             healthy: true,
@@ -281,6 +381,8 @@ mod tests {
             seen_ms,
             serving_since_ms: Some(0),
             disconnected: false,
+            limits: None,
+            installed_sha256: String::new(),
         }
     }
 
@@ -349,7 +451,7 @@ mod tests {
                 change: |h| {
                     h.get_mut("a")
                         .into_iter()
-                        .for_each(|s| s.state = "stopped".into());
+                        .for_each(|s| s.state = AgentState::Stopped);
                     h.get_mut("c")
                         .into_iter()
                         .for_each(|s| s.disconnected = true);
@@ -369,7 +471,7 @@ mod tests {
         for c in cases {
             let mut h = all_serving(&p);
             (c.change)(&mut h);
-            let r = evaluate(&p, &h, CLOCKS, c.op);
+            let r = evaluate(&p, &h, CLOCKS, &BTreeSet::new(), c.op);
             assert_eq!(r.state, c.want, "{}: {}", c.name, r.reason);
             let got: Vec<bool> = r.domains.iter().map(|d| d.ready_for_upgrade).collect();
             assert_eq!(got, c.ready, "{}", c.name);
@@ -390,6 +492,7 @@ mod tests {
                 stabilization_ms: 5_000,
                 ..CLOCKS
             },
+            &BTreeSet::new(),
             false,
         );
         assert_eq!(r.state, PoolState::Busy);
@@ -402,6 +505,7 @@ mod tests {
                 stabilization_ms: 500,
                 ..CLOCKS
             },
+            &BTreeSet::new(),
             false,
         );
         assert_eq!(r.state, PoolState::Ready);
@@ -410,9 +514,24 @@ mod tests {
     #[test]
     fn unknown_servers_are_not_active() {
         let p = six();
-        let r = evaluate(&p, &HashMap::new(), CLOCKS, false);
+        let r = evaluate(&p, &HashMap::new(), CLOCKS, &BTreeSet::new(), false);
         assert_eq!(r.state, PoolState::InsufficientActiveFrontEnds);
         assert_eq!(r.active, 0);
-        assert_eq!(r.domains[0].servers[0].state, "unknown");
+        assert_eq!(r.domains[0].servers[0].state, ServerState::Unknown);
+    }
+
+    #[test]
+    fn servers_going_down_are_inactive_even_if_their_report_says_serving() {
+        let p = six();
+        let h = all_serving(&p);
+        // `a` was just sent a drain: its last report still says serving.
+        let down: BTreeSet<String> = ["a".to_string()].into();
+        let r = evaluate(&p, &h, CLOCKS, &down, false);
+        assert_eq!(r.active, 5);
+        assert_eq!(r.state, PoolState::Ready);
+        // ud-1 may go on (4 active outside), ud-2 may not: 5 - 2 = 3 < 4.
+        let got: Vec<bool> = r.domains.iter().map(|d| d.ready_for_upgrade).collect();
+        assert_eq!(got, [true, false, false]);
+        assert!(!r.domains[0].servers[0].active);
     }
 }

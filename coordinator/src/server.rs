@@ -3,7 +3,8 @@
 
 use crate::api::OperatorApi;
 use crate::config::{CoordinatorConfig, StoreConfig};
-use crate::driver::Env;
+use crate::control::Control;
+use crate::env::{CommandHooks, Env, SystemClock};
 use crate::inventory::Inventory;
 use crate::node::Node;
 use crate::store::{EmbeddedStore, EtcdStore, Store};
@@ -50,7 +51,9 @@ pub async fn run(
     let env = Env {
         me: cfg.id.clone(),
         store,
-        inventory: Arc::clone(&inventory),
+        agents: Arc::clone(&inventory) as Arc<dyn crate::link::AgentLink>,
+        hooks: Arc::new(CommandHooks),
+        clock: Arc::new(SystemClock),
         lost_after: cfg.lost_after,
         stabilization: cfg.stabilization,
     };
@@ -60,6 +63,7 @@ pub async fn run(
         Some(t) => Some(t.server_config()?),
         None => None,
     };
+    let insecure = cfg.insecure;
     let node = Node::new(Arc::new(cfg), env);
     let watchers = CancellationToken::new();
     inventory.watch_all(&node.tasks, &watchers);
@@ -84,7 +88,7 @@ pub async fn run(
     let served = builder
         .add_service(health)
         .add_service(
-            OperatorServer::new(OperatorApi::new(Arc::clone(&node)))
+            OperatorServer::new(OperatorApi::new(Control::new(Arc::clone(&node)), insecure))
                 .max_decoding_message_size(max_msg),
         )
         .serve_with_incoming_shutdown(rollgate_common::incoming_nodelay(listener), async move {

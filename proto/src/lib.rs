@@ -39,6 +39,60 @@ pub mod operator {
         tonic::include_proto!("rollgate.operator.v1");
     }
 
+    /// Lower-case names of the wire enums, as the CLI prints them (e.g. `running`, `in_flight`).
+    pub mod names {
+        use super::v1 as pb;
+
+        fn short(full: &str, prefix: &str) -> String {
+            full.strip_prefix(prefix)
+                .unwrap_or(full)
+                .to_ascii_lowercase()
+        }
+
+        pub fn upgrade_state(v: i32) -> String {
+            pb::UpgradeState::try_from(v).map_or("unknown".into(), |e| {
+                short(e.as_str_name(), "UPGRADE_STATE_")
+            })
+        }
+        pub fn server_phase(v: i32) -> String {
+            pb::ServerPhase::try_from(v).map_or("unknown".into(), |e| {
+                short(e.as_str_name(), "SERVER_PHASE_")
+            })
+        }
+        pub fn step(v: i32) -> String {
+            match pb::Step::try_from(v) {
+                Ok(pb::Step::Unspecified) => String::new(),
+                Ok(e) => short(e.as_str_name(), "STEP_"),
+                Err(_) => "unknown".into(),
+            }
+        }
+        pub fn direction(v: i32) -> String {
+            pb::Direction::try_from(v)
+                .map_or("unknown".into(), |e| short(e.as_str_name(), "DIRECTION_"))
+        }
+        pub fn domain_phase(v: i32) -> String {
+            pb::DomainPhase::try_from(v).map_or("unknown".into(), |e| {
+                short(e.as_str_name(), "DOMAIN_PHASE_")
+            })
+        }
+        pub fn server_state(v: i32) -> String {
+            pb::ServerState::try_from(v).map_or("unknown".into(), |e| {
+                short(e.as_str_name(), "SERVER_STATE_")
+            })
+        }
+        /// The procedure's own words: Ready, Busy, InsufficientActiveFrontEnds.
+        pub fn readiness_state(v: i32) -> &'static str {
+            match pb::ReadinessState::try_from(v) {
+                Ok(pb::ReadinessState::Ready) => "Ready",
+                Ok(pb::ReadinessState::Busy) => "Busy",
+                Ok(pb::ReadinessState::InsufficientActiveFrontEnds) => {
+                    "InsufficientActiveFrontEnds"
+                }
+                _ => "Unknown",
+            }
+        }
+    }
+
     /// Response metadata: the leader's address, set by a follower refusing a leader-only call.
     pub const LEADER_HEADER: &str = "rollgate-leader";
     /// Response metadata: how long to wait before retrying an UNAVAILABLE call (milliseconds),

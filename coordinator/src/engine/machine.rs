@@ -1,22 +1,20 @@
 //! The transition function. Every handler mutates the state and pushes actions, then
-//! [`Upgrade::settle`] moves the domain forward as far as the new state allows; keeping all
+//! [`Upgrade::settle`] moves the upgrade forward as far as the new state allows; keeping all
 //! "what happens next" decisions in `settle` is what makes the invariants hold everywhere.
 
 use super::model::{
-    Action, Direction, DomainPhase, Event, PoolState, ServerPhase, ServerProgress, Status, Step,
-    Upgrade,
+    Action, Direction, DomainPhase, Event, Outcome, PoolState, ServerPhase, ServerProgress, Status,
+    Step, Upgrade,
 };
 use super::plan::{ExhaustedAction, FailureAction, Plan, PlanError};
 use std::time::Duration;
 
 impl Upgrade {
-    /// Validates `plan` and starts it: Running, Forward, the first domain waiting for readiness.
+    /// Validates `plan` and starts it: Running, Forward, the first domain in progress.
     pub fn new(plan: Plan) -> Result<(Upgrade, Vec<Action>), PlanError> {
         plan.validate()?;
         let servers = plan
-            .domains
-            .iter()
-            .flat_map(|d| d.servers.iter())
+            .servers()
             .map(|s| {
                 (
                     s.clone(),
@@ -32,10 +30,11 @@ impl Upgrade {
             status: Status::Running,
             direction: Direction::Forward,
             domain_index: 0,
-            domain_phase: DomainPhase::WaitingReady { busy_answers: 0 },
+            domain_phase: DomainPhase::InProgress,
             servers,
             failed_over: false,
             readiness_outstanding: None,
+            busy_answers: 0,
             resume_count: 0,
         };
         let mut out = vec![upgrade.record(
@@ -50,8 +49,26 @@ impl Upgrade {
                 upgrade.servers.len()
             ),
         )];
+        upgrade.enter_domain(&mut out);
         upgrade.settle(&mut out);
         Ok((upgrade, out))
+    }
+
+    /// A state for a stored plan that can no longer be executed (it fails validation, e.g. a
+    /// duration beyond its bound): paused with the reason, so that the pool stays manageable.
+    /// Steps already in flight are still answered and finish; nothing new is launched.
+    pub fn block(mut self, error: &PlanError) -> (Upgrade, Vec<Action>) {
+        let reason = format!(
+            "the stored plan cannot be executed: {error}; abort it and start a new upgrade"
+        );
+        let mut out = Vec::new();
+        if !self.status.is_terminal() && self.status.reason() != Some(reason.as_str()) {
+            self.status = Status::Paused {
+                reason: reason.clone(),
+            };
+            out.push(self.record("paused", None, None, reason));
+        }
+        (self, out)
     }
 
     /// The pure transition. Never panics; events that do not fit the state are ignored with a
@@ -77,18 +94,19 @@ impl Upgrade {
                 server,
                 step,
                 attempt,
-                ok,
-                message,
-            } => self.on_step_done(server, step, attempt, ok, message, &mut out),
+                outcome,
+            } => self.on_step_done(server, step, attempt, outcome, &mut out),
             Event::FailoverDone { ok, message } => self.on_failover_done(ok, message, &mut out),
             Event::SoakDone => self.on_soak_done(&mut out),
+            Event::Internal { message } => self.on_internal(message, &mut out),
             Event::Pause { by } => self.on_pause(by, &mut out),
             Event::Resume { by } => self.on_resume(by, &mut out),
             Event::Abort { by } => self.on_abort(by, &mut out),
             Event::Rollback { by } => self.on_rollback(by, &mut out),
         }
-        // Terminal statuses never revert and in_flight never grows under them, so this fires
-        // exactly once per upgrade.
+        self.settle(&mut out);
+        // Terminal statuses never revert, and `settle` launches every restore in the same
+        // transition that ends the run, so this fires exactly once per upgrade.
         if self.is_terminal() {
             out.push(self.record(
                 "finished",
@@ -104,8 +122,8 @@ impl Upgrade {
     }
 
     /// What a new leader must issue after loading this state: every in-flight step again (same
-    /// operation id, so the agent's journal answers a step it already ran) and the outstanding
-    /// readiness check, failover or soak.
+    /// operation id, so the agent's journal answers or adopts a step it already runs) and the
+    /// outstanding readiness check, failover or soak.
     pub fn resume(&self) -> Vec<Action> {
         if self.is_terminal() {
             return Vec::new();
@@ -117,6 +135,7 @@ impl Upgrade {
                 ServerPhase::InFlight { step, attempt } => Some(Action::RunStep {
                     server: name.clone(),
                     step,
+                    direction: p.direction,
                     op_id: Self::op_id(&self.plan.id, name, p.direction, step, attempt),
                     attempt,
                 }),
@@ -128,13 +147,10 @@ impl Upgrade {
         }
         if let Some(asked) = self.readiness_outstanding {
             if let Some(domain) = self.plan.domains.get(asked) {
-                let after = match self.domain_phase {
-                    DomainPhase::WaitingReady { busy_answers }
-                        if busy_answers > 0 && asked == self.domain_index =>
-                    {
-                        self.plan.busy_retry_interval
-                    }
-                    _ => Duration::ZERO,
+                let after = if self.busy_answers > 0 && asked == self.domain_index {
+                    self.plan.busy_retry_interval
+                } else {
+                    Duration::ZERO
                 };
                 out.push(Action::CheckReadiness {
                     domain: domain.name.clone(),
@@ -154,7 +170,7 @@ impl Upgrade {
             DomainPhase::Soaking => out.push(Action::Soak {
                 after: self.plan.canary_soak.unwrap_or_default(),
             }),
-            DomainPhase::WaitingReady { .. } | DomainPhase::InProgress => {}
+            DomainPhase::InProgress => {}
         }
         out
     }
@@ -165,11 +181,40 @@ impl Upgrade {
         self.status.is_terminal() && self.in_flight() == 0
     }
 
+    /// Servers whose step answer is awaited.
     pub fn in_flight(&self) -> usize {
         self.servers
             .values()
             .filter(|p| matches!(p.phase, ServerPhase::InFlight { .. }))
             .count()
+    }
+
+    /// Servers this upgrade took out of service that are not back and not being worked on,
+    /// with the reason: what an operator must look at.
+    pub fn out_of_service(&self) -> Vec<(String, String)> {
+        self.plan
+            .servers()
+            .filter_map(|s| {
+                let reason = self.servers.get(s)?.out_of_service()?;
+                Some((s.clone(), reason))
+            })
+            .collect()
+    }
+
+    /// Servers of this plan that are down or going down now (a step that takes them down is
+    /// in flight, unanswered, or failed): readiness counts them as inactive whatever their
+    /// last health report says.
+    pub fn down_servers(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter(|(_, p)| match &p.phase {
+                ServerPhase::InFlight { step, .. }
+                | ServerPhase::Unanswered { step, .. }
+                | ServerPhase::Failed { step, .. } => step.takes_down(),
+                _ => false,
+            })
+            .map(|(s, _)| s.clone())
+            .collect()
     }
 
     /// Deterministic, so every leader sends the same id for the same attempt.
@@ -195,6 +240,11 @@ impl Upgrade {
             .map(|d| d.name.as_str())
     }
 
+    /// Whether a server of the current domain is prepared and waits for the readiness gate.
+    pub fn waiting_ready(&self) -> bool {
+        self.readiness_outstanding.is_some()
+    }
+
     // ---- event handlers ----
 
     fn on_readiness(
@@ -204,47 +254,24 @@ impl Upgrade {
         reason: String,
         out: &mut Vec<Action>,
     ) {
-        let Some(asked) = self.readiness_outstanding.take() else {
-            let message = format!("ignored a readiness answer nobody asked for ({reason})");
-            out.push(self.domain_record("ignored", message));
-            return;
-        };
-        let waiting = matches!(self.domain_phase, DomainPhase::WaitingReady { .. });
-        if asked != self.domain_index
-            || !waiting
-            || self.status.is_terminal()
-            || self.in_flight() > 0
-        {
-            let asked_name = self
-                .plan
-                .domains
-                .get(asked)
-                .map_or("?", |d| d.name.as_str());
-            let message =
-                format!("ignored a stale readiness answer for domain {asked_name} ({reason})");
-            out.push(self.domain_record("ignored", message));
-            // The answer we dropped may have been what the current domain waits on.
-            self.settle(out);
+        if self.readiness_outstanding != Some(self.domain_index) {
+            // Asked for a domain the upgrade has left: the gate of the current one asks anew.
+            self.readiness_outstanding = None;
+            out.push(self.domain_record(
+                "readiness_ignored",
+                format!("readiness answer for a domain no longer current: {reason}"),
+            ));
             return;
         }
+        self.readiness_outstanding = None;
         if !self.status.is_active() {
-            let message =
-                format!("readiness answer while paused, asked again on resume ({reason})");
-            out.push(self.domain_record("readiness_ignored", message));
+            // Paused or ended meanwhile: the answer is dropped; Resume asks again.
             return;
         }
-        let busy_answers = match self.domain_phase {
-            DomainPhase::WaitingReady { busy_answers } => busy_answers,
-            _ => 0,
-        };
+        if self.domain_phase != DomainPhase::InProgress || !self.gate_open() {
+            return;
+        }
         match state {
-            PoolState::Ready if domain_ready => {
-                out.push(self.domain_record(
-                    "readiness_ready",
-                    format!("pool ready, domain ready for upgrade ({reason})"),
-                ));
-                self.start_domain(out);
-            }
             PoolState::InsufficientActiveFrontEnds => {
                 out.push(self.domain_record(
                     "readiness_insufficient",
@@ -252,9 +279,20 @@ impl Upgrade {
                 ));
                 self.exhausted(format!("insufficient active front ends: {reason}"), out);
             }
+            PoolState::Ready if domain_ready => {
+                self.busy_answers = 0;
+                if let Some(server) = self.next_prepared() {
+                    out.push(self.server_record(
+                        "readiness_ready",
+                        &server,
+                        format!("pool ready: {reason}"),
+                    ));
+                    self.take_down(&server, out);
+                }
+            }
             PoolState::Ready | PoolState::Busy => {
-                let n = busy_answers.saturating_add(1);
-                self.domain_phase = DomainPhase::WaitingReady { busy_answers: n };
+                let n = self.busy_answers.saturating_add(1);
+                self.busy_answers = n;
                 let what = if state == PoolState::Busy {
                     "pool busy"
                 } else {
@@ -274,7 +312,6 @@ impl Upgrade {
                 }
             }
         }
-        self.settle(out);
     }
 
     fn on_step_done(
@@ -282,8 +319,7 @@ impl Upgrade {
         server: String,
         step: Step,
         attempt: u32,
-        ok: bool,
-        message: String,
+        outcome: Outcome,
         out: &mut Vec<Action>,
     ) {
         let Some(progress) = self.servers.get(&server) else {
@@ -291,90 +327,133 @@ impl Upgrade {
             out.push(self.record("ignored", Some(&server), None, message));
             return;
         };
-        let current = match progress.phase {
-            ServerPhase::InFlight {
-                step: s,
-                attempt: a,
-            } => Some((s, a)),
-            _ => None,
-        };
-        if current != Some((step, attempt)) {
+        if progress.phase != (ServerPhase::InFlight { step, attempt }) {
             let message = format!("ignored stale {step} result (attempt {attempt})");
             out.push(self.server_record("ignored", &server, message));
             return;
         }
-        let server_direction = progress.direction;
-        let outcome = if ok { "succeeded" } else { "failed" };
-        if server_direction == Direction::Forward && self.direction == Direction::Backward {
-            // The rollback only waited for this step to end: the rest of the forward chain is
-            // pointless, the backward chain takes over once the domain is ready.
-            self.set_phase(&server, ServerPhase::Pending, Direction::Backward);
-            let message = format!(
-                "{step} {outcome} (attempt {attempt}): {message}; server joins the rollback"
-            );
-            out.push(self.server_record("step_finished_before_rollback", &server, message));
-        } else if ok {
-            let message = format!("{step} succeeded (attempt {attempt}): {message}");
-            out.push(self.server_record("step_succeeded", &server, message));
-            match step.next(server_direction) {
-                Some(next) => self.run_step(&server, next, 1, out),
-                None => {
-                    self.set_phase(&server, ServerPhase::Done, server_direction);
-                    let what = match server_direction {
-                        Direction::Forward => "upgraded",
-                        Direction::Backward => "rolled back",
-                    };
-                    out.push(self.server_record("server_done", &server, format!("server {what}")));
+        let direction = progress.direction;
+        let message = outcome.message().to_string();
+        match outcome {
+            Outcome::Succeeded { .. } => {
+                out.push(self.server_record(
+                    "step_succeeded",
+                    &server,
+                    format!("{step} succeeded (attempt {attempt}): {message}"),
+                ));
+                if self.direction == Direction::Backward && direction == Direction::Forward {
+                    self.join_rollback(&server, step, out);
+                } else if step == Step::Prepare {
+                    self.set_phase(&server, ServerPhase::Prepared, direction);
+                } else {
+                    match step.next(direction) {
+                        Some(next) => self.run_step(&server, next, 1, out),
+                        None => {
+                            self.set_phase(&server, ServerPhase::Done, direction);
+                            let what = match direction {
+                                Direction::Forward => "upgraded",
+                                Direction::Backward => "rolled back",
+                                Direction::Restore => "back in service (not upgraded)",
+                            };
+                            out.push(self.server_record(
+                                "server_done",
+                                &server,
+                                format!("server {what}"),
+                            ));
+                        }
+                    }
                 }
             }
-        } else if attempt <= self.plan.server_retries {
-            let message = format!(
-                "{step} failed (attempt {attempt} of {}): {message}; retrying",
-                self.plan.server_retries.saturating_add(1)
-            );
-            out.push(self.server_record("step_retried", &server, message));
-            self.run_step(&server, step, attempt.saturating_add(1), out);
-        } else {
-            let failed = ServerPhase::Failed {
-                step,
-                message: message.clone(),
-            };
-            self.set_phase(&server, failed, server_direction);
-            let reason = format!("server {server} failed at {step} (attempt {attempt}): {message}");
-            out.push(self.server_record("server_failed", &server, reason.clone()));
-            self.apply_failure(server_direction, reason, out);
-        }
-        self.settle(out);
-    }
-
-    fn apply_failure(
-        &mut self,
-        server_direction: Direction,
-        reason: String,
-        out: &mut Vec<Action>,
-    ) {
-        if self.status.is_terminal() {
-            return;
-        }
-        if server_direction == Direction::Backward {
-            // Rolling back a rollback would loop; a human has to look.
-            self.status = Status::Failed { reason };
-            out.push(self.record(
-                "failed",
-                None,
-                None,
-                format!("rollback failed: {}", self.status),
-            ));
-            return;
-        }
-        match self.plan.on_failure {
-            FailureAction::Pause => {
+            Outcome::Failed { .. } if attempt <= self.plan.server_retries => {
+                let message = format!(
+                    "{step} failed (attempt {attempt} of {}): {message}; retrying",
+                    self.plan.server_retries.saturating_add(1)
+                );
+                out.push(self.server_record("step_retried", &server, message));
+                self.run_step(&server, step, attempt.saturating_add(1), out);
+            }
+            Outcome::Failed { .. } => {
+                let failed = ServerPhase::Failed {
+                    step,
+                    message: message.clone(),
+                };
+                self.set_phase(&server, failed, direction);
+                let reason =
+                    format!("server {server} failed at {step} (attempt {attempt}): {message}");
+                out.push(self.server_record("server_failed", &server, reason.clone()));
+                if self.direction == Direction::Backward && direction == Direction::Forward {
+                    // It failed on its way forward while the pool rolls back: roll it back too.
+                    self.join_rollback(&server, step, out);
+                } else {
+                    self.apply_failure(direction, reason, out);
+                }
+            }
+            Outcome::Unknown { .. } => {
+                let phase = ServerPhase::Unanswered {
+                    step,
+                    attempt,
+                    message: message.clone(),
+                };
+                self.set_phase(&server, phase, direction);
+                let reason = format!(
+                    "server {server}: no answer to {step} (attempt {attempt}): {message}; \
+                     resume asks its agent again"
+                );
+                out.push(self.server_record("step_unanswered", &server, reason.clone()));
                 if self.status.is_active() {
                     self.status = Status::Paused { reason };
                     out.push(self.record("paused", None, None, format!("upgrade {}", self.status)));
                 }
             }
-            FailureAction::Rollback => self.begin_rollback(reason, false, out),
+        }
+    }
+
+    /// A forward server whose step ended while the pool rolls back: if it was touched it joins
+    /// the backward pass; if it only prepared, it was never touched.
+    fn join_rollback(&mut self, server: &str, step: Step, out: &mut Vec<Action>) {
+        if step == Step::Prepare {
+            self.set_phase(server, ServerPhase::Pending, Direction::Forward);
+            return;
+        }
+        self.set_phase(server, ServerPhase::Pending, Direction::Backward);
+        out.push(self.server_record(
+            "server_joins_rollback",
+            server,
+            "its forward chain stopped; it is rolled back with its domain".to_string(),
+        ));
+    }
+
+    fn apply_failure(&mut self, direction: Direction, reason: String, out: &mut Vec<Action>) {
+        if self.status.is_terminal() {
+            return;
+        }
+        match direction {
+            Direction::Restore => {}
+            Direction::Backward => {
+                // Rolling back a rollback would loop; a human has to look. Servers it left
+                // down are restored on what they run now.
+                self.status = Status::Failed { reason };
+                out.push(self.record(
+                    "failed",
+                    None,
+                    None,
+                    format!("rollback failed: {}", self.status),
+                ));
+            }
+            Direction::Forward => match self.plan.on_failure {
+                FailureAction::Pause => {
+                    if !self.status.is_terminal() {
+                        self.status = Status::Paused { reason };
+                        out.push(self.record(
+                            "paused",
+                            None,
+                            None,
+                            format!("upgrade {}", self.status),
+                        ));
+                    }
+                }
+                FailureAction::Rollback => self.begin_rollback(reason, false, out),
+            },
         }
     }
 
@@ -386,21 +465,18 @@ impl Upgrade {
             }
             let message = format!("failover result arrived unexpectedly (ok: {ok}): {message}");
             out.push(self.domain_record("failover_result_ignored", message));
-            self.settle(out);
             return;
         }
+        self.domain_phase = DomainPhase::InProgress;
         if ok {
             self.failed_over = true;
             out.push(
                 self.domain_record("failover_succeeded", format!("pool failed over: {message}")),
             );
-            self.start_domain(out);
         } else {
             // Resume asks readiness once more and, if the pool is still in trouble, fails over
-            // again at once: the busy budget is already spent.
-            self.domain_phase = DomainPhase::WaitingReady {
-                busy_answers: self.plan.busy_retries,
-            };
+            // again after one answer: the busy budget is already spent.
+            self.busy_answers = self.plan.busy_retries.saturating_sub(1);
             let reason = format!("failover to paired pool failed: {message}");
             out.push(self.domain_record("failover_failed", reason.clone()));
             if self.status.is_active() {
@@ -408,7 +484,6 @@ impl Upgrade {
                 out.push(self.record("paused", None, None, format!("upgrade {}", self.status)));
             }
         }
-        self.settle(out);
     }
 
     fn on_soak_done(&mut self, out: &mut Vec<Action>) {
@@ -419,8 +494,19 @@ impl Upgrade {
             return;
         }
         out.push(self.domain_record("soak_done", "canary soak finished".to_string()));
+        self.domain_phase = DomainPhase::InProgress;
         self.enter_next_domain(out);
-        self.settle(out);
+    }
+
+    fn on_internal(&mut self, message: String, out: &mut Vec<Action>) {
+        // The check whose answer will never come is no longer outstanding: Resume asks again.
+        self.readiness_outstanding = None;
+        let reason = format!("internal error: {message}; resume retries");
+        out.push(self.record("internal_error", None, None, reason.clone()));
+        if self.status.is_active() {
+            self.status = Status::Paused { reason };
+            out.push(self.record("paused", None, None, format!("upgrade {}", self.status)));
+        }
     }
 
     fn on_pause(&mut self, by: String, out: &mut Vec<Action>) {
@@ -445,15 +531,55 @@ impl Upgrade {
             out.push(self.record("ignored", None, None, message));
             return;
         }
+        if let Err(e) = self.plan.validate() {
+            let message = format!("resume by {by} refused: the plan cannot be executed: {e}");
+            out.push(self.record("ignored", None, None, message));
+            return;
+        }
         self.resume_count = self.resume_count.saturating_add(1);
         self.status = match self.direction {
-            Direction::Forward => Status::Running,
             Direction::Backward => Status::RollingBack {
                 reason: format!("rollback resumed by {by}"),
             },
+            _ => Status::Running,
         };
         out.push(self.record("resumed", None, None, format!("resumed by {by}")));
-        self.settle(out);
+        self.reissue_unanswered(out);
+        if self.gate_open() && !self.failed_over && self.readiness_outstanding.is_none() {
+            // An operator resuming has looked at the pool: ask at once, not after the interval.
+            self.ask_readiness(Duration::ZERO, out);
+        }
+    }
+
+    /// Steps whose answer never came are asked again under the same operation id: the agent
+    /// answers from its journal, adopts the run, or runs it if it never arrived.
+    fn reissue_unanswered(&mut self, out: &mut Vec<Action>) {
+        let unanswered: Vec<(String, Step, u32, Direction)> = self
+            .servers
+            .iter()
+            .filter_map(|(s, p)| match p.phase {
+                ServerPhase::Unanswered { step, attempt, .. } => {
+                    Some((s.clone(), step, attempt, p.direction))
+                }
+                _ => None,
+            })
+            .collect();
+        for (server, step, attempt, direction) in unanswered {
+            self.set_phase(&server, ServerPhase::InFlight { step, attempt }, direction);
+            let op_id = Self::op_id(&self.plan.id, &server, direction, step, attempt);
+            out.push(self.server_record(
+                "step_started",
+                &server,
+                format!("{step} asked again (attempt {attempt}, op {op_id})"),
+            ));
+            out.push(Action::RunStep {
+                server,
+                step,
+                direction,
+                op_id,
+                attempt,
+            });
+        }
     }
 
     fn on_abort(&mut self, by: String, out: &mut Vec<Action>) {
@@ -466,7 +592,8 @@ impl Upgrade {
             reason: format!("aborted by {by}"),
         };
         let message = format!(
-            "aborted by {by}; {} in-flight server(s) finish their chain",
+            "aborted by {by}; {} in-flight server(s) finish their chain, servers left out of \
+             service are restored",
             self.in_flight()
         );
         out.push(self.record("aborted", None, None, message));
@@ -476,15 +603,14 @@ impl Upgrade {
         let forward = self.direction == Direction::Forward;
         if !forward || !matches!(self.status, Status::Running | Status::Paused { .. }) {
             let message = format!(
-                "rollback by {by} ignored: upgrade is {} ({:?})",
+                "rollback by {by} ignored: upgrade is {} ({})",
                 self.status.name(),
-                self.direction
+                self.direction.name()
             );
             out.push(self.record("ignored", None, None, message));
             return;
         }
         self.begin_rollback(format!("rollback requested by {by}"), true, out);
-        self.settle(out);
     }
 
     // ---- transitions shared by handlers ----
@@ -505,31 +631,39 @@ impl Upgrade {
             format!("rollback started: {reason}")
         };
         out.push(self.record("rollback_started", None, None, message));
-        let touched: Vec<String> = self
-            .plan
-            .domains
-            .iter()
-            .take(self.domain_index.saturating_add(1))
-            .flat_map(|d| d.servers.iter())
-            .filter(|s| {
-                self.servers.get(*s).is_some_and(|p| {
-                    p.direction == Direction::Forward
-                        && matches!(p.phase, ServerPhase::Done | ServerPhase::Failed { .. })
-                })
-            })
-            .cloned()
-            .collect();
+        let mut touched = Vec::new();
+        let mut untouched = Vec::new();
+        for (s, p) in &self.servers {
+            if p.direction != Direction::Forward {
+                continue;
+            }
+            match &p.phase {
+                ServerPhase::Done => touched.push(s.clone()),
+                ServerPhase::Failed { step, .. } if step.takes_down() => touched.push(s.clone()),
+                ServerPhase::Failed { .. } | ServerPhase::Prepared => untouched.push(s.clone()),
+                _ => {}
+            }
+        }
         for server in touched {
             self.set_phase(&server, ServerPhase::Pending, Direction::Backward);
         }
+        for server in untouched {
+            self.set_phase(&server, ServerPhase::Pending, Direction::Forward);
+        }
+        self.readiness_outstanding = None;
+        self.busy_answers = 0;
+        if self.status.is_active() {
+            self.reissue_unanswered(out);
+        }
         // A failover in progress keeps running: its result says where the traffic is.
-        if self.domain_phase != DomainPhase::FailingOver {
-            self.domain_phase = DomainPhase::WaitingReady { busy_answers: 0 };
+        if self.domain_phase == DomainPhase::Soaking {
+            self.domain_phase = DomainPhase::InProgress;
         }
     }
 
     fn exhausted(&mut self, why: String, out: &mut Vec<Action>) {
         out.push(self.domain_record("exhausted", format!("pool not ready: {why}")));
+        self.busy_answers = 0;
         if self.direction == Direction::Backward {
             self.status = Status::Paused {
                 reason: format!("rollback waiting: {why}"),
@@ -568,56 +702,29 @@ impl Upgrade {
         }
     }
 
-    fn start_domain(&mut self, out: &mut Vec<Action>) {
-        self.domain_phase = DomainPhase::InProgress;
-        let what = match self.direction {
-            Direction::Forward => "upgrade",
-            Direction::Backward => "rollback",
-        };
-        out.push(self.domain_record("domain_started", format!("domain {what} started")));
-    }
-
-    /// Moves the current domain along as far as the state allows: skips domains with nothing
-    /// to do, starts domains (directly once failed over), asks readiness, launches servers,
-    /// completes domains. Nothing here happens under a terminal status.
+    /// Moves the upgrade along as far as the state allows: completes domains, prepares
+    /// servers, launches retries, gates each server on readiness before it goes down, and
+    /// once the run has ended, restores the servers it left out of service.
     fn settle(&mut self, out: &mut Vec<Action>) {
         // Each round either returns or moves a domain forward, so this bound is never reached
         // on a consistent state; it only guards a corrupt one.
         let rounds = self.plan.domains.len().saturating_mul(3).saturating_add(3);
         for _ in 0..rounds {
             if self.status.is_terminal() {
+                self.restore(out);
                 return;
             }
-            match self.domain_phase {
-                DomainPhase::FailingOver | DomainPhase::Soaking => return,
-                DomainPhase::WaitingReady { .. } => {
-                    if !self.domain_has_work() {
-                        self.finish_domain(out);
-                        continue;
-                    }
-                    if self.in_flight() > 0 {
-                        return;
-                    }
-                    if self.failed_over {
-                        self.start_domain(out);
-                        continue;
-                    }
-                    if self.status.is_active() && self.readiness_outstanding.is_none() {
-                        self.ask_readiness(Duration::ZERO, out);
-                    }
-                    return;
-                }
-                DomainPhase::InProgress => {
-                    if !self.domain_has_work() {
-                        self.finish_domain(out);
-                        continue;
-                    }
-                    if self.status.is_active() {
-                        self.launch(out);
-                    }
-                    return;
-                }
+            if self.domain_phase != DomainPhase::InProgress {
+                return;
             }
+            if !self.domain_has_work() {
+                self.finish_domain(out);
+                continue;
+            }
+            if self.status.is_active() {
+                self.launch(out);
+            }
+            return;
         }
     }
 
@@ -631,7 +738,7 @@ impl Upgrade {
 
     fn finish_domain(&mut self, out: &mut Vec<Action>) {
         match self.direction {
-            Direction::Forward => {
+            Direction::Forward | Direction::Restore => {
                 out.push(self.domain_record("domain_completed", "domain upgraded".to_string()));
                 let has_next = self.domain_index.saturating_add(1) < self.plan.domains.len();
                 if let (0, true, Some(soak)) = (self.domain_index, has_next, self.plan.canary_soak)
@@ -666,7 +773,7 @@ impl Upgrade {
 
     fn enter_next_domain(&mut self, out: &mut Vec<Action>) {
         match self.direction {
-            Direction::Forward => {
+            Direction::Forward | Direction::Restore => {
                 let next = self.domain_index.saturating_add(1);
                 if next >= self.plan.domains.len() {
                     self.status = Status::Completed;
@@ -694,58 +801,218 @@ impl Upgrade {
                 self.domain_index -= 1;
             }
         }
-        self.domain_phase = DomainPhase::WaitingReady { busy_answers: 0 };
+        self.enter_domain(out);
+    }
+
+    fn enter_domain(&mut self, out: &mut Vec<Action>) {
+        self.domain_phase = DomainPhase::InProgress;
+        self.busy_answers = 0;
+        if self.domain_has_work() {
+            let what = match self.direction {
+                Direction::Backward => "rollback",
+                _ => "upgrade",
+            };
+            out.push(self.domain_record("domain_started", format!("domain {what} started")));
+        }
+    }
+
+    fn domain_servers(&self) -> Vec<String> {
+        let mut names = self
+            .plan
+            .domains
+            .get(self.domain_index)
+            .map(|d| d.servers.clone())
+            .unwrap_or_default();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Whether the current domain still has anything to do in the current direction.
     fn domain_has_work(&self) -> bool {
-        let Some(domain) = self.plan.domains.get(self.domain_index) else {
-            return false;
-        };
-        domain.servers.iter().any(|s| {
+        self.domain_servers().iter().any(|s| {
             self.servers.get(s).is_some_and(|p| match self.direction {
-                Direction::Forward => p.phase != ServerPhase::Done,
+                Direction::Forward | Direction::Restore => p.phase != ServerPhase::Done,
                 Direction::Backward => match p.direction {
                     Direction::Backward => p.phase != ServerPhase::Done,
-                    Direction::Forward => matches!(p.phase, ServerPhase::InFlight { .. }),
+                    // A forward chain still finishing (or waiting for its answer) joins the
+                    // rollback when it ends.
+                    _ => matches!(
+                        p.phase,
+                        ServerPhase::InFlight { .. } | ServerPhase::Unanswered { .. }
+                    ),
                 },
             })
         })
     }
 
-    /// Fills free slots of the current domain: failed servers first (only Resume makes them
-    /// launchable again), then pending ones, each in name order.
-    fn launch(&mut self, out: &mut Vec<Action>) {
-        let Some(domain) = self.plan.domains.get(self.domain_index) else {
-            return;
-        };
-        let mut names = domain.servers.clone();
-        names.sort();
-        names.dedup();
-        let slots = (self.plan.parallelism as usize).saturating_sub(self.in_flight());
-        let retry_attempt = self
-            .plan
+    /// Servers of the current domain that are down or going down because of this pass, and
+    /// servers being prepared or prepared (each kind is bounded by `parallelism`).
+    fn slots(&self) -> (usize, usize) {
+        let mut down = 0;
+        let mut preparing = 0;
+        for p in self.servers.values() {
+            match &p.phase {
+                ServerPhase::InFlight { step, .. } | ServerPhase::Unanswered { step, .. } => {
+                    if step.takes_down() {
+                        down += 1;
+                    } else {
+                        preparing += 1;
+                    }
+                }
+                ServerPhase::Prepared => preparing += 1,
+                ServerPhase::Failed { step, .. } if step.takes_down() => {
+                    if p.direction == self.direction {
+                        down += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let cap = self.plan.parallelism as usize;
+        (cap.saturating_sub(down), cap.saturating_sub(preparing))
+    }
+
+    fn retry_attempt(&self) -> u32 {
+        self.plan
             .server_retries
             .saturating_add(1)
-            .saturating_add(self.resume_count);
-        let first = self.plan.first_step();
-        let failed = names.iter().filter_map(|s| {
-            let p = self.servers.get(s)?;
-            match &p.phase {
-                ServerPhase::Failed { step, .. } if p.direction == self.direction => {
-                    Some((s.clone(), *step, retry_attempt))
+            .saturating_add(self.resume_count)
+    }
+
+    /// Fills the current domain's free slots: failed servers first (only a Resume makes them
+    /// launchable again: a failure pauses), then prepares pending ones, then opens the gate for
+    /// a prepared one.
+    fn launch(&mut self, out: &mut Vec<Action>) {
+        let names = self.domain_servers();
+        let attempt = self.retry_attempt();
+        // Failed servers of this pass are retried where they failed: a server already down
+        // needs no readiness gate to be worked on again.
+        let failed: Vec<(String, Step)> = names
+            .iter()
+            .filter_map(|s| {
+                let p = self.servers.get(s)?;
+                match &p.phase {
+                    ServerPhase::Failed { step, .. } if p.direction == self.direction => {
+                        Some((s.clone(), *step))
+                    }
+                    _ => None,
                 }
-                _ => None,
-            }
-        });
-        let pending = names.iter().filter_map(|s| {
-            let p = self.servers.get(s)?;
-            (p.phase == ServerPhase::Pending && p.direction == self.direction)
-                .then(|| (s.clone(), first, 1))
-        });
-        let launches: Vec<(String, Step, u32)> = failed.chain(pending).take(slots).collect();
-        for (server, step, attempt) in launches {
+            })
+            .collect();
+        for (server, step) in failed {
+            // Its down slot is already counted while it is failed.
             self.run_step(&server, step, attempt, out);
+        }
+        // With the traffic on the paired pool, prepared servers go down without a gate.
+        if self.failed_over {
+            while self.gate_open() {
+                let Some(server) = self.next_prepared() else {
+                    break;
+                };
+                self.take_down(&server, out);
+            }
+        }
+        let (_, mut prepare_slots) = self.slots();
+        for server in &names {
+            if prepare_slots == 0 {
+                break;
+            }
+            let pending = self.servers.get(server).is_some_and(|p| {
+                p.phase == ServerPhase::Pending && p.direction == self.pass_direction()
+            });
+            if pending {
+                self.run_step(server, Step::Prepare, 1, out);
+                prepare_slots -= 1;
+            }
+        }
+        if !self.failed_over && self.gate_open() && self.readiness_outstanding.is_none() {
+            let after = if self.busy_answers > 0 {
+                self.plan.busy_retry_interval
+            } else {
+                Duration::ZERO
+            };
+            self.ask_readiness(after, out);
+        }
+    }
+
+    /// The direction fresh chains of the current pass take.
+    fn pass_direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// A prepared server waits and a down slot is free.
+    fn gate_open(&self) -> bool {
+        self.next_prepared().is_some() && self.slots().0 > 0
+    }
+
+    fn next_prepared(&self) -> Option<String> {
+        self.domain_servers().into_iter().find(|s| {
+            self.servers.get(s).is_some_and(|p| {
+                p.phase == ServerPhase::Prepared && p.direction == self.pass_direction()
+            })
+        })
+    }
+
+    fn take_down(&mut self, server: &str, out: &mut Vec<Action>) {
+        let step = self.plan.down_step();
+        self.run_step(server, step, 1, out);
+    }
+
+    /// Once the run has ended, servers it left out of service (a chain failed after taking
+    /// them down) are brought back on what they run now: restart and verify, or only verify
+    /// when that is what failed. A restore that fails is shown, not retried forever.
+    fn restore(&mut self, out: &mut Vec<Action>) {
+        let restoring = self
+            .servers
+            .values()
+            .filter(|p| {
+                p.direction == Direction::Restore && matches!(p.phase, ServerPhase::InFlight { .. })
+            })
+            .count();
+        let mut slots = (self.plan.parallelism as usize).saturating_sub(restoring);
+        let candidates: Vec<(String, Step)> = self
+            .plan
+            .servers()
+            .filter_map(|s| {
+                let p = self.servers.get(s)?;
+                match &p.phase {
+                    ServerPhase::Failed { step, .. }
+                        if step.takes_down() && p.direction != Direction::Restore =>
+                    {
+                        let first = if *step == Step::Verify {
+                            Step::Verify
+                        } else {
+                            Step::Restart
+                        };
+                        Some((s.clone(), first))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        for (server, step) in candidates {
+            if slots == 0 {
+                break;
+            }
+            self.set_phase(&server, ServerPhase::Pending, Direction::Restore);
+            out.push(self.server_record(
+                "restore_started",
+                &server,
+                "bringing it back into service on what it runs now".to_string(),
+            ));
+            self.run_step(&server, step, 1, out);
+            slots -= 1;
+        }
+        // Prepared servers never went down: nothing to undo.
+        let prepared: Vec<(String, Direction)> = self
+            .servers
+            .iter()
+            .filter(|(_, p)| p.phase == ServerPhase::Prepared)
+            .map(|(s, p)| (s.clone(), p.direction))
+            .collect();
+        for (server, direction) in prepared {
+            self.set_phase(&server, ServerPhase::Pending, direction);
         }
     }
 
@@ -761,6 +1028,7 @@ impl Upgrade {
         out.push(Action::RunStep {
             server: server.to_string(),
             step,
+            direction,
             op_id,
             attempt,
         });
@@ -811,11 +1079,11 @@ fn describe(event: &Event) -> String {
             server,
             step,
             attempt,
-            ok,
-            ..
-        } => format!("{step} result for {server} (attempt {attempt}, ok: {ok})"),
+            outcome,
+        } => format!("{step} result for {server} (attempt {attempt}): {outcome:?}"),
         Event::FailoverDone { ok, .. } => format!("failover result (ok: {ok})"),
         Event::SoakDone => "soak end".to_string(),
+        Event::Internal { message } => format!("internal error: {message}"),
         Event::Pause { by } => format!("pause by {by}"),
         Event::Resume { by } => format!("resume by {by}"),
         Event::Abort { by } => format!("abort by {by}"),

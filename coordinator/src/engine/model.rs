@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// One step of a server chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
+    /// Fetch and verify what the chain will install (forward), or check that a rollback can
+    /// run (backward), while the server still serves: nothing goes down for a bad artifact.
+    Prepare,
     Drain,
     Stop,
     Install,
@@ -20,6 +23,7 @@ pub enum Step {
 impl Step {
     pub fn name(&self) -> &'static str {
         match self {
+            Step::Prepare => "prepare",
             Step::Drain => "drain",
             Step::Stop => "stop",
             Step::Install => "install",
@@ -29,17 +33,23 @@ impl Step {
         }
     }
 
-    /// The step after this one in a chain of `direction`, `None` after Verify.
+    /// The step after this one in a chain of `direction`; `None` after Verify. Prepare is
+    /// followed by the readiness gate, not by a step: see [`ServerPhase::Prepared`].
     pub fn next(self, direction: Direction) -> Option<Step> {
-        match self {
-            Step::Drain | Step::Stop => Some(match direction {
-                Direction::Forward => Step::Install,
-                Direction::Backward => Step::Rollback,
-            }),
-            Step::Install | Step::Rollback => Some(Step::Restart),
-            Step::Restart => Some(Step::Verify),
-            Step::Verify => None,
+        match (self, direction) {
+            (Step::Prepare, _) => None,
+            (Step::Drain | Step::Stop, Direction::Backward) => Some(Step::Rollback),
+            (Step::Drain | Step::Stop, _) => Some(Step::Install),
+            (Step::Install | Step::Rollback, _) => Some(Step::Restart),
+            (Step::Restart, _) => Some(Step::Verify),
+            (Step::Verify, _) => None,
         }
+    }
+
+    /// Whether a server is out of service from the moment this step starts until its chain
+    /// ends (everything but Prepare).
+    pub fn takes_down(self) -> bool {
+        self != Step::Prepare
     }
 }
 
@@ -49,12 +59,14 @@ impl std::fmt::Display for Step {
     }
 }
 
-/// Forward installs the plan's version; Backward rolls back to the previous one.
+/// Forward installs the plan's version; Backward rolls back to the previous one; Restore brings
+/// a server that a failed or aborted chain left out of service back on whatever it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     Forward,
     Backward,
+    Restore,
 }
 
 impl Direction {
@@ -63,6 +75,15 @@ impl Direction {
         match self {
             Direction::Forward => "fwd",
             Direction::Backward => "bwd",
+            Direction::Restore => "rst",
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Backward => "backward",
+            Direction::Restore => "restore",
         }
     }
 }
@@ -71,9 +92,26 @@ impl Direction {
 #[serde(rename_all = "snake_case")]
 pub enum ServerPhase {
     Pending,
-    InFlight { step: Step, attempt: u32 },
+    /// The step was sent (its state stored first) and its answer is awaited.
+    InFlight {
+        step: Step,
+        attempt: u32,
+    },
+    /// Prepare succeeded; the server waits for the readiness gate before it goes down.
+    Prepared,
+    /// The step was sent but no answer came (agent unreachable past the step's deadline): the
+    /// server may be down, the upgrade is paused, and Resume asks the agent again with the
+    /// same operation id.
+    Unanswered {
+        step: Step,
+        attempt: u32,
+        message: String,
+    },
     Done,
-    Failed { step: Step, message: String },
+    Failed {
+        step: Step,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +120,25 @@ pub struct ServerProgress {
     /// The pass this phase belongs to. A Forward server that is Pending while the upgrade rolls
     /// back was never touched and is left alone.
     pub direction: Direction,
+}
+
+impl ServerProgress {
+    /// Why this server is out of service because of this upgrade and not being worked on,
+    /// if it is: a chain that took it down failed, or its answer never came.
+    pub fn out_of_service(&self) -> Option<String> {
+        match &self.phase {
+            ServerPhase::Failed { step, message } if step.takes_down() => {
+                Some(match self.direction {
+                    Direction::Restore => format!("could not be restored ({step}): {message}"),
+                    d => format!("{} chain failed at {step}: {message}", d.name()),
+                })
+            }
+            ServerPhase::Unanswered { step, message, .. } if step.takes_down() => {
+                Some(format!("{step} outcome unknown: {message}"))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The pool-wide readiness answer (`Get-CsPoolUpgradeReadinessState`).
@@ -115,8 +172,8 @@ pub enum Status {
 }
 
 impl Status {
-    /// Completed, Aborted, Failed or RolledBack. In-flight chains may still be finishing; see
-    /// [`Upgrade::is_terminal`] for "nothing will ever happen again".
+    /// Completed, Aborted, Failed or RolledBack. In-flight chains (and restores) may still be
+    /// finishing; see [`Upgrade::is_terminal`] for "nothing will ever happen again".
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
@@ -164,19 +221,16 @@ impl std::fmt::Display for Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DomainPhase {
-    /// Gated on readiness; `busy_answers` counts Busy (or not-ReadyForUpgrade) answers so far.
-    WaitingReady {
-        busy_answers: u32,
-    },
+    /// Servers of the current domain are prepared, gated on readiness one by one, and run.
+    InProgress,
     /// The failover hook runs; its answer is always outstanding in this phase.
     FailingOver,
-    InProgress,
     /// The canary domain is done; the soak timer runs.
     Soaking,
 }
 
-/// The whole engine state. It is serialized after every transition so a new leader resumes
-/// from it.
+/// The whole engine state. It is stored after every transition that leads to an action, before
+/// the action, so a new leader resumes from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Upgrade {
     pub plan: Plan,
@@ -190,15 +244,40 @@ pub struct Upgrade {
     pub failed_over: bool,
     /// The domain index of the readiness check whose answer is awaited, if any. Readiness
     /// answers carry no domain, so the engine keeps at most one check outstanding and uses this
-    /// to drop an answer meant for a domain it has since left (a rollback can leave a domain
-    /// that was still being asked about).
+    /// to drop an answer meant for a domain it has since left.
     #[serde(default)]
     pub readiness_outstanding: Option<usize>,
+    /// Busy (or not-ReadyForUpgrade) answers in a row at the current gate.
+    #[serde(default)]
+    pub busy_answers: u32,
     /// How many times the upgrade was resumed. A failed server retried on Resume uses attempt
     /// `server_retries + 1 + resume_count`, so every retry gets a fresh operation id and the
     /// agent's journal cannot answer it with the previous failure.
     #[serde(default)]
     pub resume_count: u32,
+}
+
+/// How a step ended, as far as the coordinator knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The agent ran it and it worked.
+    Succeeded { message: String },
+    /// The agent ran it (or refused it) and it did not work.
+    Failed { message: String },
+    /// No answer: the agent could not be reached for longer than the step's deadline, or the
+    /// coordinator's own task failed. The step may have run; nothing is assumed.
+    Unknown { message: String },
+}
+
+impl Outcome {
+    pub fn message(&self) -> &str {
+        match self {
+            Outcome::Succeeded { message }
+            | Outcome::Failed { message }
+            | Outcome::Unknown { message } => message,
+        }
+    }
 }
 
 /// What the driver feeds back.
@@ -216,14 +295,18 @@ pub enum Event {
         server: String,
         step: Step,
         attempt: u32,
-        ok: bool,
-        message: String,
+        outcome: Outcome,
     },
     FailoverDone {
         ok: bool,
         message: String,
     },
     SoakDone,
+    /// Something the driver cannot turn into an answer (e.g. one of its tasks failed): the
+    /// upgrade pauses with `message` instead of waiting forever.
+    Internal {
+        message: String,
+    },
     Pause {
         by: String,
     },
@@ -242,8 +325,9 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    /// Wait `after`, compute the pool's readiness and whether `domain` is ReadyForUpgrade, feed
-    /// `Event::Readiness`.
+    /// Wait `after`, compute the pool's readiness and whether `domain` is ReadyForUpgrade (the
+    /// plan's servers in flight counted as down), feed `Event::Readiness`. Asked before every
+    /// server goes down.
     CheckReadiness {
         domain: String,
         #[serde(with = "humantime_serde")]
@@ -253,6 +337,7 @@ pub enum Action {
     RunStep {
         server: String,
         step: Step,
+        direction: Direction,
         op_id: String,
         attempt: u32,
     },
@@ -270,6 +355,22 @@ pub enum Action {
         domain: Option<String>,
         message: String,
     },
-    /// The upgrade reached a terminal status; emitted exactly once.
+    /// The upgrade reached a terminal status and nothing is in flight; emitted exactly once.
     Finished { status: Status },
+}
+
+impl Action {
+    /// Whether carrying the action out changes something outside the coordinator or commits
+    /// to a wait, so that the state that produced it must be stored first. A readiness check
+    /// asked at once is a read; a record is written with the next stored state.
+    pub fn needs_stored_state(&self) -> bool {
+        match self {
+            Action::RunStep { .. }
+            | Action::Failover { .. }
+            | Action::Soak { .. }
+            | Action::Finished { .. } => true,
+            Action::CheckReadiness { after, .. } => !after.is_zero(),
+            Action::Record { .. } => false,
+        }
+    }
 }

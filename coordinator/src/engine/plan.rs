@@ -10,6 +10,28 @@ pub const DEFAULT_BUSY_RETRY_INTERVAL: Duration = Duration::from_secs(600);
 /// How many Busy answers exhaust the patience (the procedure's "three or more times").
 pub const DEFAULT_BUSY_RETRIES: u32 = 3;
 
+/// Upper bounds of every duration and count in a plan. A plan beyond them is refused when it
+/// is started, and a stored one found beyond them pauses instead of running: no value in a
+/// plan can crash a coordinator or hold a pool for years.
+pub mod bounds {
+    use std::time::Duration;
+
+    /// drain_timeout, verify_stable, verify_timeout and busy_retry_interval.
+    pub const MAX_STEP_WAIT: Duration = Duration::from_secs(24 * 3600);
+    /// canary_soak.
+    pub const MAX_CANARY_SOAK: Duration = Duration::from_secs(7 * 24 * 3600);
+    /// busy_retries.
+    pub const MAX_BUSY_RETRIES: u32 = 100;
+    /// server_retries.
+    pub const MAX_SERVER_RETRIES: u32 = 20;
+    /// parallelism.
+    pub const MAX_PARALLELISM: u32 = 10_000;
+    /// version, sha256 and the names in a plan.
+    pub const MAX_NAME_LEN: usize = 128;
+    /// artifact and rollback_artifact (a path or URL).
+    pub const MAX_ARTIFACT_LEN: usize = 4096;
+}
+
 /// How a server stops taking traffic before it is patched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -91,6 +113,22 @@ pub struct Plan {
     pub canary_soak: Option<Duration>,
     #[serde(default)]
     pub paired_pool: Option<String>,
+    /// Active servers the pool keeps, fixed when the plan starts (a later config change does
+    /// not move it mid-upgrade). `None` only in plans stored by older versions.
+    #[serde(default)]
+    pub min_active: Option<u32>,
+    /// The artifact of the version the servers ran before this plan, for servers whose
+    /// version was installed outside rollgate (their first managed upgrade): what a rollback
+    /// installs when the agent has no previous artifact of its own.
+    #[serde(default)]
+    pub rollback_artifact: Option<RollbackArtifact>,
+}
+
+/// Where the previous version's artifact is, and its sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackArtifact {
+    pub artifact: String,
+    pub sha256: String,
 }
 
 fn default_parallelism() -> u32 {
@@ -138,19 +176,101 @@ pub enum PlanError {
     VerifyStableExceedsTimeout { stable: Duration, timeout: Duration },
     #[error("on_exhausted = failover needs paired_pool to be set")]
     FailoverWithoutPairedPool,
+    #[error(
+        "{field} ({}) exceeds its upper bound of {}",
+        humantime::format_duration(*.value),
+        humantime::format_duration(*.max)
+    )]
+    DurationTooLong {
+        field: &'static str,
+        value: Duration,
+        max: Duration,
+    },
+    #[error("{field} ({value}) exceeds its upper bound of {max}")]
+    CountTooLarge {
+        field: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("{field} is {len} characters long; at most {max} are allowed")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("sha256 {0:?} is not 64 hex digits")]
+    BadSha256(String),
 }
 
 impl Plan {
-    /// Checks everything the engine relies on; the engine never runs an invalid plan.
+    /// Checks everything the engine relies on, bounds included; the engine never launches a
+    /// step of an invalid plan.
     pub fn validate(&self) -> Result<(), PlanError> {
-        for (field, value) in [
-            ("id", &self.id),
-            ("pool", &self.pool),
-            ("version", &self.version),
-            ("sha256", &self.sha256),
+        use bounds::*;
+        for (field, value, max) in [
+            ("id", &self.id, MAX_NAME_LEN * 2),
+            ("pool", &self.pool, MAX_NAME_LEN),
+            ("version", &self.version, MAX_NAME_LEN),
+            ("artifact", &self.artifact, MAX_ARTIFACT_LEN),
         ] {
             if value.trim().is_empty() {
                 return Err(PlanError::EmptyField { field });
+            }
+            if value.len() > max {
+                return Err(PlanError::TooLong {
+                    field,
+                    len: value.len(),
+                    max,
+                });
+            }
+        }
+        check_sha256(&self.sha256)?;
+        if let Some(r) = &self.rollback_artifact {
+            if r.artifact.trim().is_empty() {
+                return Err(PlanError::EmptyField {
+                    field: "rollback_artifact",
+                });
+            }
+            if r.artifact.len() > MAX_ARTIFACT_LEN {
+                return Err(PlanError::TooLong {
+                    field: "rollback_artifact",
+                    len: r.artifact.len(),
+                    max: MAX_ARTIFACT_LEN,
+                });
+            }
+            check_sha256(&r.sha256)?;
+        }
+        let mut waits = vec![
+            ("verify_stable", self.verify_stable, MAX_STEP_WAIT),
+            ("verify_timeout", self.verify_timeout, MAX_STEP_WAIT),
+            (
+                "busy_retry_interval",
+                self.busy_retry_interval,
+                MAX_STEP_WAIT,
+            ),
+        ];
+        if let DrainMode::Graceful { timeout } = self.drain {
+            waits.push(("drain_timeout", timeout, MAX_STEP_WAIT));
+        }
+        if let Some(soak) = self.canary_soak {
+            waits.push(("canary_soak", soak, MAX_CANARY_SOAK));
+        }
+        for (field, value, max) in waits {
+            if value > max {
+                return Err(PlanError::DurationTooLong { field, value, max });
+            }
+        }
+        for (field, value, max) in [
+            ("parallelism", self.parallelism, MAX_PARALLELISM),
+            ("busy_retries", self.busy_retries, MAX_BUSY_RETRIES),
+            ("server_retries", self.server_retries, MAX_SERVER_RETRIES),
+        ] {
+            if value > max {
+                return Err(PlanError::CountTooLarge {
+                    field,
+                    value: u64::from(value),
+                    max: u64::from(max),
+                });
             }
         }
         if self.domains.is_empty() {
@@ -210,12 +330,17 @@ impl Plan {
         self.paired_pool.as_deref().filter(|p| !p.trim().is_empty())
     }
 
-    /// The first step of every server chain, forward or backward.
-    pub fn first_step(&self) -> super::Step {
+    /// The step that takes a server down, forward or backward.
+    pub fn down_step(&self) -> super::Step {
         match self.drain {
             DrainMode::Graceful { .. } => super::Step::Drain,
             DrainMode::Immediate => super::Step::Stop,
         }
+    }
+
+    /// The servers of every domain, in plan order.
+    pub fn servers(&self) -> impl Iterator<Item = &String> {
+        self.domains.iter().flat_map(|d| d.servers.iter())
     }
 
     /// Index of the domain holding `server`.
@@ -224,4 +349,11 @@ impl Plan {
             .iter()
             .position(|d| d.servers.iter().any(|s| s == server))
     }
+}
+
+fn check_sha256(sha: &str) -> Result<(), PlanError> {
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(PlanError::BadSha256(sha.chars().take(80).collect()));
+    }
+    Ok(())
 }

@@ -130,7 +130,9 @@ impl Sim {
                     op_id,
                     ..
                 } => {
-                    if post.servers.get(server).map(|p| p.direction) == Some(Direction::Forward) {
+                    if post.servers.get(server).map(|p| p.direction) == Some(Direction::Forward)
+                        && step.takes_down()
+                    {
                         self.world.touched.insert(server.clone());
                     }
                     if *step == Step::Install {
@@ -158,9 +160,21 @@ impl Sim {
         self.world.events += 1;
         check_transition(&snapshot, &event, &post, &actions, &self.world)?;
         for a in &actions {
-            if let Action::RunStep { op_id, .. } = a {
+            if let Action::RunStep {
+                op_id,
+                server,
+                step,
+                attempt,
+                ..
+            } = a
+            {
+                // Only a step whose answer never came is sent again, under its own id.
+                let reissue = matches!(
+                    snapshot.servers.get(server).map(|p| &p.phase),
+                    Some(ServerPhase::Unanswered { step: s, attempt: n, .. }) if s == step && n == attempt
+                );
                 prop_assert!(
-                    self.world.op_ids.insert(op_id.clone()),
+                    self.world.op_ids.insert(op_id.clone()) || reissue,
                     "operation id {} reused",
                     op_id
                 );
@@ -189,6 +203,7 @@ impl Sim {
                     step,
                     op_id,
                     attempt,
+                    ..
                 } => {
                     let p = &loaded.servers[server];
                     prop_assert_eq!(
@@ -230,21 +245,45 @@ fn step_of(up: &Upgrade, server: &str) -> Option<(Step, u32)> {
 
 fn check_state(up: &Upgrade) -> Result<(), TestCaseError> {
     let plan = &up.plan;
-    prop_assert!(
-        up.in_flight() <= plan.parallelism as usize,
-        "in_flight {} > parallelism",
-        up.in_flight()
-    );
+    let mut down = 0;
+    let mut preparing = 0;
     for (name, p) in &up.servers {
-        if matches!(p.phase, ServerPhase::InFlight { .. }) {
+        let (in_flight, takes_down) = match &p.phase {
+            ServerPhase::InFlight { step, .. } => (true, step.takes_down()),
+            ServerPhase::Unanswered { step, .. } => (false, step.takes_down()),
+            ServerPhase::Prepared => (false, false),
+            _ => continue,
+        };
+        if p.direction == Direction::Restore {
+            prop_assert!(up.status.is_terminal(), "{} restored before the end", name);
+            continue;
+        }
+        if takes_down {
+            down += 1;
+        } else {
+            preparing += 1;
+        }
+        if in_flight || p.phase == ServerPhase::Prepared {
             prop_assert_eq!(
                 plan.domain_of(name),
                 Some(up.domain_index),
-                "{} in flight outside the current domain",
+                "{} worked on outside the current domain",
                 name
             );
         }
     }
+    prop_assert!(
+        down <= plan.parallelism as usize,
+        "{} servers down > parallelism {}",
+        down,
+        plan.parallelism
+    );
+    prop_assert!(
+        preparing <= plan.parallelism as usize,
+        "{} servers preparing > parallelism {}",
+        preparing,
+        plan.parallelism
+    );
     for (d, domain) in plan.domains.iter().enumerate() {
         for s in &domain.servers {
             let p = &up.servers[s];
@@ -293,13 +332,34 @@ fn check_state(up: &Upgrade) -> Result<(), TestCaseError> {
             prop_assert!(
                 up.servers.values().all(|p| {
                     (p.direction == Direction::Backward && p.phase == ServerPhase::Done)
-                        || (p.direction == Direction::Forward && p.phase == ServerPhase::Pending)
+                        || (p.direction == Direction::Forward
+                            && matches!(
+                                p.phase,
+                                ServerPhase::Pending
+                                    | ServerPhase::InFlight {
+                                        step: Step::Prepare,
+                                        ..
+                                    }
+                            ))
                 }),
                 "rolled back with a server in between: {:?}",
                 up.servers
             );
         }
         _ => {}
+    }
+    if up.is_terminal() {
+        // Nothing this upgrade took down is left failed and unrestored.
+        for (name, p) in &up.servers {
+            if let ServerPhase::Failed { step, .. } = &p.phase {
+                prop_assert!(
+                    !step.takes_down() || p.direction == Direction::Restore,
+                    "{} left out of service without a restore: {:?}",
+                    name,
+                    p
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -326,10 +386,19 @@ fn check_transition(
         "left a terminal status"
     );
     if pre.status.is_terminal() {
-        prop_assert!(
-            post.in_flight() <= pre.in_flight(),
-            "launched after the end"
-        );
+        // After the end, only chains already in flight go on, and restores start.
+        for a in actions {
+            if let Action::RunStep {
+                direction, server, ..
+            } = a
+            {
+                prop_assert!(
+                    *direction == Direction::Restore || step_of(pre, server).is_some(),
+                    "{} launched after the end",
+                    server
+                );
+            }
+        }
     }
     let finished: Vec<&Status> = actions
         .iter()
@@ -349,8 +418,8 @@ fn check_transition(
     }
     if pre.direction == post.direction {
         match post.direction {
-            Direction::Forward => prop_assert!(post.domain_index >= pre.domain_index),
             Direction::Backward => prop_assert!(post.domain_index <= pre.domain_index),
+            _ => prop_assert!(post.domain_index >= pre.domain_index),
         }
     } else {
         prop_assert_eq!(
@@ -371,6 +440,7 @@ fn check_transition(
             Action::RunStep {
                 server,
                 step,
+                direction,
                 op_id,
                 attempt,
             } => {
@@ -380,33 +450,23 @@ fn check_transition(
                     server
                 );
                 prop_assert_eq!(
-                    post.plan.domain_of(server),
-                    Some(post.domain_index),
-                    "{} outside the current domain",
-                    server
-                );
-                prop_assert_eq!(
                     step_of(post, server),
                     Some((*step, *attempt)),
                     "{} not in flight on its step",
                     server
                 );
-                let direction = post.servers[server].direction;
-                prop_assert_eq!(direction, post.direction);
-                let forward_in_flight = post.servers.values().any(|p| {
-                    p.direction == Direction::Forward
-                        && matches!(p.phase, ServerPhase::InFlight { .. })
-                });
-                prop_assert!(
-                    direction == Direction::Forward || !forward_in_flight,
-                    "backward step for {} while a forward step is in flight",
-                    server
-                );
+                prop_assert_eq!(*direction, post.servers[server].direction);
                 prop_assert_eq!(
                     op_id,
-                    &Upgrade::op_id(&post.plan.id, server, direction, *step, *attempt)
+                    &Upgrade::op_id(&post.plan.id, server, *direction, *step, *attempt)
                 );
+                let pre_phase = pre.servers.get(server).map(|p| p.phase.clone());
                 match direction {
+                    Direction::Restore => {
+                        prop_assert!(post.status.is_terminal(), "restore before the end");
+                        prop_assert!(matches!(step, Step::Restart | Step::Verify));
+                        continue;
+                    }
                     Direction::Forward => prop_assert!(*step != Step::Rollback),
                     Direction::Backward => {
                         prop_assert!(*step != Step::Install);
@@ -417,9 +477,34 @@ fn check_transition(
                         );
                     }
                 }
+                prop_assert_eq!(
+                    post.plan.domain_of(server),
+                    Some(post.domain_index),
+                    "{} outside the current domain",
+                    server
+                );
+                // The procedure's per-server ReadyForUpgrade: a prepared server goes down only
+                // on a Ready answer (or with the traffic on the paired pool).
+                if pre_phase == Some(ServerPhase::Prepared) {
+                    let ready = matches!(
+                        event,
+                        Event::Readiness {
+                            state: PoolState::Ready,
+                            domain_ready: true,
+                            ..
+                        }
+                    );
+                    prop_assert!(
+                        ready || post.failed_over,
+                        "{} went down without a Ready answer (event {:?})",
+                        server,
+                        event
+                    );
+                }
                 let continuation = step_of(pre, server).is_some();
+                let reissue = matches!(pre_phase, Some(ServerPhase::Unanswered { .. }));
                 prop_assert!(
-                    continuation || post.status.is_active(),
+                    continuation || reissue || post.status.is_active(),
                     "{} launched while {:?} (event {:?})",
                     server,
                     post.status,
@@ -435,7 +520,12 @@ fn check_transition(
                     event
                 );
                 prop_assert_eq!(post.readiness_outstanding, Some(post.domain_index));
-                prop_assert_eq!(post.in_flight(), 0, "readiness asked while chains run");
+                prop_assert!(
+                    post.servers
+                        .values()
+                        .any(|p| p.phase == ServerPhase::Prepared),
+                    "readiness asked with nobody waiting to go down"
+                );
                 prop_assert_eq!(Some(domain.as_str()), post.current_domain());
                 prop_assert!(!post.failed_over);
             }
@@ -479,8 +569,17 @@ fn answer(action: &Action, dice: &mut Dice, hostile: bool) -> Option<Event> {
             server: server.clone(),
             step: *step,
             attempt: *attempt,
-            ok: !matches!(roll(8), Some(0)),
-            message: "sim".into(),
+            outcome: match roll(16) {
+                Some(0 | 1) => Outcome::Failed {
+                    message: "sim".into(),
+                },
+                Some(2) => Outcome::Unknown {
+                    message: "sim".into(),
+                },
+                _ => Outcome::Succeeded {
+                    message: "sim".into(),
+                },
+            },
         },
         Action::Failover { .. } => Event::FailoverDone {
             ok: !matches!(roll(5), Some(0)),
@@ -508,6 +607,7 @@ fn operator(roll: u32) -> Event {
 fn junk(up: &Upgrade, dice: &mut Dice) -> Event {
     let mut roll = |n| dice.roll(n).unwrap_or(0);
     let steps = [
+        Step::Prepare,
         Step::Drain,
         Step::Stop,
         Step::Install,
@@ -521,10 +621,17 @@ fn junk(up: &Upgrade, dice: &mut Dice) -> Event {
             names.push("ghost".into());
             Event::StepDone {
                 server: names[roll(names.len() as u32) as usize].clone(),
-                step: steps[roll(6) as usize],
+                step: steps[roll(7) as usize],
                 attempt: roll(4),
-                ok: roll(2) == 0,
-                message: "junk".into(),
+                outcome: if roll(2) == 0 {
+                    Outcome::Succeeded {
+                        message: "junk".into(),
+                    }
+                } else {
+                    Outcome::Failed {
+                        message: "junk".into(),
+                    }
+                },
             }
         }
         1 => Event::Readiness {

@@ -121,7 +121,34 @@ pub struct Leadership {
     pub lease_id: i64,
 }
 
-/// A store: etcd or embedded. Cheap to clone.
+/// A store implemented outside this module, with the same contract as [`Store`]'s methods:
+/// the deterministic simulation's, which loses and delays answers on purpose.
+#[tonic::async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// See [`Store::get`].
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// See [`Store::range`].
+    async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError>;
+    /// See [`Store::campaign`].
+    async fn campaign(
+        &self,
+        me: &Candidate,
+        ttl: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Leadership, StoreError>;
+    /// See [`Store::leader`].
+    async fn leader(&self) -> Result<Option<LeaderInfo>, StoreError>;
+    /// See [`Store::fenced_write`].
+    async fn fenced_write(
+        &self,
+        leadership: &Leadership,
+        ops: Vec<WriteOp>,
+    ) -> Result<i64, StoreError>;
+    /// See [`Store::resign`].
+    async fn resign(&self, leadership: &Leadership) -> Result<(), StoreError>;
+}
+
+/// A store: etcd or embedded (or another [`Backend`]). Cheap to clone.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // a handful per process; boxing buys nothing
 pub enum Store {
@@ -129,6 +156,8 @@ pub enum Store {
     Etcd(EtcdStore),
     /// A local file, for a single coordinator.
     Embedded(EmbeddedStore),
+    /// Any other backend (the deterministic simulation's).
+    Dyn(std::sync::Arc<dyn Backend>),
 }
 
 impl Store {
@@ -137,6 +166,7 @@ impl Store {
         match self {
             Store::Etcd(s) => s.get(key).await,
             Store::Embedded(s) => s.get(key),
+            Store::Dyn(s) => s.get(key).await,
         }
     }
 
@@ -145,6 +175,7 @@ impl Store {
         match self {
             Store::Etcd(s) => s.range(prefix).await,
             Store::Embedded(s) => s.range(prefix),
+            Store::Dyn(s) => s.range(prefix).await,
         }
     }
 
@@ -159,6 +190,7 @@ impl Store {
         match self {
             Store::Etcd(s) => s.campaign(me, ttl, cancel).await,
             Store::Embedded(s) => s.campaign(me, ttl, cancel),
+            Store::Dyn(s) => s.campaign(me, ttl, cancel).await,
         }
     }
 
@@ -167,6 +199,7 @@ impl Store {
         match self {
             Store::Etcd(s) => s.leader().await,
             Store::Embedded(s) => s.leader(),
+            Store::Dyn(s) => s.leader().await,
         }
     }
 
@@ -180,6 +213,7 @@ impl Store {
         match self {
             Store::Etcd(s) => s.fenced_write(leadership, ops).await,
             Store::Embedded(s) => s.fenced_write(leadership, ops),
+            Store::Dyn(s) => s.fenced_write(leadership, ops).await,
         }
     }
 
@@ -189,6 +223,7 @@ impl Store {
         match self {
             Store::Etcd(s) => s.resign(leadership).await,
             Store::Embedded(s) => s.resign(leadership),
+            Store::Dyn(s) => s.resign(leadership).await,
         }
     }
 }

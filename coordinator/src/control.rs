@@ -1,0 +1,517 @@
+//! The leader-side use cases, in domain terms and with typed errors: start an upgrade (plan
+//! defaults are resolved here, once), pause / resume / abort / rollback, status and watch,
+//! readiness and inventory, failover and failback, the event history, who leads. The gRPC
+//! adapter (`api`) only converts wire types to these and [`ControlError`] to a status.
+
+use crate::config::{PoolConfig, PoolSpec};
+use crate::driver::{self, Command, DriveError};
+use crate::engine::{
+    Action, Domain, DrainMode, Event, ExhaustedAction, FailureAction, Plan, RollbackArtifact,
+    Upgrade, DEFAULT_BUSY_RETRIES, DEFAULT_BUSY_RETRY_INTERVAL,
+};
+use crate::node::Node;
+use crate::progress::{self, EventRecord, ProgressError, UpgradeRecord};
+use crate::readiness::PoolReadiness;
+use crate::store::{LeaderInfo, Leadership};
+use rollgate_common::Epoch;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// Plan defaults: what an unset field of a start request becomes. The one place they live.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// How long a graceful drain waits for connections to close.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Servers of one domain down at once.
+    pub const PARALLELISM: u32 = 1;
+    /// How long a server must stay good after its restart.
+    pub const VERIFY_STABLE: Duration = Duration::from_secs(5);
+    /// How long verify may try.
+    pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(120);
+    /// Extra attempts for a failed step.
+    pub const SERVER_RETRIES: u32 = 1;
+}
+
+/// How a server stops taking traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainKind {
+    Graceful,
+    /// A declared outage: stop at once.
+    Immediate,
+}
+
+/// A start request in domain terms: `None` takes the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartRequest {
+    pub pool: String,
+    pub version: String,
+    pub artifact: String,
+    pub sha256: String,
+    pub drain: Option<DrainKind>,
+    pub drain_timeout: Option<Duration>,
+    pub parallelism: Option<u32>,
+    pub verify_stable: Option<Duration>,
+    pub verify_timeout: Option<Duration>,
+    pub busy_retry_interval: Option<Duration>,
+    pub busy_retries: Option<u32>,
+    pub on_exhausted: Option<ExhaustedAction>,
+    pub server_retries: Option<u32>,
+    pub on_failure: Option<FailureAction>,
+    pub domain_order: Vec<String>,
+    /// Unset or zero: no canary.
+    pub canary_soak: Option<Duration>,
+    pub rollback_artifact: Option<RollbackArtifact>,
+    pub dry_run: bool,
+}
+
+/// An operator's command to a running upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeCommand {
+    Pause,
+    Resume,
+    Abort,
+    Rollback,
+}
+
+/// Why a use case could not be carried out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    /// The request is malformed or out of bounds; nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The pool is not configured.
+    #[error("unknown pool {0:?}")]
+    UnknownPool(String),
+    /// This node does not lead; the leader (if any) is elsewhere.
+    #[error("this coordinator is not the leader; {}", match .leader {
+        Some(l) => format!("the leader is {} at {} (epoch {})", l.id, l.address, l.epoch),
+        None => "no leader is elected right now; retry shortly".to_string(),
+    })]
+    NotLeader { leader: Option<LeaderInfo> },
+    /// This node won the election and is taking over (fencing agents, resuming upgrades).
+    #[error("this coordinator is taking over leadership (epoch {epoch}); retry shortly")]
+    TakingOver { epoch: Epoch },
+    /// An upgrade is already running on the pool.
+    #[error("an upgrade ({plan}) is already running on pool {pool}; pause, abort or wait for it")]
+    AlreadyRunning { plan: String, pool: String },
+    /// There is no running upgrade to act on.
+    #[error("no upgrade is running on pool {0}")]
+    NoUpgrade(String),
+    /// The store failed.
+    #[error("store: {message}")]
+    Store { message: String, retryable: bool },
+    /// Leadership was lost while handling the call; the next leader will answer.
+    #[error("leadership lost while handling the call: {0}")]
+    LeadershipLost(String),
+    /// A failover or failback hook failed.
+    #[error("{0}")]
+    Hook(String),
+}
+
+impl ControlError {
+    /// True when the same call may succeed if tried again shortly (against the leader).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ControlError::TakingOver { .. } | ControlError::LeadershipLost(_) => true,
+            ControlError::NotLeader { leader } => leader.is_none(),
+            ControlError::Store { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+}
+
+impl From<ProgressError> for ControlError {
+    fn from(e: ProgressError) -> Self {
+        ControlError::Store {
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<DriveError> for ControlError {
+    fn from(e: DriveError) -> Self {
+        match e {
+            DriveError::LeadershipLost(m) => ControlError::LeadershipLost(m),
+        }
+    }
+}
+
+/// An upgrade to follow: a live one (the leader's driver), or the stored state once.
+#[derive(Debug)]
+pub enum Watched {
+    Live(watch::Receiver<Option<Upgrade>>),
+    Once(Option<Upgrade>),
+}
+
+/// Who leads, as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderView {
+    pub leader: Option<LeaderInfo>,
+    pub this_id: String,
+    pub this_is_leader: bool,
+}
+
+/// The use cases, over one node.
+#[derive(Debug, Clone)]
+pub struct Control {
+    node: Arc<Node>,
+}
+
+impl Control {
+    pub fn new(node: Arc<Node>) -> Control {
+        Control { node }
+    }
+
+    /// The node this serves.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    fn pool(&self, name: &str) -> Result<&PoolConfig, ControlError> {
+        if name.is_empty() {
+            return Err(ControlError::Invalid(
+                "pool: a pool name is required".into(),
+            ));
+        }
+        self.node
+            .cfg
+            .pool(name)
+            .ok_or_else(|| ControlError::UnknownPool(name.into()))
+    }
+
+    /// The leadership to act under, or why this node cannot act now.
+    async fn lead(&self) -> Result<Leadership, ControlError> {
+        if let Some(l) = self.node.leadership() {
+            return Ok(l);
+        }
+        if let Some(epoch) = self.node.taking_over() {
+            return Err(ControlError::TakingOver { epoch });
+        }
+        match self.node.env.store.leader().await {
+            // The store names this node, but it does not lead (yet, or any more): never point
+            // a client at itself; tell it to retry.
+            Ok(Some(l)) if l.id == self.node.cfg.id => {
+                Err(ControlError::TakingOver { epoch: l.epoch })
+            }
+            Ok(leader) => Err(ControlError::NotLeader { leader }),
+            Err(e) => Err(ControlError::Store {
+                message: format!("cannot read who leads: {e}"),
+                retryable: true,
+            }),
+        }
+    }
+
+    /// The state of `pool`'s upgrade: the leader's live driver, else the store.
+    pub async fn upgrade(&self, pool: &str) -> Result<Option<Upgrade>, ControlError> {
+        self.pool(pool)?;
+        if self.node.leadership().is_some() {
+            if let Some(h) = self.node.driver(pool) {
+                if let Some(u) = h.status.borrow().clone() {
+                    return Ok(Some(u));
+                }
+            }
+        }
+        Ok(progress::load_upgrade(&self.node.env.store, pool)
+            .await?
+            .map(|r| r.upgrade))
+    }
+
+    /// The upgrade to follow: live on the leader.
+    pub async fn watch(&self, pool: &str) -> Result<Watched, ControlError> {
+        self.pool(pool)?;
+        self.lead().await?;
+        match self.node.driver(pool) {
+            Some(h) => Ok(Watched::Live(h.status)),
+            None => Ok(Watched::Once(self.upgrade(pool).await?)),
+        }
+    }
+
+    /// Resolves a start request into a plan: defaults, the pool's domains as configured now
+    /// (fixed for the plan's life), the requested order, `min_active`, bounds.
+    pub fn resolve_plan(&self, r: &StartRequest) -> Result<Plan, ControlError> {
+        let pool = self.pool(&r.pool)?;
+        let spec = pool.spec();
+        let invalid = ControlError::Invalid;
+        if r.version.trim().is_empty() {
+            return Err(invalid("version: the target version is required".into()));
+        }
+        if r.artifact.trim().is_empty() {
+            return Err(invalid("artifact: a path or URL is required".into()));
+        }
+        let drain = match r.drain.unwrap_or(DrainKind::Graceful) {
+            DrainKind::Graceful => DrainMode::Graceful {
+                timeout: r.drain_timeout.unwrap_or(defaults::DRAIN_TIMEOUT),
+            },
+            DrainKind::Immediate => DrainMode::Immediate,
+        };
+        let on_exhausted = r
+            .on_exhausted
+            .clone()
+            .unwrap_or(if pool.paired_pool.is_some() {
+                ExhaustedAction::Failover
+            } else {
+                ExhaustedAction::Pause
+            });
+        let mut domains: Vec<Domain> = spec
+            .domains
+            .iter()
+            .map(|(name, servers)| Domain {
+                name: name.clone(),
+                servers: servers.clone(),
+            })
+            .collect();
+        if !r.domain_order.is_empty() {
+            let mut ordered = Vec::new();
+            for name in &r.domain_order {
+                let i = domains
+                    .iter()
+                    .position(|d| &d.name == name)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "domain_order: pool {} has no upgrade domain {name:?}",
+                            r.pool
+                        ))
+                    })?;
+                ordered.push(domains.remove(i));
+            }
+            if !domains.is_empty() {
+                let left: Vec<_> = domains.iter().map(|d| d.name.clone()).collect();
+                return Err(invalid(format!(
+                    "domain_order: leaves out domain(s) {}",
+                    left.join(", ")
+                )));
+            }
+            domains = ordered;
+        }
+        let plan = Plan {
+            id: format!("{}-{}", r.pool, self.node.env.clock.wall_ms()),
+            pool: r.pool.clone(),
+            version: r.version.clone(),
+            artifact: r.artifact.clone(),
+            sha256: r.sha256.trim().to_ascii_lowercase(),
+            drain,
+            parallelism: r.parallelism.unwrap_or(defaults::PARALLELISM),
+            verify_stable: r.verify_stable.unwrap_or(defaults::VERIFY_STABLE),
+            verify_timeout: r.verify_timeout.unwrap_or(defaults::VERIFY_TIMEOUT),
+            busy_retry_interval: r.busy_retry_interval.unwrap_or(DEFAULT_BUSY_RETRY_INTERVAL),
+            busy_retries: r.busy_retries.unwrap_or(DEFAULT_BUSY_RETRIES),
+            on_exhausted,
+            server_retries: r.server_retries.unwrap_or(defaults::SERVER_RETRIES),
+            on_failure: r.on_failure.clone().unwrap_or_default(),
+            domains,
+            canary_soak: r.canary_soak.filter(|d| !d.is_zero()),
+            paired_pool: pool.paired_pool.clone(),
+            min_active: Some(u32::try_from(spec.min_active).unwrap_or(u32::MAX)),
+            rollback_artifact: r.rollback_artifact.clone().map(|mut a| {
+                a.sha256 = a.sha256.trim().to_ascii_lowercase();
+                a
+            }),
+        };
+        plan.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(plan)
+    }
+
+    /// Servers that could not be rolled back after this plan: they run a version installed
+    /// outside rollgate (the agent holds no artifact for it) and the plan brings none.
+    fn unrollbackable(&self, plan: &Plan) -> Vec<String> {
+        if plan.rollback_artifact.is_some() {
+            return Vec::new();
+        }
+        let health = self.node.env.agents.health();
+        plan.servers()
+            .filter(|s| {
+                health
+                    .get(*s)
+                    .is_some_and(|h| !h.disconnected && h.installed_sha256.is_empty())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Starts an upgrade (or, with `dry_run`, only resolves its plan). Answers once the
+    /// first state is stored.
+    pub async fn start(&self, r: StartRequest, by: &str) -> Result<Upgrade, ControlError> {
+        let plan = self.resolve_plan(&r)?;
+        if plan.on_failure == FailureAction::Rollback {
+            let stuck = self.unrollbackable(&plan);
+            if !stuck.is_empty() {
+                return Err(ControlError::Invalid(format!(
+                    "on_failure = rollback, but {} run(s) a version installed outside rollgate \
+                     and could not be rolled back; give --rollback-artifact and \
+                     --rollback-sha256 for the version they run",
+                    stuck.join(", ")
+                )));
+            }
+        }
+        if r.dry_run {
+            let (u, _) = Upgrade::new(plan).map_err(|e| ControlError::Invalid(e.to_string()))?;
+            return Ok(u);
+        }
+        let lead = self.lead().await?;
+        let _one_at_a_time = self.node.start_lock.lock().await;
+        let pool = self.pool(&r.pool)?.clone();
+        let next_event = match progress::load_upgrade(&self.node.env.store, &r.pool).await {
+            Ok(Some(stored)) => {
+                let cur = match self.node.driver(&r.pool) {
+                    Some(h) => h.status.borrow().clone().unwrap_or(stored.upgrade.clone()),
+                    None => stored.upgrade.clone(),
+                };
+                if !cur.is_terminal() {
+                    return Err(ControlError::AlreadyRunning {
+                        plan: cur.plan.id,
+                        pool: r.pool,
+                    });
+                }
+                stored.next_event
+            }
+            Ok(None) => 0,
+            // Nothing can be resumed from an unreadable record: a new plan replaces it, and
+            // its history goes on after the last stored event.
+            Err(ProgressError::Unreadable { .. }) => {
+                progress::next_event_after_history(&self.node.env.store, &r.pool).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (u, mut actions) =
+            Upgrade::new(plan).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        actions.insert(
+            0,
+            Action::Record {
+                kind: "upgrade_requested".into(),
+                server: None,
+                domain: None,
+                message: format!(
+                    "{by} asked for version {} on pool {} (plan {})",
+                    u.plan.version, u.plan.pool, u.plan.id
+                ),
+            },
+        );
+        let record = UpgradeRecord {
+            upgrade: u,
+            next_event,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.node
+            .start_driver(&lead, pool, record, actions, false, Some(tx))
+            .map_err(|plan| ControlError::AlreadyRunning {
+                plan,
+                pool: r.pool.clone(),
+            })?;
+        self.node.forget_unreadable(&r.pool);
+        let stored = rx
+            .await
+            .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??;
+        Ok(stored)
+    }
+
+    /// Sends `cmd` to the pool's running upgrade; answers once the resulting state is stored,
+    /// so an acknowledged command survives a leader change.
+    pub async fn command(
+        &self,
+        pool: &str,
+        cmd: UpgradeCommand,
+        by: &str,
+    ) -> Result<Upgrade, ControlError> {
+        self.pool(pool)?;
+        self.lead().await?;
+        let h = self
+            .node
+            .driver(pool)
+            .filter(|h| !h.ended.is_cancelled())
+            .ok_or_else(|| ControlError::NoUpgrade(pool.into()))?;
+        let by = by.to_string();
+        let event = match cmd {
+            UpgradeCommand::Pause => Event::Pause { by },
+            UpgradeCommand::Resume => Event::Resume { by },
+            UpgradeCommand::Abort => Event::Abort { by },
+            UpgradeCommand::Rollback => Event::Rollback { by },
+        };
+        let (tx, rx) = oneshot::channel();
+        h.commands
+            .send(Command { event, reply: tx })
+            .await
+            .map_err(|_| ControlError::NoUpgrade(pool.into()))?;
+        Ok(rx
+            .await
+            .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??)
+    }
+
+    /// The pool's readiness now, and whether its traffic is on its paired pool. While an
+    /// upgrade runs, the plan's domains are shown and its servers in flight count as down.
+    pub async fn readiness(&self, pool: &str) -> Result<(PoolReadiness, bool), ControlError> {
+        let cfg = self.pool(pool)?.clone();
+        let current = self.upgrade(pool).await?;
+        let (spec, down, running) = match current.as_ref().filter(|u| !u.is_terminal()) {
+            Some(u) => (
+                PoolSpec::for_plan(&u.plan, Some(&cfg)),
+                u.down_servers().into_iter().collect(),
+                u.in_flight() > 0,
+            ),
+            None => (cfg.spec(), BTreeSet::new(), false),
+        };
+        let r = driver::evaluate(&self.node.env, &spec, &down, running);
+        let failed_over = progress::load_failover(&self.node.env.store, pool)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|f| f.failed_over);
+        Ok((r, failed_over))
+    }
+
+    /// Every configured pool's readiness.
+    pub async fn inventory(&self) -> Result<Vec<(PoolReadiness, bool)>, ControlError> {
+        let mut out = Vec::new();
+        for p in &self.node.cfg.pools {
+            out.push(self.readiness(&p.name).await?);
+        }
+        Ok(out)
+    }
+
+    /// Fails the pool over to its paired pool (or back) at an operator's request.
+    pub async fn failover(&self, pool: &str, over: bool, by: &str) -> Result<String, ControlError> {
+        let cfg = self.pool(pool)?.clone();
+        let lead = self.lead().await?;
+        let paired = cfg.paired_pool.clone().ok_or_else(|| {
+            ControlError::Invalid(format!("pool {pool} has no paired_pool to fail over to"))
+        })?;
+        driver::fail_over(&self.node.env, &lead, &cfg, &paired, over, by)
+            .await
+            .map_err(ControlError::Hook)
+    }
+
+    /// The newest `limit` events of a pool (100 when 0).
+    pub async fn events(&self, pool: &str, limit: u32) -> Result<Vec<EventRecord>, ControlError> {
+        self.pool(pool)?;
+        let limit = if limit == 0 { 100 } else { limit as usize };
+        Ok(progress::load_events(&self.node.env.store, pool, limit).await?)
+    }
+
+    /// Who leads.
+    pub async fn leader(&self) -> Result<LeaderView, ControlError> {
+        let leader = self
+            .node
+            .env
+            .store
+            .leader()
+            .await
+            .map_err(|e| ControlError::Store {
+                retryable: e.is_retryable(),
+                message: e.to_string(),
+            })?;
+        let mine = self.node.leadership();
+        Ok(LeaderView {
+            this_is_leader: matches!((&leader, mine), (Some(l), Some(m)) if m.epoch == l.epoch),
+            leader,
+            this_id: self.node.cfg.id.clone(),
+        })
+    }
+
+    /// Why `pool`'s stored upgrade cannot be shown, if the leader found it unreadable.
+    pub fn unreadable(&self, pool: &str) -> Option<String> {
+        self.node.unreadable(pool)
+    }
+}

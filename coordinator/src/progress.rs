@@ -1,0 +1,214 @@
+//! What the coordinator keeps in the store about upgrades, as typed records, and the key
+//! layout: one place that knows both, so no other module builds a key or parses a value.
+//!
+//! Layout (relative to the store's prefix):
+//!
+//! | key | value |
+//! |---|---|
+//! | `upgrades/<pool>` | [`UpgradeRecord`]: the engine state and the next event number |
+//! | `events/<pool>/<seq, 12 digits>` | [`EventRecord`]: one entry of the history |
+//! | `pools/<pool>/failover` | [`FailoverRecord`]: whether the pool's traffic is on its pair |
+//!
+//! Writes are built here as [`WriteOp`]s and applied by the caller in one fenced transaction.
+
+use crate::engine::Upgrade;
+use crate::store::{Store, StoreError, WriteOp};
+use serde::{Deserialize, Serialize};
+
+/// The store key of a pool's upgrade state.
+pub fn upgrade_key(pool: &str) -> String {
+    format!("upgrades/{pool}")
+}
+
+/// The store prefix of a pool's event history.
+pub fn events_prefix(pool: &str) -> String {
+    format!("events/{pool}/")
+}
+
+/// The store key of one event.
+pub fn event_key(pool: &str, seq: u64) -> String {
+    format!("{}{seq:012}", events_prefix(pool))
+}
+
+/// The store key of a pool's failover flag.
+pub fn failover_key(pool: &str) -> String {
+    format!("pools/{pool}/failover")
+}
+
+/// What is stored for a pool's upgrade: the engine state and the next event number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    /// The engine state.
+    pub upgrade: Upgrade,
+    /// The sequence number the next event record gets.
+    pub next_event: u64,
+}
+
+/// One entry of the durable history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Position in the pool's history.
+    pub seq: u64,
+    /// Wall-clock time (unix ms).
+    pub at_ms: u64,
+    /// The plan it belongs to.
+    pub plan_id: String,
+    /// The leader epoch that wrote it.
+    pub epoch: u64,
+    /// The coordinator that wrote it.
+    pub coordinator: String,
+    /// What happened (e.g. step_succeeded).
+    pub kind: String,
+    /// The server, if any.
+    pub server: String,
+    /// The domain, if any.
+    pub domain: String,
+    /// The detail.
+    pub message: String,
+}
+
+/// Where a pool's traffic is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    /// True while the pool is failed over to its paired pool.
+    pub failed_over: bool,
+    /// The paired pool.
+    pub paired_pool: String,
+    /// Wall-clock time of the change (unix ms).
+    pub at_ms: u64,
+    /// Who asked (an operator, or "upgrade").
+    pub by: String,
+    /// The leader epoch that ran the hook.
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// Why progress could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    /// The store failed; see [`StoreError::is_retryable`].
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored value does not decode: written by an incompatible version or damaged.
+    #[error("stored value at {key} is unreadable: {message}")]
+    Unreadable {
+        /// The key.
+        key: String,
+        /// The decoder's complaint.
+        message: String,
+    },
+}
+
+impl ProgressError {
+    /// True when reading again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProgressError::Store(e) if e.is_retryable())
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, ProgressError> {
+    serde_json::from_slice(bytes).map_err(|e| ProgressError::Unreadable {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // These records hold only strings, numbers, durations and maps with string keys, which
+    // serde_json always encodes; an error here would be a programming error in this module.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The pool's upgrade record, if one was ever stored.
+pub async fn load_upgrade(
+    store: &Store,
+    pool: &str,
+) -> Result<Option<UpgradeRecord>, ProgressError> {
+    let key = upgrade_key(pool);
+    match store.get(&key).await? {
+        Some(kv) => decode(&key, &kv.value).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The next event number for a pool whose upgrade record is unreadable or absent: one past the
+/// last stored event, so that a new plan never overwrites history.
+pub async fn next_event_after_history(store: &Store, pool: &str) -> Result<u64, ProgressError> {
+    let kvs = store.range(&events_prefix(pool)).await?;
+    Ok(kvs
+        .last()
+        .and_then(|kv| kv.key.rsplit('/').next()?.parse::<u64>().ok())
+        .map_or(0, |n| n.saturating_add(1)))
+}
+
+/// The newest `limit` events of a pool, oldest first. Unreadable entries are skipped.
+pub async fn load_events(
+    store: &Store,
+    pool: &str,
+    limit: usize,
+) -> Result<Vec<EventRecord>, ProgressError> {
+    let kvs = store.range(&events_prefix(pool)).await?;
+    let skip = kvs.len().saturating_sub(limit);
+    Ok(kvs
+        .iter()
+        .skip(skip)
+        .filter_map(|kv| decode::<EventRecord>(&kv.key, &kv.value).ok())
+        .collect())
+}
+
+/// Where the pool's traffic is, if it was ever failed over or back.
+pub async fn load_failover(
+    store: &Store,
+    pool: &str,
+) -> Result<Option<FailoverRecord>, ProgressError> {
+    let key = failover_key(pool);
+    match store.get(&key).await? {
+        Some(kv) => decode(&key, &kv.value).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The writes that store `record` and `events` together.
+pub fn upgrade_writes(record: &UpgradeRecord, events: &[EventRecord]) -> Vec<WriteOp> {
+    let pool = &record.upgrade.plan.pool;
+    let mut ops = Vec::with_capacity(events.len() + 1);
+    ops.push(WriteOp::Put {
+        key: upgrade_key(pool),
+        value: encode(record),
+    });
+    for e in events {
+        ops.push(WriteOp::Put {
+            key: event_key(pool, e.seq),
+            value: encode(e),
+        });
+    }
+    ops
+}
+
+/// The write that records where `pool`'s traffic is.
+pub fn failover_write(pool: &str, record: &FailoverRecord) -> WriteOp {
+    WriteOp::Put {
+        key: failover_key(pool),
+        value: encode(record),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_keys_sort_by_sequence() {
+        let mut keys: Vec<String> = [10, 2, 100, 1].iter().map(|n| event_key("p", *n)).collect();
+        keys.sort();
+        assert_eq!(keys[0], "events/p/000000000001");
+        assert_eq!(keys[3], "events/p/000000000100");
+    }
+
+    #[test]
+    fn unreadable_values_name_their_key() {
+        let err = decode::<FailoverRecord>("pools/p/failover", b"{not json").unwrap_err();
+        assert!(err.to_string().contains("pools/p/failover"), "{err}");
+        assert!(!err.is_retryable());
+    }
+}
