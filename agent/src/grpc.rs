@@ -142,6 +142,7 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         epoch: h.epoch.get(),
         observed_at_ms: h.observed_at_ms,
         detail: h.detail.clone(),
+        ..Default::default()
     }
 }
 
@@ -312,7 +313,7 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
-        let stable = Self::ms(r.stable_ms, self.core.cfg.service.verify_stable);
+        let stable = r.stable_ms.map_or(self.core.cfg.service.verify_stable, Duration::from_millis);
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.verify_timeout);
         if stable > timeout {
             return Err(Status::invalid_argument(format!(

@@ -237,7 +237,7 @@ impl Driver {
         reconcile: bool,
     ) -> Result<(), DriveError> {
         self.collect_records(&actions);
-        if reply.is_some() || actions.iter().any(Action::needs_stored_state) {
+        if reply.is_some() || must_store(&actions) {
             if let Err(e) = self.store_now().await {
                 if let Some(r) = reply {
                     let _ = r.send(Err(e.clone()));
@@ -384,6 +384,17 @@ impl Driver {
             }
         }
     }
+}
+
+/// Whether the state that produced `actions` must be stored before they are carried out. The
+/// one transition that may wait is a server prepared and the gate asked at once (a read): it is
+/// stored with the next one, which saves a write per server on the critical path. Every other
+/// transition is stored, including one with nothing to do next (a pause, a failure).
+fn must_store(actions: &[Action]) -> bool {
+    let read_only_gate = actions
+        .iter()
+        .any(|a| matches!(a, Action::CheckReadiness { after, .. } if after.is_zero()));
+    !read_only_gate || actions.iter().any(Action::needs_stored_state)
 }
 
 fn panic_message(e: JoinError) -> String {

@@ -1,6 +1,7 @@
 //! The coordinator end to end: real coordinators (embedded store or real etcd), real agents, real
 //! sample front ends, a client load watching from outside, mTLS everywhere.
 
+use rollgate_proto::operator::names;
 use anyhow::{bail, ensure, Context};
 use rollgate_common::tls::{RoleKind, TlsFiles};
 use rollgate_proto::agent::v1 as apb;
@@ -48,10 +49,10 @@ fn start_req(pool: &str, artifact: &Path, sha: &str) -> pb::StartUpgradeRequest 
         version: "2.0".into(),
         artifact: artifact.display().to_string(),
         sha256: sha.into(),
-        verify_stable_ms: 300,
-        verify_timeout_ms: 10_000,
-        busy_retry_interval_ms: 300,
-        drain_timeout_ms: 20_000,
+        verify_stable_ms: Some(300),
+        verify_timeout_ms: Some(10_000),
+        busy_retry_interval_ms: Some(300),
+        drain_timeout_ms: Some(20_000),
         ..Default::default()
     }
 }
@@ -90,7 +91,7 @@ fn ended(s: &pb::UpgradeStatus) -> bool {
     matches!(
         s.status.as_str(),
         "completed" | "aborted" | "failed" | "rolled_back"
-    ) && s.servers.iter().all(|x| x.phase != "in_flight")
+    ) && s.servers.iter().all(|x| names::server_phase(x.phase) != "in_flight")
 }
 
 /// Every agent's journal: the epochs it accepted, in the order it accepted them, never decrease.
@@ -172,8 +173,8 @@ async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load(
                     .domains
                     .iter()
                     .flat_map(|d| &d.servers)
-                    .all(|s| s.version == "2.0" && s.state == "serving");
-                (r.state == "Ready" && all).then_some(())
+                    .all(|s| s.version == "2.0" && names::server_state(s.state) == "serving");
+                (names::readiness_state(r.state) == "Ready" && all).then_some(())
             }
         },
     )
@@ -236,7 +237,7 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
         })
         .await?
         .into_inner();
-    let r = if r.state == "Busy" {
+    let r = if names::readiness_state(r.state) == "Busy" {
         r
     } else {
         eventually("Busy", Duration::from_secs(10), || {
@@ -249,7 +250,7 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
                     .await
                     .ok()?
                     .into_inner();
-                (r.state == "Busy").then_some(r)
+                (names::readiness_state(r.state) == "Busy").then_some(r)
             }
         })
         .await?
@@ -257,11 +258,11 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
     assert!(r.reason.contains("fe-2 reports busy"), "{r:?}");
     let t0 = Instant::now();
     c.start_upgrade(pb::StartUpgradeRequest {
-        on_exhausted: "pause".into(),
+        on_exhausted: pb::ExhaustedAction::Pause as i32,
         ..start_req("pool-a", &artifact, &sha)
     })
     .await?;
-    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| s.status == "paused").await?;
+    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| names::upgrade_state(s.status) == "paused").await?;
     assert!(
         t0.elapsed() >= Duration::from_millis(600),
         "two waits of the busy retry interval come before the third answer"
@@ -293,7 +294,7 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
 
     // Abort: the same, but the upgrade ends aborted.
     c.start_upgrade(pb::StartUpgradeRequest {
-        on_exhausted: "abort".into(),
+        on_exhausted: pb::ExhaustedAction::Abort as i32,
         ..start_req("pool-a", &artifact, &sha)
     })
     .await?;
@@ -361,7 +362,7 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
                     .await
                     .ok()?
                     .into_inner();
-                (r.state == "InsufficientActiveFrontEnds").then_some(r)
+                (names::readiness_state(r.state) == "InsufficientActiveFrontEnds").then_some(r)
             }
         },
     )
@@ -377,11 +378,11 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
     assert_eq!(v["PoolUpgradeState"], "InsufficientActiveFrontEnds");
     let (artifact, sha) = make_artifact(root, "2.0")?;
     c.start_upgrade(pb::StartUpgradeRequest {
-        on_exhausted: "pause".into(),
+        on_exhausted: pb::ExhaustedAction::Pause as i32,
         ..start_req("pool-a", &artifact, &sha)
     })
     .await?;
-    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| s.status == "paused").await?;
+    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| names::upgrade_state(s.status) == "paused").await?;
     assert!(
         s.reason.contains("InsufficientActiveFrontEnds")
             || s.reason.to_lowercase().contains("insufficient"),
@@ -412,9 +413,9 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
     wait_ready(&c, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
     c.start_upgrade(pb::StartUpgradeRequest {
-        on_failure: "rollback".into(),
-        server_retries: 1,
-        verify_timeout_ms: 1_500,
+        on_failure: pb::FailureAction::Rollback as i32,
+        server_retries: Some(1),
+        verify_timeout_ms: Some(1_500),
         ..start_req("pool-a", &artifact, &sha)
     })
     .await?;
@@ -519,7 +520,7 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     let monitor = Monitor::start(ports, LONG);
     let started = lc
         .start_upgrade(pb::StartUpgradeRequest {
-            verify_stable_ms: 800,
+            verify_stable_ms: Some(800),
             ..start_req("pool-a", &artifact, &sha)
         })
         .await?
@@ -527,7 +528,7 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     assert_eq!(started.status, "running");
     // Kill the leader in the middle of the second domain.
     wait_status(&addrs, &op, "pool-a", LONG, |s| {
-        s.domain_index == 1 && s.servers.iter().any(|x| x.phase == "in_flight")
+        s.domain_index == 1 && s.servers.iter().any(|x| names::server_phase(x.phase) == "in_flight")
     })
     .await?;
     let li = coords
@@ -622,12 +623,12 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
     wait_ready(&lc, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
     lc.start_upgrade(pb::StartUpgradeRequest {
-        verify_stable_ms: 1_000,
+        verify_stable_ms: Some(1_000),
         ..start_req("pool-a", &artifact, &sha)
     })
     .await?;
     wait_status(&addrs, &op, "pool-a", LONG, |s| {
-        s.servers.iter().any(|x| x.phase == "in_flight")
+        s.servers.iter().any(|x| names::server_phase(x.phase) == "in_flight")
     })
     .await?;
     // Freeze the leader past its lease: the follower takes over and fences the agents.

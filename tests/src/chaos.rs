@@ -7,6 +7,7 @@
 //! Every coordinator reaches etcd and each agent through its own TCP proxies, so that the
 //! harness can cut one coordinator off from etcd, or from the agents, without touching the rest.
 
+use rollgate_proto::operator::names;
 use crate::cluster::{leader_of, operator_client, CoordinatorProc, Fleet};
 use crate::etcd::{EtcdCluster, TcpProxy};
 use crate::monitor::Monitor;
@@ -165,13 +166,13 @@ impl World {
         let deadline = Instant::now() + Duration::from_secs(8);
         while Instant::now() < deadline {
             if let Some(s) = self.status().await {
-                if s.status != "running" {
+                if names::upgrade_state(s.status) != "running" {
                     return None;
                 }
                 if let Some(x) = s
                     .servers
                     .iter()
-                    .find(|x| x.phase == "in_flight" && x.step == step)
+                    .find(|x| names::server_phase(x.phase) == "in_flight" && names::step(x.step) == step)
                 {
                     return self.fleet.servers.iter().position(|f| f.id == x.server);
                 }
@@ -377,7 +378,7 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
             .ok()?
             .into_inner()
             .state
-                == "Ready")
+                == pb::ReadinessState::Ready as i32)
                 .then_some(())
         }
     })
@@ -389,12 +390,12 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
         version: "2.0".into(),
         artifact: artifact.display().to_string(),
         sha256: sha,
-        verify_stable_ms: 400,
-        verify_timeout_ms: 20_000,
-        drain_timeout_ms: 30_000,
-        busy_retry_interval_ms: 1_000,
-        busy_retries: 30,
-        server_retries: 3,
+        verify_stable_ms: Some(400),
+        verify_timeout_ms: Some(20_000),
+        drain_timeout_ms: Some(30_000),
+        busy_retry_interval_ms: Some(1_000),
+        busy_retries: Some(30),
+        server_retries: Some(3),
         ..Default::default()
     })
     .await
@@ -417,7 +418,7 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
             let w = &w;
             async move {
                 w.status().await.filter(|s| {
-                    s.status != "running" && s.servers.iter().all(|x| x.phase != "in_flight")
+                    names::upgrade_state(s.status) != "running" && s.servers.iter().all(|x| names::server_phase(x.phase) != "in_flight")
                 })
             }
         },
@@ -427,7 +428,7 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
     let report = monitor.stop().await;
     let ctx = || format!("seed {seed}, faults {done:?}");
     ensure!(
-        end.status == "completed",
+        names::upgrade_state(end.status) == "completed",
         "{}: the upgrade ended {} ({})",
         ctx(),
         end.status,
@@ -482,7 +483,7 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
                     .domains
                     .iter()
                     .flat_map(|d| &d.servers)
-                    .all(|s| s.state == "serving" && s.version == "2.0");
+                    .all(|s| names::server_state(s.state) == "serving" && s.version == "2.0");
                 if all {
                     return Some(());
                 }
@@ -500,7 +501,7 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
         seed,
         faults: done,
         took,
-        status: end.status,
+        status: names::upgrade_state(end.status),
         served: report.served,
         refused: report.refused,
     })

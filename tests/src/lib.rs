@@ -9,6 +9,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod etcd;
 pub mod monitor;
+pub mod sim;
 
 use anyhow::{anyhow, bail, Context};
 use rollgate_common::pki::Ca;

@@ -5,6 +5,7 @@
 //! Watch stream open and one front end probed every report interval. Build with
 //! `cargo build --release --workspace --bins` and run with ROLLGATE_BIN_DIR=target/release.
 
+use rollgate_proto::operator::names;
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use rollgate_common::tls::RoleKind;
@@ -377,9 +378,9 @@ async fn overhead(
             version: "2.0".into(),
             artifact: artifact.display().to_string(),
             sha256: sha,
-            parallelism: u32::try_from(per_domain_servers)?,
-            verify_stable_ms: u64::try_from(verify_stable.as_millis())?,
-            verify_timeout_ms: u64::try_from(verify_stable.as_millis())? + 30_000,
+            parallelism: Some(u32::try_from(per_domain_servers)?),
+            verify_stable_ms: Some(u64::try_from(verify_stable.as_millis())?),
+            verify_timeout_ms: Some(u64::try_from(verify_stable.as_millis())? + 30_000),
             ..Default::default()
         })
         .await?;
@@ -394,12 +395,12 @@ async fn overhead(
                         .await
                         .ok()?
                         .into_inner();
-                    (s.status != "running").then_some(s)
+                    (names::upgrade_state(s.status) != "running").then_some(s)
                 }
             })
             .await?;
         anyhow::ensure!(
-            end.status == "completed",
+            names::upgrade_state(end.status) == "completed",
             "upgrade ended {}: {}",
             end.status,
             end.reason

@@ -4,6 +4,7 @@
 //! keeps opening and holding connections. The `rollgate` CLI starts the rolling upgrade and
 //! watches it live; a final readiness table shows every server on the new version.
 
+use rollgate_proto::operator::names;
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use rollgate_common::tls::RoleKind;
@@ -153,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .ok()?
                 .into_inner();
-            (r.state == "Ready").then_some(())
+            (names::readiness_state(r.state) == "Ready").then_some(())
         }
     })
     .await?;
@@ -215,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
                 r.domains
                     .iter()
                     .flat_map(|d| &d.servers)
-                    .all(|s| s.version == "2.0" && s.state == "serving")
+                    .all(|s| s.version == "2.0" && names::server_state(s.state) == "serving")
                     .then_some(())
             }
         },

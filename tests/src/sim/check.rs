@@ -1,0 +1,218 @@
+//! The invariants, checked at every step of a simulated run (DESIGN.md and
+//! `shared/reference/reliability.md` §7):
+//!
+//! - **I1** at most one upgrade domain out of service at a time: when a server goes down, every
+//!   other server the upgrade has down is in the same domain;
+//! - **I2** never fewer than `min_active` active servers because of the upgrade: when a server
+//!   goes down, the others still active number at least `min_active` (unless the pool is failed
+//!   over, or a fault outside rollgate's control just made a server inactive);
+//! - **I3** no server left out of service at the end unless the upgrade lists it with a reason;
+//! - **I4** each server installed at most once per plan and direction (exactly once when the
+//!   upgrade completed);
+//! - **I5** a deposed leader's commands are refused: each agent accepts epochs in
+//!   non-decreasing order, and elections only raise the epoch;
+//! - **I6** progress survives: the run ends within its time bound after the faults stop;
+//! - **I7** store writes are fenced: every commit carries the epoch of the lease holder;
+//! - **store before acting**: an agent never admits an operation that no stored state put in
+//!   flight, a failover hook never runs before the stored state says so, and every state the
+//!   control layer acknowledges (start, pause, abort, rollback) is a stored one.
+
+use rollgate_coordinator::engine::{DomainPhase, ServerPhase, Status, Upgrade};
+use rollgate_coordinator::progress::UpgradeRecord;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Collects violations; a run passes when there are none.
+#[derive(Debug, Default)]
+pub struct Checker {
+    domain_of: BTreeMap<String, String>,
+    min_active: usize,
+    pub violations: Vec<String>,
+    /// Operation ids some stored state put in flight.
+    committed_ops: BTreeSet<String>,
+    /// Every stored upgrade state (as JSON), to recognise acknowledged ones.
+    committed_states: BTreeSet<String>,
+    /// The last stored upgrade.
+    pub last: Option<UpgradeRecord>,
+    last_epoch_elected: i64,
+    last_accepted: BTreeMap<String, u64>,
+    fenced: BTreeMap<String, u64>,
+    /// Counters for the report.
+    pub commits: u64,
+    pub admissions: u64,
+    pub downs: u64,
+}
+
+impl Checker {
+    pub fn new(servers: &[(String, usize)], min_active: usize) -> Checker {
+        Checker {
+            domain_of: servers
+                .iter()
+                .map(|(s, d)| (s.clone(), format!("ud-{d}")))
+                .collect(),
+            min_active,
+            ..Checker::default()
+        }
+    }
+
+    fn violate(&mut self, what: String) {
+        if self.violations.len() < 20 {
+            self.violations.push(what);
+        }
+    }
+
+    /// A store commit of `key` by the holder of `epoch` (the store checked the fence).
+    pub fn on_commit(&mut self, key: &str, value: &[u8], epoch: u64) {
+        self.commits += 1;
+        if epoch == 0 {
+            self.violate(format!("I7: unfenced write of {key}"));
+        }
+        if !key.starts_with("upgrades/") {
+            return;
+        }
+        let record: UpgradeRecord = match serde_json::from_slice(value) {
+            Ok(r) => r,
+            Err(e) => {
+                self.violate(format!("stored upgrade does not decode: {e}"));
+                return;
+            }
+        };
+        let up = &record.upgrade;
+        for (server, p) in &up.servers {
+            if let ServerPhase::InFlight { step, attempt } = p.phase {
+                self.committed_ops.insert(Upgrade::op_id(
+                    &up.plan.id,
+                    server,
+                    p.direction,
+                    step,
+                    attempt,
+                ));
+            }
+        }
+        if let Ok(json) = serde_json::to_string(up) {
+            self.committed_states.insert(json);
+        }
+        self.last = Some(record);
+    }
+
+    pub fn on_elected(&mut self, epoch: i64) {
+        if epoch <= self.last_epoch_elected {
+            self.violate(format!(
+                "I5: epoch {epoch} elected after epoch {}",
+                self.last_epoch_elected
+            ));
+        }
+        self.last_epoch_elected = epoch;
+    }
+
+    pub fn on_fence(&mut self, server: &str, epoch: u64) {
+        let e = self.fenced.entry(server.to_string()).or_default();
+        *e = (*e).max(epoch);
+    }
+
+    /// An agent admits a new run of `op_id` at `epoch`.
+    pub fn on_admit(
+        &mut self,
+        server: &str,
+        op_id: &str,
+        epoch: u64,
+        _before: super::world::Svc,
+        _takes_down: bool,
+    ) {
+        self.admissions += 1;
+        if !self.committed_ops.contains(op_id) {
+            self.violate(format!(
+                "store before acting: {server} admitted {op_id} (epoch {epoch}) that no stored \
+                 state put in flight"
+            ));
+        }
+        let last = self.last_accepted.get(server).copied().unwrap_or_default();
+        if epoch < last {
+            self.violate(format!(
+                "I5: {server} accepted epoch {epoch} after epoch {last}"
+            ));
+        }
+        self.last_accepted
+            .insert(server.to_string(), last.max(epoch));
+        if self.fenced.get(server).is_some_and(|f| epoch < *f) {
+            self.violate(format!(
+                "I5: {server} accepted epoch {epoch} after being fenced at a newer one"
+            ));
+        }
+    }
+
+    /// `server` goes out of service by `op_id`; `active` are the other servers active now,
+    /// `down` the other servers out of service.
+    pub fn on_down(
+        &mut self,
+        server: &str,
+        op_id: &str,
+        active: &[String],
+        down: &[String],
+        recent_fault: bool,
+        ms: u64,
+    ) {
+        self.downs += 1;
+        let failed_over = self.last.as_ref().is_some_and(|r| r.upgrade.failed_over);
+        if !failed_over && !recent_fault && active.len() < self.min_active {
+            self.violate(format!(
+                "I2 at {ms} ms: {op_id} takes {server} down with only {} other server(s) \
+                 active ({}), min_active {}",
+                active.len(),
+                active.join(", "),
+                self.min_active
+            ));
+        }
+        let mine = self.domain_of.get(server).cloned();
+        let others: Vec<&String> = down
+            .iter()
+            .filter(|s| self.domain_of.get(*s) != mine.as_ref())
+            .collect();
+        if !others.is_empty() {
+            self.violate(format!(
+                "I1 at {ms} ms: {op_id} takes {server} ({}) down while {:?} of other domains \
+                 are down",
+                mine.unwrap_or_default(),
+                others
+            ));
+        }
+    }
+
+    pub fn on_complete(&mut self, _server: &str, _op_id: &str, _ok: bool) {}
+
+    /// The failover hook ran for the leader at `epoch`.
+    pub fn on_hook(&mut self, pool: &str, over: bool, epoch: u64) {
+        let failing_over = self.last.as_ref().is_some_and(|r| {
+            r.upgrade.plan.pool == pool && r.upgrade.domain_phase == DomainPhase::FailingOver
+        });
+        if over && !failing_over {
+            self.violate(format!(
+                "store before acting: the failover hook ran (epoch {epoch}) before a stored \
+                 state said to fail over"
+            ));
+        }
+    }
+
+    /// The control layer acknowledged `what` with `up`: it must be a stored state.
+    pub fn on_ack(&mut self, what: &str, up: &Upgrade) {
+        let stored = serde_json::to_string(up)
+            .map(|j| self.committed_states.contains(&j))
+            .unwrap_or(false);
+        if !stored {
+            self.violate(format!(
+                "store before acting: {what} was acknowledged with a state that was never stored \
+                 ({})",
+                up.status
+            ));
+        }
+        let ok = match what {
+            "pause" => {
+                matches!(up.status, Status::Paused { .. }) || up.status.is_terminal()
+            }
+            "abort" => up.status.is_terminal(),
+            _ => true,
+        };
+        if !ok {
+            self.violate(format!("{what} acknowledged but the state is {}", up.status));
+        }
+    }
+}

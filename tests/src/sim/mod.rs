@@ -1,0 +1,596 @@
+//! The deterministic simulation of the coordinator (in the spirit of FoundationDB's simulator
+//! and TigerBeetle's VOPR): the real `node`, `control`, `driver`, `engine`, `progress` and
+//! `readiness` code of several coordinators, against a simulated store, simulated agents and
+//! services and a simulated failover hook ([`world`]), on one thread with tokio's paused clock.
+//! One seed drives every choice (the pool, the plan, the service behaviour, every fault and its
+//! moment), so a seed replays exactly; [`check`] holds the invariants, checked at every step.
+//!
+//! A run: three coordinators elect a leader; an operator starts an upgrade (and sometimes
+//! pauses, resumes, aborts or rolls it back); for the chaos phase faults strike: leader crashes
+//! at await points (before or after a call takes effect), leaders frozen past their lease,
+//! partitions from the store or from the agents, lost and late answers, agent crashes, steps
+//! slower than any deadline, readiness flaps, bad versions, stuck drains, failing installs.
+//! Then everything heals, the operator resumes a paused upgrade (or aborts it), and the run must
+//! end with the invariants intact.
+
+pub mod check;
+pub mod rng;
+pub mod world;
+
+use rng::Rng;
+use rollgate_coordinator::config::{
+    CoordinatorConfig, MinActive, PoolConfig, ServerConfig, StoreConfig,
+};
+use rollgate_coordinator::control::{Control, ControlError, StartRequest, UpgradeCommand};
+use rollgate_coordinator::engine::{ExhaustedAction, FailureAction, RollbackArtifact, Status};
+use rollgate_coordinator::env::Env;
+use rollgate_coordinator::node::Node;
+use rollgate_coordinator::store::Store;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use world::{lock, Behaviour, CallFaults, Shared, SimAgents, SimClock, SimHooks, SimStore, World};
+
+/// What a run is allowed to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long faults strike (virtual time).
+    pub chaos: Duration,
+    /// Mean time between scheduled faults.
+    pub fault_every: Duration,
+    /// Faults at await points.
+    pub call_faults: CallFaults,
+    /// After the chaos, how long the run may take to end before it counts as stuck.
+    pub end_within: Duration,
+    /// Keep every traced line in the report (replaying one seed).
+    pub verbose: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            chaos: Duration::from_secs(120),
+            fault_every: Duration::from_secs(10),
+            call_faults: CallFaults {
+                crash_before: 0.004,
+                crash_after: 0.004,
+                lost_answer: 0.01,
+                fail: 0.01,
+                late: 0.02,
+            },
+            end_within: Duration::from_secs(3600),
+            verbose: false,
+        }
+    }
+}
+
+/// How one seed went.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub seed: u64,
+    /// Invariant violations (empty: the run passed).
+    pub violations: Vec<String>,
+    /// The upgrade's final status.
+    pub outcome: String,
+    /// A hash of everything that happened, in order: two runs of one seed must agree.
+    pub trace: u64,
+    /// Steps taken (store commits, agent operations, faults).
+    pub steps: u64,
+    /// Virtual time the run took.
+    pub virtual_time: Duration,
+    /// The scheduled faults, in order.
+    pub faults: Vec<String>,
+    /// Store commits, agent admissions, servers taken down.
+    pub commits: u64,
+    pub admissions: u64,
+    pub downs: u64,
+    /// Every traced line (with `Options::verbose`).
+    pub lines: Vec<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// The pool and plan a seed draws.
+struct Setup {
+    servers: Vec<(String, usize)>,
+    min_active: usize,
+    request: StartRequest,
+    behaviour: Behaviour,
+    coordinators: usize,
+}
+
+fn setup(rng: &mut Rng) -> Setup {
+    let n = 3 + rng.below(6) as usize;
+    let domains = 2 + rng.below(3.min(n as u64 - 1)) as usize;
+    let servers: Vec<(String, usize)> = (1..=n)
+        .map(|i| (format!("fe-{i}"), (i - 1) % domains + 1))
+        .collect();
+    let biggest = n.div_ceil(domains);
+    let min_active = (n - biggest).saturating_sub(rng.below(2) as usize).max(1);
+    let pick = |rng: &mut Rng, p: f64, servers: &[(String, usize)]| {
+        rng.chance(p)
+            .then(|| rng.pick(servers).map(|(s, _)| s.clone()))
+            .flatten()
+    };
+    let behaviour = Behaviour {
+        bad_version_on: pick(rng, 0.15, &servers),
+        stuck_drain_on: pick(rng, 0.1, &servers),
+        failing_install: pick(rng, 0.15, &servers).map(|s| (s, 1 + rng.below(3) as u32)),
+        outside_install_on: pick(rng, 0.15, &servers),
+        slow_step: if rng.chance(0.3) { 0.05 } else { 0.0 },
+    };
+    let secs = |rng: &mut Rng, lo: u64, hi: u64| {
+        Some(rng.between(Duration::from_secs(lo), Duration::from_secs(hi)))
+    };
+    let request = StartRequest {
+        pool: "pool-a".into(),
+        version: "2.0".into(),
+        artifact: "https://repo.invalid/fe-2.0.tar.gz".into(),
+        sha256: "ab".repeat(32),
+        drain_timeout: secs(rng, 5, 20),
+        parallelism: Some(1 + rng.below(2) as u32),
+        verify_stable: secs(rng, 0, 3),
+        verify_timeout: secs(rng, 10, 30),
+        busy_retry_interval: secs(rng, 1, 10),
+        busy_retries: Some(2 + rng.below(3) as u32),
+        on_exhausted: Some(match rng.below(3) {
+            0 => ExhaustedAction::Failover,
+            1 => ExhaustedAction::Pause,
+            _ => ExhaustedAction::Abort,
+        }),
+        server_retries: Some(rng.below(3) as u32),
+        on_failure: Some(if rng.chance(0.4) {
+            FailureAction::Rollback
+        } else {
+            FailureAction::Pause
+        }),
+        canary_soak: if rng.chance(0.2) {
+            secs(rng, 5, 30)
+        } else {
+            None
+        },
+        ..StartRequest::default()
+    };
+    Setup {
+        servers,
+        min_active,
+        request,
+        behaviour,
+        coordinators: 3,
+    }
+}
+
+fn config(id: &str, setup: &Setup, ttl: Duration) -> CoordinatorConfig {
+    CoordinatorConfig {
+        id: id.into(),
+        listen: ([127, 0, 0, 1], 0).into(),
+        advertise: Some(format!("{id}.sim.invalid:7100")),
+        store: StoreConfig::Etcd {
+            endpoints: vec!["http://sim.invalid:2379".into()],
+            prefix: "/sim/".into(),
+            election_ttl: ttl,
+        },
+        tls: None,
+        insecure: true,
+        lost_after: Duration::from_secs(2),
+        stabilization: Duration::ZERO,
+        shutdown_grace: Duration::from_secs(1),
+        log_format: Default::default(),
+        log_level: "off".into(),
+        pools: vec![PoolConfig {
+            name: "pool-a".into(),
+            min_active: MinActive::Count(setup.min_active as u32),
+            upgrade_domains: None,
+            paired_pool: Some("pool-b".into()),
+            failover: vec!["true".into()],
+            failback: vec!["true".into()],
+            hook_timeout: Duration::from_secs(10),
+            servers: setup
+                .servers
+                .iter()
+                .map(|(s, d)| ServerConfig {
+                    id: s.clone(),
+                    agent: format!("{s}.sim.invalid:7200"),
+                    upgrade_domain: Some(format!("ud-{d}")),
+                })
+                .collect(),
+        }],
+    }
+}
+
+/// Starts a new life of coordinator `c`: a fresh process with nothing but its config.
+fn spawn_node(w: &Shared, c: usize, cfg: &Arc<CoordinatorConfig>) -> Arc<Node> {
+    let life = {
+        let mut w = lock(w);
+        let co = &mut w.coords[c];
+        co.life += 1;
+        co.alive = true;
+        co.restart_at = None;
+        co.frozen_until = None;
+        co.life
+    };
+    let env = Env {
+        me: cfg.id.clone(),
+        store: Store::Dyn(Arc::new(SimStore {
+            w: Arc::clone(w),
+            coord: c,
+            life,
+        })),
+        agents: Arc::new(SimAgents {
+            w: Arc::clone(w),
+            coord: c,
+            life,
+        }),
+        hooks: Arc::new(SimHooks { w: Arc::clone(w) }),
+        clock: Arc::new(SimClock { w: Arc::clone(w) }),
+        lost_after: cfg.lost_after,
+        stabilization: cfg.stabilization,
+    };
+    let node = Node::new(Arc::clone(cfg), env);
+    // Dropped with the runtime at the end of the run, like a killed process.
+    tokio::spawn(Arc::clone(&node).lead_loop(CancellationToken::new()));
+    node
+}
+
+type Nodes = Arc<std::sync::Mutex<Vec<Arc<Node>>>>;
+
+fn leader(nodes: &Nodes) -> Option<Control> {
+    let nodes = nodes.lock().unwrap_or_else(|p| p.into_inner());
+    nodes
+        .iter()
+        .find(|n| n.leadership().is_some())
+        .map(|n| Control::new(Arc::clone(n)))
+}
+
+/// Keeps leases and restarts crashed coordinators; heals everything when the chaos ends.
+async fn supervise(w: Shared, nodes: Nodes, cfgs: Vec<Arc<CoordinatorConfig>>, chaos_end: Instant) {
+    let mut healed = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = Instant::now();
+        let restart: Vec<usize> = {
+            let mut w = lock(&w);
+            if !healed && now >= chaos_end {
+                healed = true;
+                w.chaos = false;
+                for co in &mut w.coords {
+                    co.frozen_until = None;
+                    co.store_cut_until = None;
+                    co.agents_cut_until = None;
+                    if !co.alive {
+                        co.restart_at = Some(now);
+                    }
+                }
+                for a in w.agents.values_mut() {
+                    a.crashed_until = None;
+                    a.unhealthy_until = None;
+                    a.busy_until = None;
+                }
+                w.trace("healed");
+            }
+            w.tick_leases();
+            w.coords
+                .iter()
+                .enumerate()
+                .filter(|(_, co)| !co.alive && co.restart_at.is_some_and(|t| now >= t))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        for c in restart {
+            let node = spawn_node(&w, c, &cfgs[c]);
+            lock(&w).trace(&format!("c{c} restarted"));
+            nodes.lock().unwrap_or_else(|p| p.into_inner())[c] = node;
+        }
+    }
+}
+
+/// Strikes scheduled faults until the chaos ends.
+async fn chaos(w: Shared, nodes: Nodes, chaos_end: Instant, every: Duration, log: Arc<std::sync::Mutex<Vec<String>>>) {
+    loop {
+        let wait = {
+            let mut w = lock(&w);
+            w.rng.between(every / 4, every * 7 / 4)
+        };
+        tokio::time::sleep(wait).await;
+        let now = Instant::now();
+        if now >= chaos_end {
+            return;
+        }
+        let leader_idx = {
+            let nodes = nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.iter().position(|n| n.leadership().is_some())
+        };
+        let mut w = lock(&w);
+        let ttl = w.ttl;
+        let n = w.coords.len();
+        let target = leader_idx.unwrap_or_else(|| w.rng.below(n as u64) as usize);
+        let servers: Vec<String> = w.agents.keys().cloned().collect();
+        let what = match w.rng.below(8) {
+            0 | 1 => {
+                let after = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                w.crash(target, after);
+                format!("crash c{target}")
+            }
+            2 => {
+                let d = w.rng.between(ttl + ttl / 2, ttl * 3);
+                w.coords[target].frozen_until = Some(now + d);
+                format!("freeze c{target} for {}ms", d.as_millis())
+            }
+            3 => {
+                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(8));
+                w.coords[target].store_cut_until = Some(now + d);
+                format!("cut c{target} from the store for {}ms", d.as_millis())
+            }
+            4 => {
+                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(8));
+                w.coords[target].agents_cut_until = Some(now + d);
+                format!("cut c{target} from the agents for {}ms", d.as_millis())
+            }
+            5 => {
+                let Some(s) = w.rng.pick(&servers).cloned() else { continue };
+                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                world::crash_agent(&mut w, &s, d);
+                format!("crash agent {s} for {}ms", d.as_millis())
+            }
+            6 => {
+                let Some(s) = w.rng.pick(&servers).cloned() else { continue };
+                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                let busy = w.rng.chance(0.5);
+                if let Some(a) = w.agents.get_mut(&s) {
+                    if busy {
+                        a.busy_until = Some(now + d);
+                    } else {
+                        a.unhealthy_until = Some(now + d);
+                        a.last_fault = Some(now);
+                    }
+                }
+                format!("{s} {} for {}ms", if busy { "busy" } else { "unhealthy" }, d.as_millis())
+            }
+            _ => {
+                let other = (target + 1 + w.rng.below(n as u64 - 1) as usize) % n;
+                let after = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                w.crash(other, after);
+                format!("crash follower c{other}")
+            }
+        };
+        let line = format!("{} ms: {what}", w.ms());
+        w.trace(&line);
+        log.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+    }
+}
+
+/// The operator: starts the upgrade, sometimes intervenes during the chaos, and afterwards
+/// resumes a paused upgrade a few times (or aborts it) until it ends.
+async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: Instant, deadline: Instant) -> Result<(), String> {
+    // Start it, on whichever coordinator leads.
+    loop {
+        if Instant::now() > deadline {
+            return Err("I6: the upgrade never started".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(control) = leader(&nodes) else { continue };
+        match control.start(request.clone(), "sim-operator").await {
+            Ok(up) => {
+                lock(&w).check.on_ack("start", &up);
+                break;
+            }
+            Err(ControlError::Invalid(m)) if m.contains("rollback-artifact") && request.rollback_artifact.is_none() => {
+                // #5: servers on a version installed outside rollgate need the old artifact.
+                request.rollback_artifact = Some(RollbackArtifact {
+                    artifact: "https://repo.invalid/fe-1.0.tar.gz".into(),
+                    sha256: "cd".repeat(32),
+                });
+            }
+            Err(ControlError::Invalid(m)) => return Err(format!("start refused: {m}")),
+            Err(ControlError::AlreadyRunning { .. }) => break,
+            Err(_) => {}
+        }
+    }
+    let mut resumes = 0;
+    loop {
+        let wait = lock(&w).rng.between(Duration::from_secs(1), Duration::from_secs(20));
+        tokio::time::sleep(wait).await;
+        let now = Instant::now();
+        let last = lock(&w).check.last.clone();
+        let Some(record) = last else { continue };
+        if record.upgrade.is_terminal() {
+            return Ok(());
+        }
+        if now > deadline {
+            return Err(format!(
+                "I6: no end {}s after the faults stopped; stuck at {}",
+                deadline.duration_since(chaos_end).as_secs(),
+                record.upgrade.status
+            ));
+        }
+        let Some(control) = leader(&nodes) else { continue };
+        let cmd = if now < chaos_end {
+            let r = lock(&w).rng.below(100);
+            match r {
+                0..=7 => Some(UpgradeCommand::Pause),
+                8..=20 => Some(UpgradeCommand::Resume),
+                21..=22 => Some(UpgradeCommand::Abort),
+                23..=25 => Some(UpgradeCommand::Rollback),
+                _ => None,
+            }
+        } else if matches!(record.upgrade.status, Status::Paused { .. }) {
+            resumes += 1;
+            Some(if resumes > 6 { UpgradeCommand::Abort } else { UpgradeCommand::Resume })
+        } else {
+            None
+        };
+        let Some(cmd) = cmd else { continue };
+        let name = match cmd {
+            UpgradeCommand::Pause => "pause",
+            UpgradeCommand::Resume => "resume",
+            UpgradeCommand::Abort => "abort",
+            UpgradeCommand::Rollback => "rollback",
+        };
+        if let Ok(up) = control.command("pool-a", cmd, "sim-operator").await {
+            let mut w = lock(&w);
+            w.trace(&format!("operator {name}"));
+            w.check.on_ack(name, &up);
+        }
+    }
+}
+
+/// The end state: nothing out of service unless listed (I3), installs (I4).
+fn final_checks(w: &mut World) -> String {
+    let Some(record) = w.check.last.clone() else {
+        w.check.violations.push("the upgrade never stored a state".into());
+        return "none".into();
+    };
+    let up = &record.upgrade;
+    let listed: Vec<String> = up.out_of_service().into_iter().map(|(s, _)| s).collect();
+    let servers: Vec<String> = w.agents.keys().cloned().collect();
+    for s in &servers {
+        let serving = w.agents.get(s).is_some_and(|a| a.svc == world::Svc::Serving);
+        if !serving && !listed.contains(s) {
+            let svc = w.agents.get(s).map(|a| a.svc);
+            w.check.violations.push(format!(
+                "I3: {s} is left {svc:?} at the end ({}) and the upgrade does not list it",
+                up.status
+            ));
+        }
+    }
+    for (s, a) in &w.agents {
+        for ((plan, dir), n) in &a.installs {
+            if *n > 1 {
+                w.check
+                    .violations
+                    .push(format!("I4: {s} installed {n} times by {plan} ({dir})"));
+            }
+        }
+        let mut last = 0;
+        for e in &a.accepted {
+            if *e < last {
+                w.check
+                    .violations
+                    .push(format!("I5: {s} accepted epoch {e} after {last}"));
+            }
+            last = last.max(*e);
+        }
+    }
+    if up.status == Status::Completed {
+        for (s, a) in &w.agents {
+            let n = a.installs.get(&(up.plan.id.clone(), "fwd".into())).copied().unwrap_or(0);
+            if n != 1 || a.version != "2.0" {
+                w.check.violations.push(format!(
+                    "I4: completed, but {s} runs {} after {n} install(s)",
+                    a.version
+                ));
+            }
+        }
+    }
+    up.status.to_string()
+}
+
+/// Runs one seed.
+pub fn run(seed: u64, opts: &Options) -> Report {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return Report {
+                seed,
+                violations: vec![format!("cannot build a runtime: {e}")],
+                outcome: String::new(),
+                trace: 0,
+                steps: 0,
+                virtual_time: Duration::ZERO,
+                faults: Vec::new(),
+                commits: 0,
+                admissions: 0,
+                downs: 0,
+                lines: Vec::new(),
+            }
+        }
+    };
+    rt.block_on(run_inner(seed, opts))
+}
+
+async fn run_inner(seed: u64, opts: &Options) -> Report {
+    let mut rng = Rng::new(seed ^ 0x5eed_0f_a11);
+    let setup = setup(&mut rng);
+    let ttl = Duration::from_secs(2);
+    let w: Shared = Arc::new(std::sync::Mutex::new(World::new(
+        seed,
+        &setup.servers,
+        setup.min_active,
+        opts.call_faults,
+        setup.behaviour.clone(),
+        setup.coordinators,
+        ttl,
+    )));
+    if opts.verbose {
+        lock(&w).lines = Some(Vec::new());
+    }
+    let start = Instant::now();
+    let chaos_end = start + opts.chaos;
+    let deadline = chaos_end + opts.end_within;
+    let cfgs: Vec<Arc<CoordinatorConfig>> = (0..setup.coordinators)
+        .map(|c| Arc::new(config(&format!("c{c}"), &setup, ttl)))
+        .collect();
+    let nodes: Nodes = Arc::new(std::sync::Mutex::new(
+        (0..setup.coordinators)
+            .map(|c| {
+                lock(&w).coords[c].life = 0;
+                spawn_node(&w, c, &cfgs[c])
+            })
+            .collect(),
+    ));
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sup = tokio::spawn(supervise(Arc::clone(&w), Arc::clone(&nodes), cfgs.clone(), chaos_end));
+    let cha = tokio::spawn(chaos(Arc::clone(&w), Arc::clone(&nodes), chaos_end, opts.fault_every, Arc::clone(&log)));
+    let result = operate(Arc::clone(&w), Arc::clone(&nodes), setup.request.clone(), chaos_end, deadline).await;
+    sup.abort();
+    cha.abort();
+    let faults_seen = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut w = lock(&w);
+    if let Err(e) = result {
+        w.check.violations.push(e);
+    }
+    let outcome = final_checks(&mut w);
+    Report {
+        seed,
+        violations: w.check.violations.clone(),
+        outcome,
+        trace: w.trace_hash(),
+        steps: w.steps,
+        virtual_time: start.elapsed(),
+        faults: faults_seen,
+        commits: w.check.commits,
+        admissions: w.check.admissions,
+        downs: w.check.downs,
+        lines: w.lines.take().unwrap_or_default(),
+    }
+}
+
+/// Runs `seeds` on `threads` threads; returns every report, in seed order.
+pub fn run_many(seeds: std::ops::Range<u64>, threads: usize, opts: &Options) -> Vec<Report> {
+    let next = std::sync::atomic::AtomicU64::new(seeds.start);
+    let out = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seed >= seeds.end {
+                    return;
+                }
+                let r = run(seed, opts);
+                out.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+            });
+        }
+    });
+    let mut v = out.into_inner().unwrap_or_else(|p| p.into_inner());
+    v.sort_by_key(|r| r.seed);
+    v
+}
