@@ -55,24 +55,51 @@ impl AgentApi {
 }
 
 /// Maps every agent error to a gRPC status. Retryable conditions use codes clients retry on.
+/// Every refusal carries an [`pb::AgentErrorDetail`], so that callers act on the typed reason
+/// (e.g. a stale epoch: step down) instead of parsing the message.
 pub fn to_status(e: AgentError) -> Status {
+    use crate::artifact::ArtifactError;
+    use pb::AgentErrorReason as R;
     let msg = e.to_string();
-    match e {
-        AgentError::InvalidArgument(_) => Status::invalid_argument(msg),
-        AgentError::StaleEpoch { .. }
-        | AgentError::KindMismatch { .. }
-        | AgentError::Precondition(_) => Status::failed_precondition(msg),
-        AgentError::Busy { .. } => Status::aborted(msg),
-        AgentError::UnknownOperation(_) => Status::not_found(msg),
+    let mut detail = pb::AgentErrorDetail {
+        retryable: e.is_retryable(),
+        ..Default::default()
+    };
+    let (code, reason) = match &e {
+        AgentError::InvalidArgument(_) => (tonic::Code::InvalidArgument, R::InvalidArgument),
+        AgentError::StaleEpoch { current, .. } => {
+            detail.current_epoch = current.get();
+            (tonic::Code::FailedPrecondition, R::StaleEpoch)
+        }
+        AgentError::KindMismatch { .. } => (tonic::Code::FailedPrecondition, R::KindMismatch),
+        AgentError::Precondition(_) => (tonic::Code::FailedPrecondition, R::Precondition),
+        AgentError::Busy { running, .. } => {
+            detail.running_operation_id = running.clone();
+            (tonic::Code::Aborted, R::Busy)
+        }
+        AgentError::UnknownOperation(_) => (tonic::Code::NotFound, R::UnknownOperation),
         AgentError::Artifact(a) => match a {
-            crate::artifact::ArtifactError::NotFound(_) => Status::not_found(msg),
-            crate::artifact::ArtifactError::Download { .. } => Status::unavailable(msg),
-            crate::artifact::ArtifactError::Io { .. } => Status::internal(msg),
-            _ => Status::invalid_argument(msg),
+            // A malformed digest or source is the caller's input, not the artifact's content.
+            ArtifactError::BadDigest(_) | ArtifactError::BadSource(_) => {
+                (tonic::Code::InvalidArgument, R::InvalidArgument)
+            }
+            ArtifactError::NotFound(_) => (tonic::Code::NotFound, R::Artifact),
+            ArtifactError::Download { .. } => (tonic::Code::Unavailable, R::Artifact),
+            ArtifactError::Io { .. } => (tonic::Code::Internal, R::Artifact),
+            ArtifactError::TooLarge { .. } | ArtifactError::Mismatch { .. } => {
+                (tonic::Code::InvalidArgument, R::Artifact)
+            }
         },
-        AgentError::Storage(_) => Status::internal(msg),
-        AgentError::ShuttingDown => Status::unavailable(msg),
-    }
+        AgentError::Storage(_) => (tonic::Code::Internal, R::Storage),
+        AgentError::ShuttingDown => (tonic::Code::Unavailable, R::ShuttingDown),
+    };
+    detail.reason = reason as i32;
+    detail.to_status(code, msg)
+}
+
+/// A refusal of malformed input found in this adapter, with its typed detail.
+fn invalid(message: String) -> Status {
+    to_status(AgentError::InvalidArgument(message))
 }
 
 fn header_of(h: Option<pb::OperationHeader>) -> Result<OpHeader, AgentError> {
@@ -211,7 +238,7 @@ impl pb::agent_server::Agent for AgentApi {
                 OnDrainTimeout::Fail
             }
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "on_timeout {} is not a drain timeout action",
                     r.on_timeout
                 )))
@@ -247,7 +274,7 @@ impl pb::agent_server::Agent for AgentApi {
             || r.version.len() > 128
             || !r.version.chars().all(|c| c.is_ascii_graphic())
         {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "version {:?} must be 1-128 printable characters without spaces",
                 r.version
             )));
@@ -316,7 +343,7 @@ impl pb::agent_server::Agent for AgentApi {
         let stable = Self::ms(r.stable_ms, self.core.cfg.service.verify_stable);
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.verify_timeout);
         if stable > timeout {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "stable_ms {} is longer than timeout_ms {}: verify could never pass",
                 stable.as_millis(),
                 timeout.as_millis()

@@ -860,3 +860,139 @@ async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyh
     assert_eq!(health(&mut c).await?.installed_version, "4.0");
     Ok(())
 }
+
+async fn wait_for_connections(c: &AgentClient<Channel>, n: u32) -> anyhow::Result<()> {
+    eventually(
+        &format!("the agent to count {n} active connection(s)"),
+        WAIT,
+        || {
+            let mut c = c.clone();
+            async move {
+                health(&mut c)
+                    .await
+                    .ok()
+                    .filter(|h| h.active_connections == n)
+                    .map(|_| ())
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the journal holds `id` with `epoch` (and returns the record).
+async fn wait_for_op_epoch(
+    c: &AgentClient<Channel>,
+    id: &str,
+    epoch: u64,
+) -> anyhow::Result<pb::OperationResult> {
+    eventually(
+        &format!("operation {id} to be journaled with epoch {epoch}"),
+        WAIT,
+        || {
+            let mut c = c.clone();
+            let id = id.to_owned();
+            async move {
+                c.operation_status(pb::OperationStatusRequest { operation_id: id })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+                    .filter(|r| r.epoch == epoch)
+            }
+        },
+    )
+    .await
+}
+
+fn detail(err: &tonic::Status) -> anyhow::Result<pb::AgentErrorDetail> {
+    pb::AgentErrorDetail::from_status(err)
+        .with_context(|| format!("no AgentErrorDetail in {err:?}"))
+}
+
+fn succeeded(res: &pb::OperationResult) -> anyhow::Result<()> {
+    ensure!(
+        state(res) == pb::OperationState::Succeeded,
+        "expected success: {res:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn refusals_carry_a_typed_error_detail() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    s.client.fence(pb::FenceRequest { epoch: 7 }).await?;
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("old", 3),
+        })
+        .await
+        .expect_err("stale epoch");
+    let d = detail(&err)?;
+    assert_eq!(d.reason_or_unspecified(), pb::AgentErrorReason::StaleEpoch);
+    assert_eq!(d.current_epoch, 7);
+    assert!(!d.retryable);
+
+    let err = s
+        .client
+        .stop(pb::StopRequest { header: None })
+        .await
+        .expect_err("no header");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::InvalidArgument
+    );
+    let err = s
+        .client
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "nope".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::UnknownOperation
+    );
+
+    // Busy names the running operation and may be retried.
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    wait_for_connections(&s.client, 1).await?;
+    let mut c = s.client.clone();
+    let drain = tokio::spawn(async move {
+        c.drain(pb::DrainRequest {
+            header: header("d1", 7),
+            timeout_ms: 30_000,
+            on_timeout: pb::DrainTimeoutAction::Fail as i32,
+        })
+        .await
+    });
+    wait_for_op_epoch(&s.client, "d1", 7).await?;
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("s1", 7),
+        })
+        .await
+        .expect_err("busy");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let d = detail(&err)?;
+    assert_eq!(d.reason_or_unspecified(), pb::AgentErrorReason::Busy);
+    assert_eq!(d.running_operation_id, "d1");
+    assert!(d.retryable);
+    drop((r, w));
+    succeeded(&tokio::time::timeout(WAIT, drain).await???.into_inner())?;
+
+    // The same id as another kind is a kind mismatch.
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("d1", 7),
+        })
+        .await
+        .expect_err("kind mismatch");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::KindMismatch
+    );
+    Ok(())
+}
