@@ -524,6 +524,7 @@ impl AgentCore {
             sha256,
             &self.dir.artifacts(),
             self.cfg.service.max_artifact_bytes,
+            self.cfg.service.fetch_timeout,
         )
         .await?)
     }

@@ -84,7 +84,9 @@ pub fn to_status(e: AgentError) -> Status {
                 (tonic::Code::InvalidArgument, R::InvalidArgument)
             }
             ArtifactError::NotFound(_) => (tonic::Code::NotFound, R::Artifact),
-            ArtifactError::Download { .. } => (tonic::Code::Unavailable, R::Artifact),
+            ArtifactError::Download { .. } | ArtifactError::TimedOut { .. } => {
+                (tonic::Code::Unavailable, R::Artifact)
+            }
             ArtifactError::Io { .. } => (tonic::Code::Internal, R::Artifact),
             ArtifactError::TooLarge { .. } | ArtifactError::Mismatch { .. } => {
                 (tonic::Code::InvalidArgument, R::Artifact)
@@ -169,7 +171,22 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         epoch: h.epoch.get(),
         observed_at_ms: h.observed_at_ms,
         detail: h.detail.clone(),
+        limits: Some(limits_of(&core.cfg.service)),
         ..Default::default()
+    }
+}
+
+/// The agent's own time limits, so that callers derive their deadlines from them rather than
+/// guess (a caller deadline shorter than the agent's limit cuts a step that would have passed).
+fn limits_of(s: &crate::config::ServiceConfig) -> pb::AgentLimits {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    pb::AgentLimits {
+        hook_timeout_ms: ms(s.hook_timeout),
+        install_timeout_ms: ms(s.install_timeout),
+        start_timeout_ms: ms(s.start_timeout),
+        fetch_timeout_ms: ms(s.fetch_timeout),
+        drain_timeout_ms: ms(s.drain_timeout),
+        verify_timeout_ms: ms(s.verify_timeout),
     }
 }
 

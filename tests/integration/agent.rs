@@ -908,6 +908,17 @@ fn detail(err: &tonic::Status) -> anyhow::Result<pb::AgentErrorDetail> {
         .with_context(|| format!("no AgentErrorDetail in {err:?}"))
 }
 
+async fn not_journaled(c: &mut AgentClient<Channel>, id: &str) -> anyhow::Result<()> {
+    let err = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: id.into(),
+        })
+        .await
+        .expect_err("must not be journaled");
+    ensure!(err.code() == Code::NotFound, "{id}: {err:?}");
+    Ok(())
+}
+
 fn succeeded(res: &pb::OperationResult) -> anyhow::Result<()> {
     ensure!(
         state(res) == pb::OperationState::Succeeded,
@@ -994,5 +1005,68 @@ async fn refusals_carry_a_typed_error_detail() -> anyhow::Result<()> {
         detail(&err)?.reason_or_unspecified(),
         pb::AgentErrorReason::KindMismatch
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_reports_the_limits_and_fetch_timeout_bounds_a_download() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let h = health(&mut s.client).await?;
+    // From the test config: hook, drain and verify limits set, the others default.
+    assert_eq!(
+        h.limits,
+        Some(pb::AgentLimits {
+            hook_timeout_ms: 20_000,
+            install_timeout_ms: 600_000,
+            start_timeout_ms: 60_000,
+            fetch_timeout_ms: 600_000,
+            drain_timeout_ms: 20_000,
+            verify_timeout_ms: 10_000,
+        })
+    );
+
+    // A download that stalls is cut at fetch_timeout, as a retryable artifact error.
+    let mut text = std::fs::read_to_string(&s.agent.config)?;
+    text.push_str("fetch_timeout = \"500ms\"\n");
+    std::fs::write(&s.agent.config, text)?;
+    s.agent.kill().await?;
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let h = health(&mut c).await?;
+    assert_eq!(h.limits.map(|l| l.fetch_timeout_ms), Some(500));
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/release-2.0.txt", stalled.local_addr()?);
+    // Accepts and never answers; the held sockets live as long as the task.
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = stalled.accept().await {
+            held.push(sock);
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let err = c
+        .install_patch(pb::InstallPatchRequest {
+            header: header("slow", 1),
+            artifact: url,
+            sha256: "a".repeat(64),
+            version: "2.0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a stalled download");
+    server.abort();
+    assert!(started.elapsed() < Duration::from_secs(10), "{err:?}");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("fetch_timeout"), "{err:?}");
+    let d = detail(&err)?;
+    assert_eq!(d.reason_or_unspecified(), pb::AgentErrorReason::Artifact);
+    assert!(d.retryable);
+    not_journaled(&mut c, "slow").await?;
+    let leftovers: Vec<_> = std::fs::read_dir(s.agent.state_dir.join("artifacts"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
 }
