@@ -6,6 +6,11 @@
 //! the service is in a state where the step is safe → store a higher epoch durably → journal
 //! `begin` → act. Nothing is changed before the last three steps, so a refused call changes
 //! nothing.
+//!
+//! A raised epoch never stops a running operation: a new leader that repeats the step it found
+//! under way (same operation id, newer epoch) *adopts* it — its epoch is stored, the adoption
+//! journaled, and it waits for the same run's result. Failing the step instead would leave the
+//! service half-drained for the new leader to clean up, for no gain: the work is the same.
 
 use crate::artifact;
 use crate::config::AgentConfig;
@@ -374,7 +379,9 @@ impl AgentCore {
         body: OpBody,
     ) -> Result<Reply, AgentError> {
         let kind = body.kind();
+        // Adopting a running install or rollback needs no check: it changes nothing.
         if matches!(kind, OpKind::Install | OpKind::Rollback)
+            && !self.is_running(&header.id)
             && probe::accepting(
                 &self.cfg.service.probe_host,
                 &self.cfg.service.ports,
@@ -438,8 +445,13 @@ impl AgentCore {
                     return Ok(Admission::Replay(replayed(rec)))
                 }
                 OpState::Running => {
-                    if let Some(r) = inner.running.as_ref().filter(|r| r.id == header.id) {
-                        return Ok(Admission::Attach(r.done.clone()));
+                    let journaled_epoch = rec.epoch;
+                    let running = inner.running.as_ref().filter(|r| r.id == header.id);
+                    if let Some(done) = running.map(|r| r.done.clone()) {
+                        if header.epoch > journaled_epoch {
+                            self.adopt(&mut inner, header)?;
+                        }
+                        return Ok(Admission::Attach(done));
                     }
                 }
                 OpState::Interrupted => {}
@@ -482,8 +494,33 @@ impl AgentCore {
         Ok(Admission::Started(rec, tx, rx))
     }
 
+    /// A caller with a newer epoch takes over the running operation `header.id`: the epoch is
+    /// stored durably first (as admission does, so that older leaders are refused from now
+    /// on), then the adoption is journaled, so that the record carries the adopter's epoch
+    /// also after a restart.
+    fn adopt(&self, inner: &mut Inner, header: &OpHeader) -> Result<(), AgentError> {
+        if header.epoch > inner.epoch {
+            self.dir
+                .store_epoch(header.epoch)
+                .map_err(|e| AgentError::Storage(e.to_string()))?;
+            inner.epoch = header.epoch;
+        }
+        inner.journal.adopt(&header.id, header.epoch, now_ms())?;
+        tracing::info!(op = %header.id, epoch = header.epoch.get(), "running operation adopted by a newer epoch");
+        Ok(())
+    }
+
+    /// True when `id` is the operation running now.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.lock().running.as_ref().is_some_and(|r| r.id == id)
+    }
+
     fn finish(&self, mut rec: OpRecord, outcome: Outcome) -> OpRecord {
         let mut inner = self.lock();
+        // An adoption while it ran may have raised the operation's epoch.
+        if let Some(journaled) = inner.journal.get(&rec.id) {
+            rec.epoch = journaled.epoch;
+        }
         rec.state = if outcome.ok {
             OpState::Succeeded
         } else {
@@ -515,6 +552,11 @@ impl AgentCore {
         }
     }
 
+    /// Where the verified artifact with `sha256` is kept in the cache.
+    pub fn artifact_path(&self, sha256: &str) -> PathBuf {
+        self.dir.artifacts().join(sha256)
+    }
+
     /// Fetches and verifies an artifact into the store (before admission: a bad artifact
     /// changes nothing).
     pub async fn fetch_artifact(&self, source: &str, sha256: &str) -> Result<PathBuf, AgentError> {
@@ -535,7 +577,7 @@ impl AgentCore {
             OpBody::Drain {
                 timeout,
                 on_timeout,
-            } => self.drain(rec, timeout, on_timeout).await,
+            } => self.drain(timeout, on_timeout).await,
             OpBody::Stop => match self.hook("stop", &svc.stop, &[]).await {
                 Ok(output) => Outcome {
                     ok: true,
@@ -586,7 +628,7 @@ impl AgentCore {
                 .await
             }
             OpBody::Restart { timeout } => self.restart(timeout).await,
-            OpBody::Verify { stable, timeout } => self.verify(rec, stable, timeout).await,
+            OpBody::Verify { stable, timeout } => self.verify(stable, timeout).await,
         }
     }
 
@@ -604,23 +646,7 @@ impl AgentCore {
         }
     }
 
-    fn superseded(&self, rec: &OpRecord) -> Option<String> {
-        let now = self.epoch();
-        (now > rec.epoch).then(|| {
-            format!(
-                "superseded: epoch {now} was accepted while this {} (epoch {}) ran",
-                rec.kind.name(),
-                rec.epoch
-            )
-        })
-    }
-
-    async fn drain(
-        &self,
-        rec: &OpRecord,
-        timeout: Duration,
-        on_timeout: OnDrainTimeout,
-    ) -> Outcome {
+    async fn drain(&self, timeout: Duration, on_timeout: OnDrainTimeout) -> Outcome {
         let svc = &self.cfg.service;
         let mut output = match self.hook("drain", &svc.drain, &[]).await {
             Ok(o) => o,
@@ -640,14 +666,6 @@ impl AgentCore {
             left = probe::active_connections(&self.ports).await;
             if left == 0 {
                 break;
-            }
-            if let Some(message) = self.superseded(rec) {
-                return Outcome {
-                    ok: false,
-                    message,
-                    output,
-                    phase: Phase::Draining,
-                };
             }
             if Instant::now() >= deadline {
                 break;
@@ -831,7 +849,7 @@ impl AgentCore {
         }
     }
 
-    async fn verify(&self, rec: &OpRecord, stable: Duration, timeout: Duration) -> Outcome {
+    async fn verify(&self, stable: Duration, timeout: Duration) -> Outcome {
         let deadline = Instant::now() + timeout;
         let mut good_since: Option<Instant> = None;
         let phase = self.lock().service.phase;
@@ -855,14 +873,6 @@ impl AgentCore {
                 }
             } else {
                 good_since = None;
-            }
-            if let Some(message) = self.superseded(rec) {
-                return Outcome {
-                    ok: false,
-                    message,
-                    output: String::new(),
-                    phase,
-                };
             }
             if now >= deadline {
                 let why = if h.detail.is_empty() {

@@ -306,11 +306,15 @@ impl pb::agent_server::Agent for AgentApi {
         {
             return Ok(Response::new(result_of(&reply)));
         }
-        let artifact = self
-            .core
-            .fetch_artifact(&r.artifact, &sha256)
-            .await
-            .map_err(to_status)?;
+        let artifact = if self.core.is_running(&header.id) {
+            // Adopting the running install: it has its artifact; this body is not used.
+            self.core.artifact_path(&sha256)
+        } else {
+            self.core
+                .fetch_artifact(&r.artifact, &sha256)
+                .await
+                .map_err(to_status)?
+        };
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
         self.run(
             r.header,

@@ -879,6 +879,17 @@ async fn wait_for_connections(c: &AgentClient<Channel>, n: u32) -> anyhow::Resul
     .await
 }
 
+async fn wait_for_state(
+    c: &AgentClient<Channel>,
+    want: pb::ServiceState,
+) -> anyhow::Result<pb::HealthReport> {
+    eventually(&format!("the agent to report {want:?}"), WAIT, || {
+        let mut c = c.clone();
+        async move { health(&mut c).await.ok().filter(|h| h.state == want as i32) }
+    })
+    .await
+}
+
 /// Waits until the journal holds `id` with `epoch` (and returns the record).
 async fn wait_for_op_epoch(
     c: &AgentClient<Channel>,
@@ -924,6 +935,116 @@ fn succeeded(res: &pb::OperationResult) -> anyhow::Result<()> {
         state(res) == pb::OperationState::Succeeded,
         "expected success: {res:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_newer_epoch_adopts_a_running_drain_instead_of_failing_it() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (mut r1, mut w1) = connect(s.fe.port).await?;
+    let (mut r2, mut w2) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r1, &mut w1, "VERSION").await?, "1.0");
+    assert_eq!(ask(&mut r2, &mut w2, "VERSION").await?, "1.0");
+    wait_for_connections(&s.client, 2).await?;
+    let id = "plan-1/fe-1/drain";
+    let drain = |epoch| pb::DrainRequest {
+        header: header(id, epoch),
+        timeout_ms: 30_000,
+        on_timeout: pb::DrainTimeoutAction::Fail as i32,
+    };
+    let mut c = s.client.clone();
+    let first = tokio::spawn(async move { c.drain(drain(1)).await });
+    wait_for_state(&s.client, pb::ServiceState::Draining).await?;
+    let port = s.fe.port;
+    eventually("new connections to be refused", WAIT, || async move {
+        refuses_new_connections(port).await.then_some(())
+    })
+    .await?;
+
+    // A new leader fences, then repeats the step it found running, under its own epoch.
+    let f = s
+        .client
+        .fence(pb::FenceRequest { epoch: 2 })
+        .await?
+        .into_inner();
+    assert_eq!(f.epoch, 2);
+    let mut c = s.client.clone();
+    let second = tokio::spawn(async move { c.drain(drain(2)).await });
+    let running = wait_for_op_epoch(&s.client, id, 2).await?;
+    assert_eq!(state(&running), pb::OperationState::Running, "{running:?}");
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "the drain must keep waiting for the open connections"
+    );
+    // The drain goes on: open connections still work.
+    assert_eq!(ask(&mut r1, &mut w1, "still here").await?, "still here");
+    assert_eq!(ask(&mut r2, &mut w2, "VERSION").await?, "1.0");
+    drop((r1, w1));
+    drop((r2, w2));
+    let a = tokio::time::timeout(WAIT, first).await???.into_inner();
+    let b = tokio::time::timeout(WAIT, second).await???.into_inner();
+    for res in [&a, &b] {
+        succeeded(res)?;
+        assert!(res.message.contains("drained"), "{res:?}");
+        assert_eq!(
+            res.epoch, 2,
+            "the record carries the adopter's epoch: {res:?}"
+        );
+        assert_eq!(res.attempt, 1, "one run, not two: {res:?}");
+    }
+    assert_eq!(a.started_at_ms, b.started_at_ms, "the same run");
+
+    // The adoption is journaled, and replayed after an agent restart.
+    let journal = std::fs::read_to_string(s.agent.state_dir.join("journal.jsonl"))?;
+    let adopted = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| v["event"] == "adopt" && v["id"] == id && v["epoch"] == 2);
+    assert!(adopted, "no adopt line in the journal:\n{journal}");
+    s.agent.kill().await?;
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let st = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: id.into(),
+        })
+        .await?
+        .into_inner();
+    succeeded(&st)?;
+    assert_eq!(st.epoch, 2, "{st:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_newer_epoch_adopts_a_running_verify() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    std::fs::write(s.fe.dir.join("busy"), "")?;
+    let id = "plan-1/fe-1/verify";
+    let verify = |epoch| pb::VerifyRequest {
+        header: header(id, epoch),
+        stable_ms: 300,
+        timeout_ms: 15_000,
+    };
+    let mut c = s.client.clone();
+    let first = tokio::spawn(async move { c.verify(verify(1)).await });
+    wait_for_op_epoch(&s.client, id, 1).await?;
+    s.client.fence(pb::FenceRequest { epoch: 3 }).await?;
+    let mut c = s.client.clone();
+    let second = tokio::spawn(async move { c.verify(verify(3)).await });
+    let running = wait_for_op_epoch(&s.client, id, 3).await?;
+    assert_eq!(state(&running), pb::OperationState::Running, "{running:?}");
+    assert!(
+        !first.is_finished(),
+        "a raised epoch must not end the verify"
+    );
+    std::fs::remove_file(s.fe.dir.join("busy"))?;
+    let a = tokio::time::timeout(WAIT, first).await???.into_inner();
+    let b = tokio::time::timeout(WAIT, second).await???.into_inner();
+    for res in [&a, &b] {
+        succeeded(res)?;
+        assert_eq!(res.epoch, 3, "{res:?}");
+    }
     Ok(())
 }
 
