@@ -749,11 +749,15 @@ impl AgentCore {
             Ok(o) if o.success() => {
                 let mut inner = self.lock();
                 let s = &mut inner.service;
-                let (old_version, old_sha) = (previous_version, s.installed_sha256.clone());
+                // Reinstalling the installed version (a second plan, a retried step under a new
+                // id) is not an upgrade: rotating would make the version its own "previous",
+                // and a later rollback would return to it instead of to the real previous one.
+                if version != previous_version {
+                    s.previous_version = previous_version;
+                    s.previous_sha256 = std::mem::take(&mut s.installed_sha256);
+                }
                 s.installed_version = version.to_owned();
                 s.installed_sha256 = sha256.to_owned();
-                s.previous_version = old_version;
-                s.previous_sha256 = old_sha;
                 let keep = [s.installed_sha256.clone(), s.previous_sha256.clone()];
                 drop(inner);
                 artifact::prune(&self.dir.artifacts(), &[keep[0].as_str(), keep[1].as_str()]);

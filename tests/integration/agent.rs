@@ -1049,6 +1049,66 @@ async fn a_newer_epoch_adopts_a_running_verify() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn installing_the_installed_version_again_keeps_the_real_previous_version(
+) -> anyhow::Result<()> {
+    let mut s = setup("0.9").await?;
+    let (a1, sha1) = make_artifact(&s.root, "1.0")?;
+    let (a2, sha2) = make_artifact(&s.root, "2.0")?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 1),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    for (id, artifact, sha, version) in [
+        ("i-1.0", &a1, &sha1, "1.0"),
+        ("i-2.0", &a2, &sha2, "2.0"),
+        // The same version again under a new id (e.g. a second plan): nothing to rotate.
+        ("i-2.0-again", &a2, &sha2, "2.0"),
+    ] {
+        let res = s
+            .client
+            .install_patch(pb::InstallPatchRequest {
+                header: header(id, 1),
+                artifact: artifact.display().to_string(),
+                sha256: sha.clone(),
+                version: version.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        succeeded(&res)?;
+        assert_eq!(res.version, version);
+    }
+    let res = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb", 1),
+            from_version: "2.0".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(res.version, "1.0", "rollback must return to 1.0: {res:?}");
+    assert_eq!(s.fe.installs(), vec!["1.0", "2.0", "2.0", "1.0"]);
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header("restart", 1),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    Ok(())
+}
+
+#[tokio::test]
 async fn refusals_carry_a_typed_error_detail() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
     s.client.fence(pb::FenceRequest { epoch: 7 }).await?;
