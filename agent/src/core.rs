@@ -106,6 +106,9 @@ pub enum OpBody {
     Restart {
         /// How long to wait.
         timeout: Duration,
+        /// When set and the service accepts connections at the start: drain it first, waiting
+        /// this long for its connections to close, instead of cutting them.
+        drain_first: Option<Duration>,
     },
     /// Check it stays good for `stable`.
     Verify {
@@ -627,7 +630,10 @@ impl AgentCore {
                 )
                 .await
             }
-            OpBody::Restart { timeout } => self.restart(timeout).await,
+            OpBody::Restart {
+                timeout,
+                drain_first,
+            } => self.restart(timeout, drain_first).await,
             OpBody::Verify { stable, timeout } => self.verify(stable, timeout).await,
         }
     }
@@ -660,18 +666,7 @@ impl AgentCore {
             }
         };
         self.poke.notify_one();
-        let deadline = Instant::now() + timeout;
-        let mut left;
-        loop {
-            left = probe::active_connections(&self.ports).await;
-            if left == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let left = self.wait_for_no_connections(timeout).await;
         let forced = left > 0;
         if forced && on_timeout == OnDrainTimeout::Fail {
             return Outcome {
@@ -800,18 +795,91 @@ impl AgentCore {
         }
     }
 
-    async fn restart(&self, timeout: Duration) -> Outcome {
+    /// Waits up to `timeout` for the established connections on the service's ports to reach
+    /// zero; returns how many are left.
+    async fn wait_for_no_connections(&self, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = probe::active_connections(&self.ports).await;
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Records the service's phase mid-operation (durably, so that a crash meanwhile does not
+    /// misreport it) and tells watchers.
+    fn set_phase(&self, phase: Phase) {
+        let mut inner = self.lock();
+        inner.service.phase = phase;
+        if let Err(e) = self.dir.store_service(&inner.service) {
+            tracing::error!(error = %e, "cannot store the service record");
+        }
+        drop(inner);
+        self.poke.notify_one();
+    }
+
+    /// Drains a service that accepts connections before restarting it: the drain hook, then
+    /// up to `timeout` for its connections to close. `Err` is the failed outcome: connections
+    /// remain, and the service is left draining with none of them cut.
+    async fn drain_before_restart(
+        &self,
+        timeout: Duration,
+        output: &mut String,
+    ) -> Result<(), Outcome> {
+        self.set_phase(Phase::Draining);
+        match self.hook("drain", &self.cfg.service.drain, &[]).await {
+            Ok(o) => output.push_str(&o),
+            Err((message, o)) => {
+                output.push_str(&o);
+                return Err(Outcome {
+                    ok: false,
+                    message: format!("restart: {message}"),
+                    output: std::mem::take(output),
+                    phase: Phase::Draining,
+                });
+            }
+        }
+        self.poke.notify_one();
+        let left = self.wait_for_no_connections(timeout).await;
+        if left > 0 {
+            return Err(Outcome {
+                ok: false,
+                message: format!(
+                    "restart not done: the service was accepting connections, and after draining it for {}ms {left} connection(s) still open; the service is left draining",
+                    timeout.as_millis()
+                ),
+                output: std::mem::take(output),
+                phase: Phase::Draining,
+            });
+        }
+        self.set_phase(Phase::Starting);
+        Ok(())
+    }
+
+    async fn restart(&self, timeout: Duration, drain_first: Option<Duration>) -> Outcome {
         let svc = &self.cfg.service;
         let mut output = String::new();
-        let steps: Vec<(&str, &[String])> = if svc.restart.is_empty() {
-            let running = probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await;
-            if running {
-                vec![("stop", &svc.stop), ("start", &svc.start)]
-            } else {
-                vec![("start", &svc.start)]
+        let accepting = probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await;
+        let stop_start: Vec<(&str, &[String])> = vec![("stop", &svc.stop), ("start", &svc.start)];
+        let steps: Vec<(&str, &[String])> = match drain_first {
+            // A restart that timed out may have come up and taken traffic since: a retry must
+            // not cut those connections, so it drains them first.
+            Some(drain_timeout) if accepting => {
+                if let Err(failed) = self.drain_before_restart(drain_timeout, &mut output).await {
+                    return failed;
+                }
+                // Drained is not necessarily stopped (a service manager may keep the process).
+                if svc.restart.is_empty() {
+                    stop_start
+                } else {
+                    vec![("restart", &svc.restart)]
+                }
             }
-        } else {
-            vec![("restart", &svc.restart)]
+            _ if !svc.restart.is_empty() => vec![("restart", &svc.restart)],
+            _ if accepting => stop_start,
+            _ => vec![("start", &svc.start)],
         };
         for (name, argv) in steps {
             match self.hook(name, argv, &[]).await {

@@ -352,7 +352,17 @@ impl pb::agent_server::Agent for AgentApi {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.start_timeout);
-        self.run(r.header, OpBody::Restart { timeout }).await
+        let drain_first = r
+            .drain_if_accepting
+            .then(|| Self::ms(r.drain_timeout_ms, self.core.cfg.service.drain_timeout));
+        self.run(
+            r.header,
+            OpBody::Restart {
+                timeout,
+                drain_first,
+            },
+        )
+        .await
     }
 
     async fn verify(

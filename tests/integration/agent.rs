@@ -1109,6 +1109,61 @@ async fn installing_the_installed_version_again_keeps_the_real_previous_version(
 }
 
 #[tokio::test]
+async fn restart_with_drain_if_accepting_drains_first_and_never_cuts_a_connection(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    wait_for_connections(&s.client, 1).await?;
+    let restart = |id: &str, drain_timeout_ms| pb::RestartRequest {
+        header: header(id, 1),
+        drain_if_accepting: true,
+        drain_timeout_ms,
+        ..Default::default()
+    };
+    let mut c = s.client.clone();
+    let req = restart("restart-1", 10_000);
+    let pending = tokio::spawn(async move { c.restart(req).await });
+    let port = s.fe.port;
+    eventually("new connections to be refused", WAIT, || async move {
+        refuses_new_connections(port).await.then_some(())
+    })
+    .await?;
+    // The held connection is still served while the restart waits for it.
+    assert_eq!(ask(&mut r, &mut w, "still here").await?, "still here");
+    assert!(
+        !pending.is_finished(),
+        "the restart must wait for the open connection"
+    );
+    drop((r, w));
+    let res = tokio::time::timeout(WAIT, pending).await???.into_inner();
+    succeeded(&res)?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    wait_for_state(&s.client, pb::ServiceState::Serving).await?;
+
+    // Connections that outlive the drain timeout: the restart fails and cuts nothing.
+    wait_for_connections(&s.client, 1).await?;
+    let res = s
+        .client
+        .restart(restart("restart-2", 300))
+        .await?
+        .into_inner();
+    assert_eq!(state(&res), pb::OperationState::Failed, "{res:?}");
+    assert!(
+        res.message.contains("1 connection(s) still open"),
+        "{res:?}"
+    );
+    assert_eq!(ask(&mut r, &mut w, "alive").await?, "alive");
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Draining
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn refusals_carry_a_typed_error_detail() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
     s.client.fence(pb::FenceRequest { epoch: 7 }).await?;
