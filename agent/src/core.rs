@@ -101,6 +101,10 @@ pub enum OpBody {
         timeout: Duration,
         /// Only if this version is installed (empty: whatever is installed).
         from_version: String,
+        /// The sha256 of the caller's fallback artifact of the previous version, already
+        /// fetched and verified into the cache; used only when the previous version's own
+        /// artifact is not cached.
+        fallback_sha256: Option<String>,
     },
     /// Start or restart, then wait until it accepts connections.
     Restart {
@@ -167,6 +171,10 @@ pub struct Health {
     pub active_connections: u32,
     /// The installed version.
     pub version: String,
+    /// The sha256 of the installed artifact (empty: installed outside rollgate).
+    pub installed_sha256: String,
+    /// The version a rollback returns to (empty: none known).
+    pub previous_version: String,
     /// The highest epoch accepted.
     pub epoch: Epoch,
     /// When this was observed (unix ms).
@@ -266,6 +274,8 @@ impl AgentCore {
             } else {
                 service.installed_version.clone()
             },
+            installed_sha256: service.installed_sha256.clone(),
+            previous_version: service.previous_version.clone(),
             epoch,
             observed_at_ms: now_ms(),
             detail: "not probed yet".into(),
@@ -466,7 +476,7 @@ impl AgentCore {
                 kind: r.kind.name(),
             });
         }
-        check_phase(&inner.service, body)?;
+        self.check_phase(&inner.service, body)?;
         let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
         if header.epoch > inner.epoch {
             self.dir.store_epoch(header.epoch).map_err(storage)?;
@@ -475,11 +485,22 @@ impl AgentCore {
         let rec = inner
             .journal
             .begin(&header.id, kind, header.epoch, now_ms())?;
-        let phase = match kind {
-            OpKind::Drain => Some(Phase::Draining),
-            OpKind::Install | OpKind::Rollback => Some(Phase::Installing),
-            OpKind::Restart => Some(Phase::Starting),
-            OpKind::Stop | OpKind::Verify => None,
+        let phase = match body {
+            // A rollback with nothing to do must leave the phase as it found it.
+            OpBody::Rollback { from_version, .. }
+                if matches!(
+                    self.rollback_source(&inner.service, from_version),
+                    Ok(RollbackSource::Moot(_))
+                ) =>
+            {
+                None
+            }
+            _ => match kind {
+                OpKind::Drain => Some(Phase::Draining),
+                OpKind::Install | OpKind::Rollback => Some(Phase::Installing),
+                OpKind::Restart => Some(Phase::Starting),
+                OpKind::Stop | OpKind::Verify => None,
+            },
         };
         if let Some(p) = phase {
             inner.service.phase = p;
@@ -607,34 +628,49 @@ impl AgentCore {
             OpBody::Rollback {
                 timeout,
                 from_version,
+                fallback_sha256,
             } => {
                 let prev = self.lock().service.clone();
-                let current = self.version_of(&prev);
-                if !from_version.is_empty() && current != from_version {
+                let (version, sha256) = match self.rollback_source(&prev, &from_version) {
                     // Nothing of this plan is installed here: keep the service as it is.
-                    return Outcome {
-                        ok: true,
-                        message: format!("nothing to roll back: version {current} is installed, not {from_version}"),
-                        output: String::new(),
-                        phase: prev.phase,
-                    };
-                }
-                let artifact = self.dir.artifacts().join(&prev.previous_sha256);
-                self.install(
-                    rec,
-                    &artifact,
-                    &prev.previous_sha256,
-                    &prev.previous_version,
-                    timeout,
-                    true,
-                )
-                .await
+                    Ok(RollbackSource::Moot(message)) => {
+                        return Outcome {
+                            ok: true,
+                            message,
+                            output: String::new(),
+                            phase: prev.phase,
+                        }
+                    }
+                    Ok(RollbackSource::Cached { version, sha256 }) => (version, sha256),
+                    Ok(RollbackSource::NeedsArtifact { version, lost }) => match fallback_sha256 {
+                        Some(sha256) => (version, sha256),
+                        None => {
+                            return self
+                                .refused_at_work(no_rollback_artifact(&version, lost).to_string())
+                        }
+                    },
+                    Err(e) => return self.refused_at_work(e.to_string()),
+                };
+                let artifact = self.artifact_path(&sha256);
+                self.install(rec, &artifact, &sha256, &version, timeout, true)
+                    .await
             }
             OpBody::Restart {
                 timeout,
                 drain_first,
             } => self.restart(timeout, drain_first).await,
             OpBody::Verify { stable, timeout } => self.verify(stable, timeout).await,
+        }
+    }
+
+    /// Admission checked the same thing, so this only happens if the record changed in
+    /// between; nothing was run, and the service (stopped, as admission required) is left so.
+    fn refused_at_work(&self, message: String) -> Outcome {
+        Outcome {
+            ok: false,
+            message,
+            output: String::new(),
+            phase: Phase::Stopped,
         }
     }
 
@@ -1027,6 +1063,8 @@ impl AgentCore {
             healthy,
             active_connections,
             version: self.version_of(&inner.service),
+            installed_sha256: inner.service.installed_sha256.clone(),
+            previous_version: inner.service.previous_version.clone(),
             epoch: inner.epoch,
             observed_at_ms: now_ms(),
             detail: details.join("; "),
@@ -1098,9 +1136,225 @@ pub struct Reply {
     pub replayed: bool,
 }
 
-/// Steps that are only safe in some states: installing over a serving service would take it
-/// down without a drain; a rollback needs something to roll back to.
-fn check_phase(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
+/// What a rollback would do now.
+#[derive(Debug)]
+enum RollbackSource {
+    /// Nothing: the version to roll back from is not installed (the message says so).
+    Moot(String),
+    /// Reinstall `version` from the agent's own cache.
+    Cached {
+        /// The previous version.
+        version: String,
+        /// Its cached artifact.
+        sha256: String,
+    },
+    /// `version` is known but its artifact is not in the cache: the caller must supply it.
+    NeedsArtifact {
+        /// The previous version.
+        version: String,
+        /// True when the agent had cached it once (it has gone from the cache since).
+        lost: bool,
+    },
+}
+
+/// The refusal of a rollback to `version` when its artifact is not cached and the caller gave
+/// none. One line, naming the version and the remedy, since whoever wrote the plan reads it.
+fn no_rollback_artifact(version: &str, lost: bool) -> AgentError {
+    let why = if lost {
+        "its artifact is no longer in this agent's cache"
+    } else {
+        "it was installed outside rollgate, so this agent has no artifact of it"
+    };
+    AgentError::Precondition(format!(
+        "cannot roll back to version {version}: {why}; give the plan a rollback artifact (fallback_artifact and fallback_sha256)"
+    ))
+}
+
+impl AgentCore {
+    /// What a rollback from `from_version` (empty: from whatever is installed) would do now.
+    fn rollback_source(
+        &self,
+        s: &ServiceRecord,
+        from_version: &str,
+    ) -> Result<RollbackSource, AgentError> {
+        let current = self.version_of(s);
+        if !from_version.is_empty() && current != from_version {
+            return Ok(RollbackSource::Moot(format!(
+                "nothing to roll back: version {current} is installed, not {from_version}"
+            )));
+        }
+        if s.previous_version.is_empty() {
+            return Err(AgentError::Precondition(format!(
+                "nothing to roll back to: this agent knows no version installed before {}",
+                if current.is_empty() {
+                    "the current one"
+                } else {
+                    current.as_str()
+                }
+            )));
+        }
+        let cached =
+            !s.previous_sha256.is_empty() && self.artifact_path(&s.previous_sha256).is_file();
+        Ok(if cached {
+            RollbackSource::Cached {
+                version: s.previous_version.clone(),
+                sha256: s.previous_sha256.clone(),
+            }
+        } else {
+            RollbackSource::NeedsArtifact {
+                version: s.previous_version.clone(),
+                lost: !s.previous_sha256.is_empty(),
+            }
+        })
+    }
+
+    /// True when a rollback from `from_version` could only run with the caller's fallback
+    /// artifact (so that it is fetched only then).
+    pub fn rollback_needs_artifact(&self, from_version: &str) -> bool {
+        let s = self.lock().service.clone();
+        matches!(
+            self.rollback_source(&s, from_version),
+            Ok(RollbackSource::NeedsArtifact { .. })
+        )
+    }
+
+    /// Refuses an epoch older than the highest accepted, changing nothing.
+    pub fn refuse_stale(&self, header: &OpHeader) -> Result<(), AgentError> {
+        let inner = self.lock();
+        self.check_epoch(&inner, header)
+    }
+
+    fn prepared(
+        &self,
+        header: &OpHeader,
+        kind: OpKind,
+        started_at_ms: u64,
+        message: String,
+    ) -> Reply {
+        let version = self.version_of(&self.lock().service);
+        Reply {
+            record: OpRecord {
+                id: header.id.clone(),
+                kind,
+                epoch: header.epoch,
+                state: OpState::Succeeded,
+                started_at_ms,
+                finished_at_ms: now_ms(),
+                message,
+                version,
+                output: String::new(),
+                // Not an attempt: nothing ran and nothing was journaled.
+                attempt: 0,
+            },
+            replayed: false,
+        }
+    }
+
+    /// InstallPatch{prepare_only}: fetches and verifies the artifact into the cache, before a
+    /// server is taken down, so that a bad artifact takes nothing down. The service is not
+    /// touched, nothing is journaled and the epoch is not raised (it is only checked): a
+    /// preparation must not fence off a leader that is still acting.
+    pub async fn prepare_install(
+        &self,
+        header: &OpHeader,
+        source: &str,
+        sha256: &str,
+        version: &str,
+    ) -> Result<Reply, AgentError> {
+        let started = now_ms();
+        self.refuse_stale(header)?;
+        self.fetch_artifact(source, sha256).await?;
+        Ok(self.prepared(
+            header,
+            OpKind::Install,
+            started,
+            format!("prepared: the artifact of version {version} (sha256 {sha256}) is verified in the cache; nothing was installed"),
+        ))
+    }
+
+    /// Rollback{prepare_only}: succeeds only if a rollback could run now. When the previous
+    /// version's artifact is not cached, the caller's fallback is fetched, verified and
+    /// recorded as the previous artifact, so that the real rollback uses it. The service is not
+    /// touched, nothing is journaled and the epoch is not raised.
+    pub async fn prepare_rollback(
+        &self,
+        header: &OpHeader,
+        from_version: &str,
+        fallback: Option<(&str, &str)>,
+    ) -> Result<Reply, AgentError> {
+        let started = now_ms();
+        self.refuse_stale(header)?;
+        let s = self.lock().service.clone();
+        let (version, source, sha256) = match (self.rollback_source(&s, from_version)?, fallback) {
+            (RollbackSource::Moot(message), _) => {
+                return Ok(self.prepared(header, OpKind::Rollback, started, message))
+            }
+            (RollbackSource::Cached { version, .. }, _) => {
+                return Ok(self.prepared(
+                    header,
+                    OpKind::Rollback,
+                    started,
+                    format!("a rollback can run: the artifact of version {version} is cached"),
+                ))
+            }
+            (RollbackSource::NeedsArtifact { version, .. }, Some((source, sha256))) => {
+                (version, source, sha256)
+            }
+            (RollbackSource::NeedsArtifact { version, lost }, None) => {
+                return Err(no_rollback_artifact(&version, lost))
+            }
+        };
+        self.fetch_artifact(source, sha256).await?;
+        let mut inner = self.lock();
+        // Record it only if the service record still asks for this artifact: an operation may
+        // have changed it while the fallback was fetched.
+        match self.rollback_source(&inner.service, from_version)? {
+            RollbackSource::NeedsArtifact { version: now, .. } if now == version => {
+                inner.service.previous_sha256 = sha256.to_owned();
+                self.dir
+                    .store_service(&inner.service)
+                    .map_err(|e| AgentError::Storage(e.to_string()))?;
+            }
+            RollbackSource::NeedsArtifact { .. } => {
+                return Err(AgentError::Precondition(
+                    "the installed versions changed while the fallback artifact was fetched: prepare the rollback again".into(),
+                ))
+            }
+            RollbackSource::Moot(_) | RollbackSource::Cached { .. } => {}
+        }
+        drop(inner);
+        tracing::info!(version = %version, sha256 = %sha256, "fallback artifact recorded for a rollback");
+        Ok(self.prepared(
+            header,
+            OpKind::Rollback,
+            started,
+            format!("a rollback can run: the fallback artifact of version {version} is verified and cached"),
+        ))
+    }
+
+    /// Steps that are only safe in some states: installing over a serving service would take
+    /// it down without a drain; a rollback needs something to roll back to.
+    fn check_phase(&self, s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
+        check_service_stopped(s, body)?;
+        if let OpBody::Rollback {
+            from_version,
+            fallback_sha256,
+            ..
+        } = body
+        {
+            match self.rollback_source(s, from_version)? {
+                RollbackSource::NeedsArtifact { version, lost } if fallback_sha256.is_none() => {
+                    return Err(no_rollback_artifact(&version, lost))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Installing or rolling back over a serving service would take it down without a drain.
+fn check_service_stopped(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
     match body {
         OpBody::Install { .. } | OpBody::Rollback { .. } => {
             if matches!(s.phase, Phase::Running | Phase::Draining | Phase::Starting) {
@@ -1112,18 +1366,6 @@ fn check_phase(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
                         _ => "starting",
                     }
                 )));
-            }
-            let installed = if s.installed_version.is_empty() {
-                None
-            } else {
-                Some(s.installed_version.as_str())
-            };
-            let moot = matches!(body, OpBody::Rollback { from_version, .. } if !from_version.is_empty() && installed != Some(from_version.as_str()));
-            if matches!(body, OpBody::Rollback { .. }) && !moot && s.previous_sha256.is_empty() {
-                return Err(AgentError::Precondition(
-                    "nothing to roll back to: no previous version was installed by this agent"
-                        .into(),
-                ));
             }
             Ok(())
         }

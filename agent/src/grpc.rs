@@ -172,7 +172,8 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         observed_at_ms: h.observed_at_ms,
         detail: h.detail.clone(),
         limits: Some(limits_of(&core.cfg.service)),
-        ..Default::default()
+        installed_sha256: h.installed_sha256.clone(),
+        previous_version: h.previous_version.clone(),
     }
 }
 
@@ -297,6 +298,14 @@ impl pb::agent_server::Agent for AgentApi {
             )));
         }
         let sha256 = crate::artifact::parse_digest(&r.sha256).map_err(|e| to_status(e.into()))?;
+        if r.prepare_only {
+            let reply = self
+                .core
+                .prepare_install(&header, &r.artifact, &sha256, &r.version)
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(result_of(&reply)));
+        }
         // A repeated id is answered before any download; a bad artifact is refused before
         // anything is journaled or run.
         if let Some(reply) = self
@@ -334,12 +343,62 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
+        let header = header_of(r.header.clone()).map_err(to_status)?;
+        let fallback = match (r.fallback_artifact.is_empty(), r.fallback_sha256.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((
+                r.fallback_artifact.as_str(),
+                crate::artifact::parse_digest(&r.fallback_sha256)
+                    .map_err(|e| to_status(e.into()))?,
+            )),
+            _ => {
+                return Err(invalid(
+                    "fallback_artifact and fallback_sha256 go together: give both or neither"
+                        .into(),
+                ))
+            }
+        };
+        if r.prepare_only {
+            let reply = self
+                .core
+                .prepare_rollback(
+                    &header,
+                    &r.from_version,
+                    fallback.as_ref().map(|(a, s)| (*a, s.as_str())),
+                )
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(result_of(&reply)));
+        }
+        // As for an install: a repeated id is answered before any download, and the fallback
+        // is fetched and verified before admission, only when the rollback needs it.
+        if let Some(reply) = self
+            .core
+            .precheck(&header, OpKind::Rollback)
+            .map_err(to_status)?
+        {
+            return Ok(Response::new(result_of(&reply)));
+        }
+        let fallback_sha256 = match fallback {
+            Some((source, sha256))
+                if !self.core.is_running(&header.id)
+                    && self.core.rollback_needs_artifact(&r.from_version) =>
+            {
+                self.core
+                    .fetch_artifact(source, &sha256)
+                    .await
+                    .map_err(to_status)?;
+                Some(sha256)
+            }
+            _ => None,
+        };
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
         self.run(
             r.header,
             OpBody::Rollback {
                 timeout,
                 from_version: r.from_version,
+                fallback_sha256,
             },
         )
         .await

@@ -342,7 +342,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .await?
         .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
-    // The initial version was not installed by the agent: nothing to roll back to.
+    // The initial version was not installed by the agent: it has no artifact to roll back to.
     let err = s
         .client
         .rollback(pb::RollbackRequest {
@@ -354,7 +354,11 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .await
         .expect_err("no previous");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("nothing to roll back to"), "{err:?}");
+    assert!(
+        err.message().contains("cannot roll back to version 1.0")
+            && err.message().contains("give the plan a rollback artifact"),
+        "{err:?}"
+    );
     let (artifact3, sha3) = make_artifact(&s.root, "3.0")?;
     let res = s
         .client
@@ -938,6 +942,43 @@ fn succeeded(res: &pb::OperationResult) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Stop, install `version` through the agent, restart: the front end serves `version`.
+async fn upgrade(s: &mut Setup, version: &str, epoch: u64) -> anyhow::Result<String> {
+    let (artifact, sha) = make_artifact(&s.root, version)?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header(&format!("up-{version}/stop"), epoch),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .install_patch(pb::InstallPatchRequest {
+                header: header(&format!("up-{version}/install"), epoch),
+                artifact: artifact.display().to_string(),
+                sha256: sha.clone(),
+                version: version.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header(&format!("up-{version}/restart"), epoch),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    ensure!(ask(&mut r, &mut w, "VERSION").await? == version);
+    Ok(sha)
+}
+
 #[tokio::test]
 async fn a_newer_epoch_adopts_a_running_drain_instead_of_failing_it() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
@@ -1105,6 +1146,230 @@ async fn installing_the_installed_version_again_keeps_the_real_previous_version(
     )?;
     let (mut r, mut w) = connect(s.fe.port).await?;
     assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    Ok(())
+}
+
+#[tokio::test]
+async fn install_prepare_only_fetches_and_verifies_without_touching_the_service(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (artifact, sha) = make_artifact(&s.root, "2.0")?;
+    s.client.fence(pb::FenceRequest { epoch: 5 }).await?;
+    let prepare = |id: &str, epoch: u64, sha: &str| pb::InstallPatchRequest {
+        header: header(id, epoch),
+        artifact: artifact.display().to_string(),
+        sha256: sha.into(),
+        version: "2.0".into(),
+        prepare_only: true,
+        ..Default::default()
+    };
+    // A bad artifact is found while the service still serves.
+    let err = s
+        .client
+        .install_patch(prepare("prep-bad", 5, &"0".repeat(64)))
+        .await
+        .expect_err("wrong checksum");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Artifact
+    );
+    let err = s
+        .client
+        .install_patch(prepare("prep-old", 4, &sha))
+        .await
+        .expect_err("stale epoch");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::StaleEpoch,
+        "{err:?}"
+    );
+    let res = s
+        .client
+        .install_patch(prepare("prep", 6, &sha))
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert!(!res.replayed);
+    assert!(
+        s.agent.state_dir.join("artifacts").join(&sha).is_file(),
+        "the verified artifact must be in the cache"
+    );
+    // The service was not touched, nothing was journaled, the epoch was not raised.
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    assert!(s.fe.installs().is_empty());
+    not_journaled(&mut s.client, "prep").await?;
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving
+    );
+    assert_eq!(h.epoch, 5, "prepare_only must not raise the epoch");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_of_a_first_managed_upgrade_needs_a_rollback_artifact() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    // 1.0 was installed outside rollgate: the agent has no artifact of it.
+    let (a1, sha1) = make_artifact(&s.root, "1.0")?;
+    upgrade(&mut s, "2.0", 1).await?;
+    let err = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb-prep", 1),
+            from_version: "2.0".into(),
+            prepare_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no previous artifact, no fallback");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Precondition
+    );
+    assert!(
+        err.message().contains("1.0")
+            && err.message().contains("rollback artifact")
+            && !err.message().contains('\n'),
+        "{err:?}"
+    );
+    // The check took nothing down.
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "2.0");
+    drop((r, w));
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving
+    );
+    not_journaled(&mut s.client, "rb-prep").await?;
+
+    // The real rollback without a fallback is refused the same way; with one, it uses it.
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 1),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let rollback = |fallback: Option<(&std::path::Path, &str)>| pb::RollbackRequest {
+        header: header("rb", 1),
+        from_version: "2.0".into(),
+        fallback_artifact: fallback
+            .map(|(p, _)| p.display().to_string())
+            .unwrap_or_default(),
+        fallback_sha256: fallback.map(|(_, s)| s.to_owned()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let err = s
+        .client
+        .rollback(rollback(None))
+        .await
+        .expect_err("no previous artifact");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Precondition
+    );
+    assert!(err.message().contains("rollback artifact"), "{err:?}");
+    let res = s
+        .client
+        .rollback(rollback(Some((&a1, &sha1))))
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(res.version, "1.0");
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header("restart", 1),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    assert_eq!(s.fe.installs(), vec!["2.0", "1.0"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_prepare_with_a_fallback_makes_the_real_rollback_possible() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (a1, sha1) = make_artifact(&s.root, "1.0")?;
+    let sha2 = upgrade(&mut s, "2.0", 1).await?;
+    let h = health(&mut s.client).await?;
+    assert_eq!(h.installed_sha256, sha2);
+    assert_eq!(h.previous_version, "1.0");
+    let prepare = |sha: &str| pb::RollbackRequest {
+        header: header("rb-prep", 1),
+        from_version: "2.0".into(),
+        prepare_only: true,
+        fallback_artifact: a1.display().to_string(),
+        fallback_sha256: sha.into(),
+        ..Default::default()
+    };
+    let err = s
+        .client
+        .rollback(prepare(&"0".repeat(64)))
+        .await
+        .expect_err("a fallback that does not verify");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Artifact,
+        "{err:?}"
+    );
+    let res = s.client.rollback(prepare(&sha1)).await?.into_inner();
+    succeeded(&res)?;
+    assert!(!res.replayed);
+    not_journaled(&mut s.client, "rb-prep").await?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "2.0");
+    drop((r, w));
+
+    // The plan goes on as usual: drain, rollback (no fallback needed now), restart.
+    succeeded(
+        &s.client
+            .drain(pb::DrainRequest {
+                header: header("drain", 1),
+                timeout_ms: 10_000,
+                on_timeout: pb::DrainTimeoutAction::Fail as i32,
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let res = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb", 1),
+            from_version: "2.0".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(res.version, "1.0");
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header("restart", 1),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        (h.installed_version.as_str(), h.installed_sha256.as_str()),
+        ("1.0", sha1.as_str())
+    );
+    assert_eq!(h.previous_version, "2.0");
     Ok(())
 }
 
