@@ -43,6 +43,14 @@ pub enum ArtifactError {
         /// The digest of what arrived.
         actual: String,
     },
+    /// The whole fetch took longer than the agent's `fetch_timeout`.
+    #[error("artifact {source_name} was not fetched within fetch_timeout ({}ms); nothing was installed", limit.as_millis())]
+    TimedOut {
+        /// What was fetched.
+        source_name: String,
+        /// The limit.
+        limit: std::time::Duration,
+    },
     /// Local I/O failed.
     #[error("artifact store {path}: {source}")]
     Io {
@@ -58,7 +66,9 @@ impl ArtifactError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ArtifactError::Download { .. } | ArtifactError::Io { .. }
+            ArtifactError::Download { .. }
+                | ArtifactError::TimedOut { .. }
+                | ArtifactError::Io { .. }
         )
     }
 }
@@ -94,14 +104,15 @@ fn classify(source: &str) -> Result<Source, ArtifactError> {
     Ok(Source::Local(PathBuf::from(source)))
 }
 
-/// Brings `source` into `store` as `<store>/<sha256>` and checks its digest. On a mismatch
-/// nothing is kept. Returns the path of the verified file.
+/// Brings `source` into `store` as `<store>/<sha256>` and checks its digest, all within
+/// `timeout`. On a mismatch or a timeout nothing is kept. Returns the path of the verified file.
 pub async fn fetch_verified(
     http: &reqwest::Client,
     source: &str,
     expected: &str,
     store: &Path,
     limit: u64,
+    timeout: std::time::Duration,
 ) -> Result<PathBuf, ArtifactError> {
     let expected = parse_digest(expected)?;
     let final_path = store.join(&expected);
@@ -115,7 +126,7 @@ pub async fn fetch_verified(
         let path = path.to_owned();
         move |source| ArtifactError::Io { path, source }
     };
-    let result = async {
+    let fetch = async {
         let mut out = tokio::fs::File::create(&staging)
             .await
             .map_err(io(&staging))?;
@@ -184,8 +195,16 @@ pub async fn fetch_verified(
             .map_err(io(&final_path))?;
         crate::durable::sync_dir(store).map_err(io(store))?;
         Ok(final_path.clone())
-    }
-    .await;
+    };
+    // The timeout wraps the fetch but not the clean-up below, so that an abandoned download
+    // leaves no staging file behind.
+    let result = match tokio::time::timeout(timeout, fetch).await {
+        Ok(r) => r,
+        Err(_) => Err(ArtifactError::TimedOut {
+            source_name: source.to_owned(),
+            limit: timeout,
+        }),
+    };
     if result.is_err() {
         let _ = tokio::fs::remove_file(&staging).await;
     }
@@ -209,6 +228,8 @@ pub fn prune(store: &Path, keep: &[&str]) {
 mod tests {
     use super::*;
 
+    const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
+
     fn sha(b: &[u8]) -> String {
         hex::encode(Sha256::digest(b))
     }
@@ -227,6 +248,7 @@ mod tests {
             &sha(b"payload").to_uppercase(),
             &store,
             1 << 20,
+            MINUTE,
         )
         .await?;
         assert_eq!(std::fs::read(&p)?, b"payload");
@@ -236,6 +258,7 @@ mod tests {
             &sha(b"other"),
             &store,
             1 << 20,
+            MINUTE,
         )
         .await;
         assert!(
@@ -250,10 +273,11 @@ mod tests {
             &sha(b"payload"),
             &store,
             3,
+            MINUTE,
         )
         .await;
         assert!(matches!(too_big, Err(ArtifactError::TooLarge { .. })));
-        let missing = fetch_verified(&http, "/nonexistent/x", &sha(b"x"), &store, 10).await;
+        let missing = fetch_verified(&http, "/nonexistent/x", &sha(b"x"), &store, 10, MINUTE).await;
         assert!(matches!(missing, Err(ArtifactError::NotFound(_))));
         assert!(matches!(
             parse_digest("abc"),
@@ -263,6 +287,46 @@ mod tests {
             classify("ftp://x"),
             Err(ArtifactError::BadSource(_))
         ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_stalled_download_times_out_and_leaves_nothing(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = dir.path().join("store");
+        std::fs::create_dir(&store)?;
+        // A server that accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/a.bin", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let err = fetch_verified(
+            &reqwest::Client::new(),
+            &url,
+            &sha(b"x"),
+            &store,
+            1 << 20,
+            std::time::Duration::from_millis(200),
+        )
+        .await;
+        server.abort();
+        assert!(
+            matches!(err, Err(ArtifactError::TimedOut { .. })),
+            "{err:?}"
+        );
+        let err = err.err().ok_or("no error")?;
+        assert!(err.is_retryable());
+        assert!(err.to_string().contains("fetch_timeout (200ms)"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(&store)?.count(),
+            0,
+            "no staging file left"
+        );
         Ok(())
     }
 }

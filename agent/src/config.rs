@@ -96,6 +96,10 @@ pub struct ServiceConfig {
     /// How long a restart waits for the service to accept connections, unless the call says.
     #[serde(default = "default_start_timeout", with = "humantime_serde")]
     pub start_timeout: Duration,
+    /// How long one whole artifact download may take. A stalled download would otherwise hold
+    /// the call (and the caller's plan) until the caller's own deadline, with no clear cause.
+    #[serde(default = "default_fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
     /// How long verify needs the service good without a break, unless the call says.
     #[serde(default = "default_verify_stable", with = "humantime_serde")]
     pub verify_stable: Duration,
@@ -136,6 +140,9 @@ fn default_install_timeout() -> Duration {
 }
 fn default_start_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_fetch_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_verify_stable() -> Duration {
     Duration::from_secs(5)
@@ -233,6 +240,7 @@ impl AgentConfig {
             ("service.drain_timeout", s.drain_timeout),
             ("service.install_timeout", s.install_timeout),
             ("service.start_timeout", s.start_timeout),
+            ("service.fetch_timeout", s.fetch_timeout),
             ("service.verify_timeout", s.verify_timeout),
             ("service.probe_timeout", s.probe_timeout),
         ] {

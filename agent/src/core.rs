@@ -6,6 +6,11 @@
 //! the service is in a state where the step is safe → store a higher epoch durably → journal
 //! `begin` → act. Nothing is changed before the last three steps, so a refused call changes
 //! nothing.
+//!
+//! A raised epoch never stops a running operation: a new leader that repeats the step it found
+//! under way (same operation id, newer epoch) *adopts* it — its epoch is stored, the adoption
+//! journaled, and it waits for the same run's result. Failing the step instead would leave the
+//! service half-drained for the new leader to clean up, for no gain: the work is the same.
 
 use crate::artifact;
 use crate::config::AgentConfig;
@@ -96,11 +101,18 @@ pub enum OpBody {
         timeout: Duration,
         /// Only if this version is installed (empty: whatever is installed).
         from_version: String,
+        /// The sha256 of the caller's fallback artifact of the previous version, already
+        /// fetched and verified into the cache; used only when the previous version's own
+        /// artifact is not cached.
+        fallback_sha256: Option<String>,
     },
     /// Start or restart, then wait until it accepts connections.
     Restart {
         /// How long to wait.
         timeout: Duration,
+        /// When set and the service accepts connections at the start: drain it first, waiting
+        /// this long for its connections to close, instead of cutting them.
+        drain_first: Option<Duration>,
     },
     /// Check it stays good for `stable`.
     Verify {
@@ -159,6 +171,10 @@ pub struct Health {
     pub active_connections: u32,
     /// The installed version.
     pub version: String,
+    /// The sha256 of the installed artifact (empty: installed outside rollgate).
+    pub installed_sha256: String,
+    /// The version a rollback returns to (empty: none known).
+    pub previous_version: String,
     /// The highest epoch accepted.
     pub epoch: Epoch,
     /// When this was observed (unix ms).
@@ -258,6 +274,8 @@ impl AgentCore {
             } else {
                 service.installed_version.clone()
             },
+            installed_sha256: service.installed_sha256.clone(),
+            previous_version: service.previous_version.clone(),
             epoch,
             observed_at_ms: now_ms(),
             detail: "not probed yet".into(),
@@ -374,7 +392,9 @@ impl AgentCore {
         body: OpBody,
     ) -> Result<Reply, AgentError> {
         let kind = body.kind();
+        // Adopting a running install or rollback needs no check: it changes nothing.
         if matches!(kind, OpKind::Install | OpKind::Rollback)
+            && !self.is_running(&header.id)
             && probe::accepting(
                 &self.cfg.service.probe_host,
                 &self.cfg.service.ports,
@@ -438,8 +458,13 @@ impl AgentCore {
                     return Ok(Admission::Replay(replayed(rec)))
                 }
                 OpState::Running => {
-                    if let Some(r) = inner.running.as_ref().filter(|r| r.id == header.id) {
-                        return Ok(Admission::Attach(r.done.clone()));
+                    let journaled_epoch = rec.epoch;
+                    let running = inner.running.as_ref().filter(|r| r.id == header.id);
+                    if let Some(done) = running.map(|r| r.done.clone()) {
+                        if header.epoch > journaled_epoch {
+                            self.adopt(&mut inner, header)?;
+                        }
+                        return Ok(Admission::Attach(done));
                     }
                 }
                 OpState::Interrupted => {}
@@ -451,7 +476,7 @@ impl AgentCore {
                 kind: r.kind.name(),
             });
         }
-        check_phase(&inner.service, body)?;
+        self.check_phase(&inner.service, body)?;
         let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
         if header.epoch > inner.epoch {
             self.dir.store_epoch(header.epoch).map_err(storage)?;
@@ -460,11 +485,22 @@ impl AgentCore {
         let rec = inner
             .journal
             .begin(&header.id, kind, header.epoch, now_ms())?;
-        let phase = match kind {
-            OpKind::Drain => Some(Phase::Draining),
-            OpKind::Install | OpKind::Rollback => Some(Phase::Installing),
-            OpKind::Restart => Some(Phase::Starting),
-            OpKind::Stop | OpKind::Verify => None,
+        let phase = match body {
+            // A rollback with nothing to do must leave the phase as it found it.
+            OpBody::Rollback { from_version, .. }
+                if matches!(
+                    self.rollback_source(&inner.service, from_version),
+                    Ok(RollbackSource::Moot(_))
+                ) =>
+            {
+                None
+            }
+            _ => match kind {
+                OpKind::Drain => Some(Phase::Draining),
+                OpKind::Install | OpKind::Rollback => Some(Phase::Installing),
+                OpKind::Restart => Some(Phase::Starting),
+                OpKind::Stop | OpKind::Verify => None,
+            },
         };
         if let Some(p) = phase {
             inner.service.phase = p;
@@ -482,8 +518,33 @@ impl AgentCore {
         Ok(Admission::Started(rec, tx, rx))
     }
 
+    /// A caller with a newer epoch takes over the running operation `header.id`: the epoch is
+    /// stored durably first (as admission does, so that older leaders are refused from now
+    /// on), then the adoption is journaled, so that the record carries the adopter's epoch
+    /// also after a restart.
+    fn adopt(&self, inner: &mut Inner, header: &OpHeader) -> Result<(), AgentError> {
+        if header.epoch > inner.epoch {
+            self.dir
+                .store_epoch(header.epoch)
+                .map_err(|e| AgentError::Storage(e.to_string()))?;
+            inner.epoch = header.epoch;
+        }
+        inner.journal.adopt(&header.id, header.epoch, now_ms())?;
+        tracing::info!(op = %header.id, epoch = header.epoch.get(), "running operation adopted by a newer epoch");
+        Ok(())
+    }
+
+    /// True when `id` is the operation running now.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.lock().running.as_ref().is_some_and(|r| r.id == id)
+    }
+
     fn finish(&self, mut rec: OpRecord, outcome: Outcome) -> OpRecord {
         let mut inner = self.lock();
+        // An adoption while it ran may have raised the operation's epoch.
+        if let Some(journaled) = inner.journal.get(&rec.id) {
+            rec.epoch = journaled.epoch;
+        }
         rec.state = if outcome.ok {
             OpState::Succeeded
         } else {
@@ -515,6 +576,11 @@ impl AgentCore {
         }
     }
 
+    /// Where the verified artifact with `sha256` is kept in the cache.
+    pub fn artifact_path(&self, sha256: &str) -> PathBuf {
+        self.dir.artifacts().join(sha256)
+    }
+
     /// Fetches and verifies an artifact into the store (before admission: a bad artifact
     /// changes nothing).
     pub async fn fetch_artifact(&self, source: &str, sha256: &str) -> Result<PathBuf, AgentError> {
@@ -524,6 +590,7 @@ impl AgentCore {
             sha256,
             &self.dir.artifacts(),
             self.cfg.service.max_artifact_bytes,
+            self.cfg.service.fetch_timeout,
         )
         .await?)
     }
@@ -534,7 +601,7 @@ impl AgentCore {
             OpBody::Drain {
                 timeout,
                 on_timeout,
-            } => self.drain(rec, timeout, on_timeout).await,
+            } => self.drain(timeout, on_timeout).await,
             OpBody::Stop => match self.hook("stop", &svc.stop, &[]).await {
                 Ok(output) => Outcome {
                     ok: true,
@@ -561,31 +628,49 @@ impl AgentCore {
             OpBody::Rollback {
                 timeout,
                 from_version,
+                fallback_sha256,
             } => {
                 let prev = self.lock().service.clone();
-                let current = self.version_of(&prev);
-                if !from_version.is_empty() && current != from_version {
+                let (version, sha256) = match self.rollback_source(&prev, &from_version) {
                     // Nothing of this plan is installed here: keep the service as it is.
-                    return Outcome {
-                        ok: true,
-                        message: format!("nothing to roll back: version {current} is installed, not {from_version}"),
-                        output: String::new(),
-                        phase: prev.phase,
-                    };
-                }
-                let artifact = self.dir.artifacts().join(&prev.previous_sha256);
-                self.install(
-                    rec,
-                    &artifact,
-                    &prev.previous_sha256,
-                    &prev.previous_version,
-                    timeout,
-                    true,
-                )
-                .await
+                    Ok(RollbackSource::Moot(message)) => {
+                        return Outcome {
+                            ok: true,
+                            message,
+                            output: String::new(),
+                            phase: prev.phase,
+                        }
+                    }
+                    Ok(RollbackSource::Cached { version, sha256 }) => (version, sha256),
+                    Ok(RollbackSource::NeedsArtifact { version, lost }) => match fallback_sha256 {
+                        Some(sha256) => (version, sha256),
+                        None => {
+                            return self
+                                .refused_at_work(no_rollback_artifact(&version, lost).to_string())
+                        }
+                    },
+                    Err(e) => return self.refused_at_work(e.to_string()),
+                };
+                let artifact = self.artifact_path(&sha256);
+                self.install(rec, &artifact, &sha256, &version, timeout, true)
+                    .await
             }
-            OpBody::Restart { timeout } => self.restart(timeout).await,
-            OpBody::Verify { stable, timeout } => self.verify(rec, stable, timeout).await,
+            OpBody::Restart {
+                timeout,
+                drain_first,
+            } => self.restart(timeout, drain_first).await,
+            OpBody::Verify { stable, timeout } => self.verify(stable, timeout).await,
+        }
+    }
+
+    /// Admission checked the same thing, so this only happens if the record changed in
+    /// between; nothing was run, and the service (stopped, as admission required) is left so.
+    fn refused_at_work(&self, message: String) -> Outcome {
+        Outcome {
+            ok: false,
+            message,
+            output: String::new(),
+            phase: Phase::Stopped,
         }
     }
 
@@ -603,23 +688,7 @@ impl AgentCore {
         }
     }
 
-    fn superseded(&self, rec: &OpRecord) -> Option<String> {
-        let now = self.epoch();
-        (now > rec.epoch).then(|| {
-            format!(
-                "superseded: epoch {now} was accepted while this {} (epoch {}) ran",
-                rec.kind.name(),
-                rec.epoch
-            )
-        })
-    }
-
-    async fn drain(
-        &self,
-        rec: &OpRecord,
-        timeout: Duration,
-        on_timeout: OnDrainTimeout,
-    ) -> Outcome {
+    async fn drain(&self, timeout: Duration, on_timeout: OnDrainTimeout) -> Outcome {
         let svc = &self.cfg.service;
         let mut output = match self.hook("drain", &svc.drain, &[]).await {
             Ok(o) => o,
@@ -633,26 +702,7 @@ impl AgentCore {
             }
         };
         self.poke.notify_one();
-        let deadline = Instant::now() + timeout;
-        let mut left;
-        loop {
-            left = probe::active_connections(&self.ports).await;
-            if left == 0 {
-                break;
-            }
-            if let Some(message) = self.superseded(rec) {
-                return Outcome {
-                    ok: false,
-                    message,
-                    output,
-                    phase: Phase::Draining,
-                };
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let left = self.wait_for_no_connections(timeout).await;
         let forced = left > 0;
         if forced && on_timeout == OnDrainTimeout::Fail {
             return Outcome {
@@ -730,11 +780,15 @@ impl AgentCore {
             Ok(o) if o.success() => {
                 let mut inner = self.lock();
                 let s = &mut inner.service;
-                let (old_version, old_sha) = (previous_version, s.installed_sha256.clone());
+                // Reinstalling the installed version (a second plan, a retried step under a new
+                // id) is not an upgrade: rotating would make the version its own "previous",
+                // and a later rollback would return to it instead of to the real previous one.
+                if version != previous_version {
+                    s.previous_version = previous_version;
+                    s.previous_sha256 = std::mem::take(&mut s.installed_sha256);
+                }
                 s.installed_version = version.to_owned();
                 s.installed_sha256 = sha256.to_owned();
-                s.previous_version = old_version;
-                s.previous_sha256 = old_sha;
                 let keep = [s.installed_sha256.clone(), s.previous_sha256.clone()];
                 drop(inner);
                 artifact::prune(&self.dir.artifacts(), &[keep[0].as_str(), keep[1].as_str()]);
@@ -777,18 +831,91 @@ impl AgentCore {
         }
     }
 
-    async fn restart(&self, timeout: Duration) -> Outcome {
+    /// Waits up to `timeout` for the established connections on the service's ports to reach
+    /// zero; returns how many are left.
+    async fn wait_for_no_connections(&self, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = probe::active_connections(&self.ports).await;
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Records the service's phase mid-operation (durably, so that a crash meanwhile does not
+    /// misreport it) and tells watchers.
+    fn set_phase(&self, phase: Phase) {
+        let mut inner = self.lock();
+        inner.service.phase = phase;
+        if let Err(e) = self.dir.store_service(&inner.service) {
+            tracing::error!(error = %e, "cannot store the service record");
+        }
+        drop(inner);
+        self.poke.notify_one();
+    }
+
+    /// Drains a service that accepts connections before restarting it: the drain hook, then
+    /// up to `timeout` for its connections to close. `Err` is the failed outcome: connections
+    /// remain, and the service is left draining with none of them cut.
+    async fn drain_before_restart(
+        &self,
+        timeout: Duration,
+        output: &mut String,
+    ) -> Result<(), Outcome> {
+        self.set_phase(Phase::Draining);
+        match self.hook("drain", &self.cfg.service.drain, &[]).await {
+            Ok(o) => output.push_str(&o),
+            Err((message, o)) => {
+                output.push_str(&o);
+                return Err(Outcome {
+                    ok: false,
+                    message: format!("restart: {message}"),
+                    output: std::mem::take(output),
+                    phase: Phase::Draining,
+                });
+            }
+        }
+        self.poke.notify_one();
+        let left = self.wait_for_no_connections(timeout).await;
+        if left > 0 {
+            return Err(Outcome {
+                ok: false,
+                message: format!(
+                    "restart not done: the service was accepting connections, and after draining it for {}ms {left} connection(s) still open; the service is left draining",
+                    timeout.as_millis()
+                ),
+                output: std::mem::take(output),
+                phase: Phase::Draining,
+            });
+        }
+        self.set_phase(Phase::Starting);
+        Ok(())
+    }
+
+    async fn restart(&self, timeout: Duration, drain_first: Option<Duration>) -> Outcome {
         let svc = &self.cfg.service;
         let mut output = String::new();
-        let steps: Vec<(&str, &[String])> = if svc.restart.is_empty() {
-            let running = probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await;
-            if running {
-                vec![("stop", &svc.stop), ("start", &svc.start)]
-            } else {
-                vec![("start", &svc.start)]
+        let accepting = probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await;
+        let stop_start: Vec<(&str, &[String])> = vec![("stop", &svc.stop), ("start", &svc.start)];
+        let steps: Vec<(&str, &[String])> = match drain_first {
+            // A restart that timed out may have come up and taken traffic since: a retry must
+            // not cut those connections, so it drains them first.
+            Some(drain_timeout) if accepting => {
+                if let Err(failed) = self.drain_before_restart(drain_timeout, &mut output).await {
+                    return failed;
+                }
+                // Drained is not necessarily stopped (a service manager may keep the process).
+                if svc.restart.is_empty() {
+                    stop_start
+                } else {
+                    vec![("restart", &svc.restart)]
+                }
             }
-        } else {
-            vec![("restart", &svc.restart)]
+            _ if !svc.restart.is_empty() => vec![("restart", &svc.restart)],
+            _ if accepting => stop_start,
+            _ => vec![("start", &svc.start)],
         };
         for (name, argv) in steps {
             match self.hook(name, argv, &[]).await {
@@ -830,7 +957,7 @@ impl AgentCore {
         }
     }
 
-    async fn verify(&self, rec: &OpRecord, stable: Duration, timeout: Duration) -> Outcome {
+    async fn verify(&self, stable: Duration, timeout: Duration) -> Outcome {
         let deadline = Instant::now() + timeout;
         let mut good_since: Option<Instant> = None;
         let phase = self.lock().service.phase;
@@ -854,14 +981,6 @@ impl AgentCore {
                 }
             } else {
                 good_since = None;
-            }
-            if let Some(message) = self.superseded(rec) {
-                return Outcome {
-                    ok: false,
-                    message,
-                    output: String::new(),
-                    phase,
-                };
             }
             if now >= deadline {
                 let why = if h.detail.is_empty() {
@@ -944,6 +1063,8 @@ impl AgentCore {
             healthy,
             active_connections,
             version: self.version_of(&inner.service),
+            installed_sha256: inner.service.installed_sha256.clone(),
+            previous_version: inner.service.previous_version.clone(),
             epoch: inner.epoch,
             observed_at_ms: now_ms(),
             detail: details.join("; "),
@@ -1015,9 +1136,225 @@ pub struct Reply {
     pub replayed: bool,
 }
 
-/// Steps that are only safe in some states: installing over a serving service would take it
-/// down without a drain; a rollback needs something to roll back to.
-fn check_phase(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
+/// What a rollback would do now.
+#[derive(Debug)]
+enum RollbackSource {
+    /// Nothing: the version to roll back from is not installed (the message says so).
+    Moot(String),
+    /// Reinstall `version` from the agent's own cache.
+    Cached {
+        /// The previous version.
+        version: String,
+        /// Its cached artifact.
+        sha256: String,
+    },
+    /// `version` is known but its artifact is not in the cache: the caller must supply it.
+    NeedsArtifact {
+        /// The previous version.
+        version: String,
+        /// True when the agent had cached it once (it has gone from the cache since).
+        lost: bool,
+    },
+}
+
+/// The refusal of a rollback to `version` when its artifact is not cached and the caller gave
+/// none. One line, naming the version and the remedy, since whoever wrote the plan reads it.
+fn no_rollback_artifact(version: &str, lost: bool) -> AgentError {
+    let why = if lost {
+        "its artifact is no longer in this agent's cache"
+    } else {
+        "it was installed outside rollgate, so this agent has no artifact of it"
+    };
+    AgentError::Precondition(format!(
+        "cannot roll back to version {version}: {why}; give the plan a rollback artifact (fallback_artifact and fallback_sha256)"
+    ))
+}
+
+impl AgentCore {
+    /// What a rollback from `from_version` (empty: from whatever is installed) would do now.
+    fn rollback_source(
+        &self,
+        s: &ServiceRecord,
+        from_version: &str,
+    ) -> Result<RollbackSource, AgentError> {
+        let current = self.version_of(s);
+        if !from_version.is_empty() && current != from_version {
+            return Ok(RollbackSource::Moot(format!(
+                "nothing to roll back: version {current} is installed, not {from_version}"
+            )));
+        }
+        if s.previous_version.is_empty() {
+            return Err(AgentError::Precondition(format!(
+                "nothing to roll back to: this agent knows no version installed before {}",
+                if current.is_empty() {
+                    "the current one"
+                } else {
+                    current.as_str()
+                }
+            )));
+        }
+        let cached =
+            !s.previous_sha256.is_empty() && self.artifact_path(&s.previous_sha256).is_file();
+        Ok(if cached {
+            RollbackSource::Cached {
+                version: s.previous_version.clone(),
+                sha256: s.previous_sha256.clone(),
+            }
+        } else {
+            RollbackSource::NeedsArtifact {
+                version: s.previous_version.clone(),
+                lost: !s.previous_sha256.is_empty(),
+            }
+        })
+    }
+
+    /// True when a rollback from `from_version` could only run with the caller's fallback
+    /// artifact (so that it is fetched only then).
+    pub fn rollback_needs_artifact(&self, from_version: &str) -> bool {
+        let s = self.lock().service.clone();
+        matches!(
+            self.rollback_source(&s, from_version),
+            Ok(RollbackSource::NeedsArtifact { .. })
+        )
+    }
+
+    /// Refuses an epoch older than the highest accepted, changing nothing.
+    pub fn refuse_stale(&self, header: &OpHeader) -> Result<(), AgentError> {
+        let inner = self.lock();
+        self.check_epoch(&inner, header)
+    }
+
+    fn prepared(
+        &self,
+        header: &OpHeader,
+        kind: OpKind,
+        started_at_ms: u64,
+        message: String,
+    ) -> Reply {
+        let version = self.version_of(&self.lock().service);
+        Reply {
+            record: OpRecord {
+                id: header.id.clone(),
+                kind,
+                epoch: header.epoch,
+                state: OpState::Succeeded,
+                started_at_ms,
+                finished_at_ms: now_ms(),
+                message,
+                version,
+                output: String::new(),
+                // Not an attempt: nothing ran and nothing was journaled.
+                attempt: 0,
+            },
+            replayed: false,
+        }
+    }
+
+    /// InstallPatch{prepare_only}: fetches and verifies the artifact into the cache, before a
+    /// server is taken down, so that a bad artifact takes nothing down. The service is not
+    /// touched, nothing is journaled and the epoch is not raised (it is only checked): a
+    /// preparation must not fence off a leader that is still acting.
+    pub async fn prepare_install(
+        &self,
+        header: &OpHeader,
+        source: &str,
+        sha256: &str,
+        version: &str,
+    ) -> Result<Reply, AgentError> {
+        let started = now_ms();
+        self.refuse_stale(header)?;
+        self.fetch_artifact(source, sha256).await?;
+        Ok(self.prepared(
+            header,
+            OpKind::Install,
+            started,
+            format!("prepared: the artifact of version {version} (sha256 {sha256}) is verified in the cache; nothing was installed"),
+        ))
+    }
+
+    /// Rollback{prepare_only}: succeeds only if a rollback could run now. When the previous
+    /// version's artifact is not cached, the caller's fallback is fetched, verified and
+    /// recorded as the previous artifact, so that the real rollback uses it. The service is not
+    /// touched, nothing is journaled and the epoch is not raised.
+    pub async fn prepare_rollback(
+        &self,
+        header: &OpHeader,
+        from_version: &str,
+        fallback: Option<(&str, &str)>,
+    ) -> Result<Reply, AgentError> {
+        let started = now_ms();
+        self.refuse_stale(header)?;
+        let s = self.lock().service.clone();
+        let (version, source, sha256) = match (self.rollback_source(&s, from_version)?, fallback) {
+            (RollbackSource::Moot(message), _) => {
+                return Ok(self.prepared(header, OpKind::Rollback, started, message))
+            }
+            (RollbackSource::Cached { version, .. }, _) => {
+                return Ok(self.prepared(
+                    header,
+                    OpKind::Rollback,
+                    started,
+                    format!("a rollback can run: the artifact of version {version} is cached"),
+                ))
+            }
+            (RollbackSource::NeedsArtifact { version, .. }, Some((source, sha256))) => {
+                (version, source, sha256)
+            }
+            (RollbackSource::NeedsArtifact { version, lost }, None) => {
+                return Err(no_rollback_artifact(&version, lost))
+            }
+        };
+        self.fetch_artifact(source, sha256).await?;
+        let mut inner = self.lock();
+        // Record it only if the service record still asks for this artifact: an operation may
+        // have changed it while the fallback was fetched.
+        match self.rollback_source(&inner.service, from_version)? {
+            RollbackSource::NeedsArtifact { version: now, .. } if now == version => {
+                inner.service.previous_sha256 = sha256.to_owned();
+                self.dir
+                    .store_service(&inner.service)
+                    .map_err(|e| AgentError::Storage(e.to_string()))?;
+            }
+            RollbackSource::NeedsArtifact { .. } => {
+                return Err(AgentError::Precondition(
+                    "the installed versions changed while the fallback artifact was fetched: prepare the rollback again".into(),
+                ))
+            }
+            RollbackSource::Moot(_) | RollbackSource::Cached { .. } => {}
+        }
+        drop(inner);
+        tracing::info!(version = %version, sha256 = %sha256, "fallback artifact recorded for a rollback");
+        Ok(self.prepared(
+            header,
+            OpKind::Rollback,
+            started,
+            format!("a rollback can run: the fallback artifact of version {version} is verified and cached"),
+        ))
+    }
+
+    /// Steps that are only safe in some states: installing over a serving service would take
+    /// it down without a drain; a rollback needs something to roll back to.
+    fn check_phase(&self, s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
+        check_service_stopped(s, body)?;
+        if let OpBody::Rollback {
+            from_version,
+            fallback_sha256,
+            ..
+        } = body
+        {
+            match self.rollback_source(s, from_version)? {
+                RollbackSource::NeedsArtifact { version, lost } if fallback_sha256.is_none() => {
+                    return Err(no_rollback_artifact(&version, lost))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Installing or rolling back over a serving service would take it down without a drain.
+fn check_service_stopped(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
     match body {
         OpBody::Install { .. } | OpBody::Rollback { .. } => {
             if matches!(s.phase, Phase::Running | Phase::Draining | Phase::Starting) {
@@ -1029,18 +1366,6 @@ fn check_phase(s: &ServiceRecord, body: &OpBody) -> Result<(), AgentError> {
                         _ => "starting",
                     }
                 )));
-            }
-            let installed = if s.installed_version.is_empty() {
-                None
-            } else {
-                Some(s.installed_version.as_str())
-            };
-            let moot = matches!(body, OpBody::Rollback { from_version, .. } if !from_version.is_empty() && installed != Some(from_version.as_str()));
-            if matches!(body, OpBody::Rollback { .. }) && !moot && s.previous_sha256.is_empty() {
-                return Err(AgentError::Precondition(
-                    "nothing to roll back to: no previous version was installed by this agent"
-                        .into(),
-                ));
             }
             Ok(())
         }

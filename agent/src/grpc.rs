@@ -55,24 +55,53 @@ impl AgentApi {
 }
 
 /// Maps every agent error to a gRPC status. Retryable conditions use codes clients retry on.
+/// Every refusal carries an [`pb::AgentErrorDetail`], so that callers act on the typed reason
+/// (e.g. a stale epoch: step down) instead of parsing the message.
 pub fn to_status(e: AgentError) -> Status {
+    use crate::artifact::ArtifactError;
+    use pb::AgentErrorReason as R;
     let msg = e.to_string();
-    match e {
-        AgentError::InvalidArgument(_) => Status::invalid_argument(msg),
-        AgentError::StaleEpoch { .. }
-        | AgentError::KindMismatch { .. }
-        | AgentError::Precondition(_) => Status::failed_precondition(msg),
-        AgentError::Busy { .. } => Status::aborted(msg),
-        AgentError::UnknownOperation(_) => Status::not_found(msg),
+    let mut detail = pb::AgentErrorDetail {
+        retryable: e.is_retryable(),
+        ..Default::default()
+    };
+    let (code, reason) = match &e {
+        AgentError::InvalidArgument(_) => (tonic::Code::InvalidArgument, R::InvalidArgument),
+        AgentError::StaleEpoch { current, .. } => {
+            detail.current_epoch = current.get();
+            (tonic::Code::FailedPrecondition, R::StaleEpoch)
+        }
+        AgentError::KindMismatch { .. } => (tonic::Code::FailedPrecondition, R::KindMismatch),
+        AgentError::Precondition(_) => (tonic::Code::FailedPrecondition, R::Precondition),
+        AgentError::Busy { running, .. } => {
+            detail.running_operation_id = running.clone();
+            (tonic::Code::Aborted, R::Busy)
+        }
+        AgentError::UnknownOperation(_) => (tonic::Code::NotFound, R::UnknownOperation),
         AgentError::Artifact(a) => match a {
-            crate::artifact::ArtifactError::NotFound(_) => Status::not_found(msg),
-            crate::artifact::ArtifactError::Download { .. } => Status::unavailable(msg),
-            crate::artifact::ArtifactError::Io { .. } => Status::internal(msg),
-            _ => Status::invalid_argument(msg),
+            // A malformed digest or source is the caller's input, not the artifact's content.
+            ArtifactError::BadDigest(_) | ArtifactError::BadSource(_) => {
+                (tonic::Code::InvalidArgument, R::InvalidArgument)
+            }
+            ArtifactError::NotFound(_) => (tonic::Code::NotFound, R::Artifact),
+            ArtifactError::Download { .. } | ArtifactError::TimedOut { .. } => {
+                (tonic::Code::Unavailable, R::Artifact)
+            }
+            ArtifactError::Io { .. } => (tonic::Code::Internal, R::Artifact),
+            ArtifactError::TooLarge { .. } | ArtifactError::Mismatch { .. } => {
+                (tonic::Code::InvalidArgument, R::Artifact)
+            }
         },
-        AgentError::Storage(_) => Status::internal(msg),
-        AgentError::ShuttingDown => Status::unavailable(msg),
-    }
+        AgentError::Storage(_) => (tonic::Code::Internal, R::Storage),
+        AgentError::ShuttingDown => (tonic::Code::Unavailable, R::ShuttingDown),
+    };
+    detail.reason = reason as i32;
+    detail.to_status(code, msg)
+}
+
+/// A refusal of malformed input found in this adapter, with its typed detail.
+fn invalid(message: String) -> Status {
+    to_status(AgentError::InvalidArgument(message))
 }
 
 fn header_of(h: Option<pb::OperationHeader>) -> Result<OpHeader, AgentError> {
@@ -142,7 +171,23 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         epoch: h.epoch.get(),
         observed_at_ms: h.observed_at_ms,
         detail: h.detail.clone(),
-        ..Default::default()
+        limits: Some(limits_of(&core.cfg.service)),
+        installed_sha256: h.installed_sha256.clone(),
+        previous_version: h.previous_version.clone(),
+    }
+}
+
+/// The agent's own time limits, so that callers derive their deadlines from them rather than
+/// guess (a caller deadline shorter than the agent's limit cuts a step that would have passed).
+fn limits_of(s: &crate::config::ServiceConfig) -> pb::AgentLimits {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    pb::AgentLimits {
+        hook_timeout_ms: ms(s.hook_timeout),
+        install_timeout_ms: ms(s.install_timeout),
+        start_timeout_ms: ms(s.start_timeout),
+        fetch_timeout_ms: ms(s.fetch_timeout),
+        drain_timeout_ms: ms(s.drain_timeout),
+        verify_timeout_ms: ms(s.verify_timeout),
     }
 }
 
@@ -211,7 +256,7 @@ impl pb::agent_server::Agent for AgentApi {
                 OnDrainTimeout::Fail
             }
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "on_timeout {} is not a drain timeout action",
                     r.on_timeout
                 )))
@@ -247,12 +292,20 @@ impl pb::agent_server::Agent for AgentApi {
             || r.version.len() > 128
             || !r.version.chars().all(|c| c.is_ascii_graphic())
         {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "version {:?} must be 1-128 printable characters without spaces",
                 r.version
             )));
         }
         let sha256 = crate::artifact::parse_digest(&r.sha256).map_err(|e| to_status(e.into()))?;
+        if r.prepare_only {
+            let reply = self
+                .core
+                .prepare_install(&header, &r.artifact, &sha256, &r.version)
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(result_of(&reply)));
+        }
         // A repeated id is answered before any download; a bad artifact is refused before
         // anything is journaled or run.
         if let Some(reply) = self
@@ -262,11 +315,15 @@ impl pb::agent_server::Agent for AgentApi {
         {
             return Ok(Response::new(result_of(&reply)));
         }
-        let artifact = self
-            .core
-            .fetch_artifact(&r.artifact, &sha256)
-            .await
-            .map_err(to_status)?;
+        let artifact = if self.core.is_running(&header.id) {
+            // Adopting the running install: it has its artifact; this body is not used.
+            self.core.artifact_path(&sha256)
+        } else {
+            self.core
+                .fetch_artifact(&r.artifact, &sha256)
+                .await
+                .map_err(to_status)?
+        };
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
         self.run(
             r.header,
@@ -286,12 +343,62 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
+        let header = header_of(r.header.clone()).map_err(to_status)?;
+        let fallback = match (r.fallback_artifact.is_empty(), r.fallback_sha256.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((
+                r.fallback_artifact.as_str(),
+                crate::artifact::parse_digest(&r.fallback_sha256)
+                    .map_err(|e| to_status(e.into()))?,
+            )),
+            _ => {
+                return Err(invalid(
+                    "fallback_artifact and fallback_sha256 go together: give both or neither"
+                        .into(),
+                ))
+            }
+        };
+        if r.prepare_only {
+            let reply = self
+                .core
+                .prepare_rollback(
+                    &header,
+                    &r.from_version,
+                    fallback.as_ref().map(|(a, s)| (*a, s.as_str())),
+                )
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(result_of(&reply)));
+        }
+        // As for an install: a repeated id is answered before any download, and the fallback
+        // is fetched and verified before admission, only when the rollback needs it.
+        if let Some(reply) = self
+            .core
+            .precheck(&header, OpKind::Rollback)
+            .map_err(to_status)?
+        {
+            return Ok(Response::new(result_of(&reply)));
+        }
+        let fallback_sha256 = match fallback {
+            Some((source, sha256))
+                if !self.core.is_running(&header.id)
+                    && self.core.rollback_needs_artifact(&r.from_version) =>
+            {
+                self.core
+                    .fetch_artifact(source, &sha256)
+                    .await
+                    .map_err(to_status)?;
+                Some(sha256)
+            }
+            _ => None,
+        };
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.install_timeout);
         self.run(
             r.header,
             OpBody::Rollback {
                 timeout,
                 from_version: r.from_version,
+                fallback_sha256,
             },
         )
         .await
@@ -304,7 +411,17 @@ impl pb::agent_server::Agent for AgentApi {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.start_timeout);
-        self.run(r.header, OpBody::Restart { timeout }).await
+        let drain_first = r
+            .drain_if_accepting
+            .then(|| Self::ms(r.drain_timeout_ms, self.core.cfg.service.drain_timeout));
+        self.run(
+            r.header,
+            OpBody::Restart {
+                timeout,
+                drain_first,
+            },
+        )
+        .await
     }
 
     async fn verify(
@@ -313,10 +430,13 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
-        let stable = r.stable_ms.map_or(self.core.cfg.service.verify_stable, Duration::from_millis);
+        // Unset: the agent's default; an explicit 0: one good probe is enough.
+        let stable = r
+            .stable_ms
+            .map_or(self.core.cfg.service.verify_stable, Duration::from_millis);
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.verify_timeout);
         if stable > timeout {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "stable_ms {} is longer than timeout_ms {}: verify could never pass",
                 stable.as_millis(),
                 timeout.as_millis()

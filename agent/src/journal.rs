@@ -4,6 +4,10 @@
 //! the file gives one entry per operation id. An operation with a `begin` and no `end` was cut
 //! short by a crash or restart: it reads back as interrupted, and repeating its id runs it again
 //! (recorded as a further attempt) rather than leaving it undone.
+//!
+//! An `adopt` record says that a caller with a newer epoch took over a running operation (a
+//! new leader repeating the step it found under way): from then on the operation carries the
+//! adopter's epoch, in memory and after a replay.
 
 use rollgate_common::Epoch;
 use serde::{Deserialize, Serialize};
@@ -92,6 +96,11 @@ enum Line {
         epoch: Epoch,
         at_ms: u64,
         attempt: u32,
+    },
+    Adopt {
+        id: String,
+        epoch: Epoch,
+        at_ms: u64,
     },
     End {
         id: String,
@@ -192,6 +201,11 @@ impl Journal {
                             },
                         );
                     }
+                    Line::Adopt { id, epoch, .. } => {
+                        if let Some(rec) = ops.get_mut(&id) {
+                            rec.epoch = epoch;
+                        }
+                    }
                     Line::End {
                         id,
                         at_ms,
@@ -285,6 +299,20 @@ impl Journal {
         Ok(rec)
     }
 
+    /// Records that a caller with `epoch` adopted the operation `id` while it ran; durable
+    /// before it returns. The operation's record carries `epoch` from now on.
+    pub fn adopt(&mut self, id: &str, epoch: Epoch, at_ms: u64) -> Result<(), JournalError> {
+        self.append(&Line::Adopt {
+            id: id.to_owned(),
+            epoch,
+            at_ms,
+        })?;
+        if let Some(rec) = self.ops.get_mut(id) {
+            rec.epoch = epoch;
+        }
+        Ok(())
+    }
+
     /// Records how an operation ended; durable before it returns.
     pub fn end(&mut self, rec: &OpRecord) -> Result<(), JournalError> {
         self.append(&Line::End {
@@ -338,6 +366,35 @@ mod tests {
         assert_eq!(j.last().map(|r| r.id.as_str()), Some("b"));
         let b = j.begin("b", OpKind::Install, Epoch(4), 300)?;
         assert_eq!(b.attempt, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn an_adoption_gives_the_operation_the_adopters_epoch_also_after_replay(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("journal.jsonl");
+        {
+            let mut j = Journal::open(&path)?;
+            let a = j.begin("a", OpKind::Drain, Epoch(1), 100)?;
+            j.adopt("a", Epoch(2), 150)?;
+            assert_eq!(j.get("a").map(|r| r.epoch), Some(Epoch(2)));
+            let mut a = done(a, OpState::Succeeded);
+            a.epoch = Epoch(2);
+            j.end(&a)?;
+            j.begin("b", OpKind::Verify, Epoch(2), 200)?;
+            j.adopt("b", Epoch(5), 250)?;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        assert!(
+            text.contains(r#"{"event":"adopt","id":"a","epoch":2,"at_ms":150}"#),
+            "{text}"
+        );
+        let j = Journal::open(&path)?;
+        let a = j.get("a").ok_or("a")?;
+        assert_eq!((a.epoch, a.state), (Epoch(2), OpState::Succeeded));
+        let b = j.get("b").ok_or("b")?;
+        assert_eq!((b.epoch, b.state), (Epoch(5), OpState::Interrupted));
         Ok(())
     }
 

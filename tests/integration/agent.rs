@@ -248,6 +248,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         sha256: sha.into(),
         version: "2.0".into(),
         timeout_ms: 0,
+        ..Default::default()
     };
 
     // Installing over a serving service is refused: it would take it down without a drain.
@@ -308,6 +309,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .restart(pb::RestartRequest {
             header: header("restart", 1),
             timeout_ms: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -316,7 +318,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .client
         .verify(pb::VerifyRequest {
             header: header("verify", 1),
-            stable_ms: 500,
+            stable_ms: Some(500),
             timeout_ms: 10_000,
         })
         .await?
@@ -340,18 +342,23 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .await?
         .into_inner();
     assert_eq!(state(&res), pb::OperationState::Succeeded);
-    // The initial version was not installed by the agent: nothing to roll back to.
+    // The initial version was not installed by the agent: it has no artifact to roll back to.
     let err = s
         .client
         .rollback(pb::RollbackRequest {
             header: header("rb-0", 1),
             timeout_ms: 0,
             from_version: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("no previous");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("nothing to roll back to"), "{err:?}");
+    assert!(
+        err.message().contains("cannot roll back to version 1.0")
+            && err.message().contains("give the plan a rollback artifact"),
+        "{err:?}"
+    );
     let (artifact3, sha3) = make_artifact(&s.root, "3.0")?;
     let res = s
         .client
@@ -361,6 +368,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
             sha256: sha3,
             version: "3.0".into(),
             timeout_ms: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -372,6 +380,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
             header: header("rb-1", 1),
             timeout_ms: 0,
             from_version: "3.0".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -386,6 +395,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
             header: header("rb-2", 1),
             timeout_ms: 0,
             from_version: "3.0".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -397,6 +407,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .restart(pb::RestartRequest {
             header: header("restart-2", 1),
             timeout_ms: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -414,7 +425,7 @@ async fn verify_fails_while_busy_or_unhealthy_and_passes_once_stable() -> anyhow
         .client
         .verify(pb::VerifyRequest {
             header: header("v1", 1),
-            stable_ms: 200,
+            stable_ms: Some(200),
             timeout_ms: 800,
         })
         .await?
@@ -427,7 +438,7 @@ async fn verify_fails_while_busy_or_unhealthy_and_passes_once_stable() -> anyhow
         .client
         .verify(pb::VerifyRequest {
             header: header("v2", 1),
-            stable_ms: 200,
+            stable_ms: Some(200),
             timeout_ms: 800,
         })
         .await?
@@ -439,7 +450,7 @@ async fn verify_fails_while_busy_or_unhealthy_and_passes_once_stable() -> anyhow
         .client
         .verify(pb::VerifyRequest {
             header: header("v3", 1),
-            stable_ms: 200,
+            stable_ms: Some(200),
             timeout_ms: 5000,
         })
         .await?
@@ -533,6 +544,7 @@ async fn repeated_operation_id_is_answered_from_the_journal_across_a_restart() -
         sha256: sha.clone(),
         version: "3.1".into(),
         timeout_ms: 0,
+        ..Default::default()
     };
     let first = s.client.install_patch(req.clone()).await?.into_inner();
     assert_eq!(state(&first), pb::OperationState::Succeeded, "{first:?}");
@@ -686,6 +698,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         sha256: sha.into(),
         version: version.into(),
         timeout_ms: 0,
+        ..Default::default()
     };
     let stop = s
         .client
@@ -725,7 +738,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         .client
         .verify(pb::VerifyRequest {
             header: header("v", 1),
-            stable_ms: 5000,
+            stable_ms: Some(5000),
             timeout_ms: 100,
         })
         .await
@@ -812,6 +825,7 @@ async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyh
         sha256: sha,
         version: "4.0".into(),
         timeout_ms: 0,
+        ..Default::default()
     };
     let mut c = s.client.clone();
     let pending = tokio::spawn({
@@ -848,5 +862,712 @@ async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyh
     assert!(again.output.contains("already installed"), "{again:?}");
     assert_eq!(s.fe.installs(), vec!["4.0"], "installed exactly once");
     assert_eq!(health(&mut c).await?.installed_version, "4.0");
+    Ok(())
+}
+
+async fn wait_for_connections(c: &AgentClient<Channel>, n: u32) -> anyhow::Result<()> {
+    eventually(
+        &format!("the agent to count {n} active connection(s)"),
+        WAIT,
+        || {
+            let mut c = c.clone();
+            async move {
+                health(&mut c)
+                    .await
+                    .ok()
+                    .filter(|h| h.active_connections == n)
+                    .map(|_| ())
+            }
+        },
+    )
+    .await
+}
+
+async fn wait_for_state(
+    c: &AgentClient<Channel>,
+    want: pb::ServiceState,
+) -> anyhow::Result<pb::HealthReport> {
+    eventually(&format!("the agent to report {want:?}"), WAIT, || {
+        let mut c = c.clone();
+        async move { health(&mut c).await.ok().filter(|h| h.state == want as i32) }
+    })
+    .await
+}
+
+/// Waits until the journal holds `id` with `epoch` (and returns the record).
+async fn wait_for_op_epoch(
+    c: &AgentClient<Channel>,
+    id: &str,
+    epoch: u64,
+) -> anyhow::Result<pb::OperationResult> {
+    eventually(
+        &format!("operation {id} to be journaled with epoch {epoch}"),
+        WAIT,
+        || {
+            let mut c = c.clone();
+            let id = id.to_owned();
+            async move {
+                c.operation_status(pb::OperationStatusRequest { operation_id: id })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+                    .filter(|r| r.epoch == epoch)
+            }
+        },
+    )
+    .await
+}
+
+fn detail(err: &tonic::Status) -> anyhow::Result<pb::AgentErrorDetail> {
+    pb::AgentErrorDetail::from_status(err)
+        .with_context(|| format!("no AgentErrorDetail in {err:?}"))
+}
+
+async fn not_journaled(c: &mut AgentClient<Channel>, id: &str) -> anyhow::Result<()> {
+    let err = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: id.into(),
+        })
+        .await
+        .expect_err("must not be journaled");
+    ensure!(err.code() == Code::NotFound, "{id}: {err:?}");
+    Ok(())
+}
+
+fn succeeded(res: &pb::OperationResult) -> anyhow::Result<()> {
+    ensure!(
+        state(res) == pb::OperationState::Succeeded,
+        "expected success: {res:?}"
+    );
+    Ok(())
+}
+
+/// Stop, install `version` through the agent, restart: the front end serves `version`.
+async fn upgrade(s: &mut Setup, version: &str, epoch: u64) -> anyhow::Result<String> {
+    let (artifact, sha) = make_artifact(&s.root, version)?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header(&format!("up-{version}/stop"), epoch),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .install_patch(pb::InstallPatchRequest {
+                header: header(&format!("up-{version}/install"), epoch),
+                artifact: artifact.display().to_string(),
+                sha256: sha.clone(),
+                version: version.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header(&format!("up-{version}/restart"), epoch),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    ensure!(ask(&mut r, &mut w, "VERSION").await? == version);
+    Ok(sha)
+}
+
+#[tokio::test]
+async fn a_newer_epoch_adopts_a_running_drain_instead_of_failing_it() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (mut r1, mut w1) = connect(s.fe.port).await?;
+    let (mut r2, mut w2) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r1, &mut w1, "VERSION").await?, "1.0");
+    assert_eq!(ask(&mut r2, &mut w2, "VERSION").await?, "1.0");
+    wait_for_connections(&s.client, 2).await?;
+    let id = "plan-1/fe-1/drain";
+    let drain = |epoch| pb::DrainRequest {
+        header: header(id, epoch),
+        timeout_ms: 30_000,
+        on_timeout: pb::DrainTimeoutAction::Fail as i32,
+    };
+    let mut c = s.client.clone();
+    let first = tokio::spawn(async move { c.drain(drain(1)).await });
+    wait_for_state(&s.client, pb::ServiceState::Draining).await?;
+    let port = s.fe.port;
+    eventually("new connections to be refused", WAIT, || async move {
+        refuses_new_connections(port).await.then_some(())
+    })
+    .await?;
+
+    // A new leader fences, then repeats the step it found running, under its own epoch.
+    let f = s
+        .client
+        .fence(pb::FenceRequest { epoch: 2 })
+        .await?
+        .into_inner();
+    assert_eq!(f.epoch, 2);
+    let mut c = s.client.clone();
+    let second = tokio::spawn(async move { c.drain(drain(2)).await });
+    let running = wait_for_op_epoch(&s.client, id, 2).await?;
+    assert_eq!(state(&running), pb::OperationState::Running, "{running:?}");
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "the drain must keep waiting for the open connections"
+    );
+    // The drain goes on: open connections still work.
+    assert_eq!(ask(&mut r1, &mut w1, "still here").await?, "still here");
+    assert_eq!(ask(&mut r2, &mut w2, "VERSION").await?, "1.0");
+    drop((r1, w1));
+    drop((r2, w2));
+    let a = tokio::time::timeout(WAIT, first).await???.into_inner();
+    let b = tokio::time::timeout(WAIT, second).await???.into_inner();
+    for res in [&a, &b] {
+        succeeded(res)?;
+        assert!(res.message.contains("drained"), "{res:?}");
+        assert_eq!(
+            res.epoch, 2,
+            "the record carries the adopter's epoch: {res:?}"
+        );
+        assert_eq!(res.attempt, 1, "one run, not two: {res:?}");
+    }
+    assert_eq!(a.started_at_ms, b.started_at_ms, "the same run");
+
+    // The adoption is journaled, and replayed after an agent restart.
+    let journal = std::fs::read_to_string(s.agent.state_dir.join("journal.jsonl"))?;
+    let adopted = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| v["event"] == "adopt" && v["id"] == id && v["epoch"] == 2);
+    assert!(adopted, "no adopt line in the journal:\n{journal}");
+    s.agent.kill().await?;
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let st = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: id.into(),
+        })
+        .await?
+        .into_inner();
+    succeeded(&st)?;
+    assert_eq!(st.epoch, 2, "{st:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_newer_epoch_adopts_a_running_verify() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    std::fs::write(s.fe.dir.join("busy"), "")?;
+    let id = "plan-1/fe-1/verify";
+    let verify = |epoch| pb::VerifyRequest {
+        header: header(id, epoch),
+        stable_ms: Some(300),
+        timeout_ms: 15_000,
+    };
+    let mut c = s.client.clone();
+    let first = tokio::spawn(async move { c.verify(verify(1)).await });
+    wait_for_op_epoch(&s.client, id, 1).await?;
+    s.client.fence(pb::FenceRequest { epoch: 3 }).await?;
+    let mut c = s.client.clone();
+    let second = tokio::spawn(async move { c.verify(verify(3)).await });
+    let running = wait_for_op_epoch(&s.client, id, 3).await?;
+    assert_eq!(state(&running), pb::OperationState::Running, "{running:?}");
+    assert!(
+        !first.is_finished(),
+        "a raised epoch must not end the verify"
+    );
+    std::fs::remove_file(s.fe.dir.join("busy"))?;
+    let a = tokio::time::timeout(WAIT, first).await???.into_inner();
+    let b = tokio::time::timeout(WAIT, second).await???.into_inner();
+    for res in [&a, &b] {
+        succeeded(res)?;
+        assert_eq!(res.epoch, 3, "{res:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn installing_the_installed_version_again_keeps_the_real_previous_version(
+) -> anyhow::Result<()> {
+    let mut s = setup("0.9").await?;
+    let (a1, sha1) = make_artifact(&s.root, "1.0")?;
+    let (a2, sha2) = make_artifact(&s.root, "2.0")?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 1),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    for (id, artifact, sha, version) in [
+        ("i-1.0", &a1, &sha1, "1.0"),
+        ("i-2.0", &a2, &sha2, "2.0"),
+        // The same version again under a new id (e.g. a second plan): nothing to rotate.
+        ("i-2.0-again", &a2, &sha2, "2.0"),
+    ] {
+        let res = s
+            .client
+            .install_patch(pb::InstallPatchRequest {
+                header: header(id, 1),
+                artifact: artifact.display().to_string(),
+                sha256: sha.clone(),
+                version: version.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        succeeded(&res)?;
+        assert_eq!(res.version, version);
+    }
+    let res = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb", 1),
+            from_version: "2.0".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(res.version, "1.0", "rollback must return to 1.0: {res:?}");
+    assert_eq!(s.fe.installs(), vec!["1.0", "2.0", "2.0", "1.0"]);
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header("restart", 1),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    Ok(())
+}
+
+#[tokio::test]
+async fn install_prepare_only_fetches_and_verifies_without_touching_the_service(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (artifact, sha) = make_artifact(&s.root, "2.0")?;
+    s.client.fence(pb::FenceRequest { epoch: 5 }).await?;
+    let prepare = |id: &str, epoch: u64, sha: &str| pb::InstallPatchRequest {
+        header: header(id, epoch),
+        artifact: artifact.display().to_string(),
+        sha256: sha.into(),
+        version: "2.0".into(),
+        prepare_only: true,
+        ..Default::default()
+    };
+    // A bad artifact is found while the service still serves.
+    let err = s
+        .client
+        .install_patch(prepare("prep-bad", 5, &"0".repeat(64)))
+        .await
+        .expect_err("wrong checksum");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Artifact
+    );
+    let err = s
+        .client
+        .install_patch(prepare("prep-old", 4, &sha))
+        .await
+        .expect_err("stale epoch");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::StaleEpoch,
+        "{err:?}"
+    );
+    let res = s
+        .client
+        .install_patch(prepare("prep", 6, &sha))
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert!(!res.replayed);
+    assert!(
+        s.agent.state_dir.join("artifacts").join(&sha).is_file(),
+        "the verified artifact must be in the cache"
+    );
+    // The service was not touched, nothing was journaled, the epoch was not raised.
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    assert!(s.fe.installs().is_empty());
+    not_journaled(&mut s.client, "prep").await?;
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving
+    );
+    assert_eq!(h.epoch, 5, "prepare_only must not raise the epoch");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_of_a_first_managed_upgrade_needs_a_rollback_artifact() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    // 1.0 was installed outside rollgate: the agent has no artifact of it.
+    let (a1, sha1) = make_artifact(&s.root, "1.0")?;
+    upgrade(&mut s, "2.0", 1).await?;
+    let err = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb-prep", 1),
+            from_version: "2.0".into(),
+            prepare_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no previous artifact, no fallback");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Precondition
+    );
+    assert!(
+        err.message().contains("1.0")
+            && err.message().contains("rollback artifact")
+            && !err.message().contains('\n'),
+        "{err:?}"
+    );
+    // The check took nothing down.
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "2.0");
+    drop((r, w));
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Serving
+    );
+    not_journaled(&mut s.client, "rb-prep").await?;
+
+    // The real rollback without a fallback is refused the same way; with one, it uses it.
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 1),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let rollback = |fallback: Option<(&std::path::Path, &str)>| pb::RollbackRequest {
+        header: header("rb", 1),
+        from_version: "2.0".into(),
+        fallback_artifact: fallback
+            .map(|(p, _)| p.display().to_string())
+            .unwrap_or_default(),
+        fallback_sha256: fallback.map(|(_, s)| s.to_owned()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let err = s
+        .client
+        .rollback(rollback(None))
+        .await
+        .expect_err("no previous artifact");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Precondition
+    );
+    assert!(err.message().contains("rollback artifact"), "{err:?}");
+    let res = s
+        .client
+        .rollback(rollback(Some((&a1, &sha1))))
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(res.version, "1.0");
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header("restart", 1),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    assert_eq!(s.fe.installs(), vec!["2.0", "1.0"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_prepare_with_a_fallback_makes_the_real_rollback_possible() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (a1, sha1) = make_artifact(&s.root, "1.0")?;
+    let sha2 = upgrade(&mut s, "2.0", 1).await?;
+    let h = health(&mut s.client).await?;
+    assert_eq!(h.installed_sha256, sha2);
+    assert_eq!(h.previous_version, "1.0");
+    let prepare = |sha: &str| pb::RollbackRequest {
+        header: header("rb-prep", 1),
+        from_version: "2.0".into(),
+        prepare_only: true,
+        fallback_artifact: a1.display().to_string(),
+        fallback_sha256: sha.into(),
+        ..Default::default()
+    };
+    let err = s
+        .client
+        .rollback(prepare(&"0".repeat(64)))
+        .await
+        .expect_err("a fallback that does not verify");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::Artifact,
+        "{err:?}"
+    );
+    let res = s.client.rollback(prepare(&sha1)).await?.into_inner();
+    succeeded(&res)?;
+    assert!(!res.replayed);
+    not_journaled(&mut s.client, "rb-prep").await?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "2.0");
+    drop((r, w));
+
+    // The plan goes on as usual: drain, rollback (no fallback needed now), restart.
+    succeeded(
+        &s.client
+            .drain(pb::DrainRequest {
+                header: header("drain", 1),
+                timeout_ms: 10_000,
+                on_timeout: pb::DrainTimeoutAction::Fail as i32,
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let res = s
+        .client
+        .rollback(pb::RollbackRequest {
+            header: header("rb", 1),
+            from_version: "2.0".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(res.version, "1.0");
+    succeeded(
+        &s.client
+            .restart(pb::RestartRequest {
+                header: header("restart", 1),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        (h.installed_version.as_str(), h.installed_sha256.as_str()),
+        ("1.0", sha1.as_str())
+    );
+    assert_eq!(h.previous_version, "2.0");
+    Ok(())
+}
+
+#[tokio::test]
+async fn restart_with_drain_if_accepting_drains_first_and_never_cuts_a_connection(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    wait_for_connections(&s.client, 1).await?;
+    let restart = |id: &str, drain_timeout_ms| pb::RestartRequest {
+        header: header(id, 1),
+        drain_if_accepting: true,
+        drain_timeout_ms,
+        ..Default::default()
+    };
+    let mut c = s.client.clone();
+    let req = restart("restart-1", 10_000);
+    let pending = tokio::spawn(async move { c.restart(req).await });
+    let port = s.fe.port;
+    eventually("new connections to be refused", WAIT, || async move {
+        refuses_new_connections(port).await.then_some(())
+    })
+    .await?;
+    // The held connection is still served while the restart waits for it.
+    assert_eq!(ask(&mut r, &mut w, "still here").await?, "still here");
+    assert!(
+        !pending.is_finished(),
+        "the restart must wait for the open connection"
+    );
+    drop((r, w));
+    let res = tokio::time::timeout(WAIT, pending).await???.into_inner();
+    succeeded(&res)?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    wait_for_state(&s.client, pb::ServiceState::Serving).await?;
+
+    // Connections that outlive the drain timeout: the restart fails and cuts nothing.
+    wait_for_connections(&s.client, 1).await?;
+    let res = s
+        .client
+        .restart(restart("restart-2", 300))
+        .await?
+        .into_inner();
+    assert_eq!(state(&res), pb::OperationState::Failed, "{res:?}");
+    assert!(
+        res.message.contains("1 connection(s) still open"),
+        "{res:?}"
+    );
+    assert_eq!(ask(&mut r, &mut w, "alive").await?, "alive");
+    let h = health(&mut s.client).await?;
+    assert_eq!(
+        pb::ServiceState::try_from(h.state)?,
+        pb::ServiceState::Draining
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn refusals_carry_a_typed_error_detail() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    s.client.fence(pb::FenceRequest { epoch: 7 }).await?;
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("old", 3),
+        })
+        .await
+        .expect_err("stale epoch");
+    let d = detail(&err)?;
+    assert_eq!(d.reason_or_unspecified(), pb::AgentErrorReason::StaleEpoch);
+    assert_eq!(d.current_epoch, 7);
+    assert!(!d.retryable);
+
+    let err = s
+        .client
+        .stop(pb::StopRequest { header: None })
+        .await
+        .expect_err("no header");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::InvalidArgument
+    );
+    let err = s
+        .client
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "nope".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::UnknownOperation
+    );
+
+    // Busy names the running operation and may be retried.
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    wait_for_connections(&s.client, 1).await?;
+    let mut c = s.client.clone();
+    let drain = tokio::spawn(async move {
+        c.drain(pb::DrainRequest {
+            header: header("d1", 7),
+            timeout_ms: 30_000,
+            on_timeout: pb::DrainTimeoutAction::Fail as i32,
+        })
+        .await
+    });
+    wait_for_op_epoch(&s.client, "d1", 7).await?;
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("s1", 7),
+        })
+        .await
+        .expect_err("busy");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let d = detail(&err)?;
+    assert_eq!(d.reason_or_unspecified(), pb::AgentErrorReason::Busy);
+    assert_eq!(d.running_operation_id, "d1");
+    assert!(d.retryable);
+    drop((r, w));
+    succeeded(&tokio::time::timeout(WAIT, drain).await???.into_inner())?;
+
+    // The same id as another kind is a kind mismatch.
+    let err = s
+        .client
+        .stop(pb::StopRequest {
+            header: header("d1", 7),
+        })
+        .await
+        .expect_err("kind mismatch");
+    assert_eq!(
+        detail(&err)?.reason_or_unspecified(),
+        pb::AgentErrorReason::KindMismatch
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_reports_the_limits_and_fetch_timeout_bounds_a_download() -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let h = health(&mut s.client).await?;
+    // From the test config: hook, drain and verify limits set, the others default.
+    assert_eq!(
+        h.limits,
+        Some(pb::AgentLimits {
+            hook_timeout_ms: 20_000,
+            install_timeout_ms: 600_000,
+            start_timeout_ms: 60_000,
+            fetch_timeout_ms: 600_000,
+            drain_timeout_ms: 20_000,
+            verify_timeout_ms: 10_000,
+        })
+    );
+
+    // A download that stalls is cut at fetch_timeout, as a retryable artifact error.
+    let mut text = std::fs::read_to_string(&s.agent.config)?;
+    text.push_str("fetch_timeout = \"500ms\"\n");
+    std::fs::write(&s.agent.config, text)?;
+    s.agent.kill().await?;
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let h = health(&mut c).await?;
+    assert_eq!(h.limits.map(|l| l.fetch_timeout_ms), Some(500));
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/release-2.0.txt", stalled.local_addr()?);
+    // Accepts and never answers; the held sockets live as long as the task.
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = stalled.accept().await {
+            held.push(sock);
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let err = c
+        .install_patch(pb::InstallPatchRequest {
+            header: header("slow", 1),
+            artifact: url,
+            sha256: "a".repeat(64),
+            version: "2.0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a stalled download");
+    server.abort();
+    assert!(started.elapsed() < Duration::from_secs(10), "{err:?}");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("fetch_timeout"), "{err:?}");
+    let d = detail(&err)?;
+    assert_eq!(d.reason_or_unspecified(), pb::AgentErrorReason::Artifact);
+    assert!(d.retryable);
+    not_journaled(&mut c, "slow").await?;
+    let leftovers: Vec<_> = std::fs::read_dir(s.agent.state_dir.join("artifacts"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
 }

@@ -82,6 +82,10 @@ install = ["true"]
             "listen",
         ),
         (format!("{good}hook_timeout = \"ten\"\n"), "hook_timeout"),
+        (
+            format!("{good}fetch_timeout = \"0s\"\n"),
+            "service.fetch_timeout",
+        ),
     ] {
         let (ok, _, err) = validate(&bad)?;
         assert!(!ok, "should fail: {bad}");
