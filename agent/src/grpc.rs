@@ -142,6 +142,7 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         epoch: h.epoch.get(),
         observed_at_ms: h.observed_at_ms,
         detail: h.detail.clone(),
+        ..Default::default()
     }
 }
 

@@ -655,6 +655,7 @@ impl StepCall {
                         sha256: p.sha256.clone(),
                         version: p.version.clone(),
                         timeout_ms: 0,
+                        ..Default::default()
                     },
                 ))
                 .await?
@@ -666,6 +667,7 @@ impl StepCall {
                         header: h,
                         timeout_ms: 0,
                         from_version: p.version.clone(),
+                        ..Default::default()
                     },
                 ))
                 .await?
@@ -676,6 +678,7 @@ impl StepCall {
                     pb::RestartRequest {
                         header: h,
                         timeout_ms: 0,
+                        ..Default::default()
                     },
                 ))
                 .await?

@@ -248,6 +248,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         sha256: sha.into(),
         version: "2.0".into(),
         timeout_ms: 0,
+        ..Default::default()
     };
 
     // Installing over a serving service is refused: it would take it down without a drain.
@@ -308,6 +309,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .restart(pb::RestartRequest {
             header: header("restart", 1),
             timeout_ms: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -347,6 +349,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
             header: header("rb-0", 1),
             timeout_ms: 0,
             from_version: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("no previous");
@@ -361,6 +364,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
             sha256: sha3,
             version: "3.0".into(),
             timeout_ms: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -372,6 +376,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
             header: header("rb-1", 1),
             timeout_ms: 0,
             from_version: "3.0".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -386,6 +391,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
             header: header("rb-2", 1),
             timeout_ms: 0,
             from_version: "3.0".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -397,6 +403,7 @@ async fn install_checks_sha256_then_restart_and_verify_serve_the_new_version() -
         .restart(pb::RestartRequest {
             header: header("restart-2", 1),
             timeout_ms: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -533,6 +540,7 @@ async fn repeated_operation_id_is_answered_from_the_journal_across_a_restart() -
         sha256: sha.clone(),
         version: "3.1".into(),
         timeout_ms: 0,
+        ..Default::default()
     };
     let first = s.client.install_patch(req.clone()).await?.into_inner();
     assert_eq!(state(&first), pb::OperationState::Succeeded, "{first:?}");
@@ -686,6 +694,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         sha256: sha.into(),
         version: version.into(),
         timeout_ms: 0,
+        ..Default::default()
     };
     let stop = s
         .client
@@ -812,6 +821,7 @@ async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyh
         sha256: sha,
         version: "4.0".into(),
         timeout_ms: 0,
+        ..Default::default()
     };
     let mut c = s.client.clone();
     let pending = tokio::spawn({

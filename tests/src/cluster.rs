@@ -82,12 +82,14 @@ impl Fleet {
                 sha256: sha.clone(),
                 version: version.into(),
                 timeout_ms: 0,
+                ..Default::default()
             })
             .await?
             .into_inner())?;
             ok(c.restart(apb::RestartRequest {
                 header: h("restart"),
                 timeout_ms: 0,
+                ..Default::default()
             })
             .await?
             .into_inner())?;
