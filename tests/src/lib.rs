@@ -6,11 +6,13 @@
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
 //! - [`cluster_lock`]: taken first by every test that starts a whole cluster, so that such tests
 //!   run one at a time under any runner.
+//! - [`owner`]: nothing a test starts outlives the test process, even one that is SIGKILLed.
 
 pub mod chaos;
 pub mod cluster;
 pub mod etcd;
 pub mod monitor;
+pub mod owner;
 
 use anyhow::{anyhow, bail, Context};
 use rollgate_common::pki::Ca;
@@ -23,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -246,6 +248,9 @@ impl FrontEnd {
     pub fn create(root: &Path, name: &str, version: &str) -> anyhow::Result<FrontEnd> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
+        // However it is started (by us, or by an agent's hook), the service exits when this
+        // process is gone, even if it is killed before any Drop runs.
+        owner::write_owner(&dir)?;
         let fe = FrontEnd {
             dir,
             port: free_port()?,
@@ -365,15 +370,15 @@ pub async fn spawn_daemon(
         .create(true)
         .append(true)
         .open(log)?;
-    let mut child = Command::new(bin(name)?)
-        .args(args)
+    // Tied to this process: killed with it, also when it is SIGKILLed and no Drop runs.
+    let mut cmd = owner::tied_tokio(bin(name)?)?;
+    cmd.args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
+        .kill_on_drop(true);
+    let mut child = owner::spawn_tokio(cmd).with_context(|| format!("cannot start {name}"))?;
     let addr = eventually(
         &format!("{name} to listen"),
         Duration::from_secs(20),
