@@ -8,6 +8,18 @@ need_cargo() {
   fi
 }
 
+need_cargo_component() {
+  # need_cargo_component COMPONENT SUBCOMMAND: e.g. rustfmt fmt, for `cargo fmt`.
+  if cargo "$2" --version >/dev/null 2>&1; then return; fi
+  if command -v rustup >/dev/null 2>&1; then
+    echo "installing $1 with rustup" >&2
+    rustup component add "$1" >&2 || { echo "error: rustup component add $1 failed" >&2; exit 1; }
+  else
+    echo "error: cargo $2 not found: install $1 (rustup component add $1) and retry" >&2
+    exit 1
+  fi
+}
+
 apt_install() {
   # apt_install PACKAGE...: installs Debian packages when we can, else explains how.
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -118,6 +118,7 @@ async fn check_epochs_monotonic(fleet: &Fleet) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load(
 ) -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 6, 3, "1.0").await?;
@@ -205,6 +206,7 @@ async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
@@ -332,6 +334,7 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 6, 3, "1.0").await?;
@@ -395,6 +398,7 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 6, 3, "1.0").await?;
@@ -475,6 +479,7 @@ async fn etcd_cluster() -> anyhow::Result<Option<rollgate_tests::etcd::EtcdClust
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exactly_once(
 ) -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let Some(etcd) = etcd_cluster().await? else {
         return Ok(());
     };
@@ -585,6 +590,7 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let Some(etcd) = etcd_cluster().await? else {
         return Ok(());
     };
@@ -701,6 +707,7 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;

@@ -4,6 +4,7 @@
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_seeds_survive_injected_faults() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     if rollgate_tests::etcd::etcd_binary().is_none() {
         anyhow::ensure!(
             !rollgate_tests::ci(),

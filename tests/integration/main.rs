@@ -6,4 +6,5 @@ mod config;
 mod coordinator;
 mod fault;
 mod fuzz;
+mod lifetime;
 mod store;

@@ -124,6 +124,8 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $check() -> anyhow::Result<()> {
+                    // A real etcd and lease timings: one cluster test at a time.
+                    let _cluster = rollgate_tests::cluster_lock().await?;
                     match super::Backend::etcd().await? {
                         Some(b) => super::$check(b).await,
                         None => Ok(()),
@@ -417,6 +419,7 @@ fn lease_of(key: &str) -> Result<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_lease_ttl_is_read_back() -> Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let Some(cluster) = EtcdCluster::start(1).await? else {
         return Ok(());
     };
@@ -446,6 +449,7 @@ async fn etcd_lease_ttl_is_read_back() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_takeover_after_lease_revoked() -> Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let Some(cluster) = EtcdCluster::start(1).await? else {
         return Ok(());
     };
@@ -498,6 +502,7 @@ async fn etcd_takeover_after_lease_revoked() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_takeover_when_renewals_stop() -> Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let Some(cluster) = EtcdCluster::start(1).await? else {
         return Ok(());
     };
@@ -575,6 +580,7 @@ async fn etcd_takeover_when_renewals_stop() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_campaign_fails_when_its_lease_dies() -> Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let Some(cluster) = EtcdCluster::start(1).await? else {
         return Ok(());
     };
@@ -608,6 +614,7 @@ async fn etcd_campaign_fails_when_its_lease_dies() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_three_members_survive_member_restart() -> Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
     let Some(mut cluster) = EtcdCluster::start(3).await? else {
         return Ok(());
     };

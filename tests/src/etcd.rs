@@ -6,7 +6,7 @@ use crate::{ci, eventually, free_port};
 use anyhow::{anyhow, bail, Context};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -135,8 +135,9 @@ impl EtcdCluster {
             .append(true)
             .open(self.log_path(i))?;
         // The data dir remembers the membership on restart; the initial-* flags then are ignored.
-        let child = Command::new(&self.bin)
-            .arg("--name")
+        // Tied to this process: killed with it, also when it is SIGKILLed and no Drop runs.
+        let mut cmd = crate::owner::tied_std(&self.bin)?;
+        cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&data)
@@ -162,8 +163,8 @@ impl EtcdCluster {
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let child = crate::owner::spawn_std(cmd)
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
         if let Some(m) = self.members.get_mut(i) {
             m.child = Some(child);
@@ -240,6 +241,14 @@ impl EtcdCluster {
         self.kill_member(i)?;
         self.spawn(i)?;
         self.wait_healthy(i).await
+    }
+
+    /// The process ids of the members that run.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.child.as_ref().map(Child::id))
+            .collect()
     }
 
     /// True when member `i` answers `/health` as healthy.

@@ -4,11 +4,15 @@
 //! - [`FrontEnd`]: a `rollgate-sample` service directory with a version installed.
 //! - [`AgentProc`]: a real `rollgate-agent` process driving one front end.
 //! - [`eventually`]: poll a condition with a deadline instead of sleeping.
+//! - [`cluster_lock`]: taken first by every test that starts a whole cluster, so that such tests
+//!   run one at a time under any runner.
+//! - [`owner`]: nothing a test starts outlives the test process, even one that is SIGKILLed.
 
 pub mod chaos;
 pub mod cluster;
 pub mod etcd;
 pub mod monitor;
+pub mod owner;
 pub mod sim;
 
 use anyhow::{anyhow, bail, Context};
@@ -22,7 +26,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -77,6 +81,75 @@ where
             bail!("timed out after {limit:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The lock file [`cluster_lock`] takes: `ROLLGATE_CLUSTER_LOCK` when set, else
+/// `rollgate-tests-cluster.lock` in the system temp dir. `scripts/test` points it outside the
+/// run's own temp dir, so that two runs on one machine also take turns.
+pub fn cluster_lock_path() -> PathBuf {
+    std::env::var_os("ROLLGATE_CLUSTER_LOCK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("rollgate-tests-cluster.lock"))
+}
+
+/// Held by a test that starts a whole cluster; released on drop.
+#[derive(Debug)]
+pub struct ClusterGuard {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Waits for, and takes, the exclusive right to run a cluster-heavy test: one starting etcd,
+/// several coordinators or a fleet of agents and front ends, with deadlines of its own (lease
+/// renewals, health probes) that it misses when another such test starves it of CPU.
+///
+/// Take it first, and keep the guard to the end of the test (`let _cluster =
+/// cluster_lock().await?;`). It is an advisory `flock` on [`cluster_lock_path`]: it serialises
+/// the threads of one test process (`cargo test`, each call opens the file anew and flock
+/// locks conflict between open files) and separate processes (`cargo nextest`, whose
+/// `cluster` test group does the same), and the kernel releases it when a holder dies. The wait
+/// runs on a blocking thread, never on a tokio worker. Light tests do not take it and run
+/// side by side as before.
+pub async fn cluster_lock() -> anyhow::Result<ClusterGuard> {
+    let path = cluster_lock_path();
+    tokio::task::spawn_blocking(move || lock_exclusive(&path))
+        .await
+        .context("the cluster lock's waiting thread failed")?
+}
+
+fn lock_exclusive(path: &Path) -> anyhow::Result<ClusterGuard> {
+    use nix::errno::Errno;
+    use nix::fcntl::{Flock, FlockArg};
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            // Made by another user (sticky /tmp): reading is enough for flock.
+            .or_else(|_| std::fs::File::open(path))
+            .with_context(|| format!("cannot open the cluster lock {}", path.display()))
+    };
+    let mut file = match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => return Ok(ClusterGuard { _lock: lock }),
+        Err((file, Errno::EWOULDBLOCK)) => file,
+        Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+    };
+    eprintln!(
+        "waiting for the cluster lock {} (another cluster test runs)",
+        path.display()
+    );
+    let t0 = std::time::Instant::now();
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusive) {
+            Ok(lock) => {
+                eprintln!("took the cluster lock after {:.1?}", t0.elapsed());
+                return Ok(ClusterGuard { _lock: lock });
+            }
+            Err((f, Errno::EINTR)) => file = f,
+            Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+        }
     }
 }
 
@@ -176,6 +249,9 @@ impl FrontEnd {
     pub fn create(root: &Path, name: &str, version: &str) -> anyhow::Result<FrontEnd> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
+        // However it is started (by us, or by an agent's hook), the service exits when this
+        // process is gone, even if it is killed before any Drop runs.
+        owner::write_owner(&dir)?;
         let fe = FrontEnd {
             dir,
             port: free_port()?,
@@ -295,15 +371,15 @@ pub async fn spawn_daemon(
         .create(true)
         .append(true)
         .open(log)?;
-    let mut child = Command::new(bin(name)?)
-        .args(args)
+    // Tied to this process: killed with it, also when it is SIGKILLed and no Drop runs.
+    let mut cmd = owner::tied_tokio(bin(name)?)?;
+    cmd.args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
+        .kill_on_drop(true);
+    let mut child = owner::spawn_tokio(cmd).with_context(|| format!("cannot start {name}"))?;
     let addr = eventually(
         &format!("{name} to listen"),
         Duration::from_secs(20),

@@ -10,11 +10,19 @@
 //! ROLLGATE_ARTIFACT and ROLLGATE_VERSION; fails while `<dir>/fail-install` exists; comes up
 //! unhealthy when `<dir>/break-on-install` names the version installed),
 //! `version`, `busy` (exit 0 while `<dir>/busy` exists), and `make-artifact` to build a release.
+//!
+//! When `<dir>/owner` names a process (the test that made the directory, see
+//! `rollgate_tests::owner`), `serve` exits as soon as that process is gone, so that a killed
+//! test leaves no front end behind. `tied --parent PID -- PROGRAM ARGS...` runs a program that
+//! the kernel kills when its parent dies: the harness starts its agents, coordinators and etcd
+//! members that way.
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use rollgate_tests::owner::{read_owner, ProcessId, OWNER_POLL};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -75,6 +83,15 @@ enum Cmd {
     },
     /// Write a release artifact for VERSION to OUT.
     MakeArtifact { version: String, out: PathBuf },
+    /// Run PROGRAM (same pid, by exec) so that it is SIGKILLed when process PARENT, which
+    /// must be the one that started this command, dies.
+    Tied {
+        #[arg(long)]
+        parent: u32,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        argv: Vec<OsString>,
+    },
 }
 
 const MAGIC: &str = "rollgate-sample-release";
@@ -103,7 +120,21 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(&out, format!("{MAGIC} {version}\n"))?;
             Ok(())
         }
+        Cmd::Tied { parent, argv } => tied(parent, &argv),
     }
+}
+
+fn tied(parent: u32, argv: &[OsString]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let (program, args) = argv.split_first().context("no program to run")?;
+    // Kept across exec; sent when the thread that forked us ends (see rollgate_tests::owner).
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("prctl(PR_SET_PDEATHSIG)")?;
+    // The parent may have died before the line above: then nothing would ever signal us.
+    if std::os::unix::process::parent_id() != parent {
+        bail!("parent {parent} is gone: not starting {program:?}");
+    }
+    let err = std::process::Command::new(program).args(args).exec();
+    Err(err).with_context(|| format!("cannot run {program:?}"))
 }
 
 fn version(dir: &Path) -> anyhow::Result<String> {
@@ -247,11 +278,28 @@ fn stop(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves when `owner` (if any) is gone: checked every [`OWNER_POLL`].
+async fn owner_gone(owner: Option<ProcessId>) {
+    let Some(owner) = owner else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(OWNER_POLL);
+    loop {
+        tick.tick().await;
+        if !owner.is_alive() {
+            eprintln!("owner process {} is gone: exiting", owner.pid);
+            return;
+        }
+    }
+}
+
 async fn serve(dir: PathBuf, port: u16) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut term = signal(SignalKind::terminate())?;
     let version = Arc::new(version(&dir)?);
+    let orphaned = owner_gone(read_owner(&dir)?);
+    tokio::pin!(orphaned);
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     std::fs::write(pidfile(&dir), std::process::id().to_string())?;
     eprintln!("serving version {version} on port {port}");
@@ -271,6 +319,7 @@ async fn serve(dir: PathBuf, port: u16) -> anyhow::Result<()> {
             }
             _ = usr1.recv() => break,
             _ = term.recv() => return Ok(()),
+            () = &mut orphaned => return Ok(()),
         }
     }
     drop(listener);
@@ -282,6 +331,7 @@ async fn serve(dir: PathBuf, port: u16) -> anyhow::Result<()> {
         tokio::select! {
             _ = closed_rx.recv() => {}
             _ = term.recv() => return Ok(()),
+            () = &mut orphaned => return Ok(()),
         }
     }
     eprintln!("drained");
