@@ -171,7 +171,6 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         epoch: h.epoch.get(),
         observed_at_ms: h.observed_at_ms,
         detail: h.detail.clone(),
-<<<<<<< HEAD
         limits: Some(limits_of(&core.cfg.service)),
         installed_sha256: h.installed_sha256.clone(),
         previous_version: h.previous_version.clone(),
@@ -189,9 +188,6 @@ fn limits_of(s: &crate::config::ServiceConfig) -> pb::AgentLimits {
         fetch_timeout_ms: ms(s.fetch_timeout),
         drain_timeout_ms: ms(s.drain_timeout),
         verify_timeout_ms: ms(s.verify_timeout),
-=======
-        ..Default::default()
->>>>>>> harness-work
     }
 }
 

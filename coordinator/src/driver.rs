@@ -713,7 +713,6 @@ impl StepCall {
     }
 }
 
-<<<<<<< HEAD
 fn round_s(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
@@ -729,84 +728,6 @@ mod tests {
             install: Duration::from_secs(100),
             start: Duration::from_secs(20),
             fetch: Duration::from_secs(50),
-=======
-    async fn call(
-        &self,
-        c: &mut rollgate_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>,
-    ) -> Result<pb::OperationResult, tonic::Status> {
-        let p = &self.plan;
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let h = self.header();
-        let limit = self.deadline();
-        let r = match self.step {
-            Step::Drain => {
-                let timeout_ms = match p.drain {
-                    DrainMode::Graceful { timeout } => ms(timeout),
-                    DrainMode::Immediate => 0,
-                };
-                c.drain(with_deadline(
-                    limit,
-                    pb::DrainRequest {
-                        header: h,
-                        timeout_ms,
-                        on_timeout: pb::DrainTimeoutAction::Fail as i32,
-                    },
-                ))
-                .await?
-            }
-            Step::Stop => {
-                c.stop(with_deadline(limit, pb::StopRequest { header: h }))
-                    .await?
-            }
-            Step::Install => {
-                c.install_patch(with_deadline(
-                    limit,
-                    pb::InstallPatchRequest {
-                        header: h,
-                        artifact: p.artifact.clone(),
-                        sha256: p.sha256.clone(),
-                        version: p.version.clone(),
-                        timeout_ms: 0,
-                        ..Default::default()
-                    },
-                ))
-                .await?
-            }
-            Step::Rollback => {
-                c.rollback(with_deadline(
-                    limit,
-                    pb::RollbackRequest {
-                        header: h,
-                        timeout_ms: 0,
-                        from_version: p.version.clone(),
-                        ..Default::default()
-                    },
-                ))
-                .await?
-            }
-            Step::Restart => {
-                c.restart(with_deadline(
-                    limit,
-                    pb::RestartRequest {
-                        header: h,
-                        timeout_ms: 0,
-                        ..Default::default()
-                    },
-                ))
-                .await?
-            }
-            Step::Verify => {
-                c.verify(with_deadline(
-                    limit,
-                    pb::VerifyRequest {
-                        header: h,
-                        stable_ms: ms(p.verify_stable),
-                        timeout_ms: ms(p.verify_timeout),
-                    },
-                ))
-                .await?
-            }
->>>>>>> harness-work
         };
         let install = AgentCommand::Install {
             artifact: "a".into(),

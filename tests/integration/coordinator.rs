@@ -36,7 +36,7 @@ async fn wait_ready(c: &OperatorClient<Channel>, pool: &str) -> anyhow::Result<(
                 .ok()?
                 .into_inner()
                 .state
-                == "Ready")
+                == pb::ReadinessState::Ready as i32)
                 .then_some(())
         }
     })
@@ -88,10 +88,7 @@ async fn wait_status(
 }
 
 fn ended(s: &pb::UpgradeStatus) -> bool {
-    matches!(
-        s.status.as_str(),
-        "completed" | "aborted" | "failed" | "rolled_back"
-    ) && s.servers.iter().all(|x| names::server_phase(x.phase) != "in_flight")
+    s.ended
 }
 
 /// Every agent's journal: the epochs it accepted, in the order it accepted them, never decrease.
@@ -142,11 +139,11 @@ async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load(
         .start_upgrade(start_req("pool-a", &artifact, &sha))
         .await?
         .into_inner();
-    assert_eq!(started.status, "running");
+    assert_eq!(names::upgrade_state(started.status), "running");
     assert_eq!(started.domains_total, 3);
     let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     let report = monitor.stop().await;
-    assert_eq!(end.status, "completed", "{end:?}\n{}", coord.log());
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}\n{}", coord.log());
     report.check(&domains, 4).map_err(anyhow::Error::msg)?;
     assert!(
         report.samples_with_outage() > 0,
@@ -301,14 +298,14 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
     })
     .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
-    assert_eq!(s.status, "aborted", "{s:?}");
+    assert_eq!(names::upgrade_state(s.status), "aborted", "{s:?}");
     assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()));
 
     // Failover (the default with a paired pool): the hook runs, then the upgrade goes on.
     c.start_upgrade(start_req("pool-a", &artifact, &sha))
         .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
-    assert_eq!(s.status, "completed", "{s:?}\n{}", coord.log());
+    assert_eq!(names::upgrade_state(s.status), "completed", "{s:?}\n{}", coord.log());
     assert!(s.failed_over);
     assert!(marker.exists(), "the failover hook must have run");
     for (id, v) in fleet.installs() {
@@ -424,7 +421,7 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
     })
     .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
-    assert_eq!(s.status, "rolled_back", "{s:?}\n{}", coord.log());
+    assert_eq!(names::upgrade_state(s.status), "rolled_back", "{s:?}\n{}", coord.log());
     let events = c
         .events(pb::EventsRequest {
             pool: "pool-a".into(),
@@ -530,7 +527,7 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
         })
         .await?
         .into_inner();
-    assert_eq!(started.status, "running");
+    assert_eq!(names::upgrade_state(started.status), "running");
     // Kill the leader in the middle of the second domain.
     wait_status(&addrs, &op, "pool-a", LONG, |s| {
         s.domain_index == 1 && s.servers.iter().any(|x| names::server_phase(x.phase) == "in_flight")
@@ -565,7 +562,7 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     );
     let end = wait_status(&others, &op, "pool-a", LONG, ended).await?;
     let report = monitor.stop().await;
-    assert_eq!(end.status, "completed", "{end:?}");
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
     // Across the failover too: min_active kept, one domain at a time, no open connection cut.
     report.check(&domains, 4).map_err(anyhow::Error::msg)?;
     for (id, v) in fleet.installs() {
@@ -680,7 +677,7 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
     // Wake it: it must notice it lost leadership and do no harm.
     coords[li].continue_process()?;
     let end = wait_status(&[coords[fi].addr], &op, "pool-a", LONG, ended).await?;
-    assert_eq!(end.status, "completed", "{end:?}");
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
     for (id, v) in fleet.installs() {
         assert_eq!(v, vec!["2.0"], "{id} must be installed exactly once");
     }
@@ -761,7 +758,7 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         })
         .await?
         .into_inner();
-    assert_eq!(s.status, "none", "a dry run starts nothing");
+    assert_eq!(names::upgrade_state(s.status), "none", "a dry run starts nothing");
     for (args, needle) in [
         (vec!["readiness", "--pool", "nope"], "unknown pool"),
         (
@@ -817,7 +814,7 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         "{a:?} {b:?}"
     );
     let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
-    assert_eq!(end.status, "completed");
+    assert_eq!(names::upgrade_state(end.status), "completed");
     for (id, v) in fleet.installs() {
         assert_eq!(v, vec!["2.0"], "{id} installed exactly once");
     }

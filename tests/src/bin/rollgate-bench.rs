@@ -365,7 +365,7 @@ async fn overhead(
                 .ok()?
                 .into_inner()
                 .state
-                    == "Ready")
+                    == opb::ReadinessState::Ready as i32)
                     .then_some(())
             }
         })
