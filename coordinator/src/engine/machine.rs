@@ -21,6 +21,7 @@ impl Upgrade {
                     ServerProgress {
                         phase: ServerPhase::Pending,
                         direction: Direction::Forward,
+                        down: false,
                     },
                 )
             })
@@ -207,12 +208,7 @@ impl Upgrade {
     pub fn down_servers(&self) -> Vec<String> {
         self.servers
             .iter()
-            .filter(|(_, p)| match &p.phase {
-                ServerPhase::InFlight { step, .. }
-                | ServerPhase::Unanswered { step, .. }
-                | ServerPhase::Failed { step, .. } => step.takes_down(),
-                _ => false,
-            })
+            .filter(|(_, p)| p.down)
             .map(|(s, _)| s.clone())
             .collect()
     }
@@ -341,7 +337,10 @@ impl Upgrade {
                     &server,
                     format!("{step} succeeded (attempt {attempt}): {message}"),
                 ));
-                if self.direction == Direction::Backward && direction == Direction::Forward {
+                let rolling_back = self.direction == Direction::Backward
+                    && direction == Direction::Forward
+                    && !self.status.is_terminal();
+                if rolling_back {
                     self.join_rollback(&server, step, out);
                 } else if step == Step::Prepare {
                     self.set_phase(&server, ServerPhase::Prepared, direction);
@@ -350,6 +349,9 @@ impl Upgrade {
                         Some(next) => self.run_step(&server, next, 1, out),
                         None => {
                             self.set_phase(&server, ServerPhase::Done, direction);
+                            if let Some(p) = self.servers.get_mut(&server) {
+                                p.down = false;
+                            }
                             let what = match direction {
                                 Direction::Forward => "upgraded",
                                 Direction::Backward => "rolled back",
@@ -381,7 +383,10 @@ impl Upgrade {
                 let reason =
                     format!("server {server} failed at {step} (attempt {attempt}): {message}");
                 out.push(self.server_record("server_failed", &server, reason.clone()));
-                if self.direction == Direction::Backward && direction == Direction::Forward {
+                if self.direction == Direction::Backward
+                    && direction == Direction::Forward
+                    && !self.status.is_terminal()
+                {
                     // It failed on its way forward while the pool rolls back: roll it back too.
                     self.join_rollback(&server, step, out);
                 } else {
@@ -976,16 +981,20 @@ impl Upgrade {
             .servers()
             .filter_map(|s| {
                 let p = self.servers.get(s)?;
+                if !p.down {
+                    return None;
+                }
                 match &p.phase {
-                    ServerPhase::Failed { step, .. }
-                        if step.takes_down() && p.direction != Direction::Restore =>
-                    {
+                    ServerPhase::Failed { step, .. } if p.direction != Direction::Restore => {
                         let first = if *step == Step::Verify {
                             Step::Verify
                         } else {
                             Step::Restart
                         };
                         Some((s.clone(), first))
+                    }
+                    ServerPhase::Pending | ServerPhase::Prepared => {
+                        Some((s.clone(), Step::Restart))
                     }
                     _ => None,
                 }
@@ -1022,6 +1031,11 @@ impl Upgrade {
             .get(server)
             .map_or(self.direction, |p| p.direction);
         self.set_phase(server, ServerPhase::InFlight { step, attempt }, direction);
+        if step.takes_down() {
+            if let Some(p) = self.servers.get_mut(server) {
+                p.down = true;
+            }
+        }
         let op_id = Self::op_id(&self.plan.id, server, direction, step, attempt);
         let message = format!("{step} started (attempt {attempt}, op {op_id})");
         out.push(self.server_record("step_started", server, message));

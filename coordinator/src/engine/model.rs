@@ -120,23 +120,30 @@ pub struct ServerProgress {
     /// The pass this phase belongs to. A Forward server that is Pending while the upgrade rolls
     /// back was never touched and is left alone.
     pub direction: Direction,
+    /// This upgrade took the server out of service (a step that takes it down started) and no
+    /// chain has brought it back yet (a chain ends with a verify that passed).
+    #[serde(default)]
+    pub down: bool,
 }
 
 impl ServerProgress {
-    /// Why this server is out of service because of this upgrade and not being worked on,
-    /// if it is: a chain that took it down failed, or its answer never came.
+    /// Why this server is out of service because of this upgrade while nothing works on it,
+    /// if it is: a chain that took it down failed, its answer never came, or the run ended
+    /// before it was brought back.
     pub fn out_of_service(&self) -> Option<String> {
+        if !self.down {
+            return None;
+        }
         match &self.phase {
-            ServerPhase::Failed { step, message } if step.takes_down() => {
-                Some(match self.direction {
-                    Direction::Restore => format!("could not be restored ({step}): {message}"),
-                    d => format!("{} chain failed at {step}: {message}", d.name()),
-                })
-            }
-            ServerPhase::Unanswered { step, message, .. } if step.takes_down() => {
+            ServerPhase::InFlight { .. } => None,
+            ServerPhase::Failed { step, message } => Some(match self.direction {
+                Direction::Restore => format!("could not be restored ({step}): {message}"),
+                d => format!("{} chain failed at {step}: {message}", d.name()),
+            }),
+            ServerPhase::Unanswered { step, message, .. } => {
                 Some(format!("{step} outcome unknown: {message}"))
             }
-            _ => None,
+            _ => Some("taken out of service; the upgrade ended before it was brought back".into()),
         }
     }
 }

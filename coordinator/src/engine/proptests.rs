@@ -349,15 +349,20 @@ fn check_state(up: &Upgrade) -> Result<(), TestCaseError> {
         _ => {}
     }
     if up.is_terminal() {
-        // Nothing this upgrade took down is left failed and unrestored.
+        // Nothing this upgrade took down is left without a restore, unless its agent never
+        // answered (then it is listed).
         for (name, p) in &up.servers {
-            if let ServerPhase::Failed { step, .. } = &p.phase {
+            if p.down {
+                let unanswered = matches!(p.phase, ServerPhase::Unanswered { .. });
+                let restore_failed = p.direction == Direction::Restore
+                    && matches!(p.phase, ServerPhase::Failed { .. });
                 prop_assert!(
-                    !step.takes_down() || p.direction == Direction::Restore,
+                    unanswered || restore_failed,
                     "{} left out of service without a restore: {:?}",
                     name,
                     p
                 );
+                prop_assert!(p.out_of_service().is_some());
             }
         }
     }

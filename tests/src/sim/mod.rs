@@ -250,8 +250,14 @@ fn leader(nodes: &Nodes) -> Option<Control> {
 /// Keeps leases and restarts crashed coordinators; heals everything when the chaos ends.
 async fn supervise(w: Shared, nodes: Nodes, cfgs: Vec<Arc<CoordinatorConfig>>, chaos_end: Instant) {
     let mut healed = false;
+    let mut ticks = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        ticks += 1;
+        if ticks % 100 == 0 && std::env::var_os("ROLLGATE_SIM_DEBUG").is_some() {
+            let w = lock(&w);
+            eprintln!("supervisor: {} ms virtual, {} steps", w.ms(), w.steps);
+        }
         let now = Instant::now();
         let restart: Vec<usize> = {
             let mut w = lock(&w);
@@ -364,6 +370,9 @@ async fn chaos(w: Shared, nodes: Nodes, chaos_end: Instant, every: Duration, log
     }
 }
 
+/// How long the operator waits for an answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The operator: starts the upgrade, sometimes intervenes during the chaos, and afterwards
 /// resumes a paused upgrade a few times (or aborts it) until it ends.
 async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: Instant, deadline: Instant) -> Result<(), String> {
@@ -374,7 +383,11 @@ async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: 
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Some(control) = leader(&nodes) else { continue };
-        match control.start(request.clone(), "sim-operator").await {
+        // An operator's call to a coordinator that dies meanwhile times out, like a gRPC call.
+        let Ok(started) = tokio::time::timeout(CALL_TIMEOUT, control.start(request.clone(), "sim-operator")).await else {
+            continue;
+        };
+        match started {
             Ok(up) => {
                 lock(&w).check.on_ack("start", &up);
                 break;
@@ -431,7 +444,9 @@ async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: 
             UpgradeCommand::Abort => "abort",
             UpgradeCommand::Rollback => "rollback",
         };
-        if let Ok(up) = control.command("pool-a", cmd, "sim-operator").await {
+        if let Ok(Ok(up)) =
+            tokio::time::timeout(CALL_TIMEOUT, control.command("pool-a", cmd, "sim-operator")).await
+        {
             let mut w = lock(&w);
             w.trace(&format!("operator {name}"));
             w.check.on_ack(name, &up);
