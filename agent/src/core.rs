@@ -915,7 +915,33 @@ impl AgentCore {
             }
             _ if !svc.restart.is_empty() => vec![("restart", &svc.restart)],
             _ if accepting => stop_start,
-            _ => vec![("start", &svc.start)],
+            _ => {
+                // Not accepting, but a process may still be there: a drain that timed out
+                // leaves the service finishing its open connections. Those are never cut:
+                // they are given the drain's time to finish, then the process is stopped
+                // before the start (a start next to a live process would not take over).
+                let mut left = probe::active_connections(&self.ports).await;
+                if left > 0 {
+                    if let Some(t) = drain_first {
+                        left = self.wait_for_no_connections(t).await;
+                    }
+                }
+                if left > 0 {
+                    return Outcome {
+                        ok: false,
+                        message: format!(
+                            "restart not done: the service still has {left} open connection(s) from before; it is left draining"
+                        ),
+                        output,
+                        phase: Phase::Draining,
+                    };
+                }
+                if svc.stop.is_empty() {
+                    vec![("start", &svc.start)]
+                } else {
+                    stop_start
+                }
+            }
         };
         for (name, argv) in steps {
             match self.hook(name, argv, &[]).await {

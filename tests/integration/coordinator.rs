@@ -1,10 +1,10 @@
 //! The coordinator end to end: real coordinators (embedded store or real etcd), real agents, real
 //! sample front ends, a client load watching from outside, mTLS everywhere.
 
-use rollgate_proto::operator::names;
 use anyhow::{bail, ensure, Context};
 use rollgate_common::tls::{RoleKind, TlsFiles};
 use rollgate_proto::agent::v1 as apb;
+use rollgate_proto::operator::names;
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::v1::operator_client::OperatorClient;
 use rollgate_tests::cluster::{cli, leader_of, operator_client, CoordinatorProc, Fleet};
@@ -27,7 +27,16 @@ fn etcd_store(endpoints: &[String], ttl_s: u64) -> String {
     format!("[store]\nkind = \"etcd\"\nendpoints = {endpoints:?}\nprefix = \"/rollgate/test/\"\nelection_ttl = \"{ttl_s}s\"")
 }
 
+/// Waits until the coordinator behind `c` leads (take-over done) and `pool` is Ready.
 async fn wait_ready(c: &OperatorClient<Channel>, pool: &str) -> anyhow::Result<()> {
+    eventually("the coordinator to lead", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            let r = c.leader(pb::LeaderRequest {}).await.ok()?.into_inner();
+            r.this_is_leader.then_some(())
+        }
+    })
+    .await?;
     eventually("the pool to be Ready", Duration::from_secs(30), || {
         let (mut c, pool) = (c.clone(), pool.to_owned());
         async move {
@@ -135,15 +144,20 @@ async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load(
     let domains: Vec<String> = fleet.servers.iter().map(|s| s.domain.clone()).collect();
     let monitor = Monitor::start(ports, LONG);
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    let started = c
-        .start_upgrade(start_req("pool-a", &artifact, &sha))
-        .await?
-        .into_inner();
+    let started =
+        rollgate_tests::cluster::start_upgrade(&mut c, start_req("pool-a", &artifact, &sha))
+            .await?
+            .into_inner();
     assert_eq!(names::upgrade_state(started.status), "running");
     assert_eq!(started.domains_total, 3);
     let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     let report = monitor.stop().await;
-    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}\n{}", coord.log());
+    assert_eq!(
+        names::upgrade_state(end.status),
+        "completed",
+        "{end:?}\n{}",
+        coord.log()
+    );
     report.check(&domains, 4).map_err(anyhow::Error::msg)?;
     assert!(
         report.samples_with_outage() > 0,
@@ -256,12 +270,18 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
     };
     assert!(r.reason.contains("fe-2 reports busy"), "{r:?}");
     let t0 = Instant::now();
-    c.start_upgrade(pb::StartUpgradeRequest {
-        on_exhausted: pb::ExhaustedAction::Pause as i32,
-        ..start_req("pool-a", &artifact, &sha)
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        pb::StartUpgradeRequest {
+            on_exhausted: pb::ExhaustedAction::Pause as i32,
+            ..start_req("pool-a", &artifact, &sha)
+        },
+    )
+    .await?;
+    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| {
+        names::upgrade_state(s.status) == "paused"
     })
     .await?;
-    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| names::upgrade_state(s.status) == "paused").await?;
     assert!(
         t0.elapsed() >= Duration::from_millis(600),
         "two waits of the busy retry interval come before the third answer"
@@ -292,20 +312,27 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
     wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
 
     // Abort: the same, but the upgrade ends aborted.
-    c.start_upgrade(pb::StartUpgradeRequest {
-        on_exhausted: pb::ExhaustedAction::Abort as i32,
-        ..start_req("pool-a", &artifact, &sha)
-    })
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        pb::StartUpgradeRequest {
+            on_exhausted: pb::ExhaustedAction::Abort as i32,
+            ..start_req("pool-a", &artifact, &sha)
+        },
+    )
     .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
     assert_eq!(names::upgrade_state(s.status), "aborted", "{s:?}");
     assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()));
 
     // Failover (the default with a paired pool): the hook runs, then the upgrade goes on.
-    c.start_upgrade(start_req("pool-a", &artifact, &sha))
-        .await?;
+    rollgate_tests::cluster::start_upgrade(&mut c, start_req("pool-a", &artifact, &sha)).await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
-    assert_eq!(names::upgrade_state(s.status), "completed", "{s:?}\n{}", coord.log());
+    assert_eq!(
+        names::upgrade_state(s.status),
+        "completed",
+        "{s:?}\n{}",
+        coord.log()
+    );
     assert!(s.failed_over);
     assert!(marker.exists(), "the failover hook must have run");
     for (id, v) in fleet.installs() {
@@ -377,12 +404,18 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["PoolUpgradeState"], "InsufficientActiveFrontEnds");
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    c.start_upgrade(pb::StartUpgradeRequest {
-        on_exhausted: pb::ExhaustedAction::Pause as i32,
-        ..start_req("pool-a", &artifact, &sha)
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        pb::StartUpgradeRequest {
+            on_exhausted: pb::ExhaustedAction::Pause as i32,
+            ..start_req("pool-a", &artifact, &sha)
+        },
+    )
+    .await?;
+    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| {
+        names::upgrade_state(s.status) == "paused"
     })
     .await?;
-    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| names::upgrade_state(s.status) == "paused").await?;
     assert!(
         s.reason.contains("InsufficientActiveFrontEnds")
             || s.reason.to_lowercase().contains("insufficient"),
@@ -413,15 +446,23 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
     let mut c = operator_client(coord.addr, &op).await?;
     wait_ready(&c, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    c.start_upgrade(pb::StartUpgradeRequest {
-        on_failure: pb::FailureAction::Rollback as i32,
-        server_retries: Some(1),
-        verify_timeout_ms: Some(1_500),
-        ..start_req("pool-a", &artifact, &sha)
-    })
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        pb::StartUpgradeRequest {
+            on_failure: pb::FailureAction::Rollback as i32,
+            server_retries: Some(1),
+            verify_timeout_ms: Some(1_500),
+            ..start_req("pool-a", &artifact, &sha)
+        },
+    )
     .await?;
     let s = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
-    assert_eq!(names::upgrade_state(s.status), "rolled_back", "{s:?}\n{}", coord.log());
+    assert_eq!(
+        names::upgrade_state(s.status),
+        "rolled_back",
+        "{s:?}\n{}",
+        coord.log()
+    );
     let events = c
         .events(pb::EventsRequest {
             pool: "pool-a".into(),
@@ -520,19 +561,35 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     let ports: Vec<u16> = fleet.servers.iter().map(|s| s.fe.port).collect();
     let domains: Vec<String> = fleet.servers.iter().map(|s| s.domain.clone()).collect();
     let monitor = Monitor::start(ports, LONG);
-    let started = lc
-        .start_upgrade(pb::StartUpgradeRequest {
-            verify_stable_ms: Some(800),
+    // A leader change must not fail a step under way: with no retries and rollback on
+    // failure, a drain or verify failed by the new leader's epoch would roll the pool back.
+    let started = rollgate_tests::cluster::start_upgrade(
+        &mut lc,
+        pb::StartUpgradeRequest {
+            verify_stable_ms: Some(2_000),
+            server_retries: Some(0),
+            on_failure: pb::FailureAction::Rollback as i32,
             ..start_req("pool-a", &artifact, &sha)
-        })
-        .await?
-        .into_inner();
+        },
+    )
+    .await?
+    .into_inner();
     assert_eq!(names::upgrade_state(started.status), "running");
-    // Kill the leader in the middle of the second domain.
-    wait_status(&addrs, &op, "pool-a", LONG, |s| {
-        s.domain_index == 1 && s.servers.iter().any(|x| names::server_phase(x.phase) == "in_flight")
+    // Kill the leader in the middle of the second domain, while a drain or a verify runs.
+    let at = wait_status(&addrs, &op, "pool-a", LONG, |s| {
+        s.domain_index == 1
+            && s.servers.iter().any(|x| {
+                names::server_phase(x.phase) == "in_flight"
+                    && matches!(names::step(x.step).as_str(), "drain" | "verify")
+            })
     })
     .await?;
+    let running: Vec<String> = at
+        .servers
+        .iter()
+        .filter(|x| names::server_phase(x.phase) == "in_flight")
+        .map(|x| format!("{}:{}", x.server, names::step(x.step)))
+        .collect();
     let li = coords
         .iter()
         .position(|x| x.id == leader)
@@ -562,7 +619,11 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     );
     let end = wait_status(&others, &op, "pool-a", LONG, ended).await?;
     let report = monitor.stop().await;
-    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
+    assert_eq!(
+        names::upgrade_state(end.status),
+        "completed",
+        "killed while {running:?} ran: {end:?}"
+    );
     // Across the failover too: min_active kept, one domain at a time, no open connection cut.
     report.check(&domains, 4).map_err(anyhow::Error::msg)?;
     for (id, v) in fleet.installs() {
@@ -580,6 +641,12 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     assert!(
         events.iter().any(|e| e.coordinator == new_leader),
         "the new leader recorded steps"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.kind == "server_failed" || e.kind == "step_retried"),
+        "no step failed because the leader changed: {events:#?}"
     );
     drop(c);
     Ok(())
@@ -625,13 +692,18 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
     let mut lc = operator_client(coords[li].addr, &op).await?;
     wait_ready(&lc, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    lc.start_upgrade(pb::StartUpgradeRequest {
-        verify_stable_ms: Some(1_000),
-        ..start_req("pool-a", &artifact, &sha)
-    })
+    rollgate_tests::cluster::start_upgrade(
+        &mut lc,
+        pb::StartUpgradeRequest {
+            verify_stable_ms: Some(1_000),
+            ..start_req("pool-a", &artifact, &sha)
+        },
+    )
     .await?;
     wait_status(&addrs, &op, "pool-a", LONG, |s| {
-        s.servers.iter().any(|x| names::server_phase(x.phase) == "in_flight")
+        s.servers
+            .iter()
+            .any(|x| names::server_phase(x.phase) == "in_flight")
     })
     .await?;
     // Freeze the leader past its lease: the follower takes over and fences the agents.
@@ -733,6 +805,9 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
             "--dry-run",
             "--domain-order",
             "ud-3,ud-1,ud-2",
+            // An explicit zero is kept (one good probe), not taken for "the default".
+            "--verify-stable",
+            "0s",
             "-o",
             "json",
         ])
@@ -751,6 +826,14 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         .collect();
     assert_eq!(names, vec!["ud-3", "ud-1", "ud-2"]);
     assert_eq!(plan["busy_retries"], 3);
+    assert_eq!(plan["verify_stable"], "0s", "{plan}");
+    // Defaults come from one place, whoever asks: the CLI sends nothing it was not given.
+    assert_eq!(plan["server_retries"], 1, "{plan}");
+    assert_eq!(plan["verify_timeout"], "2m", "{plan}");
+    assert_eq!(
+        plan["min_active"], 2,
+        "fixed in the plan when it starts: {plan}"
+    );
     let mut c = operator_client(coord.addr, &op).await?;
     let s = c
         .get_upgrade(pb::PoolRequest {
@@ -758,7 +841,11 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         })
         .await?
         .into_inner();
-    assert_eq!(names::upgrade_state(s.status), "none", "a dry run starts nothing");
+    assert_eq!(
+        names::upgrade_state(s.status),
+        "none",
+        "a dry run starts nothing"
+    );
     for (args, needle) in [
         (vec!["readiness", "--pool", "nope"], "unknown pool"),
         (
@@ -794,6 +881,42 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
             "ud-9",
         ),
         (vec!["upgrade", "pause", "--pool", "pool-a"], "no upgrade"),
+        // Every duration and count has an upper bound and a one-line error (it once crashed
+        // every coordinator that resumed the plan).
+        (
+            vec![
+                "upgrade",
+                "start",
+                "--pool",
+                "pool-a",
+                "--version",
+                "2.0",
+                "--artifact",
+                "/x",
+                "--sha256",
+                &sha,
+                "--drain-timeout",
+                "100000000years",
+            ],
+            "drain_timeout",
+        ),
+        (
+            vec![
+                "upgrade",
+                "start",
+                "--pool",
+                "pool-a",
+                "--version",
+                "2.0",
+                "--artifact",
+                "/x",
+                "--sha256",
+                &sha,
+                "--busy-retries",
+                "1000",
+            ],
+            "busy_retries (1000) exceeds its upper bound of 100",
+        ),
     ] {
         let out = cli(&op, &[coord.addr])?.args(&args).output()?;
         assert!(!out.status.success(), "{args:?} should fail");
@@ -802,6 +925,7 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         assert!(err.contains(needle), "{needle} not in {err}");
     }
     // Two starts at once: exactly one upgrade runs; the other is told one is already running.
+    wait_ready(&c, "pool-a").await?;
     let (mut c1, mut c2) = (c.clone(), c.clone());
     let req = start_req("pool-a", &artifact, &sha);
     let (a, b) = tokio::join!(c1.start_upgrade(req.clone()), c2.start_upgrade(req));
@@ -825,6 +949,210 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr)?.contains("operator role"));
+    coord.terminate().await?;
+    Ok(())
+}
+
+/// #1: a plan value an older version accepted (`--drain-timeout 100000000years`) once crashed
+/// every coordinator that resumed it. Now a stored plan beyond its bounds pauses with the
+/// reason, on every coordinator that resumes it, and the pool stays manageable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_plan_beyond_its_bounds_pauses_and_crashes_no_coordinator() -> anyhow::Result<()> {
+    use rollgate_coordinator::engine::{Domain, DrainMode, Plan, Upgrade};
+    use rollgate_coordinator::progress::{self, UpgradeRecord};
+    use rollgate_coordinator::store::{Candidate, EmbeddedStore, Store};
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    // What an older version stored: a running upgrade whose drain timeout is absurd.
+    let sane = Plan {
+        id: "pool-a-old".into(),
+        pool: "pool-a".into(),
+        version: "2.0".into(),
+        artifact: artifact.display().to_string(),
+        sha256: sha.clone(),
+        drain: DrainMode::Graceful {
+            timeout: Duration::from_secs(60),
+        },
+        parallelism: 1,
+        verify_stable: Duration::from_millis(300),
+        verify_timeout: Duration::from_secs(10),
+        busy_retry_interval: Duration::from_secs(1),
+        busy_retries: 3,
+        on_exhausted: Default::default(),
+        server_retries: 1,
+        on_failure: Default::default(),
+        domains: fleet
+            .servers
+            .iter()
+            .map(|s| Domain {
+                name: s.domain.clone(),
+                servers: vec![s.id.clone()],
+            })
+            .collect(),
+        canary_soak: None,
+        paired_pool: None,
+        min_active: Some(2),
+        rollback_artifact: None,
+    };
+    let (mut upgrade, _) = Upgrade::new(sane.clone())?;
+    upgrade.plan.drain = DrainMode::Graceful {
+        timeout: Duration::from_secs(100_000_000 * 365 * 86_400),
+    };
+    {
+        let store = Store::Embedded(EmbeddedStore::open(&root.join("store.json"))?);
+        let me = Candidate {
+            id: "old-version".into(),
+            address: "127.0.0.1:1".into(),
+        };
+        let lead = store
+            .campaign(&me, Duration::from_secs(5), &Default::default())
+            .await?;
+        let record = UpgradeRecord {
+            upgrade,
+            next_event: 0,
+        };
+        store
+            .fenced_write(&lead, progress::upgrade_writes(&record, &[]))
+            .await?;
+        store.resign(&lead).await?;
+    }
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        &fleet.pool_toml(""),
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let paused = |s: &pb::UpgradeStatus| {
+        names::upgrade_state(s.status) == "paused" && s.reason.contains("drain_timeout")
+    };
+    for round in 0..2 {
+        let s = wait_status(&[coord.addr], &op, "pool-a", LONG, paused).await?;
+        assert!(s.reason.contains("upper bound"), "round {round}: {s:?}");
+        // Resuming it is refused with the reason; the coordinator keeps running.
+        let mut c = operator_client(coord.addr, &op).await?;
+        c.resume_upgrade(pb::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await?;
+        let s = wait_status(&[coord.addr], &op, "pool-a", LONG, paused).await?;
+        assert_eq!(s.plan_id, "pool-a-old");
+        // Another coordinator resuming the same stored plan (here: this one, restarted).
+        let st = coord.terminate().await?;
+        assert!(st.success(), "round {round}: exit {st:?}\n{}", coord.log());
+        coord.restart().await?;
+    }
+    assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()));
+    // The pool can be managed again: abort the stored upgrade, then run a sane one.
+    let mut c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    c.abort_upgrade(pb::PoolRequest {
+        pool: "pool-a".into(),
+    })
+    .await?;
+    wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
+    rollgate_tests::cluster::start_upgrade(&mut c, start_req("pool-a", &artifact, &sha)).await?;
+    let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
+    coord.terminate().await?;
+    Ok(())
+}
+
+/// #7: a server whose drain timed out is left draining (its open connections are never cut)
+/// and shown as out of service; an abort brings it back on its old version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_brings_back_a_server_whose_drain_timed_out() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 4, 2, "1.0").await?;
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        &fleet.pool_toml(""),
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let mut c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    // A client keeps a connection open to fe-1, the first server to go down.
+    let first = &fleet.servers[0];
+    let conn = tokio::net::TcpStream::connect(("127.0.0.1", first.fe.port)).await?;
+    let (r, mut w) = conn.into_split();
+    let mut lines = BufReader::new(r).lines();
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        pb::StartUpgradeRequest {
+            drain_timeout_ms: Some(1_000),
+            server_retries: Some(0),
+            ..start_req("pool-a", &artifact, &sha)
+        },
+    )
+    .await?;
+    let s = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| {
+        names::upgrade_state(s.status) == "paused"
+    })
+    .await?;
+    assert!(
+        s.out_of_service.iter().any(|o| o.server == first.id),
+        "{first} must be shown out of service: {s:?}",
+        first = first.id
+    );
+    // The drain never cut the open connection.
+    w.write_all(b"still there\n").await?;
+    assert_eq!(lines.next_line().await?.as_deref(), Some("still there"));
+    drop(w);
+    drop(lines);
+    c.abort_upgrade(pb::PoolRequest {
+        pool: "pool-a".into(),
+    })
+    .await?;
+    let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
+    assert_eq!(names::upgrade_state(end.status), "aborted", "{end:?}");
+    assert!(end.out_of_service.is_empty(), "{end:?}\n{}", coord.log());
+    eventually("fe-1 serving 1.0 again", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let id = first.id.clone();
+        async move {
+            let r = c
+                .readiness(pb::PoolRequest {
+                    pool: "pool-a".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            r.domains
+                .iter()
+                .flat_map(|d| &d.servers)
+                .any(|s| s.server == id && s.active && s.version == "1.0")
+                .then_some(())
+        }
+    })
+    .await?;
+    let events = c
+        .events(pb::EventsRequest {
+            pool: "pool-a".into(),
+            limit: 1000,
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "restore_started" && e.server == first.id),
+        "{events:#?}"
+    );
+    assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()));
     coord.terminate().await?;
     Ok(())
 }

@@ -7,4 +7,5 @@ mod coordinator;
 mod fault;
 mod fuzz;
 mod lifetime;
+mod sim;
 mod store;

@@ -7,13 +7,13 @@
 //! Every coordinator reaches etcd and each agent through its own TCP proxies, so that the
 //! harness can cut one coordinator off from etcd, or from the agents, without touching the rest.
 
-use rollgate_proto::operator::names;
 use crate::cluster::{leader_of, operator_client, CoordinatorProc, Fleet};
 use crate::etcd::{EtcdCluster, TcpProxy};
 use crate::monitor::Monitor;
 use crate::{eventually, make_artifact};
 use anyhow::{anyhow, bail, ensure, Context};
 use rollgate_common::tls::{RoleKind, TlsFiles};
+use rollgate_proto::operator::names;
 use rollgate_proto::operator::v1 as pb;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -169,11 +169,9 @@ impl World {
                 if names::upgrade_state(s.status) != "running" {
                     return None;
                 }
-                if let Some(x) = s
-                    .servers
-                    .iter()
-                    .find(|x| names::server_phase(x.phase) == "in_flight" && names::step(x.step) == step)
-                {
+                if let Some(x) = s.servers.iter().find(|x| {
+                    names::server_phase(x.phase) == "in_flight" && names::step(x.step) == step
+                }) {
                     return self.fleet.servers.iter().position(|f| f.id == x.server);
                 }
             }
@@ -385,19 +383,22 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
     .await?;
     let monitor = Monitor::start(ports, Duration::from_secs(300));
     let (artifact, sha) = make_artifact(root, "2.0")?;
-    lc.start_upgrade(pb::StartUpgradeRequest {
-        pool: "chaos".into(),
-        version: "2.0".into(),
-        artifact: artifact.display().to_string(),
-        sha256: sha,
-        verify_stable_ms: Some(400),
-        verify_timeout_ms: Some(20_000),
-        drain_timeout_ms: Some(30_000),
-        busy_retry_interval_ms: Some(1_000),
-        busy_retries: Some(30),
-        server_retries: Some(3),
-        ..Default::default()
-    })
+    crate::cluster::start_upgrade(
+        &mut lc,
+        pb::StartUpgradeRequest {
+            pool: "chaos".into(),
+            version: "2.0".into(),
+            artifact: artifact.display().to_string(),
+            sha256: sha,
+            verify_stable_ms: Some(400),
+            verify_timeout_ms: Some(20_000),
+            drain_timeout_ms: Some(30_000),
+            busy_retry_interval_ms: Some(1_000),
+            busy_retries: Some(30),
+            server_retries: Some(3),
+            ..Default::default()
+        },
+    )
     .await
     .context("start the upgrade")?;
     let mut done = Vec::new();
@@ -418,7 +419,10 @@ pub async fn run(seed: u64, faults: usize) -> anyhow::Result<RunReport> {
             let w = &w;
             async move {
                 w.status().await.filter(|s| {
-                    names::upgrade_state(s.status) != "running" && s.servers.iter().all(|x| names::server_phase(x.phase) != "in_flight")
+                    names::upgrade_state(s.status) != "running"
+                        && s.servers
+                            .iter()
+                            .all(|x| names::server_phase(x.phase) != "in_flight")
                 })
             }
         },

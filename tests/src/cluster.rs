@@ -249,6 +249,32 @@ pub async fn operator_client(
     Ok(OperatorClient::new(crate::channel(addr, tls).await?))
 }
 
+/// `StartUpgrade`, retried while the coordinator answers UNAVAILABLE (it is taking over
+/// leadership, or no leader is elected yet), for up to 20 s, as the `rollgate` CLI does.
+pub async fn start_upgrade(
+    c: &mut OperatorClient<Channel>,
+    req: pb::StartUpgradeRequest,
+) -> Result<tonic::Response<pb::UpgradeStatus>, tonic::Status> {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.start_upgrade(req.clone()).await {
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < give_up =>
+            {
+                let wait = s
+                    .metadata()
+                    .get(rollgate_proto::operator::RETRY_AFTER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(200);
+                tokio::time::sleep(Duration::from_millis(wait.min(2_000))).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Who leads, according to `c`: (id, epoch), or None.
 pub async fn leader_of(c: &mut OperatorClient<Channel>) -> Option<(String, u64)> {
     let r = c.leader(pb::LeaderRequest {}).await.ok()?.into_inner();

@@ -5,11 +5,11 @@
 //! Watch stream open and one front end probed every report interval. Build with
 //! `cargo build --release --workspace --bins` and run with ROLLGATE_BIN_DIR=target/release.
 
-use rollgate_proto::operator::names;
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use rollgate_common::tls::RoleKind;
 use rollgate_proto::agent::v1 as pb;
+use rollgate_proto::operator::names;
 use rollgate_tests::{agent_client, bin, AgentProc, FrontEnd, Pki};
 
 use std::time::Duration;
@@ -373,16 +373,19 @@ async fn overhead(
         let (artifact, sha) = rollgate_tests::make_artifact(root, "2.0")?;
         let per_domain_servers = servers.div_ceil(domains);
         let t0 = rollgate_common::time::now_ms();
-        c.start_upgrade(opb::StartUpgradeRequest {
-            pool: "bench".into(),
-            version: "2.0".into(),
-            artifact: artifact.display().to_string(),
-            sha256: sha,
-            parallelism: Some(u32::try_from(per_domain_servers)?),
-            verify_stable_ms: Some(u64::try_from(verify_stable.as_millis())?),
-            verify_timeout_ms: Some(u64::try_from(verify_stable.as_millis())? + 30_000),
-            ..Default::default()
-        })
+        rollgate_tests::cluster::start_upgrade(
+            &mut c,
+            opb::StartUpgradeRequest {
+                pool: "bench".into(),
+                version: "2.0".into(),
+                artifact: artifact.display().to_string(),
+                sha256: sha,
+                parallelism: Some(u32::try_from(per_domain_servers)?),
+                verify_stable_ms: Some(u64::try_from(verify_stable.as_millis())?),
+                verify_timeout_ms: Some(u64::try_from(verify_stable.as_millis())? + 30_000),
+                ..Default::default()
+            },
+        )
         .await?;
         let end =
             rollgate_tests::eventually("the upgrade to end", Duration::from_secs(600), || {

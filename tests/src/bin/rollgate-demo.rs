@@ -4,10 +4,10 @@
 //! keeps opening and holding connections. The `rollgate` CLI starts the rolling upgrade and
 //! watches it live; a final readiness table shows every server on the new version.
 
-use rollgate_proto::operator::names;
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use rollgate_common::tls::RoleKind;
+use rollgate_proto::operator::names;
 use rollgate_proto::operator::v1 as pb;
 use rollgate_tests::cluster::{cli, leader_of, operator_client, CoordinatorProc, Fleet};
 use rollgate_tests::{eventually, make_artifact};

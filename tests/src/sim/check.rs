@@ -205,14 +205,15 @@ impl Checker {
             ));
         }
         let ok = match what {
-            "pause" => {
-                matches!(up.status, Status::Paused { .. }) || up.status.is_terminal()
-            }
+            "pause" => matches!(up.status, Status::Paused { .. }) || up.status.is_terminal(),
             "abort" => up.status.is_terminal(),
             _ => true,
         };
         if !ok {
-            self.violate(format!("{what} acknowledged but the state is {}", up.status));
+            self.violate(format!(
+                "{what} acknowledged but the state is {}",
+                up.status
+            ));
         }
     }
 }

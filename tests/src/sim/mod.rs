@@ -25,6 +25,7 @@ use rollgate_coordinator::control::{Control, ControlError, StartRequest, Upgrade
 use rollgate_coordinator::engine::{ExhaustedAction, FailureAction, RollbackArtifact, Status};
 use rollgate_coordinator::env::Env;
 use rollgate_coordinator::node::Node;
+use rollgate_coordinator::progress::UpgradeRecord;
 use rollgate_coordinator::store::Store;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +88,14 @@ pub struct Report {
     pub downs: u64,
     /// Every traced line (with `Options::verbose`).
     pub lines: Vec<String>,
+    /// The last stored upgrade.
+    pub last: Option<UpgradeRecord>,
+    /// Per server at the end: (version, serving, successful forward installs of the plan).
+    pub servers: std::collections::BTreeMap<String, (String, bool, u32)>,
+    /// Start requests refused (and why) before one was accepted.
+    pub refusals: Vec<String>,
+    /// Every record of the event history, in order.
+    pub events: Vec<String>,
 }
 
 impl Report {
@@ -96,12 +105,49 @@ impl Report {
 }
 
 /// The pool and plan a seed draws.
-struct Setup {
-    servers: Vec<(String, usize)>,
-    min_active: usize,
-    request: StartRequest,
-    behaviour: Behaviour,
-    coordinators: usize,
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Servers and their upgrade domain (1-based).
+    pub servers: Vec<(String, usize)>,
+    pub min_active: usize,
+    /// What the operator asks for.
+    pub request: StartRequest,
+    pub behaviour: Behaviour,
+    pub coordinators: usize,
+}
+
+/// A run: the pool and plan, and what happens beyond the seed's own choices.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub setup: Setup,
+    /// Scheduled faults and faults at await points (off: only the scenario's own events).
+    pub chaos: bool,
+    /// An upgrade already in the store when the coordinators start (as an older version, or a
+    /// crashed leader, left it).
+    pub stored: Option<UpgradeRecord>,
+    /// Whether the operator starts an upgrade.
+    pub start: bool,
+    /// The leader crashes right after an agent admits an operation whose id contains this
+    /// (the command is out, the answer never comes back).
+    pub crash_leader_on_admit: Option<String>,
+    /// The coordinator's task for an operation whose id contains this panics, once.
+    pub panic_on: Option<String>,
+    /// Operations whose id contains this take far longer than any coordinator deadline.
+    pub slow_on: Option<String>,
+}
+
+/// The random scenario of `seed`.
+pub fn scenario(seed: u64) -> Scenario {
+    let mut rng = Rng::new(seed ^ 0x5eed_0f_a11);
+    Scenario {
+        setup: setup(&mut rng),
+        chaos: true,
+        stored: None,
+        start: true,
+        crash_leader_on_admit: None,
+        panic_on: None,
+        slow_on: None,
+    }
 }
 
 fn setup(rng: &mut Rng) -> Setup {
@@ -205,6 +251,31 @@ fn config(id: &str, setup: &Setup, ttl: Duration) -> CoordinatorConfig {
 
 /// Starts a new life of coordinator `c`: a fresh process with nothing but its config.
 fn spawn_node(w: &Shared, c: usize, cfg: &Arc<CoordinatorConfig>) -> Arc<Node> {
+    let node = make_node(w, c, cfg);
+    // Dropped with the runtime at the end of the run, like a killed process.
+    tokio::spawn(Arc::clone(&node).lead_loop(CancellationToken::new()));
+    node
+}
+
+/// One coordinator on a fresh, quiet world of `seed`'s pool, not campaigning: for tests of
+/// what a node answers in a given role.
+pub fn lone_node(seed: u64) -> Arc<Node> {
+    let sc = scenario(seed);
+    let ttl = Duration::from_secs(2);
+    let w: Shared = Arc::new(std::sync::Mutex::new(World::new(
+        seed,
+        &sc.setup.servers,
+        sc.setup.min_active,
+        Options::default().call_faults,
+        sc.setup.behaviour.clone(),
+        1,
+        ttl,
+    )));
+    lock(&w).chaos = false;
+    make_node(&w, 0, &Arc::new(config("c0", &sc.setup, ttl)))
+}
+
+fn make_node(w: &Shared, c: usize, cfg: &Arc<CoordinatorConfig>) -> Arc<Node> {
     let life = {
         let mut w = lock(w);
         let co = &mut w.coords[c];
@@ -231,10 +302,7 @@ fn spawn_node(w: &Shared, c: usize, cfg: &Arc<CoordinatorConfig>) -> Arc<Node> {
         lost_after: cfg.lost_after,
         stabilization: cfg.stabilization,
     };
-    let node = Node::new(Arc::clone(cfg), env);
-    // Dropped with the runtime at the end of the run, like a killed process.
-    tokio::spawn(Arc::clone(&node).lead_loop(CancellationToken::new()));
-    node
+    Node::new(Arc::clone(cfg), env)
 }
 
 type Nodes = Arc<std::sync::Mutex<Vec<Arc<Node>>>>;
@@ -296,7 +364,13 @@ async fn supervise(w: Shared, nodes: Nodes, cfgs: Vec<Arc<CoordinatorConfig>>, c
 }
 
 /// Strikes scheduled faults until the chaos ends.
-async fn chaos(w: Shared, nodes: Nodes, chaos_end: Instant, every: Duration, log: Arc<std::sync::Mutex<Vec<String>>>) {
+async fn chaos(
+    w: Shared,
+    nodes: Nodes,
+    chaos_end: Instant,
+    every: Duration,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+) {
     loop {
         let wait = {
             let mut w = lock(&w);
@@ -318,7 +392,9 @@ async fn chaos(w: Shared, nodes: Nodes, chaos_end: Instant, every: Duration, log
         let servers: Vec<String> = w.agents.keys().cloned().collect();
         let what = match w.rng.below(8) {
             0 | 1 => {
-                let after = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                let after = w
+                    .rng
+                    .between(Duration::from_secs(1), Duration::from_secs(10));
                 w.crash(target, after);
                 format!("crash c{target}")
             }
@@ -328,24 +404,36 @@ async fn chaos(w: Shared, nodes: Nodes, chaos_end: Instant, every: Duration, log
                 format!("freeze c{target} for {}ms", d.as_millis())
             }
             3 => {
-                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(8));
+                let d = w
+                    .rng
+                    .between(Duration::from_secs(1), Duration::from_secs(8));
                 w.coords[target].store_cut_until = Some(now + d);
                 format!("cut c{target} from the store for {}ms", d.as_millis())
             }
             4 => {
-                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(8));
+                let d = w
+                    .rng
+                    .between(Duration::from_secs(1), Duration::from_secs(8));
                 w.coords[target].agents_cut_until = Some(now + d);
                 format!("cut c{target} from the agents for {}ms", d.as_millis())
             }
             5 => {
-                let Some(s) = w.rng.pick(&servers).cloned() else { continue };
-                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                let Some(s) = w.rng.pick(&servers).cloned() else {
+                    continue;
+                };
+                let d = w
+                    .rng
+                    .between(Duration::from_secs(1), Duration::from_secs(10));
                 world::crash_agent(&mut w, &s, d);
                 format!("crash agent {s} for {}ms", d.as_millis())
             }
             6 => {
-                let Some(s) = w.rng.pick(&servers).cloned() else { continue };
-                let d = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                let Some(s) = w.rng.pick(&servers).cloned() else {
+                    continue;
+                };
+                let d = w
+                    .rng
+                    .between(Duration::from_secs(1), Duration::from_secs(10));
                 let busy = w.rng.chance(0.5);
                 if let Some(a) = w.agents.get_mut(&s) {
                     if busy {
@@ -355,11 +443,17 @@ async fn chaos(w: Shared, nodes: Nodes, chaos_end: Instant, every: Duration, log
                         a.last_fault = Some(now);
                     }
                 }
-                format!("{s} {} for {}ms", if busy { "busy" } else { "unhealthy" }, d.as_millis())
+                format!(
+                    "{s} {} for {}ms",
+                    if busy { "busy" } else { "unhealthy" },
+                    d.as_millis()
+                )
             }
             _ => {
                 let other = (target + 1 + w.rng.below(n as u64 - 1) as usize) % n;
-                let after = w.rng.between(Duration::from_secs(1), Duration::from_secs(10));
+                let after = w
+                    .rng
+                    .between(Duration::from_secs(1), Duration::from_secs(10));
                 w.crash(other, after);
                 format!("crash follower c{other}")
             }
@@ -375,25 +469,51 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The operator: starts the upgrade, sometimes intervenes during the chaos, and afterwards
 /// resumes a paused upgrade a few times (or aborts it) until it ends.
-async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: Instant, deadline: Instant) -> Result<(), String> {
-    // Start it, on whichever coordinator leads.
+async fn operate(
+    w: Shared,
+    nodes: Nodes,
+    request: Option<StartRequest>,
+    chaos_end: Instant,
+    deadline: Instant,
+) -> Result<(), String> {
+    if let Some(request) = request {
+        start(&w, &nodes, request, deadline).await?;
+    }
+    follow(&w, &nodes, chaos_end, deadline).await
+}
+
+/// Starts the upgrade on whichever coordinator leads.
+async fn start(
+    w: &Shared,
+    nodes: &Nodes,
+    mut request: StartRequest,
+    deadline: Instant,
+) -> Result<(), String> {
     loop {
         if Instant::now() > deadline {
             return Err("I6: the upgrade never started".into());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Some(control) = leader(&nodes) else { continue };
+        let Some(control) = leader(nodes) else {
+            continue;
+        };
         // An operator's call to a coordinator that dies meanwhile times out, like a gRPC call.
-        let Ok(started) = tokio::time::timeout(CALL_TIMEOUT, control.start(request.clone(), "sim-operator")).await else {
+        let Ok(started) =
+            tokio::time::timeout(CALL_TIMEOUT, control.start(request.clone(), "sim-operator"))
+                .await
+        else {
             continue;
         };
         match started {
             Ok(up) => {
-                lock(&w).check.on_ack("start", &up);
+                lock(w).check.on_ack("start", &up);
                 break;
             }
-            Err(ControlError::Invalid(m)) if m.contains("rollback-artifact") && request.rollback_artifact.is_none() => {
+            Err(ControlError::Invalid(m))
+                if m.contains("rollback-artifact") && request.rollback_artifact.is_none() =>
+            {
                 // #5: servers on a version installed outside rollgate need the old artifact.
+                lock(w).refusals.push(m);
                 request.rollback_artifact = Some(RollbackArtifact {
                     artifact: "https://repo.invalid/fe-1.0.tar.gz".into(),
                     sha256: "cd".repeat(32),
@@ -404,9 +524,23 @@ async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: 
             Err(_) => {}
         }
     }
+    Ok(())
+}
+
+/// Follows the upgrade to its end, intervening as an operator would.
+async fn follow(
+    w: &Shared,
+    nodes: &Nodes,
+    chaos_end: Instant,
+    deadline: Instant,
+) -> Result<(), String> {
+    let w = Arc::clone(w);
+    let nodes = Arc::clone(nodes);
     let mut resumes = 0;
     loop {
-        let wait = lock(&w).rng.between(Duration::from_secs(1), Duration::from_secs(20));
+        let wait = lock(&w)
+            .rng
+            .between(Duration::from_secs(1), Duration::from_secs(20));
         tokio::time::sleep(wait).await;
         let now = Instant::now();
         let last = lock(&w).check.last.clone();
@@ -421,8 +555,10 @@ async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: 
                 record.upgrade.status
             ));
         }
-        let Some(control) = leader(&nodes) else { continue };
-        let cmd = if now < chaos_end {
+        let Some(control) = leader(&nodes) else {
+            continue;
+        };
+        let cmd = if now < chaos_end && lock(&w).chaos {
             let r = lock(&w).rng.below(100);
             match r {
                 0..=7 => Some(UpgradeCommand::Pause),
@@ -433,7 +569,11 @@ async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: 
             }
         } else if matches!(record.upgrade.status, Status::Paused { .. }) {
             resumes += 1;
-            Some(if resumes > 6 { UpgradeCommand::Abort } else { UpgradeCommand::Resume })
+            Some(if resumes > 6 {
+                UpgradeCommand::Abort
+            } else {
+                UpgradeCommand::Resume
+            })
         } else {
             None
         };
@@ -457,14 +597,19 @@ async fn operate(w: Shared, nodes: Nodes, mut request: StartRequest, chaos_end: 
 /// The end state: nothing out of service unless listed (I3), installs (I4).
 fn final_checks(w: &mut World) -> String {
     let Some(record) = w.check.last.clone() else {
-        w.check.violations.push("the upgrade never stored a state".into());
+        w.check
+            .violations
+            .push("the upgrade never stored a state".into());
         return "none".into();
     };
     let up = &record.upgrade;
     let listed: Vec<String> = up.out_of_service().into_iter().map(|(s, _)| s).collect();
     let servers: Vec<String> = w.agents.keys().cloned().collect();
     for s in &servers {
-        let serving = w.agents.get(s).is_some_and(|a| a.svc == world::Svc::Serving);
+        let serving = w
+            .agents
+            .get(s)
+            .is_some_and(|a| a.svc == world::Svc::Serving);
         if !serving && !listed.contains(s) {
             let svc = w.agents.get(s).map(|a| a.svc);
             w.check.violations.push(format!(
@@ -493,7 +638,11 @@ fn final_checks(w: &mut World) -> String {
     }
     if up.status == Status::Completed {
         for (s, a) in &w.agents {
-            let n = a.installs.get(&(up.plan.id.clone(), "fwd".into())).copied().unwrap_or(0);
+            let n = a
+                .installs
+                .get(&(up.plan.id.clone(), "fwd".into()))
+                .copied()
+                .unwrap_or(0);
             if n != 1 || a.version != "2.0" {
                 w.check.violations.push(format!(
                     "I4: completed, but {s} runs {} after {n} install(s)",
@@ -507,6 +656,11 @@ fn final_checks(w: &mut World) -> String {
 
 /// Runs one seed.
 pub fn run(seed: u64, opts: &Options) -> Report {
+    run_scenario(seed, opts, scenario(seed))
+}
+
+/// Runs `sc` with the choices of `seed`.
+pub fn run_scenario(seed: u64, opts: &Options, sc: Scenario) -> Report {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -526,15 +680,18 @@ pub fn run(seed: u64, opts: &Options) -> Report {
                 admissions: 0,
                 downs: 0,
                 lines: Vec::new(),
+                last: None,
+                servers: Default::default(),
+                refusals: Vec::new(),
+                events: Vec::new(),
             }
         }
     };
-    rt.block_on(run_inner(seed, opts))
+    rt.block_on(run_inner(seed, opts, sc))
 }
 
-async fn run_inner(seed: u64, opts: &Options) -> Report {
-    let mut rng = Rng::new(seed ^ 0x5eed_0f_a11);
-    let setup = setup(&mut rng);
+async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
+    let setup = sc.setup.clone();
     let ttl = Duration::from_secs(2);
     let w: Shared = Arc::new(std::sync::Mutex::new(World::new(
         seed,
@@ -545,8 +702,21 @@ async fn run_inner(seed: u64, opts: &Options) -> Report {
         setup.coordinators,
         ttl,
     )));
-    if opts.verbose {
-        lock(&w).lines = Some(Vec::new());
+    {
+        let mut w = lock(&w);
+        if opts.verbose {
+            w.lines = Some(Vec::new());
+        }
+        w.chaos = sc.chaos;
+        w.crash_leader_on_admit = sc.crash_leader_on_admit.clone();
+        w.panic_on = sc.panic_on.clone();
+        w.slow_on = sc.slow_on.clone();
+        if let Some(record) = &sc.stored {
+            let key = rollgate_coordinator::progress::upgrade_key(&record.upgrade.plan.pool);
+            let value = serde_json::to_vec(record).unwrap_or_default();
+            w.check.on_commit(&key, &value, 1);
+            w.seed_value(&key, value);
+        }
     }
     let start = Instant::now();
     let chaos_end = start + opts.chaos;
@@ -563,11 +733,36 @@ async fn run_inner(seed: u64, opts: &Options) -> Report {
             .collect(),
     ));
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sup = tokio::spawn(supervise(Arc::clone(&w), Arc::clone(&nodes), cfgs.clone(), chaos_end));
-    let cha = tokio::spawn(chaos(Arc::clone(&w), Arc::clone(&nodes), chaos_end, opts.fault_every, Arc::clone(&log)));
-    let result = operate(Arc::clone(&w), Arc::clone(&nodes), setup.request.clone(), chaos_end, deadline).await;
+    let sup = tokio::spawn(supervise(
+        Arc::clone(&w),
+        Arc::clone(&nodes),
+        cfgs.clone(),
+        chaos_end,
+    ));
+    let cha = if sc.chaos {
+        Some(tokio::spawn(chaos(
+            Arc::clone(&w),
+            Arc::clone(&nodes),
+            chaos_end,
+            opts.fault_every,
+            Arc::clone(&log),
+        )))
+    } else {
+        None
+    };
+    let request = sc.start.then(|| setup.request.clone());
+    let result = operate(
+        Arc::clone(&w),
+        Arc::clone(&nodes),
+        request,
+        chaos_end,
+        deadline,
+    )
+    .await;
     sup.abort();
-    cha.abort();
+    if let Some(c) = cha {
+        c.abort();
+    }
     let faults_seen = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut w = lock(&w);
     if let Err(e) = result {
@@ -586,6 +781,30 @@ async fn run_inner(seed: u64, opts: &Options) -> Report {
         admissions: w.check.admissions,
         downs: w.check.downs,
         lines: w.lines.take().unwrap_or_default(),
+        servers: w
+            .agents
+            .iter()
+            .map(|(s, a)| {
+                let plan = w
+                    .check
+                    .last
+                    .as_ref()
+                    .map(|r| r.upgrade.plan.id.clone())
+                    .unwrap_or_default();
+                let n = a
+                    .installs
+                    .get(&(plan, "fwd".to_string()))
+                    .copied()
+                    .unwrap_or(0);
+                (
+                    s.clone(),
+                    (a.version.clone(), a.svc == world::Svc::Serving, n),
+                )
+            })
+            .collect(),
+        last: w.check.last.clone(),
+        refusals: w.refusals.clone(),
+        events: w.events(),
     }
 }
 

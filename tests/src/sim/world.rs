@@ -201,6 +201,12 @@ pub struct World {
     trace: u64,
     /// Every traced line, when asked for (replaying one seed).
     pub lines: Option<Vec<String>>,
+    /// See `Scenario`.
+    pub crash_leader_on_admit: Option<String>,
+    pub panic_on: Option<String>,
+    pub slow_on: Option<String>,
+    /// Start requests the control layer refused.
+    pub refusals: Vec<String>,
 }
 
 /// The world, shared by every task of one run.
@@ -268,6 +274,10 @@ impl World {
             steps: 0,
             trace: 0xcbf2_9ce4_8422_2325,
             lines: None,
+            crash_leader_on_admit: None,
+            panic_on: None,
+            slow_on: None,
+            refusals: Vec::new(),
         }
     }
 
@@ -345,7 +355,9 @@ impl World {
             return Gate::Cut;
         }
         if self.chaos && self.rng.chance(self.faults.crash_before) {
-            let after = self.rng.between(Duration::from_millis(500), Duration::from_secs(8));
+            let after = self
+                .rng
+                .between(Duration::from_millis(500), Duration::from_secs(8));
             self.crash(c, after);
             return Gate::Hang;
         }
@@ -358,7 +370,9 @@ impl World {
             return After::Answer(None);
         }
         if self.rng.chance(self.faults.crash_after) {
-            let after = self.rng.between(Duration::from_millis(500), Duration::from_secs(8));
+            let after = self
+                .rng
+                .between(Duration::from_millis(500), Duration::from_secs(8));
             self.crash(c, after);
             return After::Hang;
         }
@@ -450,6 +464,18 @@ impl World {
         self.kv.insert(key.to_string(), (value, self.rev, self.rev));
     }
 
+    /// The event history as stored, one line per record: "kind server: message".
+    pub fn events(&self) -> Vec<String> {
+        self.kv
+            .iter()
+            .filter(|(k, _)| k.starts_with("events/"))
+            .filter_map(|(_, (v, _, _))| {
+                serde_json::from_slice::<rollgate_coordinator::progress::EventRecord>(v).ok()
+            })
+            .map(|e| format!("{} {}: {}", e.kind, e.server, e.message))
+            .collect()
+    }
+
     /// Reads a value straight from the store.
     pub fn value(&self, key: &str) -> Option<Vec<u8>> {
         self.kv.get(key).map(|(v, _, _)| v.clone())
@@ -503,7 +529,9 @@ pub struct SimStore {
 
 impl std::fmt::Debug for World {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("World").field("rev", &self.rev).finish_non_exhaustive()
+        f.debug_struct("World")
+            .field("rev", &self.rev)
+            .finish_non_exhaustive()
     }
 }
 
@@ -543,7 +571,10 @@ impl Backend for SimStore {
             if cancel.is_cancelled() {
                 return Err(StoreError::Cancelled);
             }
-            if pass(&self.w, self.coord, self.life, Peer::Store).await.is_ok() {
+            if pass(&self.w, self.coord, self.life, Peer::Store)
+                .await
+                .is_ok()
+            {
                 let mut w = lock(&self.w);
                 if w.election.is_none() {
                     w.rev += 1;
@@ -664,7 +695,7 @@ fn unreachable_err() -> LinkError {
 }
 
 /// How long an operation takes on a healthy service.
-fn duration_of(w: &mut World, command: &AgentCommand) -> Duration {
+fn duration_of(w: &mut World, op_id: &str, command: &AgentCommand) -> Duration {
     let ms = |a: u64, b: u64| (Duration::from_millis(a), Duration::from_millis(b));
     let (lo, hi) = match command {
         AgentCommand::PrepareInstall { .. } | AgentCommand::PrepareRollback { .. } => ms(10, 300),
@@ -675,9 +706,14 @@ fn duration_of(w: &mut World, command: &AgentCommand) -> Duration {
         AgentCommand::Verify { stable, .. } => (*stable, *stable + Duration::from_millis(500)),
     };
     let mut d = w.rng.between(lo, hi);
+    if w.slow_on.as_deref().is_some_and(|x| op_id.contains(x)) {
+        d += Duration::from_secs(90);
+    }
     if w.chaos && w.rng.chance(w.behaviour.slow_step) {
         // Far past the coordinator's deadline (derived from the agent's limits).
-        d += w.rng.between(Duration::from_secs(60), Duration::from_secs(120));
+        d += w
+            .rng
+            .between(Duration::from_secs(60), Duration::from_secs(120));
     }
     d
 }
@@ -839,7 +875,8 @@ impl SimAgents {
         let target_now = target.clone();
         let _ = target_now;
         w.trace(&format!("{server} admits {op_id} at epoch {epoch}"));
-        w.check.on_admit(server, op_id, epoch.get(), before, takes_down);
+        w.check
+            .on_admit(server, op_id, epoch.get(), before, takes_down);
         if takes_down {
             let active: Vec<String> = w
                 .agents
@@ -869,7 +906,15 @@ impl SimAgents {
                 .on_down(server, op_id, &active, &down, recent_fault, w.ms());
         }
         // Run it.
-        let duration = duration_of(w, command);
+        let duration = duration_of(w, op_id, command);
+        if w.crash_leader_on_admit
+            .as_deref()
+            .is_some_and(|x| op_id.contains(x))
+        {
+            // The command is out; the leader dies before it hears back.
+            w.crash_leader_on_admit = None;
+            w.crash(self.coord, Duration::from_secs(3));
+        }
         let shared = Arc::clone(&self.w);
         let (server, op_id, command) = (server.to_string(), op_id.to_string(), command.clone());
         tokio::spawn(async move {
@@ -894,7 +939,9 @@ fn complete(
     let bad = w.bad_for(server);
     let stuck = w.behaviour.stuck_drain_on.as_deref() == Some(server);
     let failing = match &mut w.behaviour.failing_install {
-        Some((s, n)) if s == server && *n > 0 && matches!(command, AgentCommand::Install { .. }) => {
+        Some((s, n))
+            if s == server && *n > 0 && matches!(command, AgentCommand::Install { .. }) =>
+        {
             *n -= 1;
             true
         }
@@ -956,7 +1003,11 @@ fn complete(
         }
     };
     let _ = before;
-    let state = if ok { OpState::Succeeded } else { OpState::Failed };
+    let state = if ok {
+        OpState::Succeeded
+    } else {
+        OpState::Failed
+    };
     if let Some(e) = a.journal.get_mut(op_id) {
         e.state = state;
         e.message = message.clone();
@@ -1070,6 +1121,18 @@ impl AgentLink for SimAgents {
         pass(&self.w, self.coord, self.life, Peer::Agents)
             .await
             .map_err(|()| unreachable_err())?;
+        let panic_now = {
+            let mut w = lock(&self.w);
+            let hit = w.panic_on.as_deref().is_some_and(|x| op_id.contains(x));
+            if hit {
+                w.panic_on = None;
+                w.trace(&format!("the task for {op_id} panics"));
+            }
+            hit
+        };
+        if panic_now {
+            panic!("simulated panic in the step task for {op_id}");
+        }
         let admitted = {
             let mut w = lock(&self.w);
             let p = w.faults.fail;
