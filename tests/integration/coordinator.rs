@@ -1077,7 +1077,7 @@ async fn abort_brings_back_a_server_whose_drain_timed_out() -> anyhow::Result<()
         "c1",
         &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
         &embedded(root),
-        &fleet.pool_toml(""),
+        &fleet.pool_toml("min_active = 2"),
     )
     .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
