@@ -17,7 +17,7 @@
 //!   flight, a failover hook never runs before the stored state says so, and every state the
 //!   control layer acknowledges (start, pause, abort, rollback) is a stored one.
 
-use rollgate_coordinator::engine::{DomainPhase, ServerPhase, Status, Upgrade};
+use rollgate_coordinator::engine::{Direction, DomainPhase, ServerPhase, Status, Step, Upgrade};
 use rollgate_coordinator::progress::UpgradeRecord;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -61,37 +61,42 @@ impl Checker {
     }
 
     /// A store commit of `key` by the holder of `epoch` (the store checked the fence).
-    pub fn on_commit(&mut self, key: &str, value: &[u8], epoch: u64) {
+    /// Returns the operations this commit puts in flight for the first time that take a
+    /// server down behind the readiness gate (drain or stop of a forward or backward chain).
+    pub fn on_commit(&mut self, key: &str, value: &[u8], epoch: u64) -> Vec<String> {
         self.commits += 1;
+        let mut gated = Vec::new();
         if epoch == 0 {
             self.violate(format!("I7: unfenced write of {key}"));
         }
         if !key.starts_with("upgrades/") {
-            return;
+            return gated;
         }
         let record: UpgradeRecord = match serde_json::from_slice(value) {
             Ok(r) => r,
             Err(e) => {
                 self.violate(format!("stored upgrade does not decode: {e}"));
-                return;
+                return gated;
             }
         };
         let up = &record.upgrade;
         for (server, p) in &up.servers {
             if let ServerPhase::InFlight { step, attempt } = p.phase {
-                self.committed_ops.insert(Upgrade::op_id(
-                    &up.plan.id,
-                    server,
-                    p.direction,
-                    step,
-                    attempt,
-                ));
+                let op = Upgrade::op_id(&up.plan.id, server, p.direction, step, attempt);
+                let new = self.committed_ops.insert(op.clone());
+                if new
+                    && matches!(step, Step::Drain | Step::Stop)
+                    && p.direction != Direction::Restore
+                {
+                    gated.push(op);
+                }
             }
         }
         if let Ok(json) = serde_json::to_string(up) {
             self.committed_states.insert(json);
         }
         self.last = Some(record);
+        gated
     }
 
     pub fn on_elected(&mut self, epoch: i64) {

@@ -139,13 +139,26 @@ pub struct Scenario {
 /// The random scenario of `seed`.
 pub fn scenario(seed: u64) -> Scenario {
     let mut rng = Rng::new(seed ^ 0x5eed_0f_a11);
+    let setup = setup(&mut rng);
+    // Now and then a coordinator task panics (a bug of ours): it must surface, not hang.
+    let panic_on = rng.chance(0.05).then(|| {
+        let step = rng
+            .pick(&["drain", "install", "restart", "verify"])
+            .copied()
+            .unwrap_or("install");
+        let server = rng
+            .pick(&setup.servers)
+            .map(|(s, _)| s.clone())
+            .unwrap_or_default();
+        format!("/{server}/fwd/{step}/1")
+    });
     Scenario {
-        setup: setup(&mut rng),
+        setup,
         chaos: true,
         stored: None,
         start: true,
         crash_leader_on_admit: None,
-        panic_on: None,
+        panic_on,
         slow_on: None,
     }
 }
@@ -610,6 +623,23 @@ fn final_checks(w: &mut World) -> String {
             .agents
             .get(s)
             .is_some_and(|a| a.svc == world::Svc::Serving);
+        if !serving && listed.contains(s) && up.is_terminal() {
+            // Listed is not enough when the agent can be reached: a restore must have been
+            // tried (and failed), or the step's answer never came.
+            let tried = up.servers.get(s).is_some_and(|p| {
+                p.direction == rollgate_coordinator::engine::Direction::Restore
+                    || matches!(
+                        p.phase,
+                        rollgate_coordinator::engine::ServerPhase::Unanswered { .. }
+                    )
+            });
+            if !tried {
+                w.check.violations.push(format!(
+                    "I3: {s} is left out of service at the end ({}) without a restore",
+                    up.status
+                ));
+            }
+        }
         if !serving && !listed.contains(s) {
             let svc = w.agents.get(s).map(|a| a.svc);
             w.check.violations.push(format!(
@@ -659,8 +689,27 @@ pub fn run(seed: u64, opts: &Options) -> Report {
     run_scenario(seed, opts, scenario(seed))
 }
 
+/// Keeps the panics the simulation injects on purpose out of the output; any other panic is
+/// reported as before.
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let injected = info
+                .payload()
+                .downcast_ref::<String>()
+                .is_some_and(|m| m.starts_with("simulated panic"));
+            if !injected {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `sc` with the choices of `seed`.
 pub fn run_scenario(seed: u64, opts: &Options, sc: Scenario) -> Report {
+    quiet_injected_panics();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -714,7 +763,7 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
         if let Some(record) = &sc.stored {
             let key = rollgate_coordinator::progress::upgrade_key(&record.upgrade.plan.pool);
             let value = serde_json::to_vec(record).unwrap_or_default();
-            w.check.on_commit(&key, &value, 1);
+            let _ = w.check.on_commit(&key, &value, 1);
             w.seed_value(&key, value);
         }
     }

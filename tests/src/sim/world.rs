@@ -207,6 +207,11 @@ pub struct World {
     pub slow_on: Option<String>,
     /// Start requests the control layer refused.
     pub refusals: Vec<String>,
+    /// Per coordinator: when it last refreshed health for a readiness check.
+    last_refresh: Vec<Option<Instant>>,
+    /// Per gated operation: the readiness check that let it through (the committing
+    /// coordinator's last refresh before the commit).
+    gate_time: BTreeMap<String, Option<Instant>>,
 }
 
 /// The world, shared by every task of one run.
@@ -278,6 +283,8 @@ impl World {
             panic_on: None,
             slow_on: None,
             refusals: Vec::new(),
+            last_refresh: vec![None; coordinators],
+            gate_time: BTreeMap::new(),
         }
     }
 
@@ -430,14 +437,17 @@ impl World {
         }
     }
 
-    fn commit(&mut self, ops: Vec<WriteOp>, epoch: u64) -> i64 {
+    fn commit(&mut self, ops: Vec<WriteOp>, epoch: u64, coord: usize) -> i64 {
         self.rev += 1;
         let rev = self.rev;
         for op in ops {
             match op {
                 WriteOp::Put { key, value } => {
                     let created = self.kv.get(&key).map_or(rev, |(_, c, _)| *c);
-                    self.check.on_commit(&key, &value, epoch);
+                    let gate = self.last_refresh.get(coord).copied().flatten();
+                    for op in self.check.on_commit(&key, &value, epoch) {
+                        self.gate_time.insert(op, gate);
+                    }
                     self.kv.insert(key, (value, created, rev));
                 }
                 WriteOp::Delete { key } => {
@@ -655,7 +665,7 @@ impl Backend for SimStore {
                 leadership.lost.cancel();
                 return Err(StoreError::Fenced { epoch });
             }
-            w.commit(ops, epoch.get())
+            w.commit(ops, epoch.get(), self.coord)
         };
         deliver(
             &self.w,
@@ -750,7 +760,6 @@ impl SimAgents {
     ) -> Result<Admit, LinkError> {
         let now = Instant::now();
         let kind = kind_of(command);
-        let target = w.target_version.clone();
         let Some(a) = w.agents.get_mut(server) else {
             return Err(LinkError::UnknownServer(server.to_string()));
         };
@@ -872,8 +881,6 @@ impl SimAgents {
             }
             _ => false,
         };
-        let target_now = target.clone();
-        let _ = target_now;
         w.trace(&format!("{server} admits {op_id} at epoch {epoch}"));
         w.check
             .on_admit(server, op_id, epoch.get(), before, takes_down);
@@ -896,12 +903,16 @@ impl SimAgents {
                 })
                 .map(|(s, _)| s.clone())
                 .collect();
-            let recent_fault = w
+            // Only a gated step is held to min_active; a server turning unhealthy after the
+            // check that let this one go is not something any coordinator could have seen.
+            let gated = matches!(command, AgentCommand::Drain { .. } | AgentCommand::Stop);
+            let gate = w.gate_time.get(op_id).copied().flatten();
+            let unseen_fault = w
                 .agents
                 .values()
                 .filter_map(|a| a.last_fault)
-                .max()
-                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(5));
+                .any(|t| gate.is_none_or(|g| t >= g));
+            let recent_fault = !gated || unseen_fault;
             w.check
                 .on_down(server, op_id, &active, &down, recent_fault, w.ms());
         }
@@ -1108,6 +1119,11 @@ impl AgentLink for SimAgents {
     async fn refresh(&self, _servers: Vec<String>) {
         // Health is read from the world as it is: a refresh only costs a round trip.
         let _ = pass(&self.w, self.coord, self.life, Peer::Agents).await;
+        let mut w = lock(&self.w);
+        let now = Instant::now();
+        if let Some(t) = w.last_refresh.get_mut(self.coord) {
+            *t = Some(now);
+        }
     }
 
     async fn run(
