@@ -85,6 +85,7 @@ impl Checker {
                 let op = Upgrade::op_id(&up.plan.id, server, p.direction, step, attempt);
                 let new = self.committed_ops.insert(op.clone());
                 if new
+                    && attempt == 1
                     && matches!(step, Step::Drain | Step::Stop)
                     && p.direction != Direction::Restore
                 {

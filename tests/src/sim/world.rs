@@ -212,6 +212,9 @@ pub struct World {
     /// Per gated operation: the readiness check that let it through (the committing
     /// coordinator's last refresh before the commit).
     gate_time: BTreeMap<String, Option<Instant>>,
+    /// Per coordinator, in steps: its last readiness refresh, and its last gated commit.
+    last_refresh_step: Vec<u64>,
+    last_gated_step: Vec<u64>,
 }
 
 /// The world, shared by every task of one run.
@@ -285,6 +288,8 @@ impl World {
             refusals: Vec::new(),
             last_refresh: vec![None; coordinators],
             gate_time: BTreeMap::new(),
+            last_refresh_step: vec![0; coordinators],
+            last_gated_step: vec![0; coordinators],
         }
     }
 
@@ -446,7 +451,24 @@ impl World {
                     let created = self.kv.get(&key).map_or(rev, |(_, c, _)| *c);
                     let gate = self.last_refresh.get(coord).copied().flatten();
                     for op in self.check.on_commit(&key, &value, epoch) {
-                        self.gate_time.insert(op, gate);
+                        self.gate_time.insert(op.clone(), gate);
+                        let failed_over =
+                            self.check.last.as_ref().is_some_and(|r| r.upgrade.failed_over);
+                        let (refreshed, gated) = (
+                            self.last_refresh_step.get(coord).copied().unwrap_or(0),
+                            self.last_gated_step.get(coord).copied().unwrap_or(0),
+                        );
+                        // The procedure's per-server ReadyForUpgrade: every server that goes
+                        // down has a readiness check of its own, after the previous one went.
+                        if !failed_over && refreshed <= gated {
+                            self.check.violations.push(format!(
+                                "I2: {op} takes a server down without a readiness check of its own"
+                            ));
+                        }
+                        self.steps += 1;
+                        if let Some(g) = self.last_gated_step.get_mut(coord) {
+                            *g = self.steps;
+                        }
                     }
                     self.kv.insert(key, (value, created, rev));
                 }
@@ -1123,6 +1145,11 @@ impl AgentLink for SimAgents {
         let now = Instant::now();
         if let Some(t) = w.last_refresh.get_mut(self.coord) {
             *t = Some(now);
+        }
+        w.steps += 1;
+        let step = w.steps;
+        if let Some(t) = w.last_refresh_step.get_mut(self.coord) {
+            *t = step;
         }
     }
 
