@@ -435,7 +435,7 @@ impl pb::operator_server::Operator for OperatorApi {
         let rx = match self.control.watch(&pool).await.map_err(to_status)? {
             Watched::Live(rx) => rx,
             Watched::Once(u) => {
-                let s = self.status(u.as_ref(), &pool, false);
+                let s = self.status(u.as_ref().as_ref(), &pool, false);
                 return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(s)]))));
             }
         };

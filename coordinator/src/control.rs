@@ -144,7 +144,7 @@ impl From<DriveError> for ControlError {
 #[derive(Debug)]
 pub enum Watched {
     Live(watch::Receiver<Option<Upgrade>>),
-    Once(Option<Upgrade>),
+    Once(Box<Option<Upgrade>>),
 }
 
 /// Who leads, as this node sees it.
@@ -226,7 +226,7 @@ impl Control {
         self.lead().await?;
         match self.node.driver(pool) {
             Some(h) => Ok(Watched::Live(h.status)),
-            None => Ok(Watched::Once(self.upgrade(pool).await?)),
+            None => Ok(Watched::Once(Box::new(self.upgrade(pool).await?))),
         }
     }
 

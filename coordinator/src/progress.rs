@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn unreadable_values_name_their_key() {
-        let err = decode::<FailoverRecord>("pools/p/failover", b"{not json").unwrap_err();
+        let err = decode::<FailoverRecord>("pools/p/failover", b"{not json").expect_err("not json");
         assert!(err.to_string().contains("pools/p/failover"), "{err}");
         assert!(!err.is_retryable());
     }

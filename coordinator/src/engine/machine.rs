@@ -866,10 +866,10 @@ impl Upgrade {
                     }
                 }
                 ServerPhase::Prepared => preparing += 1,
-                ServerPhase::Failed { step, .. } if step.takes_down() => {
-                    if p.direction == self.direction {
-                        down += 1;
-                    }
+                ServerPhase::Failed { step, .. }
+                    if step.takes_down() && p.direction == self.direction =>
+                {
+                    down += 1;
                 }
                 _ => {}
             }

@@ -138,7 +138,7 @@ pub struct Scenario {
 
 /// The random scenario of `seed`.
 pub fn scenario(seed: u64) -> Scenario {
-    let mut rng = Rng::new(seed ^ 0x5eed_0f_a11);
+    let mut rng = Rng::new(seed ^ 0x0005_eed0_fa11);
     let setup = setup(&mut rng);
     // Now and then a coordinator task panics (a bug of ours): it must surface, not hang.
     let panic_on = rng.chance(0.05).then(|| {
@@ -335,7 +335,7 @@ async fn supervise(w: Shared, nodes: Nodes, cfgs: Vec<Arc<CoordinatorConfig>>, c
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         ticks += 1;
-        if ticks % 100 == 0 && std::env::var_os("ROLLGATE_SIM_DEBUG").is_some() {
+        if ticks.is_multiple_of(100) && std::env::var_os("ROLLGATE_SIM_DEBUG").is_some() {
             let w = lock(&w);
             eprintln!("supervisor: {} ms virtual, {} steps", w.ms(), w.steps);
         }

@@ -452,8 +452,11 @@ impl World {
                     let gate = self.last_refresh.get(coord).copied().flatten();
                     for op in self.check.on_commit(&key, &value, epoch) {
                         self.gate_time.insert(op.clone(), gate);
-                        let failed_over =
-                            self.check.last.as_ref().is_some_and(|r| r.upgrade.failed_over);
+                        let failed_over = self
+                            .check
+                            .last
+                            .as_ref()
+                            .is_some_and(|r| r.upgrade.failed_over);
                         let (refreshed, gated) = (
                             self.last_refresh_step.get(coord).copied().unwrap_or(0),
                             self.last_gated_step.get(coord).copied().unwrap_or(0),
