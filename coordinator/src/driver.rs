@@ -176,7 +176,15 @@ impl Driver {
                 Some(joined) = self.work.join_next_with_id(), if !self.work.is_empty() => {
                     self.joined(joined).await?;
                 }
-                Some(ev) = self.events_rx.recv() => self.apply(ev, None).await?,
+                Some(ev) = self.events_rx.recv() => {
+                    // Answers that arrived together are stored together: one transaction for
+                    // all their states, still before any of their actions (group commit).
+                    let mut batch = vec![ev];
+                    while let Ok(ev) = self.events_rx.try_recv() {
+                        batch.push(ev);
+                    }
+                    self.apply_all(batch).await?;
+                }
                 Some(cmd) = commands.recv() => self.apply(cmd.event, Some(cmd.reply)).await?,
             }
         }
@@ -191,6 +199,19 @@ impl Driver {
         self.record.upgrade = next;
         self.dirty = true;
         self.handle(actions, reply, false).await
+    }
+
+    async fn apply_all(&mut self, batch: Vec<Event>) -> Result<(), DriveError> {
+        let mut all = Vec::new();
+        let mut store = false;
+        for ev in batch {
+            let (next, actions) = self.record.upgrade.clone().step(ev);
+            self.record.upgrade = next;
+            self.dirty = true;
+            store |= must_store(&actions);
+            all.extend(actions);
+        }
+        self.handle_stored(all, None, false, store).await
     }
 
     /// A task ended: a panic becomes an answer, so no server waits forever for it.
@@ -236,8 +257,19 @@ impl Driver {
         reply: Option<oneshot::Sender<Result<Upgrade, DriveError>>>,
         reconcile: bool,
     ) -> Result<(), DriveError> {
+        let store = must_store(&actions);
+        self.handle_stored(actions, reply, reconcile, store).await
+    }
+
+    async fn handle_stored(
+        &mut self,
+        actions: Vec<Action>,
+        reply: Option<oneshot::Sender<Result<Upgrade, DriveError>>>,
+        reconcile: bool,
+        store: bool,
+    ) -> Result<(), DriveError> {
         self.collect_records(&actions);
-        if reply.is_some() || must_store(&actions) {
+        if reply.is_some() || store {
             if let Err(e) = self.store_now().await {
                 if let Some(r) = reply {
                     let _ = r.send(Err(e.clone()));
