@@ -132,7 +132,8 @@ pub struct PoolConfig {
     /// The paired backup pool for disaster recovery, if any.
     #[serde(default)]
     pub paired_pool: Option<String>,
-    /// Fails the pool over to its paired pool (env: ROLLGATE_POOL, ROLLGATE_PAIRED_POOL).
+    /// Fails the pool over to its paired pool (env: ROLLGATE_POOL, ROLLGATE_PAIRED_POOL,
+    /// ROLLGATE_ACTION, ROLLGATE_EPOCH: the leader epoch, a fencing token).
     #[serde(default)]
     pub failover: Vec<String>,
     /// Fails it back.
@@ -491,6 +492,68 @@ mod tests {
             ("west".into(), vec!["a".into(), "c".into()])
         );
         assert_eq!(spec.domains[1], ("east".into(), vec!["b".into()]));
+    }
+
+    #[test]
+    fn a_running_plan_keeps_its_domains_when_the_config_gains_a_server() {
+        let before = pool(
+            &[
+                ("fe-1", None),
+                ("fe-2", None),
+                ("fe-3", None),
+                ("fe-4", None),
+            ],
+            Some(2),
+        );
+        let spec = before.spec();
+        let plan = crate::engine::Plan {
+            id: "p".into(),
+            pool: "p".into(),
+            version: "2".into(),
+            artifact: "a".into(),
+            sha256: "ab".repeat(32),
+            drain: crate::engine::DrainMode::Immediate,
+            parallelism: 1,
+            verify_stable: Duration::ZERO,
+            verify_timeout: Duration::from_secs(1),
+            busy_retry_interval: Duration::from_secs(1),
+            busy_retries: 1,
+            on_exhausted: Default::default(),
+            server_retries: 0,
+            on_failure: Default::default(),
+            domains: spec
+                .domains
+                .iter()
+                .map(|(n, s)| crate::engine::Domain {
+                    name: n.clone(),
+                    servers: s.clone(),
+                })
+                .collect(),
+            canary_soak: None,
+            paired_pool: None,
+            min_active: Some(3),
+            rollback_artifact: None,
+        };
+        // A server added mid-upgrade reshuffles the auto-assigned domains of the config...
+        let after = pool(
+            &[
+                ("fe-0", None),
+                ("fe-1", None),
+                ("fe-2", None),
+                ("fe-3", None),
+                ("fe-4", None),
+            ],
+            Some(2),
+        );
+        assert_ne!(after.spec().domains, spec.domains);
+        // ...but not the running plan's: the newcomer is counted, never upgraded by it.
+        let running = PoolSpec::for_plan(&plan, Some(&after));
+        assert_eq!(running.domains[..2], spec.domains[..]);
+        assert_eq!(
+            running.domains[2],
+            ("not-in-plan".to_string(), vec!["fe-0".to_string()])
+        );
+        assert_eq!(running.min_active, 3, "fixed when the plan started");
     }
 
     #[test]

@@ -337,7 +337,7 @@ impl Driver {
             Action::Finished { status } => {
                 tracing::info!(pool = %self.pool.name, %status, "upgrade finished")
             }
-            Action::CheckReadiness { domain, after } => {
+            Action::CheckReadiness { id, domain, after } => {
                 let (env, cfg, tx, stop) = (
                     self.env.clone(),
                     self.pool.clone(),
@@ -349,7 +349,7 @@ impl Driver {
                     tokio::select! {
                         biased;
                         _ = stop.cancelled() => {}
-                        ev = check_readiness(&env, &cfg, state, &domain, after) => {
+                        ev = check_readiness(&env, &cfg, state, id, &domain, after) => {
                             let _ = tx.send(ev);
                         }
                     }
@@ -450,6 +450,7 @@ pub async fn check_readiness(
     env: &Env,
     cfg: &PoolConfig,
     state: watch::Receiver<Option<Upgrade>>,
+    id: u64,
     domain: &str,
     after: Duration,
 ) -> Event {
@@ -498,6 +499,7 @@ pub async fn check_readiness(
             _ => r.reason.clone(),
         };
         return Event::Readiness {
+            id,
             state: r.state,
             domain_ready,
             reason,

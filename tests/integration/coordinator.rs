@@ -225,7 +225,7 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
     let marker = root.join("failed-over");
     // Failing over moves the traffic away, so the busy server quiets down.
     let hook = format!(
-        "min_active = 1\npaired_pool = \"pool-b\"\nfailover = [\"sh\", \"-c\", \"touch {} && rm -f {}\"]\nfailback = [\"true\"]",
+        "min_active = 1\npaired_pool = \"pool-b\"\nfailover = [\"sh\", \"-c\", \"echo $ROLLGATE_EPOCH > {} && rm -f {}\"]\nfailback = [\"true\"]",
         marker.display(),
         busy.display()
     );
@@ -335,6 +335,9 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
     );
     assert!(s.failed_over);
     assert!(marker.exists(), "the failover hook must have run");
+    // The hook gets the leader's epoch: a fencing token for the load balancer's API.
+    let epoch: u64 = std::fs::read_to_string(&marker)?.trim().parse()?;
+    assert!(epoch > 0, "the failover hook got no epoch");
     for (id, v) in fleet.installs() {
         assert_eq!(v, vec!["2.0"], "{id}");
     }

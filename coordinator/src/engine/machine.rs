@@ -35,6 +35,7 @@ impl Upgrade {
             servers,
             failed_over: false,
             readiness_outstanding: None,
+            readiness_asked: 0,
             busy_answers: 0,
             resume_count: 0,
         };
@@ -87,10 +88,11 @@ impl Upgrade {
         }
         match event {
             Event::Readiness {
+                id,
                 state,
                 domain_ready,
                 reason,
-            } => self.on_readiness(state, domain_ready, reason, &mut out),
+            } => self.on_readiness(id, state, domain_ready, reason, &mut out),
             Event::StepDone {
                 server,
                 step,
@@ -154,6 +156,7 @@ impl Upgrade {
                     Duration::ZERO
                 };
                 out.push(Action::CheckReadiness {
+                    id: self.readiness_asked,
                     domain: domain.name.clone(),
                     after,
                 });
@@ -245,11 +248,21 @@ impl Upgrade {
 
     fn on_readiness(
         &mut self,
+        id: u64,
         state: PoolState,
         domain_ready: bool,
         reason: String,
         out: &mut Vec<Action>,
     ) {
+        if self.readiness_outstanding.is_none() || id != self.readiness_asked {
+            // Not the question asked now: an older check (asked before a rollback, a pause
+            // or a leader change) whose answer predates what happened since.
+            out.push(self.domain_record(
+                "readiness_ignored",
+                format!("readiness answer {id} is not the one awaited: {reason}"),
+            ));
+            return;
+        }
         if self.readiness_outstanding != Some(self.domain_index) {
             // Asked for a domain the upgrade has left: the gate of the current one asks anew.
             self.readiness_outstanding = None;
@@ -738,7 +751,12 @@ impl Upgrade {
             return;
         };
         self.readiness_outstanding = Some(self.domain_index);
-        out.push(Action::CheckReadiness { domain, after });
+        self.readiness_asked = self.readiness_asked.saturating_add(1);
+        out.push(Action::CheckReadiness {
+            id: self.readiness_asked,
+            domain,
+            after,
+        });
     }
 
     fn finish_domain(&mut self, out: &mut Vec<Action>) {

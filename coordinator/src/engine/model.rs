@@ -249,11 +249,14 @@ pub struct Upgrade {
     pub servers: BTreeMap<String, ServerProgress>,
     /// The pool's traffic is on its paired pool: readiness is no longer asked.
     pub failed_over: bool,
-    /// The domain index of the readiness check whose answer is awaited, if any. Readiness
-    /// answers carry no domain, so the engine keeps at most one check outstanding and uses this
-    /// to drop an answer meant for a domain it has since left.
+    /// The domain index of the readiness check whose answer is awaited, if any.
     #[serde(default)]
     pub readiness_outstanding: Option<usize>,
+    /// How many readiness checks were ever asked; the outstanding one has this number. An
+    /// answer is taken only when it carries it: a check asked before a rollback, a pause or a
+    /// leader change may still answer, and its answer predates servers taken down since.
+    #[serde(default)]
+    pub readiness_asked: u64,
     /// Busy (or not-ReadyForUpgrade) answers in a row at the current gate.
     #[serde(default)]
     pub busy_answers: u32,
@@ -291,8 +294,9 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
-    /// Answer to `CheckReadiness` for the current domain.
+    /// Answer to `CheckReadiness` number `id`.
     Readiness {
+        id: u64,
         state: PoolState,
         domain_ready: bool,
         reason: String,
@@ -336,6 +340,8 @@ pub enum Action {
     /// plan's servers in flight counted as down), feed `Event::Readiness`. Asked before every
     /// server goes down.
     CheckReadiness {
+        /// Echoed in the answer.
+        id: u64,
         domain: String,
         #[serde(with = "humantime_serde")]
         after: Duration,

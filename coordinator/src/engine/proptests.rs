@@ -552,7 +552,8 @@ fn check_transition(
 fn answer(action: &Action, dice: &mut Dice, hostile: bool) -> Option<Event> {
     let mut roll = |n| if hostile { dice.roll(n) } else { None };
     Some(match action {
-        Action::CheckReadiness { .. } => {
+        Action::CheckReadiness { id, .. } => {
+            let id = *id;
             let (state, domain_ready) = match roll(10) {
                 Some(0..=1) => (PoolState::Busy, false),
                 Some(2) => (PoolState::Ready, false),
@@ -560,6 +561,7 @@ fn answer(action: &Action, dice: &mut Dice, hostile: bool) -> Option<Event> {
                 _ => (PoolState::Ready, true),
             };
             Event::Readiness {
+                id,
                 state,
                 domain_ready,
                 reason: "sim".into(),
@@ -639,7 +641,9 @@ fn junk(up: &Upgrade, dice: &mut Dice) -> Event {
                 },
             }
         }
+        // The question asked now, or one asked before it (a late answer).
         1 => Event::Readiness {
+            id: up.readiness_asked.saturating_sub(u64::from(roll(2))),
             state: [
                 PoolState::Ready,
                 PoolState::Busy,
@@ -678,13 +682,9 @@ fn drive(plan: Plan, rolls: Vec<u32>, hostile: bool) -> Result<Sim, TestCaseErro
                 continue;
             }
             Some(60..=89) if hostile => {
+                // An answer with the number of the question asked now is taken as its
+                // answer (garbled); the real one, arriving later, is then stale and dropped.
                 let event = junk(sim.up()?, &mut dice);
-                if matches!(event, Event::Readiness { .. }) {
-                    // An answer carries no domain, so a stray one is indistinguishable from the
-                    // awaited answer: model it as that answer, arriving garbled.
-                    sim.pending
-                        .retain(|a| !matches!(a, Action::CheckReadiness { .. }));
-                }
                 sim.feed(event)?;
                 continue;
             }

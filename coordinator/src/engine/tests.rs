@@ -45,16 +45,18 @@ fn three_by_two() -> Plan {
     ])
 }
 
-fn ready() -> Event {
+fn ready(id: u64) -> Event {
     Event::Readiness {
+        id,
         state: PoolState::Ready,
         domain_ready: true,
         reason: "ok".into(),
     }
 }
 
-fn readiness(state: PoolState, domain_ready: bool) -> Event {
+fn readiness(id: u64, state: PoolState, domain_ready: bool) -> Event {
     Event::Readiness {
+        id,
         state,
         domain_ready,
         reason: "test".into(),
@@ -96,7 +98,7 @@ fn op(who: &str) -> String {
 /// The usual answer to an action: everything succeeds, the pool is always ready.
 fn ok_answer(action: &Action) -> Option<Event> {
     match action {
-        Action::CheckReadiness { .. } => Some(ready()),
+        Action::CheckReadiness { id, .. } => Some(ready(*id)),
         Action::RunStep {
             server,
             step,
@@ -151,6 +153,12 @@ impl Run {
         let (up, actions) = up.step(event);
         self.up = Some(up);
         work(&self.absorb(actions))
+    }
+
+    /// Answers the readiness check asked now.
+    fn feed_readiness(&mut self, state: PoolState, domain_ready: bool) -> Vec<Action> {
+        let id = self.up().readiness_asked;
+        self.feed(readiness(id, state, domain_ready))
     }
 
     /// Removes and returns the oldest queued work action.
@@ -219,7 +227,7 @@ impl Run {
         self.log
             .iter()
             .filter_map(|a| match a {
-                Action::CheckReadiness { domain, after } => Some((domain.clone(), *after)),
+                Action::CheckReadiness { domain, after, .. } => Some((domain.clone(), *after)),
                 _ => None,
             })
             .collect()
@@ -234,12 +242,24 @@ fn is_step(a: &Action, server: &str, step: Step) -> bool {
     matches!(a, Action::RunStep { server: s, step: st, .. } if s == server && *st == step)
 }
 
+/// The actions that do something, with readiness check numbers left out of comparisons.
 fn work(actions: &[Action]) -> Vec<Action> {
     actions
         .iter()
         .filter(|a| !matches!(a, Action::Record { .. }))
-        .cloned()
+        .map(norm)
         .collect()
+}
+
+fn norm(a: &Action) -> Action {
+    match a {
+        Action::CheckReadiness { domain, after, .. } => Action::CheckReadiness {
+            id: 0,
+            domain: domain.clone(),
+            after: *after,
+        },
+        other => other.clone(),
+    }
 }
 
 fn steps(actions: &[Action]) -> Vec<(String, Step)> {
@@ -283,6 +303,7 @@ fn run_step(server: &str, step: Step, attempt: u32, direction: Direction) -> Act
 
 fn check(domain: &str, after: Duration) -> Action {
     Action::CheckReadiness {
+        id: 0,
         domain: domain.into(),
         after,
     }
@@ -368,13 +389,16 @@ fn a_busy_answer_before_the_second_server_of_a_domain_holds_it() {
         let a = run.take(|a| is_step(a, "a", step));
         run.feed(ok_answer(&a).expect("step"));
     }
-    assert_eq!(run.queue.front(), Some(&check("ud1", Duration::ZERO)));
+    assert_eq!(
+        run.queue.front().map(norm),
+        Some(check("ud1", Duration::ZERO))
+    );
     run.next();
-    let actions = run.feed(readiness(PoolState::Busy, true));
+    let actions = run.feed_readiness(PoolState::Busy, true);
     assert_eq!(actions, vec![check("ud1", DEFAULT_BUSY_RETRY_INTERVAL)]);
     assert_eq!(run.phase("b"), ServerPhase::Prepared, "b does not go down");
     run.next();
-    let actions = run.feed(ready());
+    let actions = run.feed_readiness(PoolState::Ready, true);
     assert_eq!(
         actions,
         vec![run_step("b", Step::Drain, 1, Direction::Forward)]
@@ -393,11 +417,11 @@ fn first_step_has_deterministic_op_id() {
 fn exhaust_with_busy(run: &mut Run) -> Vec<Action> {
     run.answer_next(); // prepared -> check
     run.next();
-    run.feed(readiness(PoolState::Busy, true));
+    run.feed_readiness(PoolState::Busy, true);
     run.next();
-    run.feed(readiness(PoolState::Busy, true));
+    run.feed_readiness(PoolState::Busy, true);
     run.next();
-    run.feed(readiness(PoolState::Busy, true))
+    run.feed_readiness(PoolState::Busy, true)
 }
 
 #[test]
@@ -405,7 +429,7 @@ fn ready_pool_with_unready_domain_counts_as_busy() {
     let mut run = Run::new(three_by_two());
     run.answer_next();
     run.next();
-    let actions = run.feed(readiness(PoolState::Ready, false));
+    let actions = run.feed_readiness(PoolState::Ready, false);
     assert_eq!(actions, vec![check("ud1", DEFAULT_BUSY_RETRY_INTERVAL)]);
     assert_eq!(run.up().busy_answers, 1);
 }
@@ -449,7 +473,7 @@ fn failed_failover_pauses_and_resume_asks_at_once_then_fails_over_after_one_answ
     let actions = run.feed(Event::Resume { by: op("alice") });
     assert_eq!(actions, vec![check("ud1", Duration::ZERO)]);
     run.next();
-    let actions = run.feed(readiness(PoolState::Busy, true));
+    let actions = run.feed_readiness(PoolState::Busy, true);
     assert!(matches!(actions[..], [Action::Failover { .. }]));
 }
 
@@ -494,7 +518,7 @@ fn insufficient_front_ends_exhausts_at_once() {
     let mut run = Run::new(three_by_two());
     run.answer_next();
     run.next();
-    run.feed(readiness(PoolState::InsufficientActiveFrontEnds, false));
+    run.feed_readiness(PoolState::InsufficientActiveFrontEnds, false);
     assert!(
         matches!(&run.up().status, Status::Paused { reason } if reason.contains("insufficient"))
     );
@@ -1007,9 +1031,9 @@ fn serde_round_trip_mid_run_and_resume_reissues_same_op_ids() -> Result<(), serd
     let mut run = Run::new(three_by_two());
     run.answer_next();
     run.next();
-    run.feed(readiness(PoolState::Busy, true));
+    run.feed_readiness(PoolState::Busy, true);
     assert_eq!(
-        run.up().resume(),
+        work(&run.up().resume()),
         vec![check("ud1", DEFAULT_BUSY_RETRY_INTERVAL)]
     );
 
@@ -1048,7 +1072,7 @@ fn terminal_upgrade_ignores_everything() {
     run.run_ok();
     let before = run.up().clone();
     for event in [
-        ready(),
+        ready(1),
         done("fe-1a", Step::Drain, 1, true),
         Event::FailoverDone {
             ok: true,
@@ -1128,7 +1152,7 @@ fn exhausted_while_rolling_back_pauses() {
         run.answer_next();
     }
     run.next();
-    run.feed(readiness(PoolState::InsufficientActiveFrontEnds, false));
+    run.feed_readiness(PoolState::InsufficientActiveFrontEnds, false);
     assert!(
         matches!(run.up().status, Status::Paused { .. }),
         "not aborted: the policy is for the forward pass"
@@ -1177,7 +1201,7 @@ fn every_transition_is_recorded() {
     let mut run = Run::new(plan);
     run.answer_next();
     run.next();
-    run.feed(readiness(PoolState::Busy, false));
+    run.feed_readiness(PoolState::Busy, false);
     run.run_with(|a| match a {
         Action::RunStep {
             server,
@@ -1212,4 +1236,38 @@ fn every_transition_is_recorded() {
     ] {
         assert!(kinds.contains(kind), "missing {kind}");
     }
+}
+
+/// Found by the simulation (seeds 50308, 125613, 345767 of the first million): a readiness
+/// check asked before a rollback answered after it, was taken for the answer to the rollback's
+/// own question, and let a server go down on a stale view of the pool.
+#[test]
+fn an_answer_to_an_older_readiness_question_is_ignored() {
+    let mut plan = three_by_two();
+    plan.parallelism = 2;
+    let mut run = Run::new(plan);
+    run.answer_next(); // fe-1a prepared: question 1 asked
+    let old = run.take(|a| matches!(a, Action::CheckReadiness { .. }));
+    let Action::CheckReadiness { id: old_id, .. } = old else {
+        panic!("a readiness check");
+    };
+    run.answer_next(); // fe-1b prepared; question 1 is still out
+    assert_eq!(run.up().readiness_asked, old_id);
+    // A pause (like a rollback or a leader change) leaves question 1's check running.
+    run.feed(Event::Pause { by: op("alice") });
+    run.feed_readiness(PoolState::Busy, true); // question 1 answered while paused: dropped
+    let actions = run.feed(Event::Resume { by: op("alice") });
+    assert_eq!(actions, vec![check("ud1", Duration::ZERO)], "question 2");
+    assert!(run.up().readiness_asked > old_id);
+    // The answer to question 1 arrives again (a late duplicate): it is not question 2's.
+    let actions = run.feed(readiness(old_id, PoolState::Ready, true));
+    assert_eq!(actions, vec![]);
+    assert_eq!(
+        run.phase("fe-1a"),
+        ServerPhase::Prepared,
+        "nothing went down"
+    );
+    assert!(run.up().readiness_outstanding.is_some());
+    let actions = run.feed_readiness(PoolState::Ready, true);
+    assert!(actions.contains(&run_step("fe-1a", Step::Drain, 1, Direction::Forward)));
 }
