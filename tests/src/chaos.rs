@@ -10,6 +10,7 @@
 use crate::cluster::{leader_of, operator_client, CoordinatorProc, Fleet};
 use crate::etcd::{EtcdCluster, TcpProxy};
 use crate::monitor::Monitor;
+use crate::sim::rng::Rng;
 use crate::{eventually, make_artifact};
 use anyhow::{anyhow, bail, ensure, Context};
 use rollgate_common::tls::{RoleKind, TlsFiles};
@@ -17,36 +18,6 @@ use rollgate_proto::operator::names;
 use rollgate_proto::operator::v1 as pb;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// A small deterministic PRNG (splitmix64): the same seed gives the same faults and moments.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-
-    /// Uniform in `[lo, hi)` milliseconds.
-    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi.saturating_sub(lo).max(1)))
-    }
-}
 
 /// The faults the suite injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,5 @@
-//! The one source of choices in a simulated run: a small, seedable, portable generator
-//! (splitmix64), so that a seed replays the same run on any machine.
+//! The one source of choices in a simulated run (and in the fault suite's schedules): a small,
+//! seedable, portable generator (splitmix64), so that a seed replays the same run on any machine.
 
 use std::time::Duration;
 
@@ -45,6 +45,11 @@ impl Rng {
             return lo;
         }
         Duration::from_millis(a + self.below(b - a + 1))
+    }
+
+    /// Uniform in `[lo, hi)` milliseconds (`lo` when the range is empty).
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi.saturating_sub(lo).max(1)))
     }
 
     /// One of `items`.
