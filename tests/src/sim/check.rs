@@ -116,14 +116,7 @@ impl Checker {
     }
 
     /// An agent admits a new run of `op_id` at `epoch`.
-    pub fn on_admit(
-        &mut self,
-        server: &str,
-        op_id: &str,
-        epoch: u64,
-        _before: super::world::Svc,
-        _takes_down: bool,
-    ) {
+    pub fn on_admit(&mut self, server: &str, op_id: &str, epoch: u64) {
         self.admissions += 1;
         if !self.committed_ops.contains(op_id) {
             self.violate(format!(
@@ -182,8 +175,6 @@ impl Checker {
             ));
         }
     }
-
-    pub fn on_complete(&mut self, _server: &str, _op_id: &str, _ok: bool) {}
 
     /// The failover hook ran for the leader at `epoch`.
     pub fn on_hook(&mut self, pool: &str, over: bool, epoch: u64) {

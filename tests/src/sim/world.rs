@@ -194,7 +194,6 @@ pub struct World {
     pub agents: BTreeMap<String, Agent>,
     /// Highest epoch the failover hook has seen (a fencing-aware load balancer).
     hook_epoch: u64,
-    pub hook_calls: u32,
     pub check: Checker,
     /// Steps taken (store commits, agent operations, faults): the run's length.
     pub steps: u64,
@@ -277,7 +276,6 @@ impl World {
                 .collect(),
             agents,
             hook_epoch: 0,
-            hook_calls: 0,
             check: Checker::new(servers, min_active),
             steps: 0,
             trace: 0xcbf2_9ce4_8422_2325,
@@ -313,13 +311,6 @@ impl World {
 
     pub fn trace_hash(&self) -> u64 {
         self.trace
-    }
-
-    fn bad(&self) -> Option<String> {
-        self.behaviour
-            .bad_version_on
-            .as_ref()
-            .map(|_| self.target_version.clone())
     }
 
     fn bad_for(&self, server: &str) -> Option<String> {
@@ -509,11 +500,6 @@ impl World {
             })
             .map(|e| format!("{} {}: {}", e.kind, e.server, e.message))
             .collect()
-    }
-
-    /// Reads a value straight from the store.
-    pub fn value(&self, key: &str) -> Option<Vec<u8>> {
-        self.kv.get(key).map(|(v, _, _)| v.clone())
     }
 }
 
@@ -907,8 +893,7 @@ impl SimAgents {
             _ => false,
         };
         w.trace(&format!("{server} admits {op_id} at epoch {epoch}"));
-        w.check
-            .on_admit(server, op_id, epoch.get(), before, takes_down);
+        w.check.on_admit(server, op_id, epoch.get());
         if takes_down {
             let active: Vec<String> = w
                 .agents
@@ -956,21 +941,14 @@ impl SimAgents {
         tokio::spawn(async move {
             tokio::time::sleep(duration).await;
             let mut w = lock(&shared);
-            complete(&mut w, &server, &op_id, &command, life, before);
+            complete(&mut w, &server, &op_id, &command, life);
         });
         Ok(Admit::Wait(rx))
     }
 }
 
 /// Ends an operation: applies its effect on the service and journals the result.
-fn complete(
-    w: &mut World,
-    server: &str,
-    op_id: &str,
-    command: &AgentCommand,
-    life: u32,
-    before: Svc,
-) {
+fn complete(w: &mut World, server: &str, op_id: &str, command: &AgentCommand, life: u32) {
     let now = Instant::now();
     let bad = w.bad_for(server);
     let stuck = w.behaviour.stuck_drain_on.as_deref() == Some(server);
@@ -1038,7 +1016,6 @@ fn complete(
             (true, String::new())
         }
     };
-    let _ = before;
     let state = if ok {
         OpState::Succeeded
     } else {
@@ -1057,7 +1034,6 @@ fn complete(
         }
     }
     w.trace(&format!("{server} completes {op_id} ok={ok}"));
-    w.check.on_complete(server, op_id, ok);
 }
 
 /// Crashes the agent process on `server` for `down`: a running operation is interrupted; the
@@ -1275,7 +1251,6 @@ impl PoolHooks for SimHooks {
     ) -> Result<String, String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut w = lock(&self.w);
-        w.hook_calls += 1;
         if epoch.get() < w.hook_epoch {
             return Err(format!(
                 "load balancer refused epoch {epoch}: it has seen {}",
@@ -1299,9 +1274,4 @@ impl Clock for SimClock {
     fn wall_ms(&self) -> u64 {
         1_800_000_000_000 + lock(&self.w).ms()
     }
-}
-
-/// The bad version (for checks that look at health without a server at hand).
-pub fn bad_version(w: &World) -> Option<String> {
-    w.bad()
 }
