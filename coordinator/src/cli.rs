@@ -8,7 +8,7 @@ use rollgate_common::pki::Ca;
 use rollgate_common::tls::{Role, RoleKind, TlsFiles};
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::v1::operator_client::OperatorClient;
-use rollgate_proto::operator::{names, LEADER_HEADER, RETRY_AFTER_HEADER};
+use rollgate_proto::operator::{names, retry_after, LEADER_HEADER};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -399,12 +399,7 @@ const RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// The error, and the wait before retrying when the status says the call may succeed later.
 fn retryable(s: tonic::Status) -> (anyhow::Error, Option<Duration>) {
-    let hinted = s
-        .metadata()
-        .get(RETRY_AFTER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis);
+    let hinted = retry_after(&s);
     let wait = match s.code() {
         tonic::Code::Unavailable => Some(
             hinted

@@ -98,4 +98,14 @@ pub mod operator {
     /// Response metadata: how long to wait before retrying an UNAVAILABLE call (milliseconds),
     /// set while a coordinator is taking over leadership.
     pub const RETRY_AFTER_HEADER: &str = "rollgate-retry-after-ms";
+
+    /// The wait `status` asks for before a retry (its `rollgate-retry-after-ms`), if any.
+    pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
+        status
+            .metadata()
+            .get(RETRY_AFTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_millis)
+    }
 }

@@ -262,13 +262,9 @@ pub async fn start_upgrade(
                 if s.code() == tonic::Code::Unavailable
                     && tokio::time::Instant::now() < give_up =>
             {
-                let wait = s
-                    .metadata()
-                    .get(rollgate_proto::operator::RETRY_AFTER_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(200);
-                tokio::time::sleep(Duration::from_millis(wait.min(2_000))).await;
+                let wait =
+                    rollgate_proto::operator::retry_after(&s).unwrap_or(Duration::from_millis(200));
+                tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
             }
             r => return r,
         }
