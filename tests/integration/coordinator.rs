@@ -849,75 +849,43 @@ async fn cli_dry_run_prints_the_plan_and_bad_input_gets_one_line() -> anyhow::Re
         "none",
         "a dry run starts nothing"
     );
+    // `upgrade start` for pool-a with `sha` and `extra` arguments.
+    let start = |sha: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "upgrade",
+            "start",
+            "--pool",
+            "pool-a",
+            "--version",
+            "2.0",
+            "--artifact",
+            "/x",
+            "--sha256",
+            sha,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v
+    };
+    let words = |a: &[&str]| -> Vec<String> { a.iter().map(|w| w.to_string()).collect() };
     for (args, needle) in [
-        (vec!["readiness", "--pool", "nope"], "unknown pool"),
+        (words(&["readiness", "--pool", "nope"]), "unknown pool"),
+        (start("abc", &[]), "sha256"),
+        (start(&sha, &["--domain-order", "ud-9"]), "ud-9"),
         (
-            vec![
-                "upgrade",
-                "start",
-                "--pool",
-                "pool-a",
-                "--version",
-                "2.0",
-                "--artifact",
-                "/x",
-                "--sha256",
-                "abc",
-            ],
-            "sha256",
+            words(&["upgrade", "pause", "--pool", "pool-a"]),
+            "no upgrade",
         ),
-        (
-            vec![
-                "upgrade",
-                "start",
-                "--pool",
-                "pool-a",
-                "--version",
-                "2.0",
-                "--artifact",
-                "/x",
-                "--sha256",
-                &sha,
-                "--domain-order",
-                "ud-9",
-            ],
-            "ud-9",
-        ),
-        (vec!["upgrade", "pause", "--pool", "pool-a"], "no upgrade"),
         // Every duration and count has an upper bound and a one-line error (it once crashed
         // every coordinator that resumed the plan).
         (
-            vec![
-                "upgrade",
-                "start",
-                "--pool",
-                "pool-a",
-                "--version",
-                "2.0",
-                "--artifact",
-                "/x",
-                "--sha256",
-                &sha,
-                "--drain-timeout",
-                "100000000years",
-            ],
+            start(&sha, &["--drain-timeout", "100000000years"]),
             "drain_timeout",
         ),
         (
-            vec![
-                "upgrade",
-                "start",
-                "--pool",
-                "pool-a",
-                "--version",
-                "2.0",
-                "--artifact",
-                "/x",
-                "--sha256",
-                &sha,
-                "--busy-retries",
-                "1000",
-            ],
+            start(&sha, &["--busy-retries", "1000"]),
             "busy_retries (1000) exceeds its upper bound of 100",
         ),
     ] {

@@ -941,9 +941,10 @@ impl Upgrade {
             if prepare_slots == 0 {
                 break;
             }
-            let pending = self.servers.get(server).is_some_and(|p| {
-                p.phase == ServerPhase::Pending && p.direction == self.pass_direction()
-            });
+            let pending = self
+                .servers
+                .get(server)
+                .is_some_and(|p| p.phase == ServerPhase::Pending && p.direction == self.direction);
             if pending {
                 self.run_step(server, Step::Prepare, 1, out);
                 prepare_slots -= 1;
@@ -959,11 +960,6 @@ impl Upgrade {
         }
     }
 
-    /// The direction fresh chains of the current pass take.
-    fn pass_direction(&self) -> Direction {
-        self.direction
-    }
-
     /// A prepared server waits and a down slot is free.
     fn gate_open(&self) -> bool {
         self.next_prepared().is_some() && self.slots().0 > 0
@@ -971,9 +967,9 @@ impl Upgrade {
 
     fn next_prepared(&self) -> Option<String> {
         self.domain_servers().into_iter().find(|s| {
-            self.servers.get(s).is_some_and(|p| {
-                p.phase == ServerPhase::Prepared && p.direction == self.pass_direction()
-            })
+            self.servers
+                .get(s)
+                .is_some_and(|p| p.phase == ServerPhase::Prepared && p.direction == self.direction)
         })
     }
 
