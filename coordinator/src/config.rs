@@ -66,7 +66,104 @@ pub enum StoreConfig {
         /// The leader lease TTL (whole seconds, at least 2s).
         #[serde(default = "default_ttl", with = "humantime_serde")]
         election_ttl: Duration,
+        /// TLS to etcd: required for `https://` endpoints.
+        #[serde(default)]
+        tls: Option<EtcdTls>,
+        /// etcd user/password authentication.
+        #[serde(default)]
+        auth: Option<EtcdAuth>,
+        /// Allows plaintext `http://` endpoints. Whoever can reach a plaintext etcd can write a
+        /// plan and so run code on every server: local tests and demos only.
+        #[serde(default)]
+        insecure: bool,
     },
+}
+
+/// TLS to etcd: the CA that signed etcd's server certificates and, when etcd checks client
+/// certificates (`--client-cert-auth`), this coordinator's client certificate and key.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// CA certificate (PEM) for etcd's server certificates.
+    pub ca: PathBuf,
+    /// Client certificate (PEM), for etcd's client-certificate authentication.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM), with `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate is checked against, when it differs from the endpoints' host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// etcd user/password authentication. The password lives in a file of its own, readable by
+/// its owner only, so the config file can be shared and reviewed.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdAuth {
+    /// The etcd user.
+    pub user: String,
+    /// A file holding the password (trailing newline ignored); mode 0600 or stricter.
+    pub password_file: PathBuf,
+}
+
+impl EtcdAuth {
+    /// Reads the password, refusing a file that others may read.
+    pub fn password(&self) -> Result<String, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.password_file;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("store.auth.password_file {}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!(
+                "store.auth.password_file {}: not a regular file",
+                path.display()
+            ));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "store.auth.password_file {}: mode {mode:o} lets others read it; chmod 600 it",
+                path.display()
+            ));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("store.auth.password_file {}: {e}", path.display()))?;
+        let password = text.trim_end_matches(['\n', '\r']);
+        if password.is_empty() {
+            return Err(format!(
+                "store.auth.password_file {}: empty",
+                path.display()
+            ));
+        }
+        Ok(password.to_owned())
+    }
+}
+
+impl EtcdTls {
+    /// Checks that the files exist and that cert and key come together.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("store.tls: cert and key go together: set both or neither".into())
+            }
+            _ => {}
+        }
+        let files = [
+            ("ca", Some(&self.ca)),
+            ("cert", self.cert.as_ref()),
+            ("key", self.key.as_ref()),
+        ];
+        for (what, p) in files {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    return Err(format!("store.tls.{what}: no such file {}", p.display()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How many servers of a pool must stay active.
@@ -345,14 +442,43 @@ impl CoordinatorConfig {
                 endpoints,
                 prefix,
                 election_ttl,
+                tls,
+                auth,
+                insecure,
             } => {
                 if endpoints.is_empty() {
                     return Err("store.endpoints: at least one etcd endpoint is needed".into());
                 }
+                let plaintext = endpoints
+                    .iter()
+                    .filter(|e| e.starts_with("http://"))
+                    .count();
                 for e in endpoints {
                     if !(e.starts_with("http://") || e.starts_with("https://")) {
                         return Err(format!("store.endpoints: {e:?} is not an http(s) URL"));
                     }
+                }
+                if plaintext != 0 && plaintext != endpoints.len() {
+                    return Err(
+                        "store.endpoints: mixes http:// and https://; use https:// for all".into(),
+                    );
+                }
+                match (plaintext == 0, tls, insecure) {
+                    (false, _, false) => return Err(format!(
+                        "store.endpoints: {:?} is plaintext: whoever reaches etcd could steer the fleet; use https:// with [store.tls], or set store.insecure = true for a local test",
+                        endpoints[0]
+                    )),
+                    (false, Some(_), true) => return Err("store.tls is set but the endpoints are http://: use https://".into()),
+                    (true, None, _) => return Err("store.tls: https:// endpoints need [store.tls] with the CA of etcd's certificates".into()),
+                    (true, Some(_), true) => return Err("store.insecure = true and [store.tls] are both set: choose one".into()),
+                    (true, Some(t), false) => t.check()?,
+                    (false, None, true) => {}
+                }
+                if let Some(a) = auth {
+                    if a.user.is_empty() {
+                        return Err("store.auth.user: empty".into());
+                    }
+                    a.password()?;
                 }
                 if !prefix.starts_with('/') || !prefix.ends_with('/') {
                     return Err(format!(

@@ -2,6 +2,7 @@
 //! report), and [`AgentLink`] over tonic: the calls the leader makes to agents, with the
 //! agents' typed refusals (status details) turned into [`LinkError`]s.
 
+use crate::agent_tls::{AgentTls, Refusal};
 use crate::link::{AgentCommand, AgentLimits, AgentLink, LinkError, OpReply, OpState};
 use crate::readiness::{AgentState, ServerHealth};
 use rollgate_common::Epoch;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 /// Health of every known server, a clock to stamp it with, and a client per agent.
@@ -22,6 +23,8 @@ pub struct Inventory {
     start: Instant,
     health: RwLock<HashMap<String, ServerHealth>>,
     clients: BTreeMap<String, AgentClient<Channel>>,
+    /// Per server, why its agent's identity was refused (TLS only).
+    refusals: HashMap<String, Refusal>,
 }
 
 /// Why an agent client could not be made.
@@ -120,38 +123,64 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Inventory {
-    /// Makes a lazily-connecting client for every `(server, address)`.
+    /// Makes a lazily-connecting client for every `(server, address)`. With `tls`, every
+    /// connection checks that the agent's certificate names that server.
     pub fn new(
         agents: &[(String, String)],
-        tls: Option<ClientTlsConfig>,
+        tls: Option<AgentTls>,
     ) -> Result<Inventory, ClientError> {
         let mut clients = BTreeMap::new();
+        let mut refusals = HashMap::new();
         for (server, address) in agents {
             let err = |message: String| ClientError {
                 server: server.clone(),
                 address: address.clone(),
                 message,
             };
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let mut ep = Endpoint::from_shared(format!("{scheme}://{address}"))
+            // The scheme only labels requests: with TLS the connector below does the handshake.
+            let ep = Endpoint::from_shared(format!("http://{address}"))
                 .map_err(|e| err(e.to_string()))?
                 .connect_timeout(Duration::from_secs(3))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5));
-            if let Some(t) = &tls {
-                ep = ep.tls_config(t.clone()).map_err(|e| err(e.to_string()))?;
-            }
+            let channel = match &tls {
+                Some(t) => {
+                    let refusal = Refusal::default();
+                    refusals.insert(server.clone(), Arc::clone(&refusal));
+                    ep.connect_with_connector_lazy(t.connector(server, refusal))
+                }
+                None => ep.connect_lazy(),
+            };
             clients.insert(
                 server.clone(),
-                AgentClient::new(ep.connect_lazy()).max_decoding_message_size(1 << 20),
+                AgentClient::new(channel).max_decoding_message_size(1 << 20),
             );
         }
         Ok(Inventory {
             start: Instant::now(),
             health: RwLock::new(HashMap::new()),
             clients,
+            refusals,
         })
+    }
+
+    /// Why `server`'s agent identity was refused, if it was on the last connection attempt.
+    pub fn identity_refusal(&self, server: &str) -> Option<String> {
+        self.refusals
+            .get(server)
+            .and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// A failed call: an identity refusal is a refusal (not worth retrying, and it names
+    /// the impostor), whatever the transport made of it.
+    fn call_error(&self, server: &str, s: &tonic::Status) -> LinkError {
+        match self.identity_refusal(server) {
+            Some(why) if matches!(s.code(), Code::Unavailable | Code::Unknown) => {
+                LinkError::Refused(why)
+            }
+            _ => link_error(s),
+        }
     }
 
     fn client(&self, server: &str) -> Result<AgentClient<Channel>, LinkError> {
@@ -209,6 +238,8 @@ impl Inventory {
 
     /// Marks `server`'s stream broken: it stops counting as active at once.
     pub fn disconnected(&self, server: &str, why: &str) {
+        let refused = self.identity_refusal(server);
+        let why = refused.as_deref().unwrap_or(why);
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
         let seen = map.get(server).map_or(0, |h| h.seen_ms);
         let entry = map
@@ -415,7 +446,7 @@ impl AgentLink for Inventory {
             }
         };
         r.map(|r| op_reply(r.into_inner()))
-            .map_err(|s| link_error(&s))
+            .map_err(|s| self.call_error(server, &s))
     }
 
     async fn operation(&self, server: &str, op_id: &str) -> Result<OpReply, LinkError> {
@@ -428,7 +459,7 @@ impl AgentLink for Inventory {
         ))
         .await
         .map(|r| op_reply(r.into_inner()))
-        .map_err(|s| link_error(&s))
+        .map_err(|s| self.call_error(server, &s))
     }
 
     async fn fence(&self, server: &str, epoch: Epoch) -> Result<(), LinkError> {
@@ -439,7 +470,7 @@ impl AgentLink for Inventory {
         ))
         .await
         .map(|_| ())
-        .map_err(|s| link_error(&s))
+        .map_err(|s| self.call_error(server, &s))
     }
 }
 

@@ -14,6 +14,7 @@
 //!   and the live health model; [`env`]: the store, agents, hooks and clock the leader runs on.
 //! - [`config`]: the TOML config, pools and their upgrade domains.
 
+pub mod agent_tls;
 pub mod api;
 pub mod cli;
 pub mod config;

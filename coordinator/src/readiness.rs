@@ -256,8 +256,15 @@ pub fn evaluate(
                         "taken out of service by the running upgrade".to_string()
                     } else if lost {
                         if h.disconnected {
+                            // Why the stream broke (e.g. a refused certificate) is what an
+                            // operator needs to see.
+                            let why = if h.detail.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", h.detail)
+                            };
                             format!(
-                                "agent unreachable; last report {}ms ago",
+                                "agent unreachable; last report {}ms ago{why}",
                                 clocks.now_ms.saturating_sub(h.seen_ms)
                             )
                         } else {

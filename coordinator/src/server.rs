@@ -2,12 +2,12 @@
 //! API and grpc.health.v1, and the one shutdown path (cancel → resign → stop serving → drain).
 
 use crate::api::OperatorApi;
-use crate::config::{CoordinatorConfig, StoreConfig};
+use crate::config::{CoordinatorConfig, EtcdAuth, EtcdTls, StoreConfig};
 use crate::control::Control;
 use crate::env::{CommandHooks, Env, SystemClock};
 use crate::inventory::Inventory;
 use crate::node::Node;
-use crate::store::{EmbeddedStore, EtcdStore, Store};
+use crate::store::{EmbeddedStore, EtcdAccess, EtcdStore, Store};
 use rollgate_proto::operator::v1::operator_server::OperatorServer;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -17,9 +17,45 @@ pub async fn open_store(cfg: &CoordinatorConfig) -> anyhow::Result<Store> {
     Ok(match &cfg.store {
         StoreConfig::Embedded { path } => Store::Embedded(EmbeddedStore::open(path)?),
         StoreConfig::Etcd {
-            endpoints, prefix, ..
-        } => Store::Etcd(EtcdStore::connect(endpoints, prefix).await?),
+            endpoints,
+            prefix,
+            tls,
+            auth,
+            ..
+        } => {
+            let access = etcd_access(tls.as_ref(), auth.as_ref())?;
+            Store::Etcd(EtcdStore::connect_with(endpoints, prefix, access).await?)
+        }
     })
+}
+
+/// Reads the etcd TLS files and password named in the config.
+pub fn etcd_access(tls: Option<&EtcdTls>, auth: Option<&EtcdAuth>) -> anyhow::Result<EtcdAccess> {
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| anyhow::anyhow!("store.tls.{what} {}: {e}", p.display()))
+    };
+    let tls = match tls {
+        None => None,
+        Some(t) => {
+            let mut o = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read("ca", &t.ca)?));
+            if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+                o = o.identity(etcd_client::Identity::from_pem(
+                    read("cert", cert)?,
+                    read("key", key)?,
+                ));
+            }
+            if let Some(name) = &t.server_name {
+                o = o.domain_name(name.clone());
+            }
+            Some(o)
+        }
+    };
+    let user = match auth {
+        None => None,
+        Some(a) => Some((a.user.clone(), a.password().map_err(anyhow::Error::msg)?)),
+    };
+    Ok(EtcdAccess { tls, user })
 }
 
 /// Runs the coordinator until `shutdown` is cancelled. The bound address is written to
@@ -44,7 +80,7 @@ pub async fn run(
         .flat_map(|p| p.servers.iter().map(|s| (s.id.clone(), s.agent.clone())))
         .collect();
     let client_tls = match &cfg.tls {
-        Some(t) => Some(t.client_config()?),
+        Some(t) => Some(crate::agent_tls::AgentTls::from_files(t)?),
         None => None,
     };
     let inventory = Arc::new(Inventory::new(&agents, client_tls)?);

@@ -97,6 +97,7 @@ install = ["true"]
 
 #[test]
 fn the_example_coordinator_config_loads_and_validates() -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use rollgate_coordinator::config::{CoordinatorConfig, StoreConfig};
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator.example.toml");
     let text = std::fs::read_to_string(&path)?;
@@ -110,6 +111,22 @@ fn the_example_coordinator_config_loads_and_validates() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let pki = Pki::new(tmp.path())?;
     cfg.tls = Some(pki.issue(RoleKind::Coordinator, "c1")?);
+    // The example names production paths: point them at files that exist here.
+    let files = pki.issue(RoleKind::Coordinator, "etcd-client")?;
+    let password = tmp.path().join("etcd-password");
+    rollgate_common::pki::write_file(&password, "pw\n", 0o600)?;
+    match &mut cfg.store {
+        StoreConfig::Etcd { tls, auth, .. } => {
+            let t = tls.as_mut().context("the example configures etcd TLS")?;
+            t.ca = files.ca.clone();
+            t.cert = Some(files.cert.clone());
+            t.key = Some(files.key.clone());
+            let a = auth.as_mut().context("the example configures etcd auth")?;
+            assert_eq!(a.user, "rollgate");
+            a.password_file = password;
+        }
+        StoreConfig::Embedded { .. } => anyhow::bail!("the example uses etcd"),
+    }
     cfg.validate().map_err(anyhow::Error::msg)?;
     cfg.tls = Some(pki.issue(RoleKind::Operator, "c1")?);
     assert!(cfg

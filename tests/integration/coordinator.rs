@@ -24,11 +24,11 @@ fn embedded(root: &Path) -> String {
 }
 
 fn etcd_store(endpoints: &[String], ttl_s: u64) -> String {
-    format!("[store]\nkind = \"etcd\"\nendpoints = {endpoints:?}\nprefix = \"/rollgate/test/\"\nelection_ttl = \"{ttl_s}s\"")
+    format!("[store]\nkind = \"etcd\"\ninsecure = true\nendpoints = {endpoints:?}\nprefix = \"/rollgate/test/\"\nelection_ttl = \"{ttl_s}s\"")
 }
 
 /// Waits until the coordinator behind `c` leads (take-over done) and `pool` is Ready.
-async fn wait_ready(c: &OperatorClient<Channel>, pool: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(c: &OperatorClient<Channel>, pool: &str) -> anyhow::Result<()> {
     eventually("the coordinator to lead", Duration::from_secs(30), || {
         let mut c = c.clone();
         async move {
@@ -52,7 +52,7 @@ async fn wait_ready(c: &OperatorClient<Channel>, pool: &str) -> anyhow::Result<(
     .await
 }
 
-fn start_req(pool: &str, artifact: &Path, sha: &str) -> pb::StartUpgradeRequest {
+pub(crate) fn start_req(pool: &str, artifact: &Path, sha: &str) -> pb::StartUpgradeRequest {
     pb::StartUpgradeRequest {
         pool: pool.into(),
         version: "2.0".into(),
@@ -67,7 +67,7 @@ fn start_req(pool: &str, artifact: &Path, sha: &str) -> pb::StartUpgradeRequest 
 }
 
 /// Polls the upgrade's status (from any coordinator, following to the leader) until `done`.
-async fn wait_status(
+pub(crate) async fn wait_status(
     addrs: &[std::net::SocketAddr],
     op: &TlsFiles,
     pool: &str,
@@ -96,7 +96,7 @@ async fn wait_status(
     }
 }
 
-fn ended(s: &pb::UpgradeStatus) -> bool {
+pub(crate) fn ended(s: &pb::UpgradeStatus) -> bool {
     s.ended
 }
 

@@ -7,5 +7,6 @@ mod coordinator;
 mod fault;
 mod fuzz;
 mod lifetime;
+mod security;
 mod sim;
 mod store;

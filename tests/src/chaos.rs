@@ -173,7 +173,7 @@ async fn start_world(root: &Path) -> anyhow::Result<World> {
             agent_proxies.push(TcpProxy::start(s.agent.addr).await?);
         }
         let endpoints: Vec<String> = etcd_proxies.iter().map(TcpProxy::url).collect();
-        let store = format!("[store]\nkind = \"etcd\"\nendpoints = {endpoints:?}\nprefix = \"/rollgate/chaos/\"\nelection_ttl = \"{TTL_S}s\"");
+        let store = format!("[store]\nkind = \"etcd\"\ninsecure = true\nendpoints = {endpoints:?}\nprefix = \"/rollgate/chaos/\"\nelection_ttl = \"{TTL_S}s\"");
         let mut pools = "[[pools]]\nname = \"chaos\"\n".to_owned();
         for (s, p) in fleet.servers.iter().zip(&agent_proxies) {
             pools.push_str(&format!(

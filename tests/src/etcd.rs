@@ -30,7 +30,23 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` and `/metrics`, so health is probed the same way with TLS on.
+    metrics_port: u16,
     child: Option<Child>,
+}
+
+/// TLS for etcd's client port: its server certificate and, with `client_cert_auth`, the CA
+/// that client certificates must chain to (etcd's `--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    /// etcd's server certificate (PEM), naming 127.0.0.1.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA for client certificates.
+    pub ca: PathBuf,
+    /// Require client certificates signed by `ca`.
+    pub client_cert_auth: bool,
 }
 
 /// A running etcd cluster of real processes, killed on drop.
@@ -39,6 +55,7 @@ pub struct EtcdCluster {
     bin: PathBuf,
     token: String,
     members: Vec<Member>,
+    tls: Option<EtcdServerTls>,
 }
 
 impl EtcdCluster {
@@ -46,6 +63,14 @@ impl EtcdCluster {
     /// when etcd is not installed, so the caller can skip — except under CI (`CI=true`), where
     /// a missing etcd is an error: tests must fail there, not silently skip.
     pub async fn start(members: usize) -> anyhow::Result<Option<EtcdCluster>> {
+        Self::start_with(members, None).await
+    }
+
+    /// [`EtcdCluster::start`] with TLS on the client port (`https://` endpoints).
+    pub async fn start_with(
+        members: usize,
+        tls: Option<EtcdServerTls>,
+    ) -> anyhow::Result<Option<EtcdCluster>> {
         if members == 0 {
             bail!("an etcd cluster needs at least one member");
         }
@@ -67,6 +92,7 @@ impl EtcdCluster {
                     name: format!("m{i}"),
                     client_port: free_port()?,
                     peer_port: free_port()?,
+                    metrics_port: free_port()?,
                     child: None,
                 });
             }
@@ -76,6 +102,7 @@ impl EtcdCluster {
                 bin: bin.clone(),
                 token,
                 members: members_v,
+                tls: tls.clone(),
             };
             match cluster.boot().await {
                 Ok(()) => return Ok(Some(cluster)),
@@ -127,8 +154,10 @@ impl EtcdCluster {
             .members
             .get(i)
             .ok_or_else(|| anyhow!("no member {i}"))?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
         let data = self.dir.path().join(&m.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -160,10 +189,21 @@ impl EtcdCluster {
                 "new",
             ])
             .args(["--initial-cluster-token", &self.token])
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdin(Stdio::null());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key);
+            if t.client_cert_auth {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca);
+            }
+        }
+        cmd.stdout(log.try_clone()?).stderr(log);
         let child = crate::owner::spawn_std(cmd)
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
         if let Some(m) = self.members.get_mut(i) {
@@ -177,7 +217,7 @@ impl EtcdCluster {
             .members
             .get(i)
             .ok_or_else(|| anyhow!("no member {i}"))?
-            .client_port;
+            .metrics_port;
         let members = &mut self.members;
         let outcome = eventually(
             &format!("etcd member m{i} to be healthy"),
@@ -206,11 +246,12 @@ impl EtcdCluster {
         }
     }
 
-    /// Client URLs of every member, e.g. `http://127.0.0.1:PORT`.
+    /// Client URLs of every member, e.g. `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
             .collect()
     }
 
@@ -254,7 +295,7 @@ impl EtcdCluster {
     /// True when member `i` answers `/health` as healthy.
     pub async fn is_healthy(&self, i: usize) -> bool {
         match self.members.get(i) {
-            Some(m) => healthy(m.client_port).await,
+            Some(m) => healthy(m.metrics_port).await,
             None => false,
         }
     }

@@ -69,8 +69,61 @@ impl fmt::Debug for EtcdStore {
     }
 }
 
+/// Sorts an etcd error: a refusal of credentials or permissions is not retryable, the rest
+/// (connection, timeouts, a member without a leader) may pass.
 fn unavailable(what: &str, e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable(format!("{what}: {e}"))
+    if let etcd_client::Error::GRpcStatus(status) = &e {
+        let message = status.message();
+        let refused = match status.code() {
+            tonic::Code::PermissionDenied => true,
+            // etcd answers a wrong password ("authentication failed") and a request without
+            // credentials to an etcd with auth enabled ("user name is empty") this way.
+            tonic::Code::InvalidArgument => {
+                message.contains("authentication failed") || message.contains("user name is empty")
+            }
+            _ => false,
+        };
+        if refused {
+            return StoreError::Denied(format!("{what}: {message}"));
+        }
+    }
+    StoreError::Unavailable(format!("{what}: {}", chain(&e)))
+}
+
+/// The error with its causes: a TLS failure sits a few sources down ("transport error" alone
+/// says nothing).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// How to reach a secured etcd: TLS (CA, and client identity when etcd checks client
+/// certificates) and user/password authentication.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    /// TLS settings for `https://` endpoints.
+    pub tls: Option<etcd_client::TlsOptions>,
+    /// User and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    // Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
 }
 
 /// The epoch as etcd sees it (a revision).
@@ -82,6 +135,15 @@ impl EtcdStore {
     /// Connects to etcd at `endpoints` (e.g. `http://127.0.0.1:2379`) and checks that it
     /// answers a linearizable read. Every key is kept under `prefix` (e.g. `/rollgate/default/`).
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
+        Self::connect_with(endpoints, prefix, EtcdAccess::default()).await
+    }
+
+    /// [`EtcdStore::connect`] with TLS and authentication.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        access: EtcdAccess,
+    ) -> Result<EtcdStore, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Unavailable(
                 "no etcd endpoints configured".into(),
@@ -89,9 +151,16 @@ impl EtcdStore {
         }
         // require_leader: a member cut off from the quorum refuses requests and closes our
         // streams instead of leaving a keepalive or a watch hanging silently (etcd#7275).
-        let base = ConnectOptions::new()
+        let mut base = ConnectOptions::new()
             .with_require_leader(true)
             .with_connect_timeout(CONNECT_TIMEOUT);
+        if let Some(tls) = access.tls {
+            base = base.with_tls(tls);
+        }
+        if let Some((user, password)) = access.user {
+            // etcd's tokens expire (5 min idle by default): fetch a new one rather than fail.
+            base = base.with_user(user, password).with_auto_token_refresh(true);
+        }
         let client = Client::connect(endpoints, Some(base.clone().with_timeout(REQUEST_TIMEOUT)))
             .await
             .map_err(|e| unavailable("cannot connect to etcd", e))?;

@@ -13,7 +13,7 @@ mod embedded;
 mod etcd;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdAccess, EtcdStore};
 
 use rollgate_common::Epoch;
 use std::time::Duration;
@@ -45,6 +45,10 @@ pub enum StoreError {
     /// The campaign was cancelled before leadership was won.
     #[error("campaign cancelled")]
     Cancelled,
+    /// etcd refused this coordinator's credentials or the permission for a key. Not retryable:
+    /// an operator must fix the user, password, role or certificate.
+    #[error("etcd refused access: {0}")]
+    Denied(String),
 }
 
 impl StoreError {

@@ -214,7 +214,7 @@ async fn failover(runs: usize, ttl: u64) -> anyhow::Result<()> {
     let root = tmp.path();
     let etcd = etcd().await?;
     let fleet = Fleet::start(root, "bench", 3, 3, "1.0").await?;
-    let store = format!("[store]\nkind = \"etcd\"\nendpoints = {:?}\nprefix = \"/rollgate/bench/\"\nelection_ttl = \"{ttl}s\"", etcd.endpoints());
+    let store = format!("[store]\nkind = \"etcd\"\ninsecure = true\nendpoints = {:?}\nprefix = \"/rollgate/bench/\"\nelection_ttl = \"{ttl}s\"", etcd.endpoints());
     let pools = fleet.pool_toml("");
     let op = fleet.pki.issue(RoleKind::Operator, "bench")?;
     let coord_tls = fleet.pki.issue(RoleKind::Coordinator, "bench-reader")?;
@@ -342,7 +342,7 @@ async fn overhead(
         let etcd = if use_etcd { Some(etcd().await?) } else { None };
         let fleet = Fleet::start(root, "bench", servers, domains, "1.0").await?;
         let store = match &etcd {
-            Some(e) => format!("[store]\nkind = \"etcd\"\nendpoints = {:?}\nprefix = \"/rollgate/bench/\"\nelection_ttl = \"5s\"", e.endpoints()),
+            Some(e) => format!("[store]\nkind = \"etcd\"\ninsecure = true\nendpoints = {:?}\nprefix = \"/rollgate/bench/\"\nelection_ttl = \"5s\"", e.endpoints()),
             None => format!("[store]\nkind = \"embedded\"\npath = \"{}\"", root.join("store.json").display()),
         };
         let mut coord = CoordinatorProc::start(

@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 1..=n {
         let id = format!("c{i}");
         let store = match &etcd {
-            Some(e) => format!("[store]\nkind = \"etcd\"\nendpoints = {:?}\nprefix = \"/rollgate/demo/\"\nelection_ttl = \"2s\"", e.endpoints()),
+            Some(e) => format!("[store]\nkind = \"etcd\"\ninsecure = true\nendpoints = {:?}\nprefix = \"/rollgate/demo/\"\nelection_ttl = \"2s\"", e.endpoints()),
             None => format!("[store]\nkind = \"embedded\"\npath = \"{}\"", root.join("store.json").display()),
         };
         let tls = fleet.pki.issue(RoleKind::Coordinator, &id)?;
