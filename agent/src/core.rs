@@ -45,9 +45,16 @@ pub struct OpHeader {
 impl OpHeader {
     /// Checks an id and epoch from the wire.
     pub fn new(id: &str, epoch: u64) -> Result<OpHeader, AgentError> {
-        if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        use rollgate_common::config::MAX_OPERATION_ID_LEN;
+        if id.is_empty()
+            || id.len() > MAX_OPERATION_ID_LEN
+            || !id.chars().all(|c| c.is_ascii_graphic())
+        {
+            // A long id is not echoed back whole: only its start, to name it.
+            let shown: String = id.chars().take(64).collect();
             return Err(AgentError::InvalidArgument(format!(
-                "operation id {id:?} must be 1-128 printable ASCII characters without spaces"
+                "operation id {shown:?} ({} bytes) must be 1-{MAX_OPERATION_ID_LEN} printable ASCII characters without spaces",
+                id.len()
             )));
         }
         if epoch == 0 {

@@ -51,11 +51,24 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
     })
 }
 
+/// The longest name (server, pool, domain, coordinator id, version) anywhere in rollgate.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// The longest operation id an agent accepts. A coordinator's ids are
+/// `<plan id>/<server>/<direction>/<step>/<attempt>`, and a plan id is `<pool>-<start ms>`,
+/// so the longest names must fit with room to spare: the agent used to cap ids at 128
+/// characters while pool and server names could each be 128, and every step of a pool with
+/// long names failed.
+pub const MAX_OPERATION_ID_LEN: usize = 512;
+
+// plan id (pool + '-' + up to 20 digits) + '/' + server + "/rst/rollback/" + u32 digits.
+const _: () = assert!(MAX_NAME_LEN + 21 + 1 + MAX_NAME_LEN + 14 + 10 <= MAX_OPERATION_ID_LEN);
+
 /// Checks an identifier (server, pool, domain, coordinator id): 1-128 letters, digits, '-',
 /// '_' or '.', so that it is safe in store keys, SAN URIs and file names.
 pub fn check_name(field: &str, v: &str) -> Result<(), String> {
     let ok = !v.is_empty()
-        && v.len() <= 128
+        && v.len() <= MAX_NAME_LEN
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {

@@ -528,13 +528,19 @@ impl pb::operator_server::Operator for OperatorApi {
     ) -> Result<Response<pb::EventsResponse>, Status> {
         self.allow(&req)?;
         let r = req.into_inner();
-        let events = self
+        let range = crate::progress::EventRange {
+            after: r.after_seq,
+            before: r.before_seq,
+            limit: usize::try_from(r.limit).unwrap_or(usize::MAX),
+        };
+        let page = self
             .control
-            .events(&r.pool, r.limit)
+            .events(&r.pool, range)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::EventsResponse {
-            events: events.into_iter().map(event_of).collect(),
+            events: page.events.into_iter().map(event_of).collect(),
+            more: page.more,
         }))
     }
 

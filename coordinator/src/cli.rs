@@ -82,9 +82,15 @@ pub enum Cmd {
         /// The pool.
         #[arg(long)]
         pool: String,
-        /// The most recent N events.
-        #[arg(long, default_value_t = 50)]
+        /// At most N events (the newest, or the oldest after --after); at most 1000.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
+        /// Only events older than this sequence number (to page back).
+        #[arg(long, conflicts_with = "after")]
+        before: Option<u64>,
+        /// Only events newer than this sequence number (to follow forward).
+        #[arg(long)]
+        after: Option<u64>,
     },
     /// Who leads, at which epoch.
     Leader,
@@ -477,14 +483,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Events { pool, limit } => {
+        Cmd::Events {
+            pool,
+            limit,
+            before,
+            after,
+        } => {
             let r = conn
                 .call(|mut c| {
                     let pool = pool.clone();
                     async move {
-                        c.events(pb::EventsRequest { pool, limit })
-                            .await
-                            .map(|r| r.into_inner())
+                        c.events(pb::EventsRequest {
+                            pool,
+                            limit,
+                            after_seq: after,
+                            before_seq: before,
+                        })
+                        .await
+                        .map(|r| r.into_inner())
                     }
                 })
                 .await?;
@@ -505,6 +521,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         e.message
                     ),
                 }
+            }
+            if r.more && out == Output::Table {
+                // Where the next page starts, on stderr so that scripts reading stdout see events only.
+                let hint = match (after, r.events.first(), r.events.last()) {
+                    (Some(_), _, Some(last)) => format!("--after {}", last.seq),
+                    (None, Some(first), _) => format!("--before {}", first.seq),
+                    _ => String::new(),
+                };
+                eprintln!("more events: rollgate events --pool {pool} {hint}");
             }
             Ok(0)
         }

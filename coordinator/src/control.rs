@@ -10,7 +10,7 @@ use crate::engine::{
     Upgrade, DEFAULT_BUSY_RETRIES, DEFAULT_BUSY_RETRY_INTERVAL,
 };
 use crate::node::Node;
-use crate::progress::{self, EventRecord, ProgressError, UpgradeRecord};
+use crate::progress::{self, ProgressError, UpgradeRecord};
 use crate::readiness::PoolReadiness;
 use crate::store::{LeaderInfo, Leadership};
 use rollgate_common::Epoch;
@@ -483,11 +483,18 @@ impl Control {
             .map_err(ControlError::Hook)
     }
 
-    /// The newest `limit` events of a pool (100 when 0).
-    pub async fn events(&self, pool: &str, limit: u32) -> Result<Vec<EventRecord>, ControlError> {
+    /// A page of a pool's history (see [`progress::EventRange`]; a limit of 0 means 100, and
+    /// no page holds more than [`progress::MAX_EVENTS_PAGE`]).
+    pub async fn events(
+        &self,
+        pool: &str,
+        mut range: progress::EventRange,
+    ) -> Result<progress::EventPage, ControlError> {
         self.pool(pool)?;
-        let limit = if limit == 0 { 100 } else { limit as usize };
-        Ok(progress::load_events(&self.node.env.store, pool, limit).await?)
+        if range.limit == 0 {
+            range.limit = 100;
+        }
+        Ok(progress::load_events(&self.node.env.store, pool, range).await?)
     }
 
     /// Who leads.

@@ -12,7 +12,7 @@
 //! Writes are built here as [`WriteOp`]s and applied by the caller in one fenced transaction.
 
 use crate::engine::Upgrade;
-use crate::store::{Store, StoreError, WriteOp};
+use crate::store::{KeyPage, Store, StoreError, WriteOp};
 use serde::{Deserialize, Serialize};
 
 /// The store key of a pool's upgrade state.
@@ -145,15 +145,75 @@ pub async fn next_event_after_history(store: &Store, pool: &str) -> Result<u64, 
 pub async fn load_events(
     store: &Store,
     pool: &str,
-    limit: usize,
-) -> Result<Vec<EventRecord>, ProgressError> {
-    let kvs = store.range(&events_prefix(pool)).await?;
-    let skip = kvs.len().saturating_sub(limit);
-    Ok(kvs
-        .iter()
-        .skip(skip)
-        .filter_map(|kv| decode::<EventRecord>(&kv.key, &kv.value).ok())
-        .collect())
+    range: EventRange,
+) -> Result<EventPage, ProgressError> {
+    let prefix = events_prefix(pool);
+    // Sequence numbers are stored with 12 digits: beyond that, keys would not sort.
+    let start = match range.after {
+        Some(a) if a >= MAX_EVENT_SEQ => {
+            return Ok(EventPage {
+                events: Vec::new(),
+                more: false,
+            })
+        }
+        Some(a) => event_key(pool, a + 1),
+        None => prefix.clone(),
+    };
+    let end = match range.before {
+        Some(b) if b <= MAX_EVENT_SEQ => event_key(pool, b),
+        // '0' follows '/': the end of the prefix.
+        _ => format!("events/{pool}0"),
+    };
+    let limit = range.limit.clamp(1, MAX_EVENTS_PAGE);
+    let page = KeyPage {
+        start,
+        end,
+        limit: limit + 1,
+        from_end: range.after.is_none(),
+    };
+    let mut kvs = store.page(&page).await?;
+    let more = kvs.len() > limit;
+    if more {
+        if page.from_end {
+            kvs.remove(0);
+        } else {
+            kvs.pop();
+        }
+    }
+    Ok(EventPage {
+        events: kvs
+            .iter()
+            .filter_map(|kv| decode::<EventRecord>(&kv.key, &kv.value).ok())
+            .collect(),
+        more,
+    })
+}
+
+/// The most events one read returns.
+pub const MAX_EVENTS_PAGE: usize = 1000;
+/// The largest sequence number an event key can hold (12 digits).
+pub const MAX_EVENT_SEQ: u64 = 999_999_999_999;
+
+/// Which events to read: with `after`, the oldest `limit` events after it (to follow the
+/// history forward); otherwise the newest `limit` events, before `before` when given (to page
+/// back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRange {
+    /// Only events with a larger sequence number.
+    pub after: Option<u64>,
+    /// Only events with a smaller sequence number.
+    pub before: Option<u64>,
+    /// At most this many (clamped to 1..=[`MAX_EVENTS_PAGE`]).
+    pub limit: usize,
+}
+
+/// A page of a pool's history, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventPage {
+    /// The events.
+    pub events: Vec<EventRecord>,
+    /// More events lie beyond this page in the direction read.
+    pub more: bool,
 }
 
 /// Where the pool's traffic is, if it was ever failed over or back.

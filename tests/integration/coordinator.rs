@@ -195,6 +195,7 @@ async fn rolling_upgrade_over_three_domains_keeps_min_active_under_client_load(
         .events(pb::EventsRequest {
             pool: "pool-a".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -295,6 +296,7 @@ async fn busy_three_times_fails_over_then_goes_on_or_pauses_or_aborts() -> anyho
         .events(pb::EventsRequest {
             pool: "pool-a".into(),
             limit: 100,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -470,6 +472,7 @@ async fn failed_verify_is_retried_then_rolled_back_to_the_previous_version() -> 
         .events(pb::EventsRequest {
             pool: "pool-a".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -637,6 +640,7 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
         .events(pb::EventsRequest {
             pool: "pool-a".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -1113,6 +1117,7 @@ async fn abort_brings_back_a_server_whose_drain_timed_out() -> anyhow::Result<()
         .events(pb::EventsRequest {
             pool: "pool-a".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -432,3 +432,45 @@ async fn an_agent_whose_certificate_names_another_server_is_refused() -> anyhow:
     );
     Ok(())
 }
+
+/// Names may be 128 characters; the operation ids built from them (plan id, server, step)
+/// must still be accepted by the agents, or every step of such a pool fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_names_upgrade_a_pool() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let pool = format!("p{}", "o".repeat(127));
+    let ids: Vec<String> = (1..=3)
+        .map(|i| format!("fe-{i}-{}", "x".repeat(128 - 5)))
+        .collect();
+    assert!(ids.iter().all(|i| i.len() == 128) && pool.len() == 128);
+    let fleet = Fleet::start_named(root, &pool, &ids, 3, "1.0").await?;
+    let coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"",
+            root.join("store.json").display()
+        ),
+        &fleet.pool_toml(""),
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let mut c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, &pool).await?;
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    rollgate_tests::cluster::start_upgrade(&mut c, start_req(&pool, &artifact, &sha)).await?;
+    let end = wait_status(&[coord.addr], &op, &pool, Duration::from_secs(60), ended).await?;
+    assert_eq!(
+        names::upgrade_state(end.status),
+        "completed",
+        "{end:?}\n{}",
+        coord.log()
+    );
+    for (id, installs) in fleet.installs() {
+        assert_eq!(installs, vec!["2.0"], "{id}");
+    }
+    Ok(())
+}

@@ -48,13 +48,25 @@ impl Fleet {
         domains: usize,
         version: &str,
     ) -> anyhow::Result<Fleet> {
+        let ids: Vec<String> = (1..=n).map(|i| format!("fe-{i}")).collect();
+        Self::start_named(root, pool, &ids, domains, version).await
+    }
+
+    /// [`Fleet::start`] with the servers' ids given.
+    pub async fn start_named(
+        root: &Path,
+        pool: &str,
+        ids: &[String],
+        domains: usize,
+        version: &str,
+    ) -> anyhow::Result<Fleet> {
         let pki = Pki::new(&root.join("pki"))?;
         let setup = pki.issue(RoleKind::Coordinator, "setup")?;
         let (artifact, sha) = make_artifact(root, version)?;
         let mut servers = Vec::new();
-        for i in 1..=n {
-            let id = format!("fe-{i}");
-            let domain = format!("ud-{}", (i - 1) % domains + 1);
+        for (i, id) in (1..).zip(ids) {
+            let id = id.clone();
+            let domain = format!("ud-{}", (i - 1) % domains.max(1) + 1);
             let fe = FrontEnd::create(root, &id, "0.0")?;
             let tls = pki.issue(RoleKind::Agent, &id)?;
             let agent = AgentProc::start(root, &id, pool, &domain, &tls, &fe).await?;

@@ -27,7 +27,7 @@ pub mod bounds {
     /// parallelism.
     pub const MAX_PARALLELISM: u32 = 10_000;
     /// version, sha256 and the names in a plan.
-    pub const MAX_NAME_LEN: usize = 128;
+    pub const MAX_NAME_LEN: usize = rollgate_common::config::MAX_NAME_LEN;
     /// artifact and rollback_artifact (a path or URL).
     pub const MAX_ARTIFACT_LEN: usize = 4096;
 }
@@ -296,6 +296,21 @@ impl Plan {
                 if server.trim().is_empty() {
                     return Err(PlanError::EmptyServerName {
                         domain: domain.name.clone(),
+                    });
+                }
+                // The agent refuses longer operation ids: the plan could never run a step.
+                let longest = crate::engine::Upgrade::op_id(
+                    &self.id,
+                    server,
+                    crate::engine::Direction::Restore,
+                    crate::engine::Step::Rollback,
+                    u32::MAX,
+                );
+                if longest.len() > rollgate_common::config::MAX_OPERATION_ID_LEN {
+                    return Err(PlanError::TooLong {
+                        field: "operation id (plan id and server name)",
+                        len: longest.len(),
+                        max: rollgate_common::config::MAX_OPERATION_ID_LEN,
                     });
                 }
                 if let Some(first) = owner.insert(server.as_str(), domain.name.as_str()) {

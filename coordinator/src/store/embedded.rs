@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -133,7 +134,13 @@ fn persist(path: &Path, data: &Data) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("cannot encode the store: {e}")))?;
     let tmp = with_suffix(path, ".tmp");
     let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        // Owner only: the store holds every plan (artifact URLs included).
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         Ok(())
@@ -148,6 +155,21 @@ fn persist(path: &Path, data: &Data) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error("cannot sync directory", dir, e))
+}
+
+/// Refuses a directory others may write to: whoever can replace the store file can write a
+/// plan, and a plan runs code on every server.
+fn check_private_dir(dir: &Path) -> Result<(), StoreError> {
+    let meta = std::fs::metadata(dir).map_err(|e| io_error("cannot inspect", dir, e))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(StoreError::Unsafe(format!(
+            "directory {} is writable by group or others (mode {:o}): chmod go-w it, or put the store in a directory of its own",
+            dir.display(),
+            mode & 0o777
+        )));
+    }
+    Ok(())
 }
 
 /// Puts `key` at revision `rev` in `data`.
@@ -167,15 +189,22 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`, locking `<path>.lock`. Fails with
     /// [`StoreError::Locked`] while another store holds it, in this process or another.
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| io_error("cannot create directory", dir, e))?;
-        }
+        let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => dir,
+            None => Path::new("."),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io_error("cannot create directory", dir, e))?;
+        check_private_dir(dir)?;
         let lock_path = with_suffix(path, ".lock");
         let lock_file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(|e| io_error("cannot open lock file", &lock_path, e))?;
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
@@ -188,6 +217,13 @@ impl EmbeddedStore {
             Err((_, e)) => return Err(io_error("cannot lock", &lock_path, e.into())),
         };
 
+        // A store written by an older build may be readable by others: it holds the plans.
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| io_error("cannot restrict", path, e))?;
+            }
+        }
         let mut data = match std::fs::read(path) {
             Ok(bytes) => {
                 let data: Data = serde_json::from_slice(&bytes).map_err(|e| {
@@ -254,6 +290,29 @@ impl EmbeddedStore {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, e)| to_kv(k, e))
             .collect()
+    }
+
+    /// See [`super::Store::page`].
+    pub fn page(&self, page: &super::KeyPage) -> Result<Vec<KeyValue>, StoreError> {
+        if page.start >= page.end {
+            return Ok(Vec::new());
+        }
+        let st = lock_state(&self.shared.state);
+        let range = st.data.keys.range(page.start.clone()..page.end.clone());
+        let mut out = if page.from_end {
+            range
+                .rev()
+                .take(page.limit)
+                .map(|(k, e)| to_kv(k, e))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            range
+                .take(page.limit)
+                .map(|(k, e)| to_kv(k, e))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
 
     /// The current leader: the election key with the lowest create revision.
@@ -459,6 +518,40 @@ mod tests {
             id: id.into(),
             address: format!("127.0.0.1:{}", 7000 + id.len()),
         }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).map_or(0, |m| m.permissions().mode() & 0o777)
+    }
+
+    #[tokio::test]
+    async fn files_are_private_and_a_shared_directory_is_refused(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("state");
+        let path = dir.join("store.json");
+        {
+            let s = EmbeddedStore::open(&path)?;
+            let l = s.campaign(&me("a"), Duration::from_secs(2), &CancellationToken::new())?;
+            s.fenced_write(&l, vec![put_op("k", "v")])?;
+        }
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&with_suffix(&path, ".lock")), 0o600);
+
+        // A store left readable by an older build is restricted on open.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        drop(EmbeddedStore::open(&path)?);
+        assert_eq!(mode(&path), 0o600);
+
+        // Another user could replace the file in a group- or world-writable directory.
+        for loose in [0o777, 0o770, 0o1777] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(loose))?;
+            let err = EmbeddedStore::open(&path).expect_err("a shared directory");
+            assert!(matches!(err, StoreError::Unsafe(_)), "{err}");
+            assert!(err.to_string().contains("chmod go-w"), "{err}");
+        }
+        Ok(())
     }
 
     fn put_op(key: &str, value: &str) -> WriteOp {

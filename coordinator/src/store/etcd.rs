@@ -251,6 +251,35 @@ impl EtcdStore {
         Ok(out)
     }
 
+    /// See [`super::Store::page`].
+    pub async fn page(&self, page: &super::KeyPage) -> Result<Vec<KeyValue>, StoreError> {
+        if page.start >= page.end || page.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let order = if page.from_end {
+            SortOrder::Descend
+        } else {
+            SortOrder::Ascend
+        };
+        let opts = GetOptions::new()
+            .with_range(self.full(&page.end))
+            .with_limit(i64::try_from(page.limit).unwrap_or(i64::MAX))
+            .with_sort(SortTarget::Key, order);
+        let mut resp = self
+            .client
+            .kv_client()
+            .get(self.full(&page.start), Some(opts))
+            .await
+            .map_err(|e| unavailable("etcd range failed", e))?;
+        let mut out = resp
+            .take_kvs()
+            .iter()
+            .map(|kv| self.relative(kv))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     /// The current leader: the election key with the lowest create revision.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, StoreError> {
         let opts = GetOptions::new()

@@ -49,6 +49,9 @@ pub enum StoreError {
     /// an operator must fix the user, password, role or certificate.
     #[error("etcd refused access: {0}")]
     Denied(String),
+    /// The embedded store's directory lets other users replace its files.
+    #[error("unsafe store location: {0}")]
+    Unsafe(String),
 }
 
 impl StoreError {
@@ -69,6 +72,20 @@ pub struct KeyValue {
     pub create_revision: i64,
     /// The revision at which it was last modified.
     pub mod_revision: i64,
+}
+
+/// A bounded read of the keys in `[start, end)`: at most `limit`, from the start (oldest
+/// first) or from the end (newest first). Answers are always sorted by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    /// First key (inclusive), relative.
+    pub start: String,
+    /// Past the last key (exclusive), relative.
+    pub end: String,
+    /// At most this many keys.
+    pub limit: usize,
+    /// Take the keys nearest `end` rather than nearest `start`.
+    pub from_end: bool,
 }
 
 /// One change inside a fenced write.
@@ -133,6 +150,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// See [`Store::range`].
     async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError>;
+    /// See [`Store::page`]. The default reads the whole prefix the range shares.
+    async fn page(&self, page: &KeyPage) -> Result<Vec<KeyValue>, StoreError> {
+        let common = common_prefix(&page.start, &page.end);
+        Ok(cut_page(self.range(common).await?, page))
+    }
     /// See [`Store::campaign`].
     async fn campaign(
         &self,
@@ -183,6 +205,16 @@ impl Store {
         }
     }
 
+    /// Reads at most `page.limit` keys of a key range, so that a long history is never read
+    /// whole.
+    pub async fn page(&self, page: &KeyPage) -> Result<Vec<KeyValue>, StoreError> {
+        match self {
+            Store::Etcd(s) => s.page(page).await,
+            Store::Embedded(s) => s.page(page),
+            Store::Dyn(s) => s.page(page).await,
+        }
+    }
+
     /// Campaigns until this candidate leads (or `cancel` fires). The lease is kept alive in
     /// the background every ttl/3 until leadership is lost or resigned.
     pub async fn campaign(
@@ -230,4 +262,27 @@ impl Store {
             Store::Dyn(s) => s.resign(leadership).await,
         }
     }
+}
+
+fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
+    let n = a
+        .char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i);
+    &a[..n]
+}
+
+/// The keys of `kvs` (sorted) that `page` selects.
+fn cut_page(kvs: Vec<KeyValue>, page: &KeyPage) -> Vec<KeyValue> {
+    let inside: Vec<KeyValue> = kvs
+        .into_iter()
+        .filter(|kv| kv.key >= page.start && kv.key < page.end)
+        .collect();
+    let skip = if page.from_end {
+        inside.len().saturating_sub(page.limit)
+    } else {
+        0
+    };
+    inside.into_iter().skip(skip).take(page.limit).collect()
 }

@@ -411,7 +411,8 @@ async fn overhead(
         let events = c
             .events(opb::EventsRequest {
                 pool: "bench".into(),
-                limit: 100_000,
+                limit: 1000,
+                ..Default::default()
             })
             .await?
             .into_inner()
