@@ -1,6 +1,9 @@
 //! The `rollgate` operator CLI, kubectl/etcdctl style: subcommands, `--output table|json`,
-//! exit 0 on success, otherwise one clear line and a non-zero code. It finds the leader itself:
-//! give it any coordinator, and it follows a follower's pointer to the leader.
+//! exit 0 on success, otherwise one clear line on stderr and a non-zero code. It finds the
+//! leader itself: give it any coordinator, and it follows a follower's pointer to the leader.
+//!
+//! `upgrade watch` and `upgrade start --watch` end with a code a script can branch on:
+//! [`EXIT_COMPLETED`], [`EXIT_ENDED_BADLY`], [`EXIT_NEEDS_OPERATOR`], [`EXIT_TIMED_OUT`].
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -14,12 +17,26 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
+/// Watch: the upgrade completed.
+pub const EXIT_COMPLETED: i32 = 0;
+/// Watch: the upgrade failed, was aborted or rolled back (and any other error).
+pub const EXIT_ENDED_BADLY: i32 = 1;
+/// Watch: the upgrade is paused and waits for an operator (resume, abort or rollback).
+pub const EXIT_NEEDS_OPERATOR: i32 = 2;
+/// Watch: `--timeout` passed while the upgrade still ran (it goes on).
+pub const EXIT_TIMED_OUT: i32 = 3;
+
+const EXIT_CODES: &str = "Exit codes of `upgrade watch` and `upgrade start --watch`: 0 completed; \
+1 failed, aborted or rolled back (and any error); 2 paused, waiting for an operator; \
+3 --timeout passed while the upgrade still runs. Other commands: 0 done, 1 error.";
+
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "rollgate",
     version,
-    about = "operate rollgate: readiness, rolling upgrades, failover, history"
+    about = "operate rollgate: readiness, rolling upgrades, failover, history",
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     /// Coordinator addresses (host:port), comma-separated; any one will do.
@@ -107,8 +124,9 @@ pub enum UpgradeCmd {
     Start(StartArgs),
     /// The upgrade's status now.
     Status(PoolArg),
-    /// Live progress until the upgrade ends (exit 0 only if it completed).
-    Watch(PoolArg),
+    /// Live progress until the upgrade completes (0), ends otherwise (1), pauses (2), or
+    /// --timeout passes (3).
+    Watch(WatchArgs),
     /// Launch no new servers; those in flight finish.
     Pause(PoolArg),
     /// Go on after a pause.
@@ -163,6 +181,17 @@ pub struct PoolArg {
     /// The pool.
     #[arg(long)]
     pub pool: String,
+}
+
+/// `rollgate upgrade watch` arguments.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The pool.
+    #[arg(long)]
+    pub pool: String,
+    /// Stop watching after this long (exit 3; the upgrade goes on) [no limit].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
 }
 
 /// `rollgate upgrade start` arguments. An option left out takes the coordinator's default
@@ -228,9 +257,13 @@ pub struct StartArgs {
     /// Print the plan (domains, servers, order, policies) and start nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// After starting, watch until the upgrade ends.
+    /// After starting, watch until the upgrade completes (0), ends otherwise (1), pauses (2)
+    /// or --timeout passes (3).
     #[arg(long)]
     pub watch: bool,
+    /// With --watch: stop watching after this long (exit 3; the upgrade goes on).
+    #[arg(long, requires = "watch", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
 }
 
 /// `--drain`.
@@ -429,7 +462,7 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 /// Runs the CLI; the error is printed as one line by the binary.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Cmd::Certs(c) = &cli.command {
-        return certs(c).map(|()| 0);
+        return certs(c, cli.output).map(|()| 0);
     }
     let tls = match (&cli.ca, &cli.cert, &cli.key, cli.insecure) {
         (_, _, _, true) => None,
@@ -592,7 +625,7 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
             }
             print_status(&s, out);
             if a.watch {
-                return watch(conn, &a.pool, out).await;
+                return watch(conn, &a.pool, out, a.timeout).await;
             }
             s
         }
@@ -602,7 +635,7 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
             })
             .await?
         }
-        UpgradeCmd::Watch(p) => return watch(conn, &p.pool, out).await,
+        UpgradeCmd::Watch(w) => return watch(conn, &w.pool, out, w.timeout).await,
         UpgradeCmd::Pause(p) => {
             simple(p.pool, |mut c, r| {
                 Box::pin(async move { c.pause_upgrade(r).await.map(|r| r.into_inner()) })
@@ -632,9 +665,74 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
     Ok(0)
 }
 
-/// Follows an upgrade until it ends, reconnecting (to a new leader if need be).
-/// Exit code: 0 completed, 2 ended otherwise.
-async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
+/// Follows an upgrade until it completes, ends otherwise, pauses, or `timeout` passes,
+/// reconnecting (to a new leader if need be). Returns the exit code (see [`EXIT_CODES`]).
+async fn watch(
+    conn: &Conn,
+    pool: &str,
+    out: Output,
+    timeout: Option<Duration>,
+) -> anyhow::Result<i32> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut last: Option<pb::UpgradeStatus> = None;
+    let watched = watch_until_decided(conn, pool, out, &mut last);
+    let decided = match deadline {
+        None => watched.await,
+        Some(d) => match tokio::time::timeout_at(d, watched).await {
+            Ok(r) => r,
+            Err(_) => {
+                let state = last.as_ref().map_or_else(
+                    || "unknown".to_owned(),
+                    |s| names::upgrade_state(s.status).to_string(),
+                );
+                eprintln!(
+                    "error: the upgrade of pool {pool} is still {state} after --timeout {}; stopped watching (the upgrade goes on)",
+                    humantime::format_duration(timeout.unwrap_or_default())
+                );
+                return Ok(EXIT_TIMED_OUT);
+            }
+        },
+    }?;
+    if out == Output::Table {
+        print_status(&decided, out);
+    }
+    let state = names::upgrade_state(decided.status);
+    let reason = if decided.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", decided.reason)
+    };
+    if decided.status == pb::UpgradeState::Completed as i32 {
+        return Ok(EXIT_COMPLETED);
+    }
+    if decided.status == pb::UpgradeState::Paused as i32 {
+        eprintln!(
+            "the upgrade of pool {pool} is paused{reason}; it needs an operator: rollgate upgrade resume --pool {pool} (or abort, or rollback)"
+        );
+        return Ok(EXIT_NEEDS_OPERATOR);
+    }
+    if decided.status == pb::UpgradeState::None as i32 {
+        eprintln!("error: no upgrade on pool {pool}");
+    } else {
+        eprintln!("error: the upgrade of pool {pool} ended {state}{reason}");
+    }
+    Ok(EXIT_ENDED_BADLY)
+}
+
+/// True for a status that ends a watch: ended, never started, or paused (needs a person).
+fn decided(s: &pb::UpgradeStatus) -> bool {
+    s.ended
+        || s.status == pb::UpgradeState::None as i32
+        || s.status == pb::UpgradeState::Paused as i32
+}
+
+/// Streams progress lines until a status [`decided`]; `last` keeps the latest status seen.
+async fn watch_until_decided(
+    conn: &Conn,
+    pool: &str,
+    out: Output,
+    last: &mut Option<pb::UpgradeStatus>,
+) -> anyhow::Result<pb::UpgradeStatus> {
     let mut last_line = String::new();
     let give_up = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
     loop {
@@ -662,7 +760,6 @@ async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
             }
             Err(e) => return Err(e),
         };
-        let mut last: Option<pb::UpgradeStatus> = None;
         while let Ok(Some(s)) = stream.message().await {
             let line = progress_line(&s);
             if out == Output::Json {
@@ -671,19 +768,10 @@ async fn watch(conn: &Conn, pool: &str, out: Output) -> anyhow::Result<i32> {
                 println!("{} {line}", fmt_time(rollgate_common::time::now_ms()));
                 last_line = line;
             }
-            last = Some(s);
-        }
-        if let Some(s) = last {
-            let none = s.status == pb::UpgradeState::None as i32;
-            if s.ended || none {
-                if out == Output::Table {
-                    print_status(&s, out);
-                }
-                return Ok(if s.status == pb::UpgradeState::Completed as i32 {
-                    0
-                } else {
-                    2
-                });
+            let done = decided(&s);
+            *last = Some(s.clone());
+            if done {
+                return Ok(s);
             }
         }
     }
@@ -874,7 +962,7 @@ fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
     }
 }
 
-fn certs(c: &CertsCmd) -> anyhow::Result<()> {
+fn certs(c: &CertsCmd, out: Output) -> anyhow::Result<()> {
     match c {
         CertsCmd::Init { dir, name } => {
             std::fs::create_dir_all(dir)?;
@@ -887,11 +975,14 @@ fn certs(c: &CertsCmd) -> anyhow::Result<()> {
             let ca = Ca::generate(name)?;
             rollgate_common::pki::write_file(&dir.join("ca.crt"), ca.cert_pem(), 0o644)?;
             rollgate_common::pki::write_file(&dir.join("ca.key"), &ca.key_pem(), 0o600)?;
-            println!(
-                "wrote {} and {}",
-                dir.join("ca.crt").display(),
-                dir.join("ca.key").display()
-            );
+            let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"cert": crt.display().to_string(), "key": key.display().to_string()})
+                ),
+                Output::Table => println!("wrote {} and {}", crt.display(), key.display()),
+            }
         }
         CertsCmd::Issue {
             dir,
@@ -916,12 +1007,18 @@ fn certs(c: &CertsCmd) -> anyhow::Result<()> {
             let ca = Ca::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
             let issued = ca.issue(&role, host)?;
             let (crt, key) = issued.write(dir, &format!("{kind}-{name}"))?;
-            println!(
-                "wrote {} and {} for {}",
-                crt.display(),
-                key.display(),
-                role.uri()
-            );
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"cert": crt.display().to_string(), "key": key.display().to_string(), "role": role.uri()})
+                ),
+                Output::Table => println!(
+                    "wrote {} and {} for {}",
+                    crt.display(),
+                    key.display(),
+                    role.uri()
+                ),
+            }
         }
     }
     Ok(())

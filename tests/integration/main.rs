@@ -7,6 +7,7 @@ mod coordinator;
 mod fault;
 mod fuzz;
 mod lifetime;
+mod operator;
 mod security;
 mod sim;
 mod store;

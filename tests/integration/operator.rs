@@ -1,0 +1,231 @@
+//! The operator's view from scripts: `upgrade watch` exit codes, `--timeout`, one-line errors
+//! on stderr, and `-o json` on every command, against a real coordinator and a real pool.
+
+use crate::coordinator::{ended, wait_ready, wait_status};
+use anyhow::Context;
+use rollgate_common::tls::RoleKind;
+use rollgate_proto::operator::names;
+use rollgate_tests::cluster::{cli, operator_client, CoordinatorProc, Fleet};
+use rollgate_tests::make_artifact;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_exit_codes_tell_a_script_what_happened() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    let coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"",
+            root.join("store.json").display()
+        ),
+        &fleet.pool_toml(""),
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    let rollgate = |args: &[&str]| -> anyhow::Result<Output> {
+        Ok(cli(&op, &[coord.addr])?.args(args).output()?)
+    };
+    let (a2, sha2) = make_artifact(root, "2.0")?;
+    let a2 = a2.to_str().context("path")?.to_owned();
+
+    // 0: completed.
+    let out = rollgate(&[
+        "upgrade",
+        "start",
+        "--pool",
+        "pool-a",
+        "--version",
+        "2.0",
+        "--artifact",
+        &a2,
+        "--sha256",
+        &sha2,
+        "--verify-stable",
+        "200ms",
+        "--watch",
+    ])?;
+    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("completed"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // 2: a server step fails and the plan says pause: the watch stops and says what to run.
+    let (a3, _) = make_artifact(root, "3.0")?;
+    let wrong = "0".repeat(64);
+    let out = rollgate(&[
+        "upgrade",
+        "start",
+        "--pool",
+        "pool-a",
+        "--version",
+        "3.0",
+        "--artifact",
+        a3.to_str().context("path")?,
+        "--sha256",
+        &wrong,
+        "--server-retries",
+        "0",
+        "--on-failure",
+        "pause",
+        "--watch",
+    ])?;
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), Some(2), "{err}\n{}", text(&out.stdout));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("paused") && err.contains("rollgate upgrade resume --pool pool-a"),
+        "{err}"
+    );
+    // Watching it again says the same.
+    let out = rollgate(&["upgrade", "watch", "--pool", "pool-a"])?;
+    assert_eq!(code(&out), Some(2), "{}", text(&out.stderr));
+
+    // 1: aborted.
+    let out = rollgate(&["upgrade", "abort", "--pool", "pool-a"])?;
+    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+    let out = rollgate(&["upgrade", "watch", "--pool", "pool-a"])?;
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("aborted"), "{err}");
+
+    // 3: --timeout passes while the upgrade runs; the upgrade goes on.
+    let (a4, sha4) = make_artifact(root, "4.0")?;
+    let started = Instant::now();
+    let out = rollgate(&[
+        "upgrade",
+        "start",
+        "--pool",
+        "pool-a",
+        "--version",
+        "4.0",
+        "--artifact",
+        a4.to_str().context("path")?,
+        "--sha256",
+        &sha4,
+        "--verify-stable",
+        "4s",
+        "--watch",
+        "--timeout",
+        "1s",
+    ])?;
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), Some(3), "{err}");
+    assert!(err.contains("still running"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let end = wait_status(&[coord.addr], &op, "pool-a", Duration::from_secs(90), ended).await?;
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
+
+    // A usage error is one line and exit 1 (clap's 2 would read as "paused").
+    let out = rollgate(&["upgrade", "watch", "--pool", "pool-a", "--bogus"])?;
+    assert_eq!(code(&out), Some(1));
+    assert_eq!(
+        text(&out.stderr).trim().lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_speaks_json() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    let coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"",
+            root.join("store.json").display()
+        ),
+        &fleet.pool_toml(""),
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    let (a2, sha2) = make_artifact(root, "2.0")?;
+    let a2 = a2.to_str().context("path")?.to_owned();
+    let certs = root.join("new-ca");
+    let certs = certs.to_str().context("path")?;
+    let cases: Vec<(Vec<&str>, bool)> = vec![
+        (vec!["readiness", "--pool", "pool-a"], false),
+        (vec!["inventory"], false),
+        (vec!["leader"], false),
+        (
+            vec![
+                "upgrade",
+                "start",
+                "--pool",
+                "pool-a",
+                "--version",
+                "2.0",
+                "--artifact",
+                &a2,
+                "--sha256",
+                &sha2,
+                "--verify-stable",
+                "100ms",
+                "--watch",
+            ],
+            true,
+        ),
+        (vec!["upgrade", "status", "--pool", "pool-a"], false),
+        (vec!["events", "--pool", "pool-a", "--limit", "5"], true),
+        (vec!["certs", "init", "--dir", certs], false),
+        (
+            vec![
+                "certs", "issue", "--dir", certs, "--role", "operator", "--name", "bob",
+            ],
+            false,
+        ),
+    ];
+    for (args, per_line) in cases {
+        let out = cli(&op, &[coord.addr])?
+            .args(&args)
+            .args(["-o", "json"])
+            .output()?;
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let docs: Vec<&str> = if per_line {
+            stdout.lines().collect()
+        } else {
+            vec![stdout.as_str()]
+        };
+        assert!(
+            !docs.is_empty() && !stdout.trim().is_empty(),
+            "{args:?}: no output"
+        );
+        for d in docs {
+            serde_json::from_str::<serde_json::Value>(d)
+                .with_context(|| format!("{args:?} printed non-JSON: {d}"))?;
+        }
+    }
+    Ok(())
+}
