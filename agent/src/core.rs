@@ -219,6 +219,9 @@ pub struct AgentCore {
     // writes inside them (fsync of a small file) are what makes admission atomic.
     inner: Mutex<Inner>,
     health_tx: watch::Sender<Health>,
+    /// The service's phase as soon as it changes (before any probe): a load balancer asking
+    /// grpc.health.v1 sees NOT_SERVING from the moment a drain is admitted.
+    phase_tx: watch::Sender<Phase>,
     poke: Notify,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -289,6 +292,7 @@ impl AgentCore {
             last_op: journal.last().cloned(),
         };
         let (health_tx, _) = watch::channel(initial);
+        let (phase_tx, _) = watch::channel(service.phase);
         Ok(Arc::new(AgentCore {
             cfg,
             dir,
@@ -303,6 +307,7 @@ impl AgentCore {
                 running: None,
             }),
             health_tx,
+            phase_tx,
             poke: Notify::new(),
             tasks: TaskTracker::new(),
             shutdown,
@@ -512,6 +517,7 @@ impl AgentCore {
         if let Some(p) = phase {
             inner.service.phase = p;
             self.dir.store_service(&inner.service).map_err(storage)?;
+            self.phase_tx.send_replace(p);
         }
         let (tx, rx) = watch::channel(None);
         inner.running = Some(Running {
@@ -561,6 +567,7 @@ impl AgentCore {
         rec.message = outcome.message;
         rec.output = outcome.output;
         inner.service.phase = outcome.phase;
+        self.phase_tx.send_replace(outcome.phase);
         rec.version = self.version_of(&inner.service);
         if let Err(e) = self.dir.store_service(&inner.service) {
             tracing::error!(error = %e, "cannot store the service record");
@@ -856,6 +863,7 @@ impl AgentCore {
     fn set_phase(&self, phase: Phase) {
         let mut inner = self.lock();
         inner.service.phase = phase;
+        self.phase_tx.send_replace(phase);
         if let Err(e) = self.dir.store_service(&inner.service) {
             tracing::error!(error = %e, "cannot store the service record");
         }
@@ -1108,6 +1116,38 @@ impl AgentCore {
     /// A receiver of health reports, updated every report interval and on every change.
     pub fn subscribe(&self) -> watch::Receiver<Health> {
         self.health_tx.subscribe()
+    }
+
+    /// The service's phase, changed the moment an operation changes it.
+    pub fn subscribe_phase(&self) -> watch::Receiver<Phase> {
+        self.phase_tx.subscribe()
+    }
+
+    /// Keeps grpc.health.v1's overall status ("") on the front end: SERVING only while the
+    /// service runs normally and its last probe found it serving; NOT_SERVING from the moment
+    /// a drain, stop, install or restart is admitted. Ends at shutdown.
+    pub async fn front_end_health(self: Arc<Self>, reporter: tonic_health::server::HealthReporter) {
+        let mut phase = self.subscribe_phase();
+        let mut health = self.subscribe();
+        let mut last = None;
+        loop {
+            let serving = *phase.borrow_and_update() == Phase::Running
+                && health.borrow_and_update().state == ServiceState::Serving;
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            if last != Some(status) {
+                reporter.set_service_status("", status).await;
+                last = Some(status);
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = phase.changed() => if r.is_err() { return },
+                r = health.changed() => if r.is_err() { return },
+            }
+        }
     }
 
     /// The shutdown token this agent watches.

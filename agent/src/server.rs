@@ -28,6 +28,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_serving::<AgentServer<AgentApi>>().await;
+    // "" speaks for the front end (what a load balancer asks); the agent's own service name
+    // for the agent.
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    core.tasks()
+        .spawn(Arc::clone(&core).front_end_health(reporter.clone()));
     let api = AgentServer::new(AgentApi::new(Arc::clone(&core), insecure))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg.max(64 * 1024));
@@ -50,6 +57,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         });
     let served = serve.await;
     reporter.set_not_serving::<AgentServer<AgentApi>>().await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     if core.drain_tasks(grace).await {
         tracing::info!("agent stopped cleanly");
     } else {

@@ -1571,3 +1571,80 @@ async fn health_reports_the_limits_and_fetch_timeout_bounds_a_download() -> anyh
     assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
 }
+
+/// grpc.health.v1's overall status speaks for the front end, so a load balancer that asks it
+/// stops sending new clients the moment a drain is admitted, not at the next probe.
+#[tokio::test]
+async fn grpc_health_is_not_serving_from_the_moment_a_drain_starts() -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let s = setup("1.0").await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c1")?;
+    let ch = rollgate_tests::channel(s.agent.addr, &coord).await?;
+    let lb = HealthClient::new(ch);
+    let status = |svc: &str| {
+        let mut lb = lb.clone();
+        let service = svc.to_owned();
+        async move {
+            lb.check(HealthCheckRequest { service })
+                .await
+                .ok()
+                .map(|r| r.into_inner().status)
+        }
+    };
+    eventually("the front end to be reported serving", WAIT, || async {
+        (status("").await == Some(ServingStatus::Serving as i32)).then_some(())
+    })
+    .await?;
+    // A client holds a connection, so the drain waits, and its hook is slow to matter: the
+    // status must change while the drain is still running.
+    let (mut r1, mut w1) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r1, &mut w1, "VERSION").await?, "1.0");
+    let mut c = s.client.clone();
+    let drain = tokio::spawn(async move {
+        c.drain(pb::DrainRequest {
+            header: header("drain-1", 1),
+            timeout_ms: 30_000,
+            on_timeout: pb::DrainTimeoutAction::Fail as i32,
+        })
+        .await
+    });
+    eventually(
+        "grpc.health to say NOT_SERVING during the drain",
+        WAIT,
+        || async { (status("").await == Some(ServingStatus::NotServing as i32)).then_some(()) },
+    )
+    .await?;
+    assert!(
+        !drain.is_finished(),
+        "the drain waits for the open connection"
+    );
+    // The agent's own API stays up: it is what finishes the drain.
+    assert_eq!(
+        status("rollgate.agent.v1.Agent").await,
+        Some(ServingStatus::Serving as i32)
+    );
+    drop((r1, w1));
+    let res = tokio::time::timeout(WAIT, drain).await???.into_inner();
+    assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
+    assert_eq!(status("").await, Some(ServingStatus::NotServing as i32));
+    // Back in service after restart: SERVING again.
+    let res = s
+        .client
+        .clone()
+        .restart(pb::RestartRequest {
+            header: header("restart-1", 1),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(state(&res), pb::OperationState::Succeeded, "{res:?}");
+    eventually(
+        "the front end to be reported serving again",
+        WAIT,
+        || async { (status("").await == Some(ServingStatus::Serving as i32)).then_some(()) },
+    )
+    .await?;
+    Ok(())
+}
