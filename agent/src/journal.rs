@@ -8,12 +8,23 @@
 //! An `adopt` record says that a caller with a newer epoch took over a running operation (a
 //! new leader repeating the step it found under way): from then on the operation carries the
 //! adopter's epoch, in memory and after a replay.
+//!
+//! A record is in the journal once its line, newline included, is: the newline is the commit
+//! mark. Each append writes the whole line and fsyncs it before it returns, and only then does
+//! the caller act (after `begin`) or answer (after `end`); so a last line without its newline is
+//! an append that never returned, and it is cut off at open, even when it happens to parse.
+//! Keeping it instead would make the replay depend on how much of an unsynced write the disk
+//! happened to keep, and the cases it could save are already handled: a `begin` that never
+//! returned ran nothing, and an operation whose `end` is missing reads back as interrupted and
+//! runs again when repeated, which every step tolerates. Cutting it also means the next append
+//! starts on a line of its own instead of being glued onto the torn one, which would make the
+//! journal unreadable and the agent unable to start.
 
 use rollgate_common::Epoch;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// What an operation does.
@@ -117,6 +128,8 @@ enum Line {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// The length of the file's whole, synced records: where the next one goes.
+    len: u64,
     ops: HashMap<String, OpRecord>,
     last: Option<String>,
 }
@@ -145,8 +158,9 @@ pub enum JournalError {
 }
 
 impl Journal {
-    /// Opens the journal, replaying every record. A torn last line (a crash mid-append) is
-    /// dropped; a bad line anywhere else is an error, since the journal can then not be trusted.
+    /// Opens the journal, replaying every record. A torn last line (a crash mid-append: no
+    /// newline at the end, or a last line that does not parse) is cut off; a bad line anywhere
+    /// else is an error, since the journal can then not be trusted.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_owned(),
@@ -154,73 +168,83 @@ impl Journal {
         };
         let mut ops: HashMap<String, OpRecord> = HashMap::new();
         let mut last = None;
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(e)),
+        };
+        // Only lines ending in a newline are records (see the module doc); whatever follows the
+        // last newline is a torn append.
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let torn_after = bytes.len() > complete;
+        let lines: Vec<&[u8]> = bytes[..complete].split_inclusive(|&b| b == b'\n').collect();
         let mut good_len: u64 = 0;
-        if path.exists() {
-            let reader = BufReader::new(File::open(path).map_err(io)?);
-            let lines: Vec<String> = reader.lines().collect::<Result<_, _>>().map_err(io)?;
-            let n = lines.len();
-            for (i, text) in lines.iter().enumerate() {
-                if text.trim().is_empty() {
-                    good_len += text.len() as u64 + 1;
-                    continue;
+        for (i, raw) in lines.iter().enumerate() {
+            let text = raw.strip_suffix(b"\n").unwrap_or(raw);
+            if text.trim_ascii().is_empty() {
+                good_len += raw.len() as u64;
+                continue;
+            }
+            let line: Line = match serde_json::from_slice(text) {
+                Ok(l) => l,
+                // The last append's newline can reach the disk without all of its line (a
+                // crash mid-write of a line spanning two pages): with nothing appended after
+                // it, a bad last line is torn too. One with a later append after it was
+                // synced before that append began, so it is corrupt.
+                Err(_) if i + 1 == lines.len() && !torn_after => break,
+                Err(e) => {
+                    return Err(JournalError::Corrupt {
+                        path: path.to_owned(),
+                        line: i + 1,
+                        message: e.to_string(),
+                    })
                 }
-                let line: Line = match serde_json::from_str(text) {
-                    Ok(l) => l,
-                    Err(_) if i + 1 == n => break,
-                    Err(e) => {
-                        return Err(JournalError::Corrupt {
-                            path: path.to_owned(),
-                            line: i + 1,
-                            message: e.to_string(),
-                        })
+            };
+            good_len += raw.len() as u64;
+            match line {
+                Line::Begin {
+                    id,
+                    kind,
+                    epoch,
+                    at_ms,
+                    attempt,
+                } => {
+                    last = Some(id.clone());
+                    ops.insert(
+                        id.clone(),
+                        OpRecord {
+                            id,
+                            kind,
+                            epoch,
+                            state: OpState::Running,
+                            started_at_ms: at_ms,
+                            finished_at_ms: 0,
+                            message: String::new(),
+                            version: String::new(),
+                            output: String::new(),
+                            attempt,
+                        },
+                    );
+                }
+                Line::Adopt { id, epoch, .. } => {
+                    if let Some(rec) = ops.get_mut(&id) {
+                        rec.epoch = epoch;
                     }
-                };
-                good_len += text.len() as u64 + 1;
-                match line {
-                    Line::Begin {
-                        id,
-                        kind,
-                        epoch,
-                        at_ms,
-                        attempt,
-                    } => {
-                        last = Some(id.clone());
-                        ops.insert(
-                            id.clone(),
-                            OpRecord {
-                                id,
-                                kind,
-                                epoch,
-                                state: OpState::Running,
-                                started_at_ms: at_ms,
-                                finished_at_ms: 0,
-                                message: String::new(),
-                                version: String::new(),
-                                output: String::new(),
-                                attempt,
-                            },
-                        );
-                    }
-                    Line::Adopt { id, epoch, .. } => {
-                        if let Some(rec) = ops.get_mut(&id) {
-                            rec.epoch = epoch;
-                        }
-                    }
-                    Line::End {
-                        id,
-                        at_ms,
-                        state,
-                        message,
-                        version,
-                        output,
-                    } => {
-                        if let Some(rec) = ops.get_mut(&id) {
-                            rec.state = state;
-                            rec.finished_at_ms = at_ms;
-                            rec.message = message;
-                            rec.version = version;
-                            rec.output = output;
-                        }
+                }
+                Line::End {
+                    id,
+                    at_ms,
+                    state,
+                    message,
+                    version,
+                    output,
+                } => {
+                    if let Some(rec) = ops.get_mut(&id) {
+                        rec.state = state;
+                        rec.finished_at_ms = at_ms;
+                        rec.message = message;
+                        rec.version = version;
+                        rec.output = output;
                     }
                 }
             }
@@ -236,9 +260,17 @@ impl Journal {
             .append(true)
             .open(path)
             .map_err(io)?;
-        // Cut a torn tail so the next append starts on a clean line.
-        if file.metadata().map_err(io)?.len() > good_len {
+        // Cut a torn tail so the next append starts on a line of its own, durably before any
+        // record goes after it.
+        let len = file.metadata().map_err(io)?.len();
+        if len > good_len {
+            tracing::warn!(
+                journal = %path.display(),
+                dropped_bytes = len - good_len,
+                "cutting a torn last record off the journal (an append cut short by a crash)"
+            );
             file.set_len(good_len).map_err(io)?;
+            file.sync_data().map_err(io)?;
         }
         if let Some(dir) = path.parent() {
             crate::durable::sync_dir(dir).map_err(io)?;
@@ -246,6 +278,7 @@ impl Journal {
         Ok(Journal {
             path: path.to_owned(),
             file,
+            len: good_len,
             ops,
             last,
         })
@@ -334,8 +367,16 @@ impl Journal {
         };
         let mut bytes = serde_json::to_vec(line).map_err(|e| io(std::io::Error::other(e)))?;
         bytes.push(b'\n');
+        // An earlier append that failed part-way (ENOSPC, EIO) may have left part of its line
+        // behind, unacknowledged: cut it, or this record would be glued onto it as one
+        // unreadable line in the middle of the journal.
+        if self.file.metadata().map_err(io)?.len() > self.len {
+            self.file.set_len(self.len).map_err(io)?;
+        }
         self.file.write_all(&bytes).map_err(io)?;
-        self.file.sync_data().map_err(io)
+        self.file.sync_data().map_err(io)?;
+        self.len += bytes.len() as u64;
+        Ok(())
     }
 }
 
@@ -398,6 +439,22 @@ mod tests {
         Ok(())
     }
 
+    /// Every line of the journal at `path`, checked to end in a newline and to parse.
+    fn lines_of(path: &Path) -> Result<Vec<Line>, Box<dyn std::error::Error>> {
+        let text = std::fs::read_to_string(path)?;
+        if !text.is_empty() && !text.ends_with('\n') {
+            return Err(format!("journal does not end with a newline: {text:?}").into());
+        }
+        Ok(text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?)
+    }
+
+    fn append_raw(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        OpenOptions::new().append(true).open(path)?.write_all(bytes)
+    }
+
     #[test]
     fn torn_tail_is_dropped_but_corrupt_middle_is_refused() -> Result<(), Box<dyn std::error::Error>>
     {
@@ -408,9 +465,7 @@ mod tests {
             let a = j.begin("a", OpKind::Stop, Epoch(1), 1)?;
             j.end(&done(a, OpState::Succeeded))?;
         }
-        let mut f = OpenOptions::new().append(true).open(&path)?;
-        f.write_all(b"{\"event\":\"begin\",\"id\":\"x")?;
-        drop(f);
+        append_raw(&path, b"{\"event\":\"begin\",\"id\":\"x")?;
         {
             let mut j = Journal::open(&path)?;
             assert!(j.get("x").is_none());
@@ -421,12 +476,120 @@ mod tests {
             j.get("c").is_some(),
             "append after a torn tail must start a clean line"
         );
+        assert_eq!(lines_of(&path)?.len(), 3);
         let text = std::fs::read_to_string(&path)?;
         std::fs::write(&path, format!("garbage\n{text}"))?;
         assert!(matches!(
             Journal::open(&path),
             Err(JournalError::Corrupt { line: 1, .. })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_whole_last_record_without_its_newline_is_cut_and_the_next_append_starts_a_new_line(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("journal.jsonl");
+        {
+            let mut j = Journal::open(&path)?;
+            let a = j.begin("a", OpKind::Drain, Epoch(1), 100)?;
+            j.end(&done(a, OpState::Succeeded))?;
+            j.begin("b", OpKind::Stop, Epoch(1), 200)?;
+        }
+        // The crash came after b's line reached the disk but before its newline did.
+        let mut bytes = std::fs::read(&path)?;
+        assert_eq!(bytes.pop(), Some(b'\n'));
+        let cut = bytes.len();
+        std::fs::write(&path, &bytes)?;
+        let b_before_append = {
+            let mut j = Journal::open(&path)?;
+            let b = j.get("b").cloned();
+            let c = j.begin("c", OpKind::Install, Epoch(2), 300)?;
+            j.end(&done(c, OpState::Failed))?;
+            b
+        };
+        let j = Journal::open(&path)?;
+        assert_eq!(lines_of(&path)?.len(), 4, "a begin, a end, c begin, c end");
+        assert_eq!(j.get("a").map(|r| r.state), Some(OpState::Succeeded));
+        assert_eq!(j.get("c").map(|r| r.state), Some(OpState::Failed));
+        assert_eq!(j.last().map(|r| r.id.as_str()), Some("c"));
+        // b's begin never returned, so b never ran: it is not in the journal.
+        assert!(b_before_append.is_none(), "{b_before_append:?}");
+        assert!(j.get("b").is_none());
+        assert!(std::fs::metadata(&path)?.len() > cut as u64);
+        Ok(())
+    }
+
+    #[test]
+    fn an_end_without_its_newline_leaves_the_operation_interrupted(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("journal.jsonl");
+        {
+            let mut j = Journal::open(&path)?;
+            let a = j.begin("a", OpKind::Install, Epoch(1), 100)?;
+            j.end(&done(a, OpState::Succeeded))?;
+        }
+        let mut bytes = std::fs::read(&path)?;
+        assert_eq!(bytes.pop(), Some(b'\n'));
+        std::fs::write(&path, &bytes)?;
+        let mut j = Journal::open(&path)?;
+        // As when the crash came just before the end was written: a repeat runs it again.
+        assert_eq!(j.get("a").map(|r| r.state), Some(OpState::Interrupted));
+        assert_eq!(j.begin("a", OpKind::Install, Epoch(1), 200)?.attempt, 2);
+        assert_eq!(lines_of(&path)?.len(), 2, "a begin, a begin again");
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_line_with_records_after_it_is_corruption_even_before_a_torn_tail(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("journal.jsonl");
+        {
+            let mut j = Journal::open(&path)?;
+            j.begin("a", OpKind::Stop, Epoch(1), 1)?;
+        }
+        let good = std::fs::read_to_string(&path)?;
+        // A bad line between two records.
+        std::fs::write(&path, format!("{good}{{\"event\":\"beg\n{good}"))?;
+        assert!(matches!(
+            Journal::open(&path),
+            Err(JournalError::Corrupt { line: 2, .. })
+        ));
+        // A bad last whole line followed by a torn one: something was appended after it, so it
+        // was synced whole once, and it is not torn but corrupt.
+        std::fs::write(&path, format!("{good}not json\n{{\"event\""))?;
+        assert!(matches!(
+            Journal::open(&path),
+            Err(JournalError::Corrupt { line: 2, .. })
+        ));
+        // A bad last whole line with nothing after it may be a torn write whose newline reached
+        // the disk before the rest of its line did: cut, like any torn tail.
+        std::fs::write(&path, format!("{good}{{\"event\":\0\0\0\n"))?;
+        let mut j = Journal::open(&path)?;
+        assert!(j.get("a").is_some());
+        j.begin("b", OpKind::Stop, Epoch(1), 2)?;
+        assert_eq!(lines_of(&path)?.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn part_of_a_line_left_by_a_failed_append_is_cut_before_the_next_record(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("journal.jsonl");
+        {
+            let mut j = Journal::open(&path)?;
+            j.begin("a", OpKind::Stop, Epoch(1), 1)?;
+            // What a write cut short by a full disk leaves behind, while the journal stays open.
+            append_raw(&path, b"{\"event\":\"end\",\"id\":\"a\",\"at")?;
+            j.begin("b", OpKind::Stop, Epoch(1), 2)?;
+        }
+        let j = Journal::open(&path)?;
+        assert!(j.get("a").is_some() && j.get("b").is_some());
+        assert_eq!(lines_of(&path)?.len(), 2);
         Ok(())
     }
 }

@@ -865,6 +865,70 @@ async fn an_install_cut_short_by_an_agent_crash_is_not_installed_twice() -> anyh
     Ok(())
 }
 
+#[tokio::test]
+async fn an_agent_whose_journal_lost_its_final_newline_starts_and_keeps_journaling(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop-1", 1),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let status = s.agent.terminate().await?;
+    ensure!(status.success(), "agent exit on SIGTERM: {status:?}");
+    // What a crash between writing the last record and writing its newline leaves behind.
+    let journal = s.agent.state_dir.join("journal.jsonl");
+    let mut bytes = std::fs::read(&journal)?;
+    ensure!(
+        bytes.pop() == Some(b'\n'),
+        "the journal should end with a newline"
+    );
+    std::fs::write(&journal, &bytes)?;
+
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    // The unterminated end record was cut: the stop reads back as interrupted, as after a crash
+    // before its end was written.
+    let st = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "stop-1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(state(&st), pb::OperationState::Interrupted, "{st:?}");
+    // A new record goes on a line of its own: the agent starts again afterwards and knows it.
+    succeeded(
+        &c.restart(pb::RestartRequest {
+            header: header("start-1", 1),
+            ..Default::default()
+        })
+        .await?
+        .into_inner(),
+    )?;
+    let status = s.agent.terminate().await?;
+    ensure!(status.success(), "agent exit on SIGTERM: {status:?}");
+    s.agent
+        .restart()
+        .await
+        .with_context(|| format!("agent did not start again:\n{}", s.agent.log()))?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let st = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "start-1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(state(&st), pb::OperationState::Succeeded, "{st:?}");
+    wait_for_state(&c, pb::ServiceState::Serving).await?;
+    let (mut r, mut w) = connect(s.fe.port).await?;
+    assert_eq!(ask(&mut r, &mut w, "VERSION").await?, "1.0");
+    Ok(())
+}
+
 async fn wait_for_connections(c: &AgentClient<Channel>, n: u32) -> anyhow::Result<()> {
     eventually(
         &format!("the agent to count {n} active connection(s)"),
