@@ -114,6 +114,20 @@ pub enum Cmd {
     /// Make the deployment's CA and role certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Print a shell completion script (e.g. `rollgate completions bash >
+    /// /etc/bash_completion.d/rollgate`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `rollgate man > /usr/local/share/man/man1/rollgate.1`;
+    /// with --dir, write one page per command there (rollgate.1, rollgate-upgrade-start.1, ...).
+    Man {
+        /// Write every page into this directory instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `rollgate upgrade ...`
@@ -461,8 +475,28 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 
 /// Runs the CLI; the error is printed as one line by the binary.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    if let Cmd::Certs(c) = &cli.command {
-        return certs(c, cli.output).map(|()| 0);
+    match &cli.command {
+        Cmd::Certs(c) => return certs(c, cli.output).map(|()| 0),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "rollgate", &mut text);
+            return print_bytes(&text).map(|()| 0);
+        }
+        Cmd::Man { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            if let Some(dir) = dir {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let written = write_man_pages(cmd, dir, "rollgate")?;
+                println!("wrote {written} manual pages in {}", dir.display());
+                return Ok(0);
+            }
+            let mut text = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut text)?;
+            return print_bytes(&text).map(|()| 0);
+        }
+        _ => {}
     }
     let tls = match (&cli.ca, &cli.cert, &cli.key, cli.insecure) {
         (_, _, _, true) => None,
@@ -595,7 +629,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Upgrade(u) => upgrade(&conn, u, out).await,
-        Cmd::Certs(_) => Ok(0),
+        Cmd::Certs(_) | Cmd::Completions { .. } | Cmd::Man { .. } => Ok(0),
     }
 }
 
@@ -959,6 +993,30 @@ fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
                 );
             }
         }
+    }
+}
+
+/// Writes `<dir>/<name>.1` for `cmd` and, recursively, `<name>-<sub>.1` for its subcommands.
+fn write_man_pages(cmd: clap::Command, dir: &std::path::Path, name: &str) -> anyhow::Result<usize> {
+    let mut written = 0;
+    for sub in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+        let sub_name = format!("{name}-{}", sub.get_name());
+        written += write_man_pages(sub.clone().name(sub_name.clone()), dir, &sub_name)?;
+    }
+    let path = dir.join(format!("{name}.1"));
+    let mut text = Vec::new();
+    clap_mangen::Man::new(cmd).render(&mut text)?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(written + 1)
+}
+
+/// Writes generated text to stdout; a reader that stops early (`| head`) is not an error.
+fn print_bytes(text: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 

@@ -229,3 +229,42 @@ async fn every_command_speaks_json() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn completions_and_manual_pages_are_generated() -> anyhow::Result<()> {
+    let rollgate = rollgate_tests::bin("rollgate")?;
+    for (shell, needle) in [
+        ("bash", "_rollgate"),
+        ("zsh", "#compdef rollgate"),
+        ("fish", "complete -c rollgate"),
+    ] {
+        let out = std::process::Command::new(&rollgate)
+            .args(["completions", shell])
+            .output()?;
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains(needle), "{shell}: {needle} missing");
+        for word in ["upgrade", "readiness", "--timeout"] {
+            assert!(script.contains(word), "{shell}: {word} missing");
+        }
+    }
+    let out = std::process::Command::new(&rollgate).arg("man").output()?;
+    assert!(out.status.success());
+    let page = text(&out.stdout);
+    assert!(
+        page.contains(".TH rollgate 1") && page.contains("Exit codes"),
+        "{page}"
+    );
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("man1");
+    let out = std::process::Command::new(&rollgate)
+        .arg("man")
+        .arg("--dir")
+        .arg(&dir)
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let watch = std::fs::read_to_string(dir.join("rollgate-upgrade-watch.1"))?;
+    assert!(watch.contains(".TH rollgate-upgrade-watch 1") && watch.contains("timeout"));
+    assert!(std::fs::read_dir(&dir)?.count() >= 15);
+    Ok(())
+}
