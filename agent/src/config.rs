@@ -43,6 +43,10 @@ pub struct AgentConfig {
     /// Log level when RUST_LOG is not set.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// `[http]`: Prometheus metrics at `/metrics` (off when absent; 127.0.0.1:9181 when the
+    /// table gives no address).
+    #[serde(default)]
+    pub http: Option<rollgate_common::http::HttpConfig>,
     /// The local service this agent drives.
     pub service: ServiceConfig,
 }

@@ -163,6 +163,21 @@ pub enum ServiceState {
     Failed,
 }
 
+impl ServiceState {
+    /// The lowercase name (metrics labels, logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceState::Serving => "serving",
+            ServiceState::Draining => "draining",
+            ServiceState::Drained => "drained",
+            ServiceState::Stopped => "stopped",
+            ServiceState::Installing => "installing",
+            ServiceState::Starting => "starting",
+            ServiceState::Failed => "failed",
+        }
+    }
+}
+
 /// One health observation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Health {
@@ -578,6 +593,11 @@ impl AgentCore {
             tracing::error!(error = %e, op = %rec.id, "cannot journal the end of an operation");
         }
         inner.running = None;
+        crate::metrics::METRICS.operation(
+            rec.kind.name(),
+            outcome.ok,
+            Duration::from_millis(rec.finished_at_ms.saturating_sub(rec.started_at_ms)),
+        );
         tracing::info!(op = %rec.id, kind = rec.kind.name(), ok = outcome.ok, message = %rec.message, "operation ended");
         rec
     }
@@ -695,7 +715,11 @@ impl AgentCore {
         env: &[(&str, String)],
     ) -> Result<String, (String, String)> {
         let limit = self.cfg.service.hook_timeout;
-        match hooks::run(argv, env, limit).await {
+        let r = hooks::run(argv, env, limit).await;
+        if !matches!(&r, Ok(o) if o.success()) {
+            crate::metrics::METRICS.hook_failed(name);
+        }
+        match r {
             Ok(o) if o.success() => Ok(o.output),
             Ok(o) => Err((o.describe(name, limit), o.output)),
             Err(e) => Err((format!("{name} command could not run: {e}"), String::new())),
@@ -1159,7 +1183,9 @@ impl AgentCore {
     /// shutdown. Run it on the task tracker returned by [`AgentCore::tasks`].
     pub async fn report_loop(self: Arc<Self>) {
         loop {
+            let started = std::time::Instant::now();
             let h = self.probe().await;
+            crate::metrics::METRICS.probed(started.elapsed(), h.state.name());
             self.health_tx.send_replace(h);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,

@@ -16,5 +16,6 @@ pub mod error;
 pub mod grpc;
 pub mod hooks;
 pub mod journal;
+pub mod metrics;
 pub mod probe;
 pub mod server;

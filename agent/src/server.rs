@@ -9,6 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Where `[http]` listens when it names no address.
+const DEFAULT_HTTP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9181);
+
 /// Runs the agent until `shutdown` is cancelled, then drains. The bound address is written to
 /// `<state_dir>/agent.addr` once listening (useful with port 0).
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -23,8 +27,38 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     };
     let grace = cfg.shutdown_grace;
     let max_msg = cfg.max_message_bytes;
+    let http = match &cfg.http {
+        Some(h) => Some(rollgate_common::http::bind(h.listen_or(DEFAULT_HTTP)).await?),
+        None => None,
+    };
     let core = AgentCore::open(cfg, shutdown.clone()).await?;
     core.tasks().spawn(Arc::clone(&core).report_loop());
+    if let Some(listener) = http {
+        let http_addr = listener.local_addr()?;
+        // For tests and scripts that bind port 0.
+        std::fs::write(core.cfg.state_dir.join("http.addr"), http_addr.to_string())?;
+        tracing::info!(addr = %http_addr, "metrics at /metrics");
+        let handler: rollgate_common::http::Handler = Arc::new(|req| {
+            Box::pin(async move {
+                use rollgate_common::http::hyper_reexport::{Method, StatusCode};
+                use rollgate_common::http::{metrics_response, text};
+                match (req.method(), req.uri().path()) {
+                    (&Method::GET, "/metrics") => {
+                        metrics_response(crate::metrics::METRICS.registry())
+                    }
+                    (&Method::GET, _) => text(StatusCode::NOT_FOUND, "not found: try /metrics\n"),
+                    _ => text(StatusCode::METHOD_NOT_ALLOWED, "read-only: GET only\n"),
+                }
+            })
+        });
+        let tasks = core.tasks().clone();
+        core.tasks().spawn(rollgate_common::http::serve(
+            listener,
+            handler,
+            shutdown.clone(),
+            tasks,
+        ));
+    }
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_serving::<AgentServer<AgentApi>>().await;

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod epoch;
+pub mod http;
 pub mod pki;
 pub mod shutdown;
 pub mod telemetry;

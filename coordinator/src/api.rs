@@ -351,7 +351,8 @@ pub fn readiness_of(r: &PoolReadiness, failed_over: bool) -> pb::PoolReadiness {
     }
 }
 
-fn event_of(e: EventRecord) -> pb::Event {
+/// An event on the wire.
+pub fn event_of(e: EventRecord) -> pb::Event {
     pb::Event {
         seq: e.seq,
         at_ms: e.at_ms,

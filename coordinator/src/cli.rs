@@ -573,10 +573,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await?;
             for e in &r.events {
                 match out {
-                    Output::Json => println!(
-                        "{}",
-                        serde_json::json!({"seq": e.seq, "at_ms": e.at_ms, "plan": e.plan_id, "epoch": e.epoch, "coordinator": e.coordinator, "kind": e.kind, "server": e.server, "domain": e.domain, "message": e.message})
-                    ),
+                    Output::Json => println!("{}", event_json(e)),
                     Output::Table => println!(
                         "{:>5} {} e{} {:<18} {:<8} {:<8} {}",
                         e.seq,
@@ -868,7 +865,8 @@ fn progress_line(s: &pb::UpgradeStatus) -> String {
     line
 }
 
-fn status_json(s: &pb::UpgradeStatus) -> serde_json::Value {
+/// An upgrade's status as JSON (CLI `-o json` and the web view).
+pub(crate) fn status_json(s: &pb::UpgradeStatus) -> serde_json::Value {
     serde_json::json!({
         "pool": s.pool, "plan_id": s.plan_id, "version": s.version,
         "status": names::upgrade_state(s.status), "reason": s.reason,
@@ -935,19 +933,26 @@ fn print_plan(s: &pb::UpgradeStatus, out: Output) {
     }
 }
 
+/// A pool's readiness as JSON (CLI `-o json` and the web view).
+pub(crate) fn readiness_json(r: &pb::PoolReadiness) -> serde_json::Value {
+    serde_json::json!({
+        "pool": r.pool, "PoolUpgradeState": names::readiness_state(r.state), "reason": r.reason, "min_active": r.min_active,
+        "active": r.active, "total": r.total, "failed_over": r.failed_over,
+        "domains": r.domains.iter().map(|d| serde_json::json!({
+            "name": d.name, "ReadyForUpgrade": d.ready_for_upgrade, "reason": d.reason,
+            "servers": d.servers.iter().map(|s| serde_json::json!({"server": s.server, "state": names::server_state(s.state), "version": s.version, "active": s.active, "busy": s.busy, "healthy": s.healthy, "connections": s.active_connections, "detail": s.detail})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// An event as JSON (CLI `-o json` and the web view).
+pub(crate) fn event_json(e: &pb::Event) -> serde_json::Value {
+    serde_json::json!({"seq": e.seq, "at_ms": e.at_ms, "plan": e.plan_id, "epoch": e.epoch, "coordinator": e.coordinator, "kind": e.kind, "server": e.server, "domain": e.domain, "message": e.message})
+}
+
 fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
     if out == Output::Json {
-        let v: Vec<_> = pools
-            .iter()
-            .map(|r| serde_json::json!({
-                "pool": r.pool, "PoolUpgradeState": names::readiness_state(r.state), "reason": r.reason, "min_active": r.min_active,
-                "active": r.active, "total": r.total, "failed_over": r.failed_over,
-                "domains": r.domains.iter().map(|d| serde_json::json!({
-                    "name": d.name, "ReadyForUpgrade": d.ready_for_upgrade, "reason": d.reason,
-                    "servers": d.servers.iter().map(|s| serde_json::json!({"server": s.server, "state": names::server_state(s.state), "version": s.version, "active": s.active, "busy": s.busy, "healthy": s.healthy, "connections": s.active_connections, "detail": s.detail})).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>(),
-            }))
-            .collect();
+        let v: Vec<_> = pools.iter().map(readiness_json).collect();
         println!(
             "{}",
             if v.len() == 1 {

@@ -42,6 +42,10 @@ pub struct CoordinatorConfig {
     /// Log level when RUST_LOG is not set.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// `[http]`: the web view at `/` and Prometheus metrics at `/metrics` (off when absent;
+    /// 127.0.0.1:9180 when the table gives no address).
+    #[serde(default)]
+    pub http: Option<rollgate_common::http::HttpConfig>,
     /// The pools this coordinator upgrades.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,

@@ -66,7 +66,18 @@ async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result
         if lead.lost.is_cancelled() {
             return Err(DriveError::LeadershipLost("lease lost".into()));
         }
-        match env.store.fenced_write(lead, ops.clone()).await {
+        let started = std::time::Instant::now();
+        let written = env.store.fenced_write(lead, ops.clone()).await;
+        crate::metrics::METRICS.store_write(
+            started.elapsed(),
+            written.as_ref().err().map(|e| match e {
+                StoreError::Unavailable(_) => "unavailable",
+                StoreError::Fenced { .. } => "fenced",
+                StoreError::Denied(_) => "denied",
+                _ => "other",
+            }),
+        );
+        match written {
             Ok(_) => return Ok(()),
             Err(StoreError::Fenced { epoch }) => {
                 lead.lost.cancel();
@@ -379,7 +390,16 @@ impl Driver {
                     attempt,
                 };
                 self.spawn(task, async move {
+                    let started = std::time::Instant::now();
                     if let Some(ev) = call.run().await {
+                        if let Event::StepDone { step, outcome, .. } = &ev {
+                            let result = match outcome {
+                                Outcome::Succeeded { .. } => "succeeded",
+                                Outcome::Failed { .. } => "failed",
+                                Outcome::Unknown { .. } => "unknown",
+                            };
+                            crate::metrics::METRICS.step(step.name(), result, started.elapsed());
+                        }
                         let _ = tx.send(ev);
                     }
                 });

@@ -263,6 +263,7 @@ impl Node {
             }
         });
         for (server, r) in futures_util::future::join_all(calls).await {
+            crate::metrics::METRICS.fence(r.is_ok());
             match r {
                 Ok(()) => {}
                 Err(LinkError::StaleEpoch { current, .. }) => {

@@ -12,6 +12,10 @@ use rollgate_proto::operator::v1::operator_server::OperatorServer;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Where `[http]` listens when it names no address.
+const DEFAULT_HTTP: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9180);
+
 /// Opens the configured store.
 pub async fn open_store(cfg: &CoordinatorConfig) -> anyhow::Result<Store> {
     Ok(match &cfg.store {
@@ -100,6 +104,10 @@ pub async fn run(
         None => None,
     };
     let insecure = cfg.insecure;
+    let http = match &cfg.http {
+        Some(h) => Some(rollgate_common::http::bind(h.listen_or(DEFAULT_HTTP)).await?),
+        None => None,
+    };
     let node = Node::new(Arc::new(cfg), env);
     let watchers = CancellationToken::new();
     inventory.watch_all(&node.tasks, &watchers);
@@ -115,6 +123,23 @@ pub async fn run(
         tracing::warn!(
             "INSECURE MODE: no TLS and no role checks on {addr}; use only for a local demo"
         );
+    }
+    if let Some(listener) = http {
+        let http_addr = listener.local_addr()?;
+        let control = Control::new(Arc::clone(&node));
+        let views = crate::web::Views::start(control.clone(), &node.tasks, shutdown.clone());
+        let handler = crate::web::handler(control, views, shutdown.clone());
+        node.tasks.spawn(rollgate_common::http::serve(
+            listener,
+            handler,
+            shutdown.clone(),
+            node.tasks.clone(),
+        ));
+        if let Some(f) = &addr_file {
+            // Next to the gRPC address file, for tests and scripts that bind port 0.
+            std::fs::write(f.with_extension("http"), http_addr.to_string())?;
+        }
+        tracing::info!(addr = %http_addr, "web view at / and metrics at /metrics");
     }
     if let Some(f) = addr_file {
         std::fs::write(f, addr.to_string())?;

@@ -268,3 +268,109 @@ fn completions_and_manual_pages_are_generated() -> anyhow::Result<()> {
     assert!(std::fs::read_dir(&dir)?.count() >= 15);
     Ok(())
 }
+
+/// The value of the sample `name` (with its labels exactly as written) in a Prometheus text
+/// exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_daemons_serve_prometheus_metrics() -> anyhow::Result<()> {
+    use rollgate_tests::http_get;
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    let coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"",
+            root.join("store.json").display()
+        ),
+        &fleet.pool_toml(""),
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let mut c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        crate::coordinator::start_req("pool-a", &artifact, &sha),
+    )
+    .await?;
+    let end = wait_status(&[coord.addr], &op, "pool-a", Duration::from_secs(60), ended).await?;
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
+
+    let (status, m) = http_get(coord.http_addr()?, "/metrics").await?;
+    assert_eq!(status, 200, "{m}");
+    for (name, want) in [
+        ("rollgate_coordinator_leader", 1.0),
+        ("rollgate_agents_connected{pool=\"pool-a\"}", 3.0),
+        ("rollgate_agents_lost{pool=\"pool-a\"}", 0.0),
+        (
+            "rollgate_pool_readiness{pool=\"pool-a\",state=\"Ready\"}",
+            1.0,
+        ),
+        (
+            "rollgate_pool_readiness{pool=\"pool-a\",state=\"Busy\"}",
+            0.0,
+        ),
+        (
+            "rollgate_upgrade_status{pool=\"pool-a\",status=\"completed\"}",
+            1.0,
+        ),
+        ("rollgate_upgrade_servers_done{pool=\"pool-a\"}", 3.0),
+        (
+            "rollgate_step_duration_seconds_count{step=\"install\",result=\"succeeded\"}",
+            3.0,
+        ),
+        ("rollgate_fences_sent_total{result=\"ok\"}", 3.0),
+    ] {
+        assert_eq!(sample(&m, name), Some(want), "{name} in\n{m}");
+    }
+    assert!(sample(&m, "rollgate_coordinator_epoch").is_some_and(|e| e >= 1.0));
+    assert!(sample(&m, "rollgate_store_write_duration_seconds_count").is_some_and(|n| n >= 3.0));
+    assert!(
+        m.contains("# TYPE rollgate_step_duration_seconds histogram"),
+        "{m}"
+    );
+    let (status, _) = http_get(coord.http_addr()?, "/nope").await?;
+    assert_eq!(status, 404);
+
+    let agent = &fleet.servers.first().context("fe-1")?.agent;
+    let (status, m) = http_get(agent.http_addr()?, "/metrics").await?;
+    assert_eq!(status, 200, "{m}");
+    // Set-up installed 1.0 through the agent, and the upgrade 2.0: two installs.
+    assert_eq!(
+        sample(
+            &m,
+            "rollgate_agent_operations_total{kind=\"install\",result=\"succeeded\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "rollgate_agent_operation_duration_seconds_count{kind=\"drain\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    assert!(sample(&m, "rollgate_agent_probe_duration_seconds_count").is_some_and(|n| n >= 1.0));
+    assert_eq!(
+        sample(&m, "rollgate_agent_service_state{state=\"serving\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "rollgate_agent_service_state{state=\"draining\"}"),
+        Some(0.0)
+    );
+    Ok(())
+}

@@ -204,6 +204,15 @@ impl CoordinatorProc {
         Ok(())
     }
 
+    /// Where it serves the web view and `/metrics` (when its store table adds `[http]`).
+    pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
+        let p = self.dir.join("coordinator.http");
+        Ok(std::fs::read_to_string(&p)
+            .map_err(|e| anyhow!("no {}: {e}", p.display()))?
+            .trim()
+            .parse()?)
+    }
+
     /// Its process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)

@@ -444,6 +444,9 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 
+[http]
+listen = "127.0.0.1:0"
+
 {service}"#,
             state = state_dir.display(),
             // A fixed port, so that a restarted agent is found where the coordinators expect it.
@@ -455,6 +458,15 @@ key = "{key}"
         );
         std::fs::write(&config, text)?;
         Self::spawn(config, state_dir).await
+    }
+
+    /// Where the agent serves `/metrics` (its config has `[http]` on port 0).
+    pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
+        let p = self.state_dir.join("http.addr");
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("no {}", p.display()))?
+            .trim()
+            .parse()?)
     }
 
     /// Starts the agent with an existing config.
@@ -517,4 +529,29 @@ key = "{key}"
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
     }
+}
+
+/// `GET path` over plain HTTP/1.0 on `addr` (loopback): the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        anyhow::Ok(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .with_context(|| format!("GET {path} from {addr} timed out"))??;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {path}: no HTTP header in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path}: bad status line in {head:?}"))?;
+    Ok((status, body.to_owned()))
 }

@@ -244,6 +244,7 @@ fn config(id: &str, setup: &Setup, ttl: Duration) -> CoordinatorConfig {
         shutdown_grace: Duration::from_secs(1),
         log_format: Default::default(),
         log_level: "off".into(),
+        http: None,
         pools: vec![PoolConfig {
             name: "pool-a".into(),
             min_active: MinActive::Count(setup.min_active as u32),
