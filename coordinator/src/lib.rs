@@ -1,7 +1,8 @@
 //! The rollgate coordinator, in layers (each uses only the ones below it):
 //!
 //! - [`cli`]: the `rollgate` command; [`api`]: the operator gRPC adapter (wire ↔ domain, role
-//!   checks, one error → status map); [`server`]: wiring and the shutdown path.
+//!   checks, one error → status map); [`web`] and [`metrics`]: the read-only `[http]` side;
+//!   [`server`]: wiring and the shutdown path.
 //! - [`control`]: the leader-side use cases (start with plan defaults, commands, readiness,
 //!   events, failover), typed errors.
 //! - [`node`]: campaign, take over (fence agents, resume upgrades), step down.
@@ -11,7 +12,8 @@
 //! - [`store`]: leadership and fenced transactions: etcd, or an embedded file.
 //! - [`readiness`]: Ready / Busy / InsufficientActiveFrontEnds, a pure function.
 //! - [`link`]: the `AgentLink` seam to the agents; [`inventory`]: its tonic implementation
-//!   and the live health model; [`env`]: the store, agents, hooks and clock the leader runs on.
+//!   and the live health model; [`agent_tls`]: mTLS to agents with their identity checked;
+//!   [`env`]: the store, agents, hooks and clock the leader runs on.
 //! - [`config`]: the TOML config, pools and their upgrade domains.
 
 pub mod agent_tls;
