@@ -545,6 +545,34 @@ impl pb::operator_server::Operator for OperatorApi {
         }))
     }
 
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        self.allow(&req)?;
+        let r = req.into_inner();
+        let plans = self
+            .control
+            .history(&r.pool, r.limit)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::HistoryResponse {
+            plans: plans
+                .into_iter()
+                .map(|h| pb::PastPlan {
+                    plan_id: h.plan_id,
+                    version: h.version,
+                    started_by: h.started_by,
+                    started_ms: h.started_ms,
+                    ended_ms: h.ended_ms,
+                    outcome: h.outcome,
+                    reason: h.reason,
+                    servers: h.servers,
+                })
+                .collect(),
+        }))
+    }
+
     async fn leader(
         &self,
         req: Request<pb::LeaderRequest>,

@@ -149,6 +149,15 @@ pub enum UpgradeCmd {
     Abort(PoolArg),
     /// Reinstall the previous version on every server this upgrade touched.
     Rollback(PoolArg),
+    /// Past plans of the pool: who, when, version, outcome, duration.
+    History {
+        /// The pool.
+        #[arg(long)]
+        pool: String,
+        /// The newest N plans (at most 100).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
+        limit: u32,
+    },
 }
 
 /// `rollgate pool ...`
@@ -667,6 +676,20 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
             .await?
         }
         UpgradeCmd::Watch(w) => return watch(conn, &w.pool, out, w.timeout).await,
+        UpgradeCmd::History { pool, limit } => {
+            let r = conn
+                .call(|mut c| {
+                    let pool = pool.clone();
+                    async move {
+                        c.history(pb::HistoryRequest { pool, limit })
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            print_history(&pool, &r.plans, out);
+            return Ok(0);
+        }
         UpgradeCmd::Pause(p) => {
             simple(p.pool, |mut c, r| {
                 Box::pin(async move { c.pause_upgrade(r).await.map(|r| r.into_inner()) })
@@ -930,6 +953,55 @@ fn print_plan(s: &pb::UpgradeStatus, out: Output) {
             println!("dry run: nothing was started. The plan:");
             println!("{}", s.plan_json);
         }
+    }
+}
+
+fn print_history(pool: &str, plans: &[pb::PastPlan], out: Output) {
+    let took = |p: &pb::PastPlan| {
+        humantime::format_duration(Duration::from_secs(
+            p.ended_ms.saturating_sub(p.started_ms) / 1000,
+        ))
+        .to_string()
+    };
+    if out == Output::Json {
+        let v: Vec<_> = plans
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "plan": p.plan_id, "version": p.version, "started_by": p.started_by,
+                    "started_ms": p.started_ms, "ended_ms": p.ended_ms,
+                    "duration_ms": p.ended_ms.saturating_sub(p.started_ms),
+                    "outcome": p.outcome, "reason": p.reason, "servers": p.servers,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return;
+    }
+    if plans.is_empty() {
+        println!("no past plans on pool {pool}");
+        return;
+    }
+    println!("PLAN                       VERSION    STARTED BY            STARTED               DURATION  SERVERS  OUTCOME");
+    for p in plans {
+        println!(
+            "{:<26} {:<10} {:<21} {:<21} {:<9} {:<8} {}{}",
+            p.plan_id,
+            p.version,
+            p.started_by,
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(p.started_ms)
+            )
+            .to_string(),
+            took(p),
+            p.servers,
+            p.outcome,
+            if p.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", p.reason)
+            }
+        );
     }
 }
 

@@ -393,6 +393,8 @@ impl Control {
         let record = UpgradeRecord {
             upgrade: u,
             next_event,
+            started_by: by.to_owned(),
+            started_ms: self.node.env.clock.wall_ms(),
         };
         let (tx, rx) = oneshot::channel();
         self.node
@@ -495,6 +497,17 @@ impl Control {
             range.limit = 100;
         }
         Ok(progress::load_events(&self.node.env.store, pool, range).await?)
+    }
+
+    /// The newest `limit` past plans of a pool (20 when 0; at most 100), oldest first.
+    pub async fn history(
+        &self,
+        pool: &str,
+        limit: u32,
+    ) -> Result<Vec<progress::HistoryRecord>, ControlError> {
+        self.pool(pool)?;
+        let limit = if limit == 0 { 20 } else { limit as usize };
+        Ok(progress::load_history(&self.node.env.store, pool, limit).await?)
     }
 
     /// Who leads.

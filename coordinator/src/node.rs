@@ -217,6 +217,8 @@ impl Node {
             let record = UpgradeRecord {
                 upgrade,
                 next_event: record.next_event,
+                started_by: record.started_by,
+                started_ms: record.started_ms,
             };
             if let Err(e) = self.start_driver(&lead, pool, record, actions, true, None) {
                 tracing::error!(error = %e, "cannot resume upgrade");

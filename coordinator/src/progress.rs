@@ -42,6 +42,62 @@ pub struct UpgradeRecord {
     pub upgrade: Upgrade,
     /// The sequence number the next event record gets.
     pub next_event: u64,
+    /// Who started it (the caller's role, e.g. `operator/alice`).
+    #[serde(default)]
+    pub started_by: String,
+    /// When it was started (unix ms).
+    #[serde(default)]
+    pub started_ms: u64,
+}
+
+/// One past plan of a pool, written once when it ends: `rollgate upgrade history`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryRecord {
+    /// The plan.
+    pub plan_id: String,
+    /// The target version.
+    pub version: String,
+    /// Who started it.
+    pub started_by: String,
+    /// When (unix ms).
+    pub started_ms: u64,
+    /// When it ended (unix ms).
+    pub ended_ms: u64,
+    /// completed, failed, aborted or rolled_back.
+    pub outcome: String,
+    /// Why it ended so, when it did not complete.
+    pub reason: String,
+    /// Servers in the plan.
+    pub servers: u32,
+}
+
+/// The store prefix of a pool's past plans.
+pub fn history_prefix(pool: &str) -> String {
+    format!("history/{pool}/")
+}
+
+/// The most past plans one read returns.
+pub const MAX_HISTORY_PAGE: usize = 100;
+
+/// The newest `limit` past plans of `pool`, oldest first.
+pub async fn load_history(
+    store: &Store,
+    pool: &str,
+    limit: usize,
+) -> Result<Vec<HistoryRecord>, ProgressError> {
+    let page = KeyPage {
+        start: history_prefix(pool),
+        // '0' follows '/': the end of the prefix.
+        end: format!("history/{pool}0"),
+        limit: limit.clamp(1, MAX_HISTORY_PAGE),
+        from_end: true,
+    };
+    Ok(store
+        .page(&page)
+        .await?
+        .iter()
+        .filter_map(|kv| decode::<HistoryRecord>(&kv.key, &kv.value).ok())
+        .collect())
 }
 
 /// One entry of the durable history.
@@ -240,6 +296,31 @@ pub fn upgrade_writes(record: &UpgradeRecord, events: &[EventRecord]) -> Vec<Wri
         ops.push(WriteOp::Put {
             key: event_key(pool, e.seq),
             value: encode(e),
+        });
+    }
+    // The plan's line in the history, with the transition that ends it (written again,
+    // identically, by any later store of the ended record).
+    let u = &record.upgrade;
+    if u.is_terminal() {
+        let ended_ms = events
+            .iter()
+            .map(|e| e.at_ms)
+            .max()
+            .unwrap_or(record.started_ms);
+        let summary = HistoryRecord {
+            plan_id: u.plan.id.clone(),
+            version: u.plan.version.clone(),
+            started_by: record.started_by.clone(),
+            started_ms: record.started_ms,
+            ended_ms,
+            outcome: u.status.name().to_owned(),
+            reason: u.status.reason().unwrap_or_default().to_owned(),
+            servers: u32::try_from(u.servers.len()).unwrap_or(u32::MAX),
+        };
+        ops.push(WriteOp::Put {
+            // Plan ids are "<pool>-<start ms>": the keys sort by start time.
+            key: format!("{}{}", history_prefix(pool), u.plan.id),
+            value: encode(&summary),
         });
     }
     ops

@@ -988,6 +988,8 @@ async fn a_stored_plan_beyond_its_bounds_pauses_and_crashes_no_coordinator() -> 
         let record = UpgradeRecord {
             upgrade,
             next_event: 0,
+            started_by: String::new(),
+            started_ms: 0,
         };
         store
             .fenced_write(&lead, progress::upgrade_writes(&record, &[]))

@@ -138,6 +138,38 @@ async fn watch_exit_codes_tell_a_script_what_happened() -> anyhow::Result<()> {
     let end = wait_status(&[coord.addr], &op, "pool-a", Duration::from_secs(90), ended).await?;
     assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
 
+    // The history: every past plan, who started it, how it ended, oldest first.
+    let out = rollgate(&["upgrade", "history", "--pool", "pool-a", "-o", "json"])?;
+    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+    let plans: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    let got: Vec<(String, String)> = plans
+        .iter()
+        .map(|p| (p["version"].to_string(), p["outcome"].to_string()))
+        .collect();
+    let want = [
+        ("2.0", "completed"),
+        ("3.0", "aborted"),
+        ("4.0", "completed"),
+    ]
+    .map(|(v, o)| (format!("{v:?}"), format!("{o:?}")));
+    assert_eq!(got, want, "{plans:?}");
+    for p in &plans {
+        assert_eq!(p["started_by"], "operator/tester", "{p}");
+        assert_eq!(p["servers"], 3, "{p}");
+        assert!(p["ended_ms"].as_u64() >= p["started_ms"].as_u64(), "{p}");
+        assert!(p["duration_ms"].as_u64().is_some_and(|d| d > 0), "{p}");
+    }
+    assert!(
+        plans[1]["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{plans:?}"
+    );
+    let out = rollgate(&["upgrade", "history", "--pool", "pool-a"])?;
+    assert!(
+        text(&out.stdout).contains("aborted"),
+        "{}",
+        text(&out.stdout)
+    );
+
     // A usage error is one line and exit 1 (clap's 2 would read as "paused").
     let out = rollgate(&["upgrade", "watch", "--pool", "pool-a", "--bogus"])?;
     assert_eq!(code(&out), Some(1));

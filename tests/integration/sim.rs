@@ -160,6 +160,8 @@ fn a_stored_plan_beyond_its_bounds_pauses_with_a_reason_and_crashes_nothing() {
     sc.stored = Some(UpgradeRecord {
         upgrade: up,
         next_event: 0,
+        started_by: String::new(),
+        started_ms: 0,
     });
     sc.start = false;
     let r = sim::run_scenario(11, &quiet_opts(), sc);
