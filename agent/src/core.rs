@@ -240,7 +240,7 @@ impl AgentCore {
         shutdown: CancellationToken,
     ) -> Result<Arc<AgentCore>, AgentError> {
         let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
-        let dir = StateDir::open(&cfg.state_dir).map_err(storage)?;
+        let dir = StateDir::open(&cfg.state_dir)?;
         let epoch = dir.load_epoch().map_err(storage)?;
         let journal = Journal::open(&dir.journal_path())?;
         let service = dir.load_service().map_err(storage)?;
@@ -579,6 +579,13 @@ impl AgentCore {
     /// Where the verified artifact with `sha256` is kept in the cache.
     pub fn artifact_path(&self, sha256: &str) -> PathBuf {
         self.dir.artifacts().join(sha256)
+    }
+
+    /// Writes the bound address to `<state_dir>/agent.addr` (0600, replaced atomically).
+    pub fn write_addr_file(&self, addr: std::net::SocketAddr) -> Result<(), AgentError> {
+        self.dir
+            .write_private("agent.addr", addr.to_string().as_bytes())
+            .map_err(|e| AgentError::Storage(format!("cannot write agent.addr: {e}")))
     }
 
     /// Fetches and verifies an artifact into the store (before admission: a bad artifact

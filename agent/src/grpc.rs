@@ -92,7 +92,7 @@ pub fn to_status(e: AgentError) -> Status {
                 (tonic::Code::InvalidArgument, R::Artifact)
             }
         },
-        AgentError::Storage(_) => (tonic::Code::Internal, R::Storage),
+        AgentError::StateDir(_) | AgentError::Storage(_) => (tonic::Code::Internal, R::Storage),
         AgentError::ShuttingDown => (tonic::Code::Unavailable, R::ShuttingDown),
     };
     detail.reason = reason as i32;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// What an operation does.
@@ -231,9 +232,11 @@ impl Journal {
                 rec.message = "the agent stopped while this operation ran".into();
             }
         }
+        // Hook output ends up here: private to the agent (StateDir::open tightens an older file).
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .map_err(io)?;
         // Cut a torn tail so the next append starts on a clean line.

@@ -38,7 +38,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         tracing::warn!("INSECURE MODE: no TLS and no role checks; anyone who can reach {addr} can drain, stop and install. Use only for a local demo.");
     }
-    std::fs::write(core.cfg.state_dir.join("agent.addr"), addr.to_string())?;
+    core.write_addr_file(addr)?;
     tracing::info!(%addr, server_id = %core.cfg.server_id, pool = %core.cfg.pool, epoch = core.epoch().get(), "agent listening");
 
     let stop = shutdown.clone();

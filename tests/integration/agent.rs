@@ -1571,3 +1571,100 @@ async fn health_reports_the_limits_and_fetch_timeout_bounds_a_download() -> anyh
     assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
 }
+
+fn mode_of(path: &std::path::Path) -> anyhow::Result<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(std::fs::symlink_metadata(path)?.permissions().mode() & 0o7777)
+}
+
+#[tokio::test]
+async fn the_state_dir_is_private_and_one_others_can_write_is_refused_at_start(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let dir = s.agent.state_dir.clone();
+    // The harness created it with the default umask (0755); the agent made it private.
+    assert_eq!(mode_of(&dir)?, 0o700);
+    assert_eq!(mode_of(&dir.join("artifacts"))?, 0o700);
+    let (artifact, sha) = make_artifact(&s.root, "2.0")?;
+    s.client.fence(pb::FenceRequest { epoch: 2 }).await?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 2),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .install_patch(pb::InstallPatchRequest {
+                header: header("install", 2),
+                artifact: artifact.display().to_string(),
+                sha256: sha.clone(),
+                version: "2.0".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let agent_files = [
+        dir.join("journal.jsonl"),
+        dir.join("epoch"),
+        dir.join("service.json"),
+        dir.join("agent.addr"),
+        dir.join("artifacts").join(&sha),
+    ];
+    for f in &agent_files {
+        assert_eq!(mode_of(f)?, 0o600, "{}", f.display());
+    }
+    ensure!(s.agent.terminate().await?.success(), "{}", s.agent.log());
+
+    for mode in [0o777, 0o775, 0o757, 0o1777] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
+        let mut cmd = rollgate_tests::owner::tied_tokio(rollgate_tests::bin("rollgate-agent")?)?;
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&s.agent.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let child = rollgate_tests::owner::spawn_tokio(cmd)?;
+        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .context("the agent must exit at once on an unsafe state dir")??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mode {mode:o}: started: {stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .with_context(|| format!("no error line: {stderr}"))?;
+        for needle in [
+            dir.display().to_string(),
+            format!("{mode:04o}"),
+            "writable by".into(),
+            "chmod 700".into(),
+        ] {
+            assert!(line.contains(&needle), "{needle:?} not in {line:?}");
+        }
+        // Refused, not repaired: the operator decides after looking at it.
+        assert_eq!(mode_of(&dir)?, mode);
+    }
+    // Made private again, it starts, with its journal intact.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let op = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "install".into(),
+        })
+        .await?
+        .into_inner();
+    succeeded(&op)?;
+    Ok(())
+}
