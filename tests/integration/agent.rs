@@ -715,13 +715,27 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         .expect_err("short sha");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("64 hex"), "{err:?}");
+    // Outside artifact_dirs: refused before the file system is asked, so a caller learns
+    // nothing about the file.
     let err = s
         .client
         .install_patch(req("/nonexistent/artifact", &"a".repeat(64), "2"))
         .await
+        .expect_err("outside artifact_dirs");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("/nonexistent/artifact"), "{err:?}");
+    assert!(err.message().contains("artifact_dirs"), "{err:?}");
+    let missing = s.root.join("no-such-release.txt");
+    let err = s
+        .client
+        .install_patch(req(missing.to_str().context("path")?, &"a".repeat(64), "2"))
+        .await
         .expect_err("missing artifact");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert!(err.message().contains("/nonexistent/artifact"), "{err:?}");
+    assert!(
+        err.message().contains(missing.to_str().context("path")?),
+        "{err:?}"
+    );
     let err = s
         .client
         .install_patch(req("ftp://example/x", &"a".repeat(64), "2"))
@@ -1666,5 +1680,117 @@ async fn the_state_dir_is_private_and_one_others_can_write_is_refused_at_start(
         .await?
         .into_inner();
     succeeded(&op)?;
+    Ok(())
+}
+
+/// A real HTTP server on 127.0.0.1 serving `body` to every GET, counting the requests.
+async fn serve_http(
+    body: Vec<u8>,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (body, counter) = (body.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    Ok((addr, count, task))
+}
+
+#[tokio::test]
+async fn a_retried_install_uses_the_verified_cache_and_errors_hide_url_secrets(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (artifact, sha) = make_artifact(&s.root, "2.0")?;
+    let (addr, requests, server) = serve_http(std::fs::read(&artifact)?).await?;
+    let url = format!("http://user:secret@{addr}/release-2.0.txt?sig=XYZ");
+    let prepare = |id: &str, sha: &str| pb::InstallPatchRequest {
+        header: header(id, 1),
+        artifact: url.clone(),
+        sha256: sha.into(),
+        version: "2.0".into(),
+        prepare_only: true,
+        ..Default::default()
+    };
+    // A checksum mismatch of a download: its URL is shown without its secrets.
+    let err = s
+        .client
+        .install_patch(prepare("bad", &"0".repeat(64)))
+        .await
+        .expect_err("wrong checksum");
+    for leak in ["secret", "XYZ"] {
+        assert!(!err.message().contains(leak), "{leak}: {err:?}");
+    }
+    assert!(
+        err.message().contains(&format!("{addr}/release-2.0.txt")),
+        "{err:?}"
+    );
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Prepared once, then the real install (a retry of the same artifact) uses the cache.
+    succeeded(
+        &s.client
+            .install_patch(prepare("p1", &sha))
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .install_patch(prepare("p2", &sha))
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 1),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let res = s
+        .client
+        .install_patch(pb::InstallPatchRequest {
+            prepare_only: false,
+            ..prepare("install", &sha)
+        })
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one download for the bad digest, one for the good: the rest from the cache"
+    );
+    assert_eq!(s.fe.installs(), ["2.0"]);
+    // The URL's secrets are not in the agent's log or journal either.
+    server.abort();
+    let journal = std::fs::read_to_string(s.agent.state_dir.join("journal.jsonl"))?;
+    for text in [journal, s.agent.log()] {
+        assert!(!text.contains("secret") && !text.contains("XYZ"), "{text}");
+    }
     Ok(())
 }
