@@ -104,6 +104,20 @@ pub struct ServiceConfig {
     /// the call (and the caller's plan) until the caller's own deadline, with no clear cause.
     #[serde(default = "default_fetch_timeout", with = "humantime_serde")]
     pub fetch_timeout: Duration,
+    /// How long connecting to an artifact server may take: an unreachable server fails fast
+    /// instead of using up `fetch_timeout`.
+    #[serde(default = "default_fetch_connect_timeout", with = "humantime_serde")]
+    pub fetch_connect_timeout: Duration,
+    /// The longest silence from an artifact server, before the response headers or between two
+    /// reads of the body: a stalled download fails at once, however large `fetch_timeout` is.
+    #[serde(default = "default_fetch_idle_timeout", with = "humantime_serde")]
+    pub fetch_idle_timeout: Duration,
+    /// Directories local artifacts (a path or file:// URL) may be read from, resolved with
+    /// symlinks before the check. Empty (the default): local artifacts are refused. Without
+    /// this, any caller could have the agent read (and, via the checksum check, probe) any
+    /// file on the server.
+    #[serde(default)]
+    pub artifact_dirs: Vec<PathBuf>,
     /// How long verify needs the service good without a break, unless the call says.
     #[serde(default = "default_verify_stable", with = "humantime_serde")]
     pub verify_stable: Duration,
@@ -147,6 +161,12 @@ fn default_start_timeout() -> Duration {
 }
 fn default_fetch_timeout() -> Duration {
     Duration::from_secs(600)
+}
+fn default_fetch_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_fetch_idle_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_verify_stable() -> Duration {
     Duration::from_secs(5)
@@ -245,11 +265,36 @@ impl AgentConfig {
             ("service.install_timeout", s.install_timeout),
             ("service.start_timeout", s.start_timeout),
             ("service.fetch_timeout", s.fetch_timeout),
+            ("service.fetch_connect_timeout", s.fetch_connect_timeout),
+            ("service.fetch_idle_timeout", s.fetch_idle_timeout),
             ("service.verify_timeout", s.verify_timeout),
             ("service.probe_timeout", s.probe_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{field}: must be more than 0s"));
+            }
+        }
+        for dir in &s.artifact_dirs {
+            if !dir.is_absolute() {
+                return Err(format!(
+                    "service.artifact_dirs: {} is not an absolute path",
+                    dir.display()
+                ));
+            }
+            if dir
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(format!(
+                    "service.artifact_dirs: {} contains \"..\"; give the directory itself",
+                    dir.display()
+                ));
+            }
+            if dir.parent().is_none() {
+                return Err(
+                    "service.artifact_dirs: \"/\" would let callers read every file on the server; list the directories that hold artifacts"
+                        .into(),
+                );
             }
         }
         Ok(())

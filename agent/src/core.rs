@@ -226,6 +226,7 @@ pub struct AgentCore {
     pub cfg: AgentConfig,
     dir: StateDir,
     http: reqwest::Client,
+    fetcher: artifact::Fetcher,
     ports: HashSet<u16>,
     /// The kernel boot id at start.
     pub boot_id: String,
@@ -265,13 +266,25 @@ impl AgentCore {
         shutdown: CancellationToken,
     ) -> Result<Arc<AgentCore>, AgentError> {
         let storage = |e: std::io::Error| AgentError::Storage(e.to_string());
-        let dir = StateDir::open(&cfg.state_dir).map_err(storage)?;
+        let dir = StateDir::open(&cfg.state_dir)?;
         let epoch = dir.load_epoch().map_err(storage)?;
         let journal = Journal::open(&dir.journal_path())?;
         let service = dir.load_service().map_err(storage)?;
         let http = reqwest::Client::builder()
             .build()
             .map_err(|e| AgentError::Storage(format!("cannot build the HTTP client: {e}")))?;
+        let svc = &cfg.service;
+        let fetcher = artifact::Fetcher::new(
+            dir.artifacts(),
+            artifact::FetchPolicy {
+                max_bytes: svc.max_artifact_bytes,
+                timeout: svc.fetch_timeout,
+                connect_timeout: svc.fetch_connect_timeout,
+                idle_timeout: svc.fetch_idle_timeout,
+                local_dirs: svc.artifact_dirs.clone(),
+            },
+        )
+        .map_err(|e| AgentError::Storage(format!("cannot build the artifact HTTP client: {e}")))?;
         let initial_version = if cfg.service.version_command.is_empty() {
             String::new()
         } else {
@@ -312,6 +325,7 @@ impl AgentCore {
             cfg,
             dir,
             http,
+            fetcher,
             ports,
             boot_id: probe::boot_id(),
             initial_version,
@@ -612,21 +626,29 @@ impl AgentCore {
 
     /// Where the verified artifact with `sha256` is kept in the cache.
     pub fn artifact_path(&self, sha256: &str) -> PathBuf {
-        self.dir.artifacts().join(sha256)
+        self.fetcher.path_of(sha256)
+    }
+
+    /// Writes the bound address to `<state_dir>/agent.addr` (0600, replaced atomically).
+    pub fn write_addr_file(&self, addr: std::net::SocketAddr) -> Result<(), AgentError> {
+        self.write_named_addr("agent.addr", addr)
+    }
+
+    /// Writes an address to `<state_dir>/<name>` (0600, replaced atomically).
+    pub fn write_named_addr(
+        &self,
+        name: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), AgentError> {
+        self.dir
+            .write_private(name, addr.to_string().as_bytes())
+            .map_err(|e| AgentError::Storage(format!("cannot write {name}: {e}")))
     }
 
     /// Fetches and verifies an artifact into the store (before admission: a bad artifact
     /// changes nothing).
     pub async fn fetch_artifact(&self, source: &str, sha256: &str) -> Result<PathBuf, AgentError> {
-        Ok(artifact::fetch_verified(
-            &self.http,
-            source,
-            sha256,
-            &self.dir.artifacts(),
-            self.cfg.service.max_artifact_bytes,
-            self.cfg.service.fetch_timeout,
-        )
-        .await?)
+        Ok(self.fetcher.fetch_verified(source, sha256).await?)
     }
 
     async fn work(&self, rec: &OpRecord, body: OpBody) -> Outcome {

@@ -43,6 +43,9 @@ pub enum AgentError {
     /// The artifact could not be fetched or did not verify; nothing was installed.
     #[error(transparent)]
     Artifact(#[from] crate::artifact::ArtifactError),
+    /// The state directory is missing, not private, or not the agent's.
+    #[error(transparent)]
+    StateDir(#[from] crate::durable::StateDirError),
     /// The journal, epoch or state files could not be written.
     #[error("agent storage failed: {0}")]
     Storage(String),
@@ -57,6 +60,7 @@ impl AgentError {
         match self {
             AgentError::Busy { .. } | AgentError::ShuttingDown | AgentError::Storage(_) => true,
             AgentError::Artifact(e) => e.is_retryable(),
+            AgentError::StateDir(e) => e.is_retryable(),
             _ => false,
         }
     }

@@ -80,19 +80,23 @@ pub fn to_status(e: AgentError) -> Status {
         AgentError::UnknownOperation(_) => (tonic::Code::NotFound, R::UnknownOperation),
         AgentError::Artifact(a) => match a {
             // A malformed digest or source is the caller's input, not the artifact's content.
-            ArtifactError::BadDigest(_) | ArtifactError::BadSource(_) => {
+            // A local source outside artifact_dirs is refused like any other bad source.
+            ArtifactError::BadDigest(_)
+            | ArtifactError::BadSource(_)
+            | ArtifactError::NotAllowed { .. } => {
                 (tonic::Code::InvalidArgument, R::InvalidArgument)
             }
             ArtifactError::NotFound(_) => (tonic::Code::NotFound, R::Artifact),
-            ArtifactError::Download { .. } | ArtifactError::TimedOut { .. } => {
-                (tonic::Code::Unavailable, R::Artifact)
-            }
+            ArtifactError::Download { .. }
+            | ArtifactError::ConnectTimedOut { .. }
+            | ArtifactError::Stalled { .. }
+            | ArtifactError::TimedOut { .. } => (tonic::Code::Unavailable, R::Artifact),
             ArtifactError::Io { .. } => (tonic::Code::Internal, R::Artifact),
-            ArtifactError::TooLarge { .. } | ArtifactError::Mismatch { .. } => {
-                (tonic::Code::InvalidArgument, R::Artifact)
-            }
+            ArtifactError::TooLarge { .. }
+            | ArtifactError::Mismatch { .. }
+            | ArtifactError::NotRegular { .. } => (tonic::Code::InvalidArgument, R::Artifact),
         },
-        AgentError::Storage(_) => (tonic::Code::Internal, R::Storage),
+        AgentError::StateDir(_) | AgentError::Storage(_) => (tonic::Code::Internal, R::Storage),
         AgentError::ShuttingDown => (tonic::Code::Unavailable, R::ShuttingDown),
     };
     detail.reason = reason as i32;

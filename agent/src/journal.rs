@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// What an operation does.
@@ -255,9 +256,11 @@ impl Journal {
                 rec.message = "the agent stopped while this operation ran".into();
             }
         }
+        // Hook output ends up here: private to the agent (StateDir::open tightens an older file).
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .map_err(io)?;
         // Cut a torn tail so the next append starts on a line of its own, durably before any

@@ -36,7 +36,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     if let Some(listener) = http {
         let http_addr = listener.local_addr()?;
         // For tests and scripts that bind port 0.
-        std::fs::write(core.cfg.state_dir.join("http.addr"), http_addr.to_string())?;
+        core.write_named_addr("http.addr", http_addr)?;
         tracing::info!(addr = %http_addr, "metrics at /metrics");
         let handler: rollgate_common::http::Handler = Arc::new(|req| {
             Box::pin(async move {
@@ -79,7 +79,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         tracing::warn!("INSECURE MODE: no TLS and no role checks; anyone who can reach {addr} can drain, stop and install. Use only for a local demo.");
     }
-    std::fs::write(core.cfg.state_dir.join("agent.addr"), addr.to_string())?;
+    core.write_addr_file(addr)?;
     tracing::info!(%addr, server_id = %core.cfg.server_id, pool = %core.cfg.pool, epoch = core.epoch().get(), "agent listening");
 
     let stop = shutdown.clone();

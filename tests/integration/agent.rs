@@ -715,13 +715,27 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         .expect_err("short sha");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("64 hex"), "{err:?}");
+    // Outside artifact_dirs: refused before the file system is asked, so a caller learns
+    // nothing about the file.
     let err = s
         .client
         .install_patch(req("/nonexistent/artifact", &"a".repeat(64), "2"))
         .await
+        .expect_err("outside artifact_dirs");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("/nonexistent/artifact"), "{err:?}");
+    assert!(err.message().contains("artifact_dirs"), "{err:?}");
+    let missing = s.root.join("no-such-release.txt");
+    let err = s
+        .client
+        .install_patch(req(missing.to_str().context("path")?, &"a".repeat(64), "2"))
+        .await
         .expect_err("missing artifact");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert!(err.message().contains("/nonexistent/artifact"), "{err:?}");
+    assert!(
+        err.message().contains(missing.to_str().context("path")?),
+        "{err:?}"
+    );
     let err = s
         .client
         .install_patch(req("ftp://example/x", &"a".repeat(64), "2"))
@@ -1710,5 +1724,214 @@ async fn grpc_health_is_not_serving_from_the_moment_a_drain_starts() -> anyhow::
         || async { (status("").await == Some(ServingStatus::Serving as i32)).then_some(()) },
     )
     .await?;
+    Ok(())
+}
+
+fn mode_of(path: &std::path::Path) -> anyhow::Result<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(std::fs::symlink_metadata(path)?.permissions().mode() & 0o7777)
+}
+
+#[tokio::test]
+async fn the_state_dir_is_private_and_one_others_can_write_is_refused_at_start(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let dir = s.agent.state_dir.clone();
+    // The harness created it with the default umask (0755); the agent made it private.
+    assert_eq!(mode_of(&dir)?, 0o700);
+    assert_eq!(mode_of(&dir.join("artifacts"))?, 0o700);
+    let (artifact, sha) = make_artifact(&s.root, "2.0")?;
+    s.client.fence(pb::FenceRequest { epoch: 2 }).await?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 2),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .install_patch(pb::InstallPatchRequest {
+                header: header("install", 2),
+                artifact: artifact.display().to_string(),
+                sha256: sha.clone(),
+                version: "2.0".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let agent_files = [
+        dir.join("journal.jsonl"),
+        dir.join("epoch"),
+        dir.join("service.json"),
+        dir.join("agent.addr"),
+        dir.join("artifacts").join(&sha),
+    ];
+    for f in &agent_files {
+        assert_eq!(mode_of(f)?, 0o600, "{}", f.display());
+    }
+    ensure!(s.agent.terminate().await?.success(), "{}", s.agent.log());
+
+    for mode in [0o777, 0o775, 0o757, 0o1777] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
+        let mut cmd = rollgate_tests::owner::tied_tokio(rollgate_tests::bin("rollgate-agent")?)?;
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&s.agent.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let child = rollgate_tests::owner::spawn_tokio(cmd)?;
+        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .context("the agent must exit at once on an unsafe state dir")??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mode {mode:o}: started: {stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .with_context(|| format!("no error line: {stderr}"))?;
+        for needle in [
+            dir.display().to_string(),
+            format!("{mode:04o}"),
+            "writable by".into(),
+            "chmod 700".into(),
+        ] {
+            assert!(line.contains(&needle), "{needle:?} not in {line:?}");
+        }
+        // Refused, not repaired: the operator decides after looking at it.
+        assert_eq!(mode_of(&dir)?, mode);
+    }
+    // Made private again, it starts, with its journal intact.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    s.agent.restart().await?;
+    let coord = s.pki.issue(RoleKind::Coordinator, "c2")?;
+    let mut c = agent_client(s.agent.addr, &coord).await?;
+    let op = c
+        .operation_status(pb::OperationStatusRequest {
+            operation_id: "install".into(),
+        })
+        .await?
+        .into_inner();
+    succeeded(&op)?;
+    Ok(())
+}
+
+/// A real HTTP server on 127.0.0.1 serving `body` to every GET, counting the requests.
+async fn serve_http(
+    body: Vec<u8>,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (body, counter) = (body.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    Ok((addr, count, task))
+}
+
+#[tokio::test]
+async fn a_retried_install_uses_the_verified_cache_and_errors_hide_url_secrets(
+) -> anyhow::Result<()> {
+    let mut s = setup("1.0").await?;
+    let (artifact, sha) = make_artifact(&s.root, "2.0")?;
+    let (addr, requests, server) = serve_http(std::fs::read(&artifact)?).await?;
+    let url = format!("http://user:secret@{addr}/release-2.0.txt?sig=XYZ");
+    let prepare = |id: &str, sha: &str| pb::InstallPatchRequest {
+        header: header(id, 1),
+        artifact: url.clone(),
+        sha256: sha.into(),
+        version: "2.0".into(),
+        prepare_only: true,
+        ..Default::default()
+    };
+    // A checksum mismatch of a download: its URL is shown without its secrets.
+    let err = s
+        .client
+        .install_patch(prepare("bad", &"0".repeat(64)))
+        .await
+        .expect_err("wrong checksum");
+    for leak in ["secret", "XYZ"] {
+        assert!(!err.message().contains(leak), "{leak}: {err:?}");
+    }
+    assert!(
+        err.message().contains(&format!("{addr}/release-2.0.txt")),
+        "{err:?}"
+    );
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Prepared once, then the real install (a retry of the same artifact) uses the cache.
+    succeeded(
+        &s.client
+            .install_patch(prepare("p1", &sha))
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .install_patch(prepare("p2", &sha))
+            .await?
+            .into_inner(),
+    )?;
+    succeeded(
+        &s.client
+            .stop(pb::StopRequest {
+                header: header("stop", 1),
+            })
+            .await?
+            .into_inner(),
+    )?;
+    let res = s
+        .client
+        .install_patch(pb::InstallPatchRequest {
+            prepare_only: false,
+            ..prepare("install", &sha)
+        })
+        .await?
+        .into_inner();
+    succeeded(&res)?;
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one download for the bad digest, one for the good: the rest from the cache"
+    );
+    assert_eq!(s.fe.installs(), ["2.0"]);
+    // The URL's secrets are not in the agent's log or journal either.
+    server.abort();
+    let journal = std::fs::read_to_string(s.agent.state_dir.join("journal.jsonl"))?;
+    for text in [journal, s.agent.log()] {
+        assert!(!text.contains("secret") && !text.contains("XYZ"), "{text}");
+    }
     Ok(())
 }

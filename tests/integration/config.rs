@@ -21,6 +21,20 @@ fn the_example_agent_config_loads_and_validates() -> anyhow::Result<()> {
         cfg.service.start,
         vec!["systemctl", "start", "frontend.service"]
     );
+    assert_eq!(
+        (
+            cfg.service.fetch_connect_timeout,
+            cfg.service.fetch_idle_timeout
+        ),
+        (
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(30)
+        )
+    );
+    assert_eq!(
+        cfg.service.artifact_dirs,
+        vec![PathBuf::from("/var/lib/rollgate/incoming")]
+    );
     // Its TLS paths point at /etc/rollgate; swap in real certificates to validate the rest.
     let tmp = tempfile::tempdir()?;
     let pki = Pki::new(tmp.path())?;
@@ -85,6 +99,26 @@ install = ["true"]
         (
             format!("{good}fetch_timeout = \"0s\"\n"),
             "service.fetch_timeout",
+        ),
+        (
+            format!("{good}fetch_connect_timeout = \"0s\"\n"),
+            "service.fetch_connect_timeout",
+        ),
+        (
+            format!("{good}fetch_idle_timeout = \"0s\"\n"),
+            "service.fetch_idle_timeout",
+        ),
+        (
+            format!("{good}artifact_dirs = [\"incoming\"]\n"),
+            "service.artifact_dirs: incoming is not an absolute path",
+        ),
+        (
+            format!("{good}artifact_dirs = [\"/srv/a/../b\"]\n"),
+            "service.artifact_dirs",
+        ),
+        (
+            format!("{good}artifact_dirs = [\"/\"]\n"),
+            "service.artifact_dirs",
         ),
     ] {
         let (ok, _, err) = validate(&bad)?;

@@ -311,9 +311,16 @@ impl FrontEnd {
         let s = s.display();
         let d = self.dir.display();
         let p = self.port;
+        // make_artifact writes releases next to the front ends' directories.
+        let artifacts = self
+            .dir
+            .parent()
+            .ok_or_else(|| anyhow!("front end directory {d} has no parent"))?
+            .display();
         Ok(format!(
             r#"[service]
 ports = [{p}]
+artifact_dirs = ["{artifacts}"]
 drain = ["{s}", "drain", "--dir", "{d}"]
 start = ["{s}", "start", "--dir", "{d}", "--port", "{p}"]
 stop = ["{s}", "stop", "--dir", "{d}"]
@@ -427,6 +434,20 @@ impl AgentProc {
         tls: &TlsFiles,
         fe: &FrontEnd,
     ) -> anyhow::Result<AgentProc> {
+        let (config, state_dir) = Self::write_config(root, server_id, pool, domain, tls, fe)?;
+        Self::spawn(config, state_dir).await
+    }
+
+    /// Writes the config [`AgentProc::start`] uses, in `<root>/agent-<server_id>` (the state
+    /// directory); returns the config file and the state directory.
+    pub fn write_config(
+        root: &Path,
+        server_id: &str,
+        pool: &str,
+        domain: &str,
+        tls: &TlsFiles,
+        fe: &FrontEnd,
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
         let state_dir = root.join(format!("agent-{server_id}"));
         std::fs::create_dir_all(&state_dir)?;
         let config = state_dir.join("agent.toml");
@@ -457,7 +478,7 @@ listen = "127.0.0.1:0"
             service = fe.service_toml()?,
         );
         std::fs::write(&config, text)?;
-        Self::spawn(config, state_dir).await
+        Ok((config, state_dir))
     }
 
     /// Where the agent serves `/metrics` (its config has `[http]` on port 0).
