@@ -1,6 +1,7 @@
 //! Fetching an artifact and checking its sha256 before anything runs. The verified file is kept
 //! in the state directory under its digest, so a rollback can reinstall it without a download.
 
+use rollgate_common::quote::quoted;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
@@ -9,16 +10,30 @@ use tokio::io::AsyncWriteExt;
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     /// The sha256 given is not 64 hex digits.
-    #[error("sha256 {0:?} is not 64 hex digits")]
+    #[error("sha256 {} is not 64 hex digits", quoted(.0))]
     BadDigest(String),
     /// The source is neither a path nor a file/http/https URL.
-    #[error("artifact {0:?} is not a local path or a file://, http:// or https:// URL")]
-    BadSource(String),
+    #[error("artifact {} is not a local path or a file://, http:// or https:// URL{}", quoted(.source_name), .why)]
+    BadSource {
+        /// What was given.
+        source_name: String,
+        /// What is wrong with it, when more can be said (starts with "; ").
+        why: String,
+    },
     /// The local file does not exist.
-    #[error("artifact {0} does not exist")]
+    #[error("artifact {} does not exist", quoted(.0))]
     NotFound(String),
+    /// The local path names something that cannot be read as a file (a directory, a device,
+    /// a name too long, no permission): the caller's input, not the agent's storage.
+    #[error("artifact {} cannot be read as a file: {reason}", quoted(.source_name))]
+    Unreadable {
+        /// What was given.
+        source_name: String,
+        /// Why.
+        reason: String,
+    },
     /// The download failed.
-    #[error("artifact download {url} failed: {message}")]
+    #[error("artifact download {} failed: {message}", quoted(.url))]
     Download {
         /// What was fetched.
         url: String,
@@ -26,7 +41,7 @@ pub enum ArtifactError {
         message: String,
     },
     /// The artifact is larger than allowed.
-    #[error("artifact {source_name} is larger than the limit of {limit} bytes")]
+    #[error("artifact {} is larger than the limit of {limit} bytes", quoted(.source_name))]
     TooLarge {
         /// What was fetched.
         source_name: String,
@@ -34,7 +49,7 @@ pub enum ArtifactError {
         limit: u64,
     },
     /// The content does not match the sha256 given.
-    #[error("artifact {source_name} has sha256 {actual}, not the expected {expected}: nothing was installed")]
+    #[error("artifact {} has sha256 {actual}, not the expected {expected}: nothing was installed", quoted(.source_name))]
     Mismatch {
         /// What was fetched.
         source_name: String,
@@ -44,7 +59,7 @@ pub enum ArtifactError {
         actual: String,
     },
     /// The whole fetch took longer than the agent's `fetch_timeout`.
-    #[error("artifact {source_name} was not fetched within fetch_timeout ({}ms); nothing was installed", limit.as_millis())]
+    #[error("artifact {} was not fetched within fetch_timeout ({}ms); nothing was installed", quoted(.source_name), limit.as_millis())]
     TimedOut {
         /// What was fetched.
         source_name: String,
@@ -89,17 +104,31 @@ enum Source {
 }
 
 fn classify(source: &str) -> Result<Source, ArtifactError> {
+    let bad = |why: &str| ArtifactError::BadSource {
+        source_name: source.to_owned(),
+        why: why.to_owned(),
+    };
+    // No artifact has a control character in its name; a NUL would fail deep in the open call
+    // as if the agent's own storage had failed.
+    if source.chars().any(char::is_control) {
+        return Err(bad("; it contains a control character"));
+    }
     if let Some(rest) = source.strip_prefix("file://") {
         if rest.starts_with('/') {
             return Ok(Source::Local(PathBuf::from(rest)));
         }
-        return Err(ArtifactError::BadSource(source.to_owned()));
+        return Err(bad("; a file:// URL needs an absolute path"));
     }
     if source.starts_with("http://") || source.starts_with("https://") {
-        return Ok(Source::Http(source.to_owned()));
+        // A URL that does not parse is the caller's mistake, not a download that may work
+        // if tried again.
+        return match reqwest::Url::parse(source) {
+            Ok(_) => Ok(Source::Http(source.to_owned())),
+            Err(e) => Err(bad(&format!("; the URL does not parse: {e}"))),
+        };
     }
     if source.contains("://") || source.is_empty() {
-        return Err(ArtifactError::BadSource(source.to_owned()));
+        return Err(bad(""));
     }
     Ok(Source::Local(PathBuf::from(source)))
 }
@@ -135,16 +164,32 @@ pub async fn fetch_verified(
         match kind {
             Source::Local(path) => {
                 use tokio::io::AsyncReadExt;
+                // Whatever goes wrong with the caller's path is reported as such: only the
+                // artifact store's own files are the agent's storage.
+                let unreadable = |reason: String| ArtifactError::Unreadable {
+                    source_name: source.to_owned(),
+                    reason,
+                };
                 let mut f = match tokio::fs::File::open(&path).await {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         return Err(ArtifactError::NotFound(path.display().to_string()))
                     }
-                    Err(e) => return Err(io(&path)(e)),
+                    Err(e) => return Err(unreadable(e.to_string())),
                 };
+                // A directory, a FIFO or a device is not an artifact (and /dev/zero would be
+                // read until the size limit).
+                match f.metadata().await {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => return Err(unreadable("not a regular file".into())),
+                    Err(e) => return Err(unreadable(e.to_string())),
+                }
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    let n = f.read(&mut buf).await.map_err(io(&path))?;
+                    let n = f
+                        .read(&mut buf)
+                        .await
+                        .map_err(|e| unreadable(e.to_string()))?;
                     if n == 0 {
                         break;
                     }
@@ -283,10 +328,31 @@ mod tests {
             parse_digest("abc"),
             Err(ArtifactError::BadDigest(_))
         ));
-        assert!(matches!(
-            classify("ftp://x"),
-            Err(ArtifactError::BadSource(_))
-        ));
+        for bad in [
+            "ftp://x",
+            "",
+            "file://relative",
+            "http://",
+            "http://[::1",
+            "http://127.0.0.1:99999/x",
+            "/tmp/a\0b",
+            "/tmp/a\nb",
+        ] {
+            assert!(
+                matches!(classify(bad), Err(ArtifactError::BadSource { .. })),
+                "{bad:?}"
+            );
+        }
+        let dir = fetch_verified(&http, "/", &sha(b"x"), &store, 10, MINUTE).await;
+        assert!(
+            matches!(dir, Err(ArtifactError::Unreadable { .. })),
+            "{dir:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&store)?.count(),
+            1,
+            "no staging file left"
+        );
         Ok(())
     }
 

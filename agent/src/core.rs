@@ -47,7 +47,8 @@ impl OpHeader {
     pub fn new(id: &str, epoch: u64) -> Result<OpHeader, AgentError> {
         if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
             return Err(AgentError::InvalidArgument(format!(
-                "operation id {id:?} must be 1-128 printable ASCII characters without spaces"
+                "operation id {} must be 1-128 printable ASCII characters without spaces",
+                rollgate_common::quote::quoted(id)
             )));
         }
         if epoch == 0 {
