@@ -8,6 +8,7 @@
 //! probe files on the server. URLs are shown without credentials, query or fragment (signed
 //! URLs carry their secret there).
 
+use rollgate_common::quote::quoted;
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -18,13 +19,22 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     /// The sha256 given is not 64 hex digits.
-    #[error("sha256 {0:?} is not 64 hex digits")]
+    #[error("sha256 {} is not 64 hex digits", quoted(.0))]
     BadDigest(String),
     /// The source is neither a path nor a file/http/https URL.
-    #[error("artifact {0:?} is not an absolute local path or a file://, http:// or https:// URL")]
+    #[error("artifact {} is not an absolute local path or a file://, http:// or https:// URL", quoted(.0))]
     BadSource(String),
+    /// The local path names something that cannot be opened as a file (a name too long, a
+    /// symlink loop, no permission): the caller's input, not the agent's storage.
+    #[error("artifact {} cannot be read as a file: {reason}", quoted(.source_name))]
+    Unreadable {
+        /// The path as given.
+        source_name: String,
+        /// Why.
+        reason: String,
+    },
     /// A local source outside the directories the agent may read artifacts from.
-    #[error("artifact {source_name} is refused: {why}")]
+    #[error("artifact {} is refused: {why}", quoted(.source_name))]
     NotAllowed {
         /// The path as given.
         source_name: String,
@@ -32,10 +42,10 @@ pub enum ArtifactError {
         why: String,
     },
     /// The local file does not exist.
-    #[error("artifact {0} does not exist")]
+    #[error("artifact {} does not exist", quoted(.0))]
     NotFound(String),
     /// The local source is a FIFO, a device, a directory or a socket.
-    #[error("artifact {source_name} is a {kind}, not a regular file; nothing was read")]
+    #[error("artifact {} is a {kind}, not a regular file; nothing was read", quoted(.source_name))]
     NotRegular {
         /// The path as given.
         source_name: String,
@@ -43,7 +53,7 @@ pub enum ArtifactError {
         kind: &'static str,
     },
     /// The download failed.
-    #[error("artifact download {url} failed: {message}")]
+    #[error("artifact download {} failed: {message}", quoted(.url))]
     Download {
         /// What was fetched (redacted).
         url: String,
@@ -106,10 +116,12 @@ pub enum ArtifactError {
 fn mismatch_message(source_name: &str, expected: &str, actual: Option<&str>) -> String {
     match actual {
         Some(actual) => format!(
-            "artifact {source_name} has sha256 {actual}, not the expected {expected}: nothing was installed"
+            "artifact {} has sha256 {actual}, not the expected {expected}: nothing was installed",
+            quoted(source_name)
         ),
         None => format!(
-            "artifact {source_name} does not match the expected sha256 {expected}: nothing was installed"
+            "artifact {} does not match the expected sha256 {expected}: nothing was installed",
+            quoted(source_name)
         ),
     }
 }
@@ -233,6 +245,11 @@ enum Source {
 }
 
 fn classify(source: &str) -> Result<Source, ArtifactError> {
+    // No artifact has a control character in its name; a NUL would fail deep in the open call
+    // as if the agent's own storage had failed.
+    if source.chars().any(char::is_control) {
+        return Err(ArtifactError::BadSource(redact_url(source)));
+    }
     if let Some(rest) = source.strip_prefix("file://") {
         if rest.starts_with('/') {
             return Ok(Source::Local(PathBuf::from(rest)));
@@ -240,7 +257,12 @@ fn classify(source: &str) -> Result<Source, ArtifactError> {
         return Err(ArtifactError::BadSource(redact_url(source)));
     }
     if source.starts_with("http://") || source.starts_with("https://") {
-        return Ok(Source::Http(source.to_owned()));
+        // A URL that does not parse is the caller's mistake, not a download that may work
+        // if tried again.
+        return match reqwest::Url::parse(source) {
+            Ok(_) => Ok(Source::Http(source.to_owned())),
+            Err(_) => Err(ArtifactError::BadSource(redact_url(source))),
+        };
     }
     if source.contains("://") || !source.starts_with('/') {
         return Err(ArtifactError::BadSource(redact_url(source)));
@@ -536,8 +558,17 @@ impl Fetcher {
         let local = matches!(kind, Source::Local(_));
         match kind {
             Source::Local(path) => {
-                let real = self.resolve_local(&path, shown).await?;
-                let mut f = open_regular(&real, shown).await?;
+                // Whatever goes wrong opening the caller's path is the caller's input; only the
+                // artifact store's own files are the agent's storage.
+                let unreadable = |e: ArtifactError| match e {
+                    ArtifactError::Io { source, .. } => ArtifactError::Unreadable {
+                        source_name: shown.to_owned(),
+                        reason: source.to_string(),
+                    },
+                    other => other,
+                };
+                let real = self.resolve_local(&path, shown).await.map_err(unreadable)?;
+                let mut f = open_regular(&real, shown).await.map_err(unreadable)?;
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = f.read(&mut buf).await.map_err(io(&real))?;

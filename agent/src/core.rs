@@ -50,11 +50,9 @@ impl OpHeader {
             || id.len() > MAX_OPERATION_ID_LEN
             || !id.chars().all(|c| c.is_ascii_graphic())
         {
-            // A long id is not echoed back whole: only its start, to name it.
-            let shown: String = id.chars().take(64).collect();
             return Err(AgentError::InvalidArgument(format!(
-                "operation id {shown:?} ({} bytes) must be 1-{MAX_OPERATION_ID_LEN} printable ASCII characters without spaces",
-                id.len()
+                "operation id {} must be 1-{MAX_OPERATION_ID_LEN} printable ASCII characters without spaces",
+                rollgate_common::quote::quoted(id)
             )));
         }
         if epoch == 0 {

@@ -38,7 +38,7 @@ pub enum AgentError {
     #[error("{0}")]
     Precondition(String),
     /// No operation with this id is known.
-    #[error("no operation {0} in the journal")]
+    #[error("no operation {} in the journal", rollgate_common::quote::quoted(.0))]
     UnknownOperation(String),
     /// The artifact could not be fetched or did not verify; nothing was installed.
     #[error(transparent)]

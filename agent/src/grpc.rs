@@ -4,6 +4,7 @@
 use crate::core::{AgentCore, Health, OnDrainTimeout, OpBody, OpHeader, Reply, ServiceState};
 use crate::error::AgentError;
 use crate::journal::{OpKind, OpRecord, OpState};
+use rollgate_common::quote::quoted;
 use rollgate_common::tls::{authorize, RoleKind};
 use rollgate_common::Epoch;
 use rollgate_proto::agent::v1 as pb;
@@ -16,6 +17,10 @@ use tonic::{Request, Response, Status};
 const WRITERS: &[RoleKind] = &[RoleKind::Coordinator];
 /// Read-only calls: coordinators and operators.
 const READERS: &[RoleKind] = &[RoleKind::Coordinator, RoleKind::Operator];
+/// The longest any duration in a request may be: the coordinator's own bound on a plan's waits.
+/// Beyond it a typo or a wrapped negative number (u64::MAX ms: 584 million years) would keep
+/// the agent busy, refusing every other operation, until it is restarted.
+const MAX_WAIT_MS: u64 = 24 * 3600 * 1000;
 
 /// The `rollgate.agent.v1.Agent` service over an [`AgentCore`].
 #[derive(Debug, Clone)]
@@ -80,10 +85,12 @@ pub fn to_status(e: AgentError) -> Status {
         AgentError::UnknownOperation(_) => (tonic::Code::NotFound, R::UnknownOperation),
         AgentError::Artifact(a) => match a {
             // A malformed digest or source is the caller's input, not the artifact's content.
-            // A local source outside artifact_dirs is refused like any other bad source.
+            // A local source outside artifact_dirs, or one that cannot be read as a file, is
+            // refused like any other bad source.
             ArtifactError::BadDigest(_)
             | ArtifactError::BadSource(_)
-            | ArtifactError::NotAllowed { .. } => {
+            | ArtifactError::NotAllowed { .. }
+            | ArtifactError::Unreadable { .. } => {
                 (tonic::Code::InvalidArgument, R::InvalidArgument)
             }
             ArtifactError::NotFound(_) => (tonic::Code::NotFound, R::Artifact),
@@ -106,6 +113,30 @@ pub fn to_status(e: AgentError) -> Status {
 /// A refusal of malformed input found in this adapter, with its typed detail.
 fn invalid(message: String) -> Status {
     to_status(AgentError::InvalidArgument(message))
+}
+
+/// Refuses a duration field beyond [`MAX_WAIT_MS`].
+#[allow(clippy::result_large_err)]
+fn bounded(field: &str, ms: u64) -> Result<u64, Status> {
+    if ms > MAX_WAIT_MS {
+        return Err(invalid(format!(
+            "{field} {ms} is beyond the upper bound of {MAX_WAIT_MS} (24 h)"
+        )));
+    }
+    Ok(ms)
+}
+
+/// Refuses a version the service could not be told about: the install command gets it in its
+/// environment, and it is reported and compared as is.
+#[allow(clippy::result_large_err)]
+fn check_version(field: &str, v: &str) -> Result<(), Status> {
+    if v.is_empty() || v.len() > 128 || !v.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(invalid(format!(
+            "{field} {} must be 1-128 printable ASCII characters without spaces",
+            quoted(v)
+        )));
+    }
+    Ok(())
 }
 
 fn header_of(h: Option<pb::OperationHeader>) -> Result<OpHeader, AgentError> {
@@ -254,6 +285,7 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
+        bounded("timeout_ms", r.timeout_ms)?;
         let on_timeout = match pb::DrainTimeoutAction::try_from(r.on_timeout) {
             Ok(pb::DrainTimeoutAction::Force) => OnDrainTimeout::Force,
             Ok(pb::DrainTimeoutAction::Fail | pb::DrainTimeoutAction::Unspecified) => {
@@ -291,16 +323,9 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
+        bounded("timeout_ms", r.timeout_ms)?;
         let header = header_of(r.header.clone()).map_err(to_status)?;
-        if r.version.is_empty()
-            || r.version.len() > 128
-            || !r.version.chars().all(|c| c.is_ascii_graphic())
-        {
-            return Err(invalid(format!(
-                "version {:?} must be 1-128 printable characters without spaces",
-                r.version
-            )));
-        }
+        check_version("version", &r.version)?;
         let sha256 = crate::artifact::parse_digest(&r.sha256).map_err(|e| to_status(e.into()))?;
         if r.prepare_only {
             let reply = self
@@ -347,7 +372,13 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
+        bounded("timeout_ms", r.timeout_ms)?;
         let header = header_of(r.header.clone()).map_err(to_status)?;
+        // Empty: whatever is installed. Anything else is compared with the installed version,
+        // so it must be one.
+        if !r.from_version.is_empty() {
+            check_version("from_version", &r.from_version)?;
+        }
         let fallback = match (r.fallback_artifact.is_empty(), r.fallback_sha256.is_empty()) {
             (true, true) => None,
             (false, false) => Some((
@@ -414,6 +445,8 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
+        bounded("timeout_ms", r.timeout_ms)?;
+        bounded("drain_timeout_ms", r.drain_timeout_ms)?;
         let timeout = Self::ms(r.timeout_ms, self.core.cfg.service.start_timeout);
         let drain_first = r
             .drain_if_accepting
@@ -434,6 +467,10 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::OperationResult>, Status> {
         self.allow(&req, WRITERS)?;
         let r = req.into_inner();
+        bounded("timeout_ms", r.timeout_ms)?;
+        if let Some(stable) = r.stable_ms {
+            bounded("stable_ms", stable)?;
+        }
         // Unset: the agent's default; an explicit 0: one good probe is enough.
         let stable = r
             .stable_ms

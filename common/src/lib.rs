@@ -7,11 +7,13 @@
 //! - [`telemetry`]: tracing set-up, human or JSON.
 //! - [`shutdown`]: signals to a cancellation token; a second signal forces exit.
 //! - [`time`]: wall-clock helpers for records meant for people.
+//! - [`quote`]: caller input in error messages, escaped and cut short.
 
 pub mod config;
 pub mod epoch;
 pub mod http;
 pub mod pki;
+pub mod quote;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

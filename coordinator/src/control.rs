@@ -83,7 +83,7 @@ pub enum ControlError {
     #[error("{0}")]
     Invalid(String),
     /// The pool is not configured.
-    #[error("unknown pool {0:?}")]
+    #[error("unknown pool {}", rollgate_common::quote::quoted(.0))]
     UnknownPool(String),
     /// This node does not lead; the leader (if any) is elsewhere.
     #[error("this coordinator is not the leader; {}", match .leader {
@@ -272,8 +272,9 @@ impl Control {
                     .position(|d| &d.name == name)
                     .ok_or_else(|| {
                         invalid(format!(
-                            "domain_order: pool {} has no upgrade domain {name:?}",
-                            r.pool
+                            "domain_order: pool {} has no upgrade domain {}",
+                            r.pool,
+                            rollgate_common::quote::quoted(name)
                         ))
                     })?;
                 ordered.push(domains.remove(i));

@@ -1,5 +1,10 @@
 //! Bad input never panics and never passes silently: the config and plan parsers under
-//! proptest-generated input.
+//! proptest-generated input, and the gRPC surface of both daemons, each a real process reused
+//! across cases (`agent_api`, `operator_api`; what they share is in `wire`).
+
+mod agent_api;
+mod operator_api;
+mod wire;
 
 use proptest::prelude::*;
 use rollgate_agent::config::AgentConfig;

@@ -213,6 +213,17 @@ impl CoordinatorProc {
             .parse()?)
     }
 
+    /// How it exited, if it has, without waiting: `None` while it runs.
+    pub fn exit_status(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!(
+                "coordinator {} was not started, or was already killed",
+                self.id
+            ),
+        }
+    }
+
     /// Its process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)

@@ -541,6 +541,15 @@ listen = "127.0.0.1:0"
         Ok(())
     }
 
+    /// How the agent exited, if it has, without waiting: `None` while it runs. A test that must
+    /// not crash it asks this after every call.
+    pub fn exit_status(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("the agent was not started, or was already killed"),
+        }
+    }
+
     /// The agent's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)

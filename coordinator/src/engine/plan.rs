@@ -200,6 +200,11 @@ pub enum PlanError {
     },
     #[error("sha256 {0:?} is not 64 hex digits")]
     BadSha256(String),
+    #[error(
+        "version {} must be printable ASCII without spaces: every agent refuses any other",
+        rollgate_common::quote::quoted(.0)
+    )]
+    BadVersion(String),
 }
 
 impl Plan {
@@ -225,6 +230,11 @@ impl Plan {
             }
         }
         check_sha256(&self.sha256)?;
+        // The agents' own rule (the length is checked above): a plan they would all refuse
+        // is refused before it starts, not at its first server.
+        if !self.version.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(PlanError::BadVersion(self.version.clone()));
+        }
         if let Some(r) = &self.rollback_artifact {
             if r.artifact.trim().is_empty() {
                 return Err(PlanError::EmptyField {
