@@ -5,11 +5,12 @@
 
 use std::fmt;
 
-/// How many characters of the input a message shows.
-pub const SHOWN_CHARS: usize = 48;
+/// How many bytes of (escaped) input a message shows: a 128-character name or a typical
+/// artifact path whole, and a message that stays well under 1 KiB whatever the input.
+pub const SHOWN_BYTES: usize = 200;
 
-/// `s` in double quotes, escaped, at most [`SHOWN_CHARS`] characters of it, followed by its
-/// length in bytes when it was cut.
+/// `s` in double quotes, escaped, at most [`SHOWN_BYTES`] bytes of it, followed by its length
+/// in bytes when it was cut.
 pub fn quoted(s: &str) -> Quoted<'_> {
     Quoted(s)
 }
@@ -22,14 +23,19 @@ impl fmt::Display for Quoted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use fmt::Write;
         f.write_char('"')?;
-        let mut chars = self.0.chars();
-        for c in chars.by_ref().take(SHOWN_CHARS) {
-            for e in c.escape_debug() {
-                f.write_char(e)?;
+        let mut shown = 0;
+        let mut cut = false;
+        for c in self.0.chars() {
+            let escaped: String = c.escape_debug().collect();
+            if shown + escaped.len() > SHOWN_BYTES {
+                cut = true;
+                break;
             }
+            shown += escaped.len();
+            f.write_str(&escaped)?;
         }
         f.write_char('"')?;
-        if chars.next().is_some() {
+        if cut {
             write!(f, "... ({} bytes)", self.0.len())?;
         }
         Ok(())
@@ -54,7 +60,13 @@ mod tests {
         assert!(shown.ends_with("... (10240 bytes)"), "{shown}");
         assert!(shown.len() < 400, "{} bytes", shown.len());
         assert!(!shown.contains('\u{1}') && !shown.contains('\n'));
-        let exactly = "x".repeat(SHOWN_CHARS);
+        let exactly = "x".repeat(SHOWN_BYTES);
         assert_eq!(quoted(&exactly).to_string(), format!("\"{exactly}\""));
+        let path = format!("/var/lib/rollgate/incoming/{}", "r".repeat(100));
+        assert_eq!(
+            quoted(&path).to_string(),
+            format!("\"{path}\""),
+            "a path is shown whole"
+        );
     }
 }
