@@ -23,7 +23,7 @@ fn embedded(root: &Path) -> String {
     )
 }
 
-fn etcd_store(endpoints: &[String], ttl_s: u64) -> String {
+pub(crate) fn etcd_store(endpoints: &[String], ttl_s: u64) -> String {
     format!("[store]\nkind = \"etcd\"\ninsecure = true\nendpoints = {endpoints:?}\nprefix = \"/rollgate/test/\"\nelection_ttl = \"{ttl_s}s\"")
 }
 

@@ -11,3 +11,4 @@ mod operator;
 mod security;
 mod sim;
 mod store;
+mod web;
