@@ -56,3 +56,23 @@ need_etcd() {
     echo "warning: etcd not found: tests that need it will be skipped (Debian: sudo apt-get install etcd-server)" >&2
   fi
 }
+
+need_chromium() {
+  # Chromium (Debian: chromium) runs the browser tests, headless: rollgate_tests::browser.
+  # ROLLGATE_CHROMIUM names another build to use instead of `chromium` on PATH.
+  if [ -n "${ROLLGATE_CHROMIUM:-}" ]; then
+    [ -x "$ROLLGATE_CHROMIUM" ] && return
+    echo "error: ROLLGATE_CHROMIUM=$ROLLGATE_CHROMIUM is not an executable file" >&2
+    exit 1
+  fi
+  if command -v chromium >/dev/null 2>&1; then return; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt_install chromium
+    command -v chromium >/dev/null 2>&1 || { echo "error: chromium still not found after install" >&2; exit 1; }
+  elif [ "${CI:-}" = true ]; then
+    echo "error: chromium not found and CI=true: install chromium" >&2
+    exit 1
+  else
+    echo "warning: chromium not found: tests that need it will be skipped (Debian: sudo apt-get install chromium)" >&2
+  fi
+}

@@ -3,9 +3,9 @@
 //!
 //! The test runs a helper (this same test binary, running the ignored test below) that starts
 //! what tests start: a sample front end started by the harness, one started by an agent's hook
-//! (so by a grandchild, daemonised), the agent, a coordinator and an etcd member. Then it
-//! SIGKILLs the helper and waits, with a deadline, until every one of them is gone and the
-//! front ends' ports refuse connections.
+//! (so by a grandchild, daemonised), the agent, a coordinator, an etcd member and a headless
+//! Chromium with its helper processes. Then it SIGKILLs the helper and waits, with a deadline,
+//! until every one of them is gone and the front ends' ports refuse connections.
 
 use anyhow::{bail, ensure, Context, Result};
 use rollgate_common::tls::RoleKind;
@@ -98,6 +98,16 @@ async fn helper_starts_processes_then_waits_to_be_killed() -> Result<()> {
         procs.push(("etcd member", running("etcd member", Some(pid))?));
     }
 
+    // None when Chromium is missing outside CI. Only the browser process is tied to the
+    // helper: its zygotes, renderers and GPU and network processes must go when it does.
+    let browser = rollgate_tests::browser::Browser::start().await?;
+    if let Some(b) = &browser {
+        b.open("about:blank").await?;
+        for id in b.processes().into_iter().filter_map(ProcessId::of) {
+            procs.push(("chromium process", id));
+        }
+    }
+
     let report = serde_json::json!({
         "ports": [by_harness.port, by_agent.port],
         "processes": procs
@@ -116,7 +126,7 @@ async fn helper_starts_processes_then_waits_to_be_killed() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_outlives_a_killed_test_process() -> Result<()> {
-    // Starts an etcd member, a coordinator, an agent and two front ends.
+    // Starts an etcd member, a coordinator, an agent, two front ends and a Chromium.
     let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();

@@ -2,6 +2,7 @@
 //! One test binary with modules, to keep link time down.
 
 mod agent;
+mod browser;
 mod config;
 mod coordinator;
 mod fault;

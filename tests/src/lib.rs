@@ -7,7 +7,9 @@
 //! - [`cluster_lock`]: taken first by every test that starts a whole cluster, so that such tests
 //!   run one at a time under any runner.
 //! - [`owner`]: nothing a test starts outlives the test process, even one that is SIGKILLed.
+//! - [`browser`]: a real headless Chromium driven over the DevTools protocol, for web pages.
 
+pub mod browser;
 pub mod chaos;
 pub mod cluster;
 pub mod etcd;
