@@ -389,6 +389,12 @@ impl Fetcher {
         })
     }
 
+    /// The HTTP client, shared with the health probe: one client (and one copy of the
+    /// system's CA roots) per agent. The probe sets its own per-request timeout.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     /// Where the verified artifact with `sha256` is kept.
     pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.store.join(sha256)

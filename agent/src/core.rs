@@ -223,7 +223,6 @@ pub struct AgentCore {
     /// The configuration it runs with.
     pub cfg: AgentConfig,
     dir: StateDir,
-    http: reqwest::Client,
     fetcher: artifact::Fetcher,
     ports: HashSet<u16>,
     /// The kernel boot id at start.
@@ -268,9 +267,6 @@ impl AgentCore {
         let epoch = dir.load_epoch().map_err(storage)?;
         let journal = Journal::open(&dir.journal_path())?;
         let service = dir.load_service().map_err(storage)?;
-        let http = reqwest::Client::builder()
-            .build()
-            .map_err(|e| AgentError::Storage(format!("cannot build the HTTP client: {e}")))?;
         let svc = &cfg.service;
         let fetcher = artifact::Fetcher::new(
             dir.artifacts(),
@@ -322,7 +318,6 @@ impl AgentCore {
         Ok(Arc::new(AgentCore {
             cfg,
             dir,
-            http,
             fetcher,
             ports,
             boot_id: probe::boot_id(),
@@ -1092,13 +1087,15 @@ impl AgentCore {
         let mut details = Vec::new();
         let healthy = match &svc.health_url {
             None => true,
-            Some(url) => match probe::http_health(&self.http, url, svc.probe_timeout).await {
-                Ok(()) => true,
-                Err(e) => {
-                    details.push(e);
-                    false
+            Some(url) => {
+                match probe::http_health(self.fetcher.client(), url, svc.probe_timeout).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        details.push(e);
+                        false
+                    }
                 }
-            },
+            }
         };
         let busy = if svc.busy_command.is_empty() {
             false

@@ -467,11 +467,15 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 
-[http]
-listen = "127.0.0.1:0"
-
+{http}
 {service}"#,
             state = state_dir.display(),
+            // Metrics on, unless a benchmark measures the agent without them.
+            http = if std::env::var_os("ROLLGATE_AGENT_NO_HTTP").is_some() {
+                ""
+            } else {
+                "[http]\nlisten = \"127.0.0.1:0\"\n"
+            },
             // A fixed port, so that a restarted agent is found where the coordinators expect it.
             port = free_port()?,
             ca = tls.ca.display(),
