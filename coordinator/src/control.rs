@@ -421,11 +421,13 @@ impl Control {
     ) -> Result<Upgrade, ControlError> {
         self.pool(pool)?;
         self.lead().await?;
-        let h = self
-            .node
-            .driver(pool)
-            .filter(|h| !h.ended.is_cancelled())
-            .ok_or_else(|| ControlError::NoUpgrade(pool.into()))?;
+        let live = self.node.driver(pool).filter(|h| !h.ended.is_cancelled());
+        let h = match (live, cmd) {
+            (Some(h), _) => h,
+            // Nothing runs: a rollback of the last upgrade, if it completed, is a new plan.
+            (None, UpgradeCommand::Rollback) => return self.revert(pool, by).await,
+            (None, _) => return Err(ControlError::NoUpgrade(pool.into())),
+        };
         let by = by.to_string();
         let event = match cmd {
             UpgradeCommand::Pause => Event::Pause { by },
@@ -438,6 +440,66 @@ impl Control {
             .send(Command { event, reply: tx })
             .await
             .map_err(|_| ControlError::NoUpgrade(pool.into()))?;
+        Ok(rx
+            .await
+            .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??)
+    }
+
+    /// Rolls the pool's completed upgrade back: a new plan, walked backward domain by domain,
+    /// every server back to its previous version, with the same readiness gate and safety as
+    /// a forward upgrade. Answers once the new plan is stored.
+    async fn revert(&self, pool: &str, by: &str) -> Result<Upgrade, ControlError> {
+        let lead = self.lead().await?;
+        let _one_at_a_time = self.node.start_lock.lock().await;
+        let cfg = self.pool(pool)?.clone();
+        if self
+            .node
+            .driver(pool)
+            .is_some_and(|h| !h.ended.is_cancelled())
+        {
+            return Err(ControlError::AlreadyRunning {
+                plan: String::new(),
+                pool: pool.into(),
+            });
+        }
+        let stored = progress::load_upgrade(&self.node.env.store, pool)
+            .await?
+            .ok_or_else(|| ControlError::NoUpgrade(pool.into()))?;
+        let id = format!("{pool}-{}", self.node.env.clock.wall_ms());
+        let reverted = Upgrade::revert(&stored.upgrade, id, by)
+            .map_err(|e| ControlError::Invalid(format!("rollback: {e}")))?;
+        let Some((u, mut actions)) = reverted else {
+            return Err(ControlError::Invalid(format!(
+                "rollback: the last upgrade of pool {pool} (plan {}) is {}; only a running, paused or completed upgrade can be rolled back",
+                stored.upgrade.plan.id,
+                stored.upgrade.status.name()
+            )));
+        };
+        actions.insert(
+            0,
+            Action::Record {
+                kind: "upgrade_requested".into(),
+                server: None,
+                domain: None,
+                message: format!(
+                    "{by} asked to roll back completed plan {} on pool {pool} (plan {})",
+                    stored.upgrade.plan.id, u.plan.id
+                ),
+            },
+        );
+        let record = UpgradeRecord {
+            upgrade: u,
+            next_event: stored.next_event,
+            started_by: by.to_owned(),
+            started_ms: self.node.env.clock.wall_ms(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.node
+            .start_driver(&lead, cfg, record, actions, false, Some(tx))
+            .map_err(|plan| ControlError::AlreadyRunning {
+                plan,
+                pool: pool.into(),
+            })?;
         Ok(rx
             .await
             .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??)

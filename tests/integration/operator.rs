@@ -170,6 +170,45 @@ async fn watch_exit_codes_tell_a_script_what_happened() -> anyhow::Result<()> {
         text(&out.stdout)
     );
 
+    // Rolling back the completed upgrade: a new plan, domain by domain, every server back to
+    // the version it ran before (2.0); its watch ends 1 (rolled back), and it joins the history.
+    let out = rollgate(&["upgrade", "rollback", "--pool", "pool-a"])?;
+    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+    let out = rollgate(&["upgrade", "watch", "--pool", "pool-a"])?;
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), Some(1), "{err}\n{}", text(&out.stdout));
+    assert!(err.contains("rolled_back"), "{err}");
+    let r = c
+        .clone()
+        .readiness(rollgate_proto::operator::v1::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await?
+        .into_inner();
+    let versions: Vec<&str> = r
+        .domains
+        .iter()
+        .flat_map(|d| &d.servers)
+        .map(|s| s.version.as_str())
+        .collect();
+    assert_eq!(versions, vec!["2.0"; 3], "{r:?}");
+    let out = rollgate(&["upgrade", "history", "--pool", "pool-a", "-o", "json"])?;
+    let plans: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(plans.len(), 4, "{plans:?}");
+    assert_eq!(plans[3]["outcome"], "rolled_back", "{plans:?}");
+    assert_eq!(
+        plans[2]["outcome"], "completed",
+        "the completed plan keeps its line"
+    );
+    // Nothing to roll back now: the last upgrade was itself rolled back.
+    let out = rollgate(&["upgrade", "rollback", "--pool", "pool-a"])?;
+    assert_eq!(code(&out), Some(1));
+    assert!(
+        text(&out.stderr).contains("rolled_back"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // A usage error is one line and exit 1 (clap's 2 would read as "paused").
     let out = rollgate(&["upgrade", "watch", "--pool", "pool-a", "--bogus"])?;
     assert_eq!(code(&out), Some(1));

@@ -56,6 +56,58 @@ impl Upgrade {
         Ok((upgrade, out))
     }
 
+    /// Rolls a completed upgrade back as a new plan (id `new_id`): the same domains and
+    /// policies, walked backward from the last domain, each server going back to the version it
+    /// ran before, with the readiness gate before every server goes down, as a rollback an
+    /// operator asks for during an upgrade. `None` unless `done` completed and nothing of it
+    /// still runs.
+    pub fn revert(
+        done: &Upgrade,
+        new_id: String,
+        by: &str,
+    ) -> Result<Option<(Upgrade, Vec<Action>)>, PlanError> {
+        if done.status != Status::Completed || !done.is_terminal() {
+            return Ok(None);
+        }
+        let mut plan = done.plan.clone();
+        let from = plan.id.clone();
+        plan.id = new_id;
+        plan.validate()?;
+        let mut upgrade = Upgrade {
+            domain_index: plan.domains.len().saturating_sub(1),
+            plan,
+            status: Status::Running,
+            direction: Direction::Forward,
+            domain_phase: DomainPhase::InProgress,
+            servers: done.servers.clone(),
+            failed_over: done.failed_over,
+            readiness_outstanding: None,
+            readiness_asked: 0,
+            busy_answers: 0,
+            resume_count: 0,
+        };
+        let mut out = vec![upgrade.record(
+            "upgrade_started",
+            None,
+            None,
+            format!(
+                "rolling pool {} back from version {} (plan {from}) to each server's previous version ({} domains, {} servers)",
+                upgrade.plan.pool,
+                upgrade.plan.version,
+                upgrade.plan.domains.len(),
+                upgrade.servers.len()
+            ),
+        )];
+        upgrade.begin_rollback(
+            format!("rollback of completed plan {from} requested by {by}"),
+            true,
+            &mut out,
+        );
+        upgrade.enter_domain(&mut out);
+        upgrade.settle(&mut out);
+        Ok(Some((upgrade, out)))
+    }
+
     /// A state for a stored plan that can no longer be executed (it fails validation, e.g. a
     /// duration beyond its bound): paused with the reason, so that the pool stays manageable.
     /// Steps already in flight are still answered and finish; nothing new is launched.

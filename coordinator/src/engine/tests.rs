@@ -1271,3 +1271,55 @@ fn an_answer_to_an_older_readiness_question_is_ignored() {
     let actions = run.feed_readiness(PoolState::Ready, true);
     assert!(actions.contains(&run_step("fe-1a", Step::Drain, 1, Direction::Forward)));
 }
+
+#[test]
+fn a_completed_upgrade_is_rolled_back_as_a_new_plan_domain_by_domain() {
+    let mut run = Run::new(three_by_two());
+    run.run_ok();
+    assert_eq!(run.up().status, Status::Completed);
+    // Not while anything runs: only a completed upgrade is reverted.
+    let mut running = Run::new(three_by_two());
+    running.answer_next();
+    assert!(Upgrade::revert(running.up(), "p2".into(), "operator/alice")
+        .expect("valid")
+        .is_none());
+
+    let (up, actions) = Upgrade::revert(run.up(), "p2".into(), "operator/alice")
+        .expect("valid")
+        .expect("a completed upgrade can be reverted");
+    assert_eq!(up.plan.id, "p2");
+    assert!(matches!(up.status, Status::RollingBack { .. }));
+    assert_eq!(up.direction, Direction::Backward);
+    let mut back = Run {
+        up: Some(up),
+        queue: VecDeque::new(),
+        log: Vec::new(),
+    };
+    back.absorb(actions);
+    back.run_ok();
+    assert_eq!(back.up().status, Status::RolledBack);
+    assert_eq!(back.finished(), vec![Status::RolledBack]);
+    // Every server goes back once, last domain first, each chain a full backward chain
+    // (prepare, drain, rollback, restart, verify; the next server prepares while one is
+    // down), with new operation ids.
+    let order = ["fe-3a", "fe-3b", "fe-2a", "fe-2b", "fe-1a", "fe-1b"];
+    let steps = back.run_steps();
+    for s in order {
+        let own: Vec<(String, Step)> = steps.iter().filter(|(x, _)| x == s).cloned().collect();
+        assert_eq!(own, chain(s, &BWD), "{s}");
+    }
+    let down: Vec<&str> = steps
+        .iter()
+        .filter(|(_, st)| *st == Step::Drain)
+        .map(|(x, _)| x.as_str())
+        .collect();
+    assert_eq!(down, order);
+    for a in &back.log {
+        if let Action::RunStep { op_id, .. } = a {
+            assert!(op_id.starts_with("p2/"), "{op_id}");
+        }
+    }
+    // The readiness gate before every server that goes down, in its own domain.
+    let checks: Vec<String> = back.checks().into_iter().map(|(d, _)| d).collect();
+    assert_eq!(checks, vec!["ud3", "ud3", "ud2", "ud2", "ud1", "ud1"]);
+}
