@@ -239,6 +239,7 @@ pub fn status_of(
     s.domain_phase = match u.domain_phase {
         DomainPhase::FailingOver => pb::DomainPhase::FailingOver,
         DomainPhase::Soaking => pb::DomainPhase::Soaking,
+        DomainPhase::AwaitingWindow => pb::DomainPhase::AwaitingWindow,
         DomainPhase::InProgress if u.waiting_ready() => pb::DomainPhase::WaitingReady,
         DomainPhase::InProgress => pb::DomainPhase::InProgress,
     } as i32;

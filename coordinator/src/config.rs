@@ -206,6 +206,19 @@ impl<'de> Deserialize<'de> for MinActive {
     }
 }
 
+impl PoolConfig {
+    /// The parsed maintenance windows.
+    pub fn windows(&self) -> Result<Vec<crate::engine::window::Window>, String> {
+        self.maintenance_windows
+            .iter()
+            .map(|w| {
+                w.parse()
+                    .map_err(|e| format!("pools.{}.maintenance_windows: {e}", self.name))
+            })
+            .collect()
+    }
+}
+
 impl MinActive {
     /// The count for a pool of `n` servers.
     pub fn resolve(self, n: usize) -> usize {
@@ -244,6 +257,9 @@ pub struct PoolConfig {
     #[serde(default = "default_hook_timeout", with = "humantime_serde")]
     pub hook_timeout: Duration,
     /// The servers.
+    /// When upgrades may start a domain, e.g. ["Sat 01:00-05:00 UTC"] (empty: any time).
+    #[serde(default)]
+    pub maintenance_windows: Vec<String>,
     pub servers: Vec<ServerConfig>,
 }
 
@@ -504,6 +520,7 @@ impl CoordinatorConfig {
             if !pools.insert(p.name.as_str()) {
                 return Err(format!("pools: pool {:?} is defined twice", p.name));
             }
+            p.windows()?;
             if p.servers.is_empty() {
                 return Err(format!(
                     "pools.{}.servers: a pool needs at least one server",
@@ -569,6 +586,7 @@ mod tests {
             failover: vec![],
             failback: vec![],
             hook_timeout: Duration::from_secs(1),
+            maintenance_windows: vec![],
             servers: servers
                 .iter()
                 .map(|(id, d)| ServerConfig {
@@ -663,6 +681,7 @@ mod tests {
             paired_pool: None,
             min_active: Some(3),
             rollback_artifact: None,
+            windows: vec![],
         };
         // A server added mid-upgrade reshuffles the auto-assigned domains of the config...
         let after = pool(

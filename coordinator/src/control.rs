@@ -311,6 +311,7 @@ impl Control {
                 a.sha256 = a.sha256.trim().to_ascii_lowercase();
                 a
             }),
+            windows: pool.windows().map_err(invalid)?,
         };
         plan.validate().map_err(|e| invalid(e.to_string()))?;
         Ok(plan)

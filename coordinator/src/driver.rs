@@ -424,6 +424,30 @@ impl Driver {
                     let _ = tx.send(Event::FailoverDone { ok, message });
                 });
             }
+            Action::AwaitWindow { domain } => {
+                let (tx, stop) = (self.events_tx.clone(), self.lead.lost.clone());
+                let (clock, windows) = (
+                    std::sync::Arc::clone(&self.env.clock),
+                    self.record.upgrade.plan.windows.clone(),
+                );
+                self.spawn(Task::Soak, async move {
+                    loop {
+                        let wait = crate::engine::window::ms_until_open(&windows, clock.wall_ms());
+                        if wait == 0 {
+                            let _ = tx.send(Event::WindowOpen);
+                            return;
+                        }
+                        tracing::debug!(%domain, wait_ms = wait, "outside the maintenance windows");
+                        // Looked at again at least every minute: the wall clock may be set.
+                        let nap = Duration::from_millis(wait).min(Duration::from_secs(60));
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(nap) => {}
+                        }
+                    }
+                });
+            }
             Action::Soak { after } => {
                 let (tx, stop) = (self.events_tx.clone(), self.lead.lost.clone());
                 self.spawn(Task::Soak, async move {

@@ -9,8 +9,9 @@ use rollgate_common::Epoch;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Wall-clock time, for plan ids and event timestamps only (never for decisions: those use
-/// tokio's monotonic clock, which the simulation controls).
+/// Wall-clock time, for plan ids, event timestamps and maintenance windows (which are wall-clock
+/// times by definition); every other decision uses tokio's monotonic clock, which the
+/// simulation controls.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Unix milliseconds.
     fn wall_ms(&self) -> u64;

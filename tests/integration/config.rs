@@ -215,6 +215,13 @@ agent = "127.0.0.1:7001"
             "min_active",
         ),
         (
+            good.replace(
+                "name = \"p\"",
+                "name = \"p\"\nmaintenance_windows = [\"Sat 01:00-05:00 CET\"]",
+            ),
+            "maintenance_windows",
+        ),
+        (
             good.replace("name = \"p\"", "name = \"p\"\npaired_pool = \"q\""),
             "failover",
         ),

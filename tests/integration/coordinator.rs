@@ -971,6 +971,7 @@ async fn a_stored_plan_beyond_its_bounds_pauses_and_crashes_no_coordinator() -> 
         paired_pool: None,
         min_active: Some(2),
         rollback_artifact: None,
+        windows: vec![],
     };
     let (mut upgrade, _) = Upgrade::new(sane.clone())?;
     upgrade.plan.drain = DrainMode::Graceful {

@@ -445,3 +445,138 @@ async fn both_daemons_serve_prometheus_metrics() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A pool's maintenance windows: outside them an upgrade waits before each domain, touches
+/// nothing, and says so in its status and events; inside them it runs as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_waits_for_the_pools_maintenance_window() -> anyhow::Result<()> {
+    use rollgate_proto::operator::v1 as pb;
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    // Three days from today (UTC): closed now whatever the time.
+    let days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    let now_days = rollgate_common::time::now_ms() / 86_400_000;
+    // 1970-01-01 was a Thursday (index 3 of a Monday-first week).
+    let today = usize::try_from((now_days + 3) % 7)?;
+    let closed = format!("{} 01:00-02:00 UTC", days[(today + 3) % 7]);
+    let pools = fleet.pool_toml(&format!("maintenance_windows = [\"{closed}\"]"));
+    let coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"",
+            root.join("store.json").display()
+        ),
+        &pools,
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let mut c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        crate::coordinator::start_req("pool-a", &artifact, &sha),
+    )
+    .await?;
+    let s = rollgate_tests::eventually(
+        "the upgrade to wait for its window",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let s = c
+                    .get_upgrade(pb::PoolRequest {
+                        pool: "pool-a".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (names::domain_phase(s.domain_phase) == "awaiting_window").then_some(s)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(names::upgrade_state(s.status), "running");
+    assert_eq!(s.current_domain, "ud-1");
+    let events = c
+        .events(pb::EventsRequest {
+            pool: "pool-a".into(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "awaiting_window" && e.message.contains(&closed)),
+        "{events:?}"
+    );
+    // Nothing was prepared, drained or installed, and the pool still serves in full.
+    assert!(
+        s.servers
+            .iter()
+            .all(|x| names::server_phase(x.phase) == "pending"),
+        "{s:?}"
+    );
+    for (id, installs) in fleet.installs() {
+        assert!(installs.is_empty(), "{id}: {installs:?}");
+    }
+    let out = cli(&op, &[coord.addr])?
+        .args(["upgrade", "status", "--pool", "pool-a"])
+        .output()?;
+    assert!(
+        text(&out.stdout).contains("running"),
+        "{}",
+        text(&out.stdout)
+    );
+    c.abort_upgrade(pb::PoolRequest {
+        pool: "pool-a".into(),
+    })
+    .await?;
+    let end = wait_status(&[coord.addr], &op, "pool-a", Duration::from_secs(30), ended).await?;
+    assert_eq!(names::upgrade_state(end.status), "aborted", "{end:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_its_maintenance_windows_an_upgrade_runs_through() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    // Two windows that together cover every minute of every day.
+    let pools = fleet
+        .pool_toml("maintenance_windows = [\"daily 00:00-12:00 UTC\", \"daily 12:00-00:00 UTC\"]");
+    let coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &format!(
+            "[store]\nkind = \"embedded\"\npath = \"{}\"",
+            root.join("store.json").display()
+        ),
+        &pools,
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let mut c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    rollgate_tests::cluster::start_upgrade(
+        &mut c,
+        crate::coordinator::start_req("pool-a", &artifact, &sha),
+    )
+    .await?;
+    let end = wait_status(&[coord.addr], &op, "pool-a", Duration::from_secs(60), ended).await?;
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
+    for (id, installs) in fleet.installs() {
+        assert_eq!(installs, vec!["2.0"], "{id}");
+    }
+    Ok(())
+}

@@ -132,6 +132,7 @@ fn a_stored_plan_beyond_its_bounds_pauses_with_a_reason_and_crashes_nothing() {
         paired_pool: None,
         min_active: Some(1),
         rollback_artifact: None,
+        windows: vec![],
     };
     assert!(plan.validate().is_err());
     // Stored mid-run: the first server's drain is in flight.

@@ -153,6 +153,7 @@ impl Upgrade {
             } => self.on_step_done(server, step, attempt, outcome, &mut out),
             Event::FailoverDone { ok, message } => self.on_failover_done(ok, message, &mut out),
             Event::SoakDone => self.on_soak_done(&mut out),
+            Event::WindowOpen => self.on_window_open(&mut out),
             Event::Internal { message } => self.on_internal(message, &mut out),
             Event::Pause { by } => self.on_pause(by, &mut out),
             Event::Resume { by } => self.on_resume(by, &mut out),
@@ -226,6 +227,13 @@ impl Upgrade {
             DomainPhase::Soaking => out.push(Action::Soak {
                 after: self.plan.canary_soak.unwrap_or_default(),
             }),
+            DomainPhase::AwaitingWindow => {
+                if let Some(domain) = self.current_domain() {
+                    out.push(Action::AwaitWindow {
+                        domain: domain.to_string(),
+                    });
+                }
+            }
             DomainPhase::InProgress => {}
         }
         out
@@ -568,6 +576,22 @@ impl Upgrade {
         self.enter_next_domain(out);
     }
 
+    fn on_window_open(&mut self, out: &mut Vec<Action>) {
+        if self.domain_phase != DomainPhase::AwaitingWindow || self.status.is_terminal() {
+            out.push(self.domain_record(
+                "ignored",
+                "ignored a window opening nobody waits for".to_string(),
+            ));
+            return;
+        }
+        out.push(self.domain_record(
+            "window_open",
+            "a maintenance window is open: the domain starts".to_string(),
+        ));
+        self.domain_phase = DomainPhase::InProgress;
+        self.enter_domain_now(out);
+    }
+
     fn on_internal(&mut self, message: String, out: &mut Vec<Action>) {
         // The check whose answer will never come is no longer outstanding: Resume asks again.
         self.readiness_outstanding = None;
@@ -725,8 +749,12 @@ impl Upgrade {
         if self.status.is_active() {
             self.reissue_unanswered(out);
         }
-        // A failover in progress keeps running: its result says where the traffic is.
-        if self.domain_phase == DomainPhase::Soaking {
+        // A failover in progress keeps running: its result says where the traffic is. A
+        // rollback waits for no soak and no maintenance window.
+        if matches!(
+            self.domain_phase,
+            DomainPhase::Soaking | DomainPhase::AwaitingWindow
+        ) {
             self.domain_phase = DomainPhase::InProgress;
         }
     }
@@ -879,7 +907,34 @@ impl Upgrade {
         self.enter_domain(out);
     }
 
+    /// Enters the current domain; a forward domain with work waits for a maintenance window
+    /// first when the plan names some.
     fn enter_domain(&mut self, out: &mut Vec<Action>) {
+        self.busy_answers = 0;
+        if self.direction == Direction::Forward
+            && !self.plan.windows.is_empty()
+            && self.domain_has_work()
+        {
+            self.domain_phase = DomainPhase::AwaitingWindow;
+            let windows: Vec<String> = self.plan.windows.iter().map(ToString::to_string).collect();
+            out.push(self.domain_record(
+                "awaiting_window",
+                format!(
+                    "the domain starts only in a maintenance window ({})",
+                    windows.join("; ")
+                ),
+            ));
+            if let Some(domain) = self.current_domain() {
+                out.push(Action::AwaitWindow {
+                    domain: domain.to_string(),
+                });
+            }
+            return;
+        }
+        self.enter_domain_now(out);
+    }
+
+    fn enter_domain_now(&mut self, out: &mut Vec<Action>) {
         self.domain_phase = DomainPhase::InProgress;
         self.busy_answers = 0;
         if self.domain_has_work() {
@@ -1154,6 +1209,7 @@ impl Upgrade {
 
 fn describe(event: &Event) -> String {
     match event {
+        Event::WindowOpen => "maintenance window open".to_string(),
         Event::Readiness { state, .. } => format!("readiness answer {state:?}"),
         Event::StepDone {
             server,

@@ -46,6 +46,7 @@
 mod machine;
 mod model;
 mod plan;
+pub mod window;
 
 pub use model::{
     Action, Direction, DomainPhase, Event, Outcome, PoolState, ServerPhase, ServerProgress, Status,

@@ -234,6 +234,8 @@ pub enum DomainPhase {
     FailingOver,
     /// The canary domain is done; the soak timer runs.
     Soaking,
+    /// The next domain waits for one of the plan's maintenance windows to open.
+    AwaitingWindow,
 }
 
 /// The whole engine state. It is stored after every transition that leads to an action, before
@@ -313,6 +315,8 @@ pub enum Event {
         message: String,
     },
     SoakDone,
+    /// Answer to `AwaitWindow`: a maintenance window is open.
+    WindowOpen,
     /// Something the driver cannot turn into an answer (e.g. one of its tasks failed): the
     /// upgrade pauses with `message` instead of waiting forever.
     Internal {
@@ -361,6 +365,9 @@ pub enum Action {
         #[serde(with = "humantime_serde")]
         after: Duration,
     },
+    /// Wait until one of the plan's maintenance windows is open (at once if one is), feed
+    /// `Event::WindowOpen`.
+    AwaitWindow { domain: String },
     /// An entry for the durable event history.
     Record {
         kind: String,
@@ -381,6 +388,7 @@ impl Action {
             Action::RunStep { .. }
             | Action::Failover { .. }
             | Action::Soak { .. }
+            | Action::AwaitWindow { .. }
             | Action::Finished { .. } => true,
             Action::CheckReadiness { after, .. } => !after.is_zero(),
             Action::Record { .. } => false,

@@ -122,6 +122,10 @@ pub struct Plan {
     /// installs when the agent has no previous artifact of its own.
     #[serde(default)]
     pub rollback_artifact: Option<RollbackArtifact>,
+    /// When domains may start (UTC, weekly), fixed when the plan starts; empty: any time.
+    /// Outside them the upgrade waits between domains; rollbacks and restores never wait.
+    #[serde(default)]
+    pub windows: Vec<super::window::Window>,
 }
 
 /// Where the previous version's artifact is, and its sha256.

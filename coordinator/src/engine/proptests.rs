@@ -57,6 +57,14 @@ fn plan_strategy() -> impl Strategy<Value = Plan> {
                     FailureAction::Pause
                 };
                 plan.canary_soak = canary.then_some(Duration::from_secs(3600));
+                // Half the plans wait for a maintenance window before each domain.
+                if busy_retries % 2 == 0 {
+                    plan.windows = vec![super::window::Window {
+                        days: 0b0100000,
+                        start: 60,
+                        end: 300,
+                    }];
+                }
                 if immediate {
                     plan.drain = DrainMode::Immediate;
                 }
@@ -542,6 +550,13 @@ fn check_transition(
                 prop_assert_eq!(post.domain_index, 0);
                 prop_assert_eq!(&post.domain_phase, &DomainPhase::Soaking);
             }
+            Action::AwaitWindow { domain } => {
+                // Only a forward domain waits, only with windows, and nothing of it is down.
+                prop_assert!(!post.plan.windows.is_empty());
+                prop_assert_eq!(post.direction, Direction::Forward);
+                prop_assert_eq!(&post.domain_phase, &DomainPhase::AwaitingWindow);
+                prop_assert_eq!(Some(domain.as_str()), post.current_domain());
+            }
             Action::Record { .. } | Action::Finished { .. } => {}
         }
     }
@@ -593,6 +608,7 @@ fn answer(action: &Action, dice: &mut Dice, hostile: bool) -> Option<Event> {
             message: "sim".into(),
         },
         Action::Soak { .. } => Event::SoakDone,
+        Action::AwaitWindow { .. } => Event::WindowOpen,
         Action::Record { .. } | Action::Finished { .. } => return None,
     })
 }

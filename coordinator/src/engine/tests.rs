@@ -33,6 +33,7 @@ pub(super) fn plan(domains: &[(&str, &[&str])]) -> Plan {
         paired_pool: None,
         min_active: Some(1),
         rollback_artifact: None,
+        windows: vec![],
     }
 }
 
@@ -110,6 +111,7 @@ fn ok_answer(action: &Action) -> Option<Event> {
             message: "ok".into(),
         }),
         Action::Soak { .. } => Some(Event::SoakDone),
+        Action::AwaitWindow { .. } => Some(Event::WindowOpen),
         Action::Record { .. } | Action::Finished { .. } => None,
     }
 }
@@ -1322,4 +1324,61 @@ fn a_completed_upgrade_is_rolled_back_as_a_new_plan_domain_by_domain() {
     // The readiness gate before every server that goes down, in its own domain.
     let checks: Vec<String> = back.checks().into_iter().map(|(d, _)| d).collect();
     assert_eq!(checks, vec!["ud3", "ud3", "ud2", "ud2", "ud1", "ud1"]);
+}
+
+#[test]
+fn with_maintenance_windows_each_domain_waits_for_one_and_a_rollback_does_not() {
+    let mut p = three_by_two();
+    p.windows = vec!["Sat 01:00-05:00 UTC".parse().expect("valid window")];
+    let (up, actions) = Upgrade::new(p.clone()).expect("valid plan");
+    // Nothing is prepared before the window opens.
+    assert_eq!(
+        work(&actions),
+        vec![Action::AwaitWindow {
+            domain: "ud1".into()
+        }]
+    );
+    assert_eq!(up.domain_phase, DomainPhase::AwaitingWindow);
+    assert!(actions.iter().any(
+        |a| matches!(a, Action::Record { kind, message, .. } if kind == "awaiting_window" && message.contains("Sat 01:00-05:00 UTC"))
+    ));
+    // A leader that takes over mid-wait waits again.
+    assert_eq!(
+        up.resume(),
+        vec![Action::AwaitWindow {
+            domain: "ud1".into()
+        }]
+    );
+    let mut run = Run::new(p);
+    let first = run.feed(Event::WindowOpen);
+    assert!(
+        first.iter().any(|a| is_step(a, "fe-1a", Step::Prepare)),
+        "{first:?}"
+    );
+    // Every domain waited for its window.
+    run.run_ok();
+    assert_eq!(run.up().status, Status::Completed);
+    let waits: Vec<&str> = run
+        .log
+        .iter()
+        .filter_map(|a| match a {
+            Action::AwaitWindow { domain } => Some(domain.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waits, vec!["ud1", "ud2", "ud3"]);
+
+    // A rollback asked while the next domain waits starts at once.
+    let mut p = three_by_two();
+    p.windows = vec!["Sat 01:00-05:00 UTC".parse().expect("valid window")];
+    let mut run = Run::new(p);
+    run.feed(Event::WindowOpen);
+    while run.up().domain_phase != DomainPhase::AwaitingWindow {
+        run.answer_next();
+    }
+    assert_eq!(run.up().current_domain(), Some("ud2"));
+    run.feed(Event::Rollback { by: op("alice") });
+    assert_eq!(run.up().domain_phase, DomainPhase::InProgress);
+    run.run_ok();
+    assert_eq!(run.up().status, Status::RolledBack);
 }

@@ -253,6 +253,7 @@ fn config(id: &str, setup: &Setup, ttl: Duration) -> CoordinatorConfig {
             failover: vec!["true".into()],
             failback: vec!["true".into()],
             hook_timeout: Duration::from_secs(10),
+            maintenance_windows: vec![],
             servers: setup
                 .servers
                 .iter()
