@@ -12,6 +12,7 @@ use super::wire::*;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use prost::Message;
+use rollgate_common::config::MAX_OPERATION_ID_LEN;
 use rollgate_common::tls::RoleKind;
 use rollgate_proto::agent::v1 as pb;
 use rollgate_proto::agent::v1::agent_client::AgentClient;
@@ -122,6 +123,7 @@ fn header(id: &str, epoch: u64) -> Option<pb::OperationHeader> {
 fn fresh_id() -> BoxedStrategy<String> {
     prop_oneof![
         "[!-~]{1,128}",
+        "[!-~]{129,512}",
         proptest::sample::select(vec![
             "..".to_string(),
             "/".into(),
@@ -130,6 +132,7 @@ fn fresh_id() -> BoxedStrategy<String> {
             "%00".into(),
             "a/../../b".into(),
             "x".repeat(128),
+            "x".repeat(MAX_OPERATION_ID_LEN),
             "setup/fe-1/stop".into(),
         ]),
     ]
@@ -142,11 +145,11 @@ fn bad_header() -> BoxedStrategy<(Option<pb::OperationHeader>, Code, String)> {
     let bad_id = prop_oneof![
         Just((String::new(), "an empty operation id")),
         prop_oneof![
-            Just("x".repeat(129)),
-            "[!-~]{129,300}",
+            Just("x".repeat(MAX_OPERATION_ID_LEN + 1)),
+            "[!-~]{513,700}",
             Just("y".repeat(10 * 1024))
         ]
-        .prop_map(|id| (id, "an operation id over 128 characters")),
+        .prop_map(|id| (id, "an operation id over 512 characters")),
         ("[!-~]{0,20}", bad_char(), "[!-~]{0,20}").prop_map(|(a, c, b)| (
             format!("{a}{c}{b}"),
             "an operation id with a space, a control character or non-ASCII"
@@ -203,6 +206,11 @@ fn bad_source(state_dir: PathBuf, config: PathBuf) -> BoxedStrategy<(String, Vec
         |s: &str, why: &str| (s.to_string(), vec![Code::InvalidArgument], why.to_string());
     let state = state_dir.display().to_string();
     let cfg = config.display().to_string();
+    // Under the agent's artifact_dirs (the test root), where a missing file is NOT_FOUND.
+    let missing = state_dir
+        .parent()
+        .map(|root| root.join("no-such-fuzz-artifact").display().to_string())
+        .unwrap_or_default();
     prop_oneof![
         proptest::sample::select(vec![
             invalid("", "an empty artifact source"),
@@ -233,15 +241,23 @@ fn bad_source(state_dir: PathBuf, config: PathBuf) -> BoxedStrategy<(String, Vec
                 "a relative path, to a file whose sha256 is not the one given if it exists"
                     .to_string()
             ),
-            (
-                "/nonexistent/fuzz-artifact".to_string(),
-                vec![Code::NotFound],
-                "a file that does not exist".to_string()
+            invalid(
+                "/nonexistent/fuzz-artifact",
+                "a local path outside artifact_dirs"
+            ),
+            invalid(
+                "file:///nonexistent/fuzz-artifact",
+                "a local path outside artifact_dirs"
             ),
             (
-                "file:///nonexistent/fuzz-artifact".to_string(),
+                missing.clone(),
                 vec![Code::NotFound],
-                "a file that does not exist".to_string()
+                "a file under artifact_dirs that does not exist".to_string()
+            ),
+            (
+                format!("file://{missing}"),
+                vec![Code::NotFound],
+                "a file under artifact_dirs that does not exist".to_string()
             ),
             (
                 "http://127.0.0.1:1/fuzz-artifact".to_string(),
@@ -1053,7 +1069,7 @@ fn classify(path: &str, bytes: &[u8]) -> Option<Raw> {
     let acts = |h: Option<pb::OperationHeader>| {
         h.is_some_and(|h| {
             !h.operation_id.is_empty()
-                && h.operation_id.len() <= 128
+                && h.operation_id.len() <= MAX_OPERATION_ID_LEN
                 && h.operation_id.chars().all(|c| c.is_ascii_graphic())
                 && h.epoch >= E
         })
