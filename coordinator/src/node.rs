@@ -17,6 +17,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How many fence calls a new leader has in flight at once.
+const FENCE_CONCURRENCY: usize = 256;
+
 /// Where this node stands.
 #[derive(Debug, Clone)]
 pub enum Role {
@@ -172,16 +175,18 @@ impl Node {
         }
     }
 
-    /// Takes over: fences agents, then resumes unfinished upgrades from the store. Leader-only
-    /// calls are refused as "taking over" until it is done, so nothing can start a second
-    /// driver for a pool being resumed.
+    /// Takes over: reads the unfinished upgrades, fences their agents, resumes them, then
+    /// fences every other agent in the background. Leader-only calls are refused as "taking
+    /// over" until the upgrades are resumed, so nothing can start a second driver for a pool
+    /// being resumed.
+    ///
+    /// Only the agents of upgrades being resumed must be fenced before anything acts: an older
+    /// leader can have work in flight only there (it stores every state before acting), and
+    /// anything new it tries needs a fenced store write, which fails now. So a hung agent
+    /// elsewhere in the fleet no longer delays the take-over.
     async fn take_over(self: Arc<Self>, lead: Leadership) {
         self.role
             .send_replace(Role::TakingOver { epoch: lead.epoch });
-        self.fence_agents(&lead).await;
-        if lead.lost.is_cancelled() {
-            return;
-        }
         let pools: Vec<PoolConfig> = self.cfg.pools.clone();
         let mut resumed = Vec::new();
         for pool in pools {
@@ -202,6 +207,15 @@ impl Node {
             }
             resumed.push((pool, record));
         }
+        if lead.lost.is_cancelled() {
+            return;
+        }
+        let urgent: std::collections::BTreeSet<String> = resumed
+            .iter()
+            .flat_map(|(_, r)| r.upgrade.plan.servers().cloned())
+            .collect();
+        self.fence_agents(&lead, urgent.iter().cloned().collect())
+            .await;
         if lead.lost.is_cancelled() {
             return;
         }
@@ -226,7 +240,28 @@ impl Node {
         }
         if !lead.lost.is_cancelled() {
             self.role.send_replace(Role::Leader(lead.clone()));
-            tracing::info!(epoch = lead.epoch.get(), "took over: leading");
+            tracing::info!(
+                epoch = lead.epoch.get(),
+                fenced_first = urgent.len(),
+                "took over: leading"
+            );
+            let rest: Vec<String> = self
+                .env
+                .agents
+                .servers()
+                .into_iter()
+                .filter(|s| !urgent.contains(s))
+                .collect();
+            if !rest.is_empty() {
+                let me = Arc::clone(&self);
+                self.tasks.spawn(async move {
+                    tokio::select! {
+                        biased;
+                        _ = lead.lost.cancelled() => {}
+                        _ = me.fence_agents(&lead, rest) => {}
+                    }
+                });
+            }
         }
     }
 
@@ -253,13 +288,17 @@ impl Node {
         }
     }
 
-    /// Raises the epoch on every agent so that an older leader's calls are refused from now on.
-    /// Unreachable agents are fenced by the epoch on the first command they get.
-    async fn fence_agents(&self, lead: &Leadership) {
-        let calls = self.env.agents.servers().into_iter().map(|server| {
+    /// Raises the epoch on `servers`' agents so that an older leader's calls are refused from
+    /// now on, at most [`FENCE_CONCURRENCY`] at a time. Unreachable agents are fenced by the
+    /// epoch on the first command they get.
+    async fn fence_agents(&self, lead: &Leadership, servers: Vec<String>) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(FENCE_CONCURRENCY));
+        let calls = servers.into_iter().map(|server| {
             let agents = Arc::clone(&self.env.agents);
             let epoch = lead.epoch;
+            let permits = Arc::clone(&permits);
             async move {
+                let _permit = permits.acquire_owned().await;
                 let r = agents.fence(&server, epoch).await;
                 (server, r)
             }
