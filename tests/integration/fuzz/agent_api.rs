@@ -786,7 +786,7 @@ struct Daemon {
     coordinator_channel: Channel,
     baseline: Snapshot,
     /// The first failure that changed the agent's state, with its input.
-    spoiled: Mutex<Option<String>>,
+    spoiled: Spoiled,
 }
 
 impl Daemon {
@@ -841,7 +841,7 @@ impl Daemon {
             operator,
             coordinator_channel,
             baseline,
-            spoiled: Mutex::new(None),
+            spoiled: Spoiled::default(),
         })
     }
 
@@ -931,24 +931,13 @@ impl Daemon {
         })
     }
 
-    /// Runs one case. A case that changed the daemon's state (or killed it) spoils every case
-    /// after it, so the shrinker would "minimise" it to whatever runs next: the first such
-    /// failure is kept as it was generated, and later cases pass without running.
+    /// Runs one case, unless an earlier one spoiled the daemon (see [`Spoiled`]).
     async fn guarded(
         &self,
         input: String,
         case: impl std::future::Future<Output = Result<(), TestCaseError>>,
     ) -> Result<(), TestCaseError> {
-        if self.spoiled.lock().map_err(fail)?.is_some() {
-            return Ok(());
-        }
-        let result = case.await;
-        if let Err(e) = &result {
-            if !self.intact().await {
-                *self.spoiled.lock().map_err(fail)? = Some(format!("{e}\ninput: {input}"));
-            }
-        }
-        result
+        self.spoiled.guarded(input, case, || self.intact()).await
     }
 
     async fn check(&self, c: Case) -> Result<(), TestCaseError> {
@@ -1156,7 +1145,7 @@ fn every_agent_rpc_refuses_bad_input_clearly_and_changes_nothing() -> anyhow::Re
                 .map(|e| format!("regression {name}: {e}\ninput: {c:?}"))
         })
         .collect();
-    if let Some(first) = d.spoiled.lock().map_err(|e| anyhow::anyhow!("{e}"))?.take() {
+    if let Some(first) = d.spoiled.take()? {
         failed.push(format!("a regression changed the daemon's state: {first}"));
     }
     anyhow::ensure!(failed.is_empty(), "{}", failed.join("\n\n"));

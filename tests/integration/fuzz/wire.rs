@@ -398,14 +398,50 @@ pub fn check_undecodable(s: &Status) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The first failing case that changed a daemon's state (or killed it). Such a case spoils
+/// every case after it, so the shrinker would "minimise" it to whatever runs next: it is kept
+/// as it was generated, and later cases pass without running.
+#[derive(Debug, Default)]
+pub struct Spoiled(std::sync::Mutex<Option<String>>);
+
+impl Spoiled {
+    /// Runs `case` (described by `input`) unless an earlier case spoiled the daemon; a failure
+    /// after which `intact` says the daemon changed is kept.
+    pub async fn guarded<F>(
+        &self,
+        input: String,
+        case: impl std::future::Future<Output = Result<(), TestCaseError>>,
+        intact: impl FnOnce() -> F,
+    ) -> Result<(), TestCaseError>
+    where
+        F: std::future::Future<Output = bool>,
+    {
+        if self.0.lock().map_err(fail)?.is_some() {
+            return Ok(());
+        }
+        let result = case.await;
+        if let Err(e) = &result {
+            if !intact().await {
+                *self.0.lock().map_err(fail)? = Some(format!("{e}\ninput: {input}"));
+            }
+        }
+        result
+    }
+
+    /// The kept failure, if any (taken: reported once).
+    pub fn take(&self) -> anyhow::Result<Option<String>> {
+        Ok(self.0.lock().map_err(|e| anyhow::anyhow!("{e}"))?.take())
+    }
+}
+
 /// Turns a run's result into the test's: the first failure that changed the daemon's state
 /// (`spoiled`) as generated, or else the shrunk failure.
 pub fn report<T: std::fmt::Debug>(
     what: &str,
     result: Result<(), TestError<T>>,
-    spoiled: &std::sync::Mutex<Option<String>>,
+    spoiled: &Spoiled,
 ) -> anyhow::Result<()> {
-    if let Some(first) = spoiled.lock().map_err(|e| anyhow::anyhow!("{e}"))?.take() {
+    if let Some(first) = spoiled.take()? {
         anyhow::bail!("{what}: a call changed the daemon's state: {first}");
     }
     match result {
