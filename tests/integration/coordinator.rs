@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn embedded(root: &Path) -> String {
+pub(crate) fn embedded(root: &Path) -> String {
     format!(
         "[store]\nkind = \"embedded\"\npath = \"{}\"",
         root.join("store.json").display()

@@ -3,12 +3,15 @@
 
 use crate::coordinator::{ended, wait_ready, wait_status};
 use anyhow::Context;
-use rollgate_common::tls::RoleKind;
+use rollgate_common::tls::{RoleKind, TlsFiles};
 use rollgate_proto::operator::names;
+use rollgate_proto::operator::v1::operator_client::OperatorClient;
 use rollgate_tests::cluster::{cli, operator_client, CoordinatorProc, Fleet};
 use rollgate_tests::make_artifact;
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -18,26 +21,51 @@ fn code(o: &Output) -> Option<i32> {
     o.status.code()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_exit_codes_tell_a_script_what_happened() -> anyhow::Result<()> {
-    let _cluster = rollgate_tests::cluster_lock().await?;
-    let tmp = tempfile::tempdir()?;
-    let root = tmp.path();
+/// A pool of 3 servers in 3 domains on 1.0 and one coordinator on the embedded store (with
+/// `[http]` on a free port when `http`), Ready; `pool_extra` goes into the pool's table.
+struct OnePool {
+    fleet: Fleet,
+    coord: CoordinatorProc,
+    op: TlsFiles,
+    c: OperatorClient<Channel>,
+}
+
+async fn one_pool(root: &Path, pool_extra: &str, http: bool) -> anyhow::Result<OnePool> {
     let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    let mut store = crate::coordinator::embedded(root);
+    if http {
+        store.push_str("\n[http]\nlisten = \"127.0.0.1:0\"");
+    }
     let coord = CoordinatorProc::start(
         root,
         "c1",
         &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
-        &format!(
-            "[store]\nkind = \"embedded\"\npath = \"{}\"",
-            root.join("store.json").display()
-        ),
-        &fleet.pool_toml(""),
+        &store,
+        &fleet.pool_toml(pool_extra),
     )
     .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(coord.addr, &op).await?;
     wait_ready(&c, "pool-a").await?;
+    Ok(OnePool {
+        fleet,
+        coord,
+        op,
+        c,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_exit_codes_tell_a_script_what_happened() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let OnePool {
+        fleet: _fleet,
+        coord,
+        op,
+        c,
+    } = one_pool(root, "", false).await?;
     let rollgate = |args: &[&str]| -> anyhow::Result<Output> {
         Ok(cli(&op, &[coord.addr])?.args(args).output()?)
     };
@@ -226,21 +254,12 @@ async fn every_command_speaks_json() -> anyhow::Result<()> {
     let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
-    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
-    let coord = CoordinatorProc::start(
-        root,
-        "c1",
-        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
-        &format!(
-            "[store]\nkind = \"embedded\"\npath = \"{}\"",
-            root.join("store.json").display()
-        ),
-        &fleet.pool_toml(""),
-    )
-    .await?;
-    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
-    let c = operator_client(coord.addr, &op).await?;
-    wait_ready(&c, "pool-a").await?;
+    let OnePool {
+        fleet: _fleet,
+        coord,
+        op,
+        c: _c,
+    } = one_pool(root, "", false).await?;
     let (a2, sha2) = make_artifact(root, "2.0")?;
     let a2 = a2.to_str().context("path")?.to_owned();
     let certs = root.join("new-ca");
@@ -353,21 +372,12 @@ async fn both_daemons_serve_prometheus_metrics() -> anyhow::Result<()> {
     let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
-    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
-    let coord = CoordinatorProc::start(
-        root,
-        "c1",
-        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
-        &format!(
-            "[store]\nkind = \"embedded\"\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"",
-            root.join("store.json").display()
-        ),
-        &fleet.pool_toml(""),
-    )
-    .await?;
-    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
-    let mut c = operator_client(coord.addr, &op).await?;
-    wait_ready(&c, "pool-a").await?;
+    let OnePool {
+        fleet,
+        coord,
+        op,
+        mut c,
+    } = one_pool(root, "", true).await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
     rollgate_tests::cluster::start_upgrade(
         &mut c,
@@ -454,28 +464,23 @@ async fn an_upgrade_waits_for_the_pools_maintenance_window() -> anyhow::Result<(
     let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
-    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
     // Three days from today (UTC): closed now whatever the time.
     let days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
     let now_days = rollgate_common::time::now_ms() / 86_400_000;
     // 1970-01-01 was a Thursday (index 3 of a Monday-first week).
     let today = usize::try_from((now_days + 3) % 7)?;
     let closed = format!("{} 01:00-02:00 UTC", days[(today + 3) % 7]);
-    let pools = fleet.pool_toml(&format!("maintenance_windows = [\"{closed}\"]"));
-    let coord = CoordinatorProc::start(
+    let OnePool {
+        fleet,
+        coord,
+        op,
+        mut c,
+    } = one_pool(
         root,
-        "c1",
-        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
-        &format!(
-            "[store]\nkind = \"embedded\"\npath = \"{}\"",
-            root.join("store.json").display()
-        ),
-        &pools,
+        &format!("maintenance_windows = [\"{closed}\"]"),
+        false,
     )
     .await?;
-    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
-    let mut c = operator_client(coord.addr, &op).await?;
-    wait_ready(&c, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
     rollgate_tests::cluster::start_upgrade(
         &mut c,
@@ -549,24 +554,18 @@ async fn inside_its_maintenance_windows_an_upgrade_runs_through() -> anyhow::Res
     let _cluster = rollgate_tests::cluster_lock().await?;
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
-    let fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
     // Two windows that together cover every minute of every day.
-    let pools = fleet
-        .pool_toml("maintenance_windows = [\"daily 00:00-12:00 UTC\", \"daily 12:00-00:00 UTC\"]");
-    let coord = CoordinatorProc::start(
+    let OnePool {
+        fleet,
+        coord,
+        op,
+        mut c,
+    } = one_pool(
         root,
-        "c1",
-        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
-        &format!(
-            "[store]\nkind = \"embedded\"\npath = \"{}\"",
-            root.join("store.json").display()
-        ),
-        &pools,
+        "maintenance_windows = [\"daily 00:00-12:00 UTC\", \"daily 12:00-00:00 UTC\"]",
+        false,
     )
     .await?;
-    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
-    let mut c = operator_client(coord.addr, &op).await?;
-    wait_ready(&c, "pool-a").await?;
     let (artifact, sha) = make_artifact(root, "2.0")?;
     rollgate_tests::cluster::start_upgrade(
         &mut c,

@@ -379,10 +379,7 @@ async fn an_agent_whose_certificate_names_another_server_is_refused() -> anyhow:
         root,
         "c1",
         &coord_tls,
-        &format!(
-            "[store]\nkind = \"embedded\"\npath = \"{}\"",
-            root.join("store.json").display()
-        ),
+        &crate::coordinator::embedded(root),
         &pools,
     )
     .await?;
@@ -450,10 +447,7 @@ async fn the_longest_names_upgrade_a_pool() -> anyhow::Result<()> {
         root,
         "c1",
         &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
-        &format!(
-            "[store]\nkind = \"embedded\"\npath = \"{}\"",
-            root.join("store.json").display()
-        ),
+        &crate::coordinator::embedded(root),
         &fleet.pool_toml(""),
     )
     .await?;
