@@ -398,18 +398,30 @@ impl Control {
             started_by: by.to_owned(),
             started_ms: self.node.env.clock.wall_ms(),
         };
+        self.launch(&lead, pool, record, actions).await
+    }
+
+    /// Starts a driver for a new plan (`record`, with its first `actions`) and answers once
+    /// its first state is stored. Refused while a driver for the pool still runs.
+    async fn launch(
+        &self,
+        lead: &Leadership,
+        pool: PoolConfig,
+        record: UpgradeRecord,
+        actions: Vec<Action>,
+    ) -> Result<Upgrade, ControlError> {
+        let name = pool.name.clone();
         let (tx, rx) = oneshot::channel();
         self.node
-            .start_driver(&lead, pool, record, actions, false, Some(tx))
+            .start_driver(lead, pool, record, actions, false, Some(tx))
             .map_err(|plan| ControlError::AlreadyRunning {
                 plan,
-                pool: r.pool.clone(),
+                pool: name.clone(),
             })?;
-        self.node.forget_unreadable(&r.pool);
-        let stored = rx
+        self.node.forget_unreadable(&name);
+        Ok(rx
             .await
-            .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??;
-        Ok(stored)
+            .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??)
     }
 
     /// Sends `cmd` to the pool's running upgrade; answers once the resulting state is stored,
@@ -494,16 +506,7 @@ impl Control {
             started_by: by.to_owned(),
             started_ms: self.node.env.clock.wall_ms(),
         };
-        let (tx, rx) = oneshot::channel();
-        self.node
-            .start_driver(&lead, cfg, record, actions, false, Some(tx))
-            .map_err(|plan| ControlError::AlreadyRunning {
-                plan,
-                pool: pool.into(),
-            })?;
-        Ok(rx
-            .await
-            .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??)
+        self.launch(&lead, cfg, record, actions).await
     }
 
     /// The pool's readiness now, and whether its traffic is on its paired pool. While an
