@@ -232,6 +232,7 @@ async fn events_are_read_in_bounded_pages(b: Backend) -> Result<()> {
 conformance!(
     events_are_read_in_bounded_pages,
     writes_round_trip,
+    range_deletes_cut_exactly_their_range,
     write_after_resign_is_fenced,
     second_candidate_waits_for_resign,
     leader_reports_current_leader,
@@ -308,6 +309,38 @@ async fn writes_round_trip(b: Backend) -> Result<()> {
         .map(|kv| kv.key)
         .collect();
     ensure!(keys == ["plans/p1/meta", "plans/p1/servers/s1"], "{keys:?}");
+    s.resign(&l).await?;
+    Ok(())
+}
+
+/// A range delete removes exactly the keys in `[start, end)`, in the same transaction as the
+/// puts beside it; an empty or inverted range removes nothing and is no error.
+async fn range_deletes_cut_exactly_their_range(b: Backend) -> Result<()> {
+    let s = &b.store;
+    let l = campaign(s, "a").await?;
+    let keys = ["h/p/01", "h/p/02", "h/p/03", "h/p/04", "h/q/01"];
+    s.fenced_write(&l, keys.iter().map(|k| put(k, b"x")).collect())
+        .await?;
+    s.fenced_write(
+        &l,
+        vec![
+            WriteOp::DeleteRange {
+                start: "h/p/".into(),
+                end: "h/p/03".into(),
+            },
+            WriteOp::DeleteRange {
+                start: "h/z".into(),
+                end: "h/a".into(),
+            },
+            put("h/p/05", b"y"),
+        ],
+    )
+    .await?;
+    let left: Vec<String> = s.range("h/").await?.into_iter().map(|kv| kv.key).collect();
+    ensure!(
+        left == ["h/p/03", "h/p/04", "h/p/05", "h/q/01"],
+        "after the range delete: {left:?}"
+    );
     s.resign(&l).await?;
     Ok(())
 }

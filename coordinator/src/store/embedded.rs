@@ -472,6 +472,19 @@ impl EmbeddedStore {
                     changed = true;
                 }
                 WriteOp::Delete { key } => changed |= data.keys.remove(&key).is_some(),
+                // BTreeMap::range panics on an inverted range; etcd deletes nothing.
+                WriteOp::DeleteRange { start, end } if start < end => {
+                    let doomed: Vec<String> = data
+                        .keys
+                        .range(start..end)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    changed |= !doomed.is_empty();
+                    for k in doomed {
+                        data.keys.remove(&k);
+                    }
+                }
+                WriteOp::DeleteRange { .. } => {}
             }
         }
         // Like etcd, a transaction that changes nothing does not make a revision.

@@ -15,8 +15,8 @@
 
 use super::{Candidate, KeyValue, LeaderInfo, Leadership, StoreError, WriteOp};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions,
 };
 use rollgate_common::Epoch;
 use serde::{Deserialize, Serialize};
@@ -553,6 +553,10 @@ impl EtcdStore {
             .map(|op| match op {
                 WriteOp::Put { key, value } => TxnOp::put(self.full(&key), value, None),
                 WriteOp::Delete { key } => TxnOp::delete(self.full(&key), None),
+                WriteOp::DeleteRange { start, end } => TxnOp::delete(
+                    self.full(&start),
+                    Some(DeleteOptions::new().with_range(self.full(&end))),
+                ),
             })
             .collect();
         let resp = self

@@ -103,6 +103,13 @@ pub enum WriteOp {
         /// Relative key.
         key: String,
     },
+    /// Remove every key in `[start, end)` (none is no error): how old history is cut.
+    DeleteRange {
+        /// First key removed (inclusive), relative.
+        start: String,
+        /// Past the last key removed (exclusive), relative.
+        end: String,
+    },
 }
 
 /// Who is campaigning.

@@ -469,6 +469,14 @@ impl World {
                 WriteOp::Delete { key } => {
                     self.kv.remove(&key);
                 }
+                WriteOp::DeleteRange { start, end } if start < end => {
+                    let doomed: Vec<String> =
+                        self.kv.range(start..end).map(|(k, _)| k.clone()).collect();
+                    for k in doomed {
+                        self.kv.remove(&k);
+                    }
+                }
+                WriteOp::DeleteRange { .. } => {}
             }
         }
         self.trace(&format!("commit rev {rev} epoch {epoch}"));
