@@ -9,7 +9,7 @@ use crate::engine::{
     Action, Domain, DrainMode, Event, ExhaustedAction, FailureAction, Plan, RollbackArtifact,
     Upgrade, DEFAULT_BUSY_RETRIES, DEFAULT_BUSY_RETRY_INTERVAL,
 };
-use crate::node::Node;
+use crate::node::{Node, Origin};
 use crate::progress::{self, ProgressError, UpgradeRecord};
 use crate::readiness::PoolReadiness;
 use crate::store::{LeaderInfo, Leadership};
@@ -413,7 +413,7 @@ impl Control {
         let name = pool.name.clone();
         let (tx, rx) = oneshot::channel();
         self.node
-            .start_driver(lead, pool, record, actions, false, Some(tx))
+            .start_driver(lead, pool, record, actions, Origin::New, Some(tx))
             .map_err(|plan| ControlError::AlreadyRunning {
                 plan,
                 pool: name.clone(),
@@ -563,7 +563,16 @@ impl Control {
         if range.limit == 0 {
             range.limit = 100;
         }
-        Ok(progress::load_events(&self.node.env.store, pool, range).await?)
+        let page = progress::load_events(&self.node.env.store, pool, range).await?;
+        // The leader's records not stored yet (a chain's steps are stored with the state that
+        // ends it): shown at once, here.
+        let pending: Vec<progress::EventRecord> = match self.node.driver(pool) {
+            Some(h) if self.node.leadership().is_some() => {
+                crate::driver::lock_pending(&h.pending).clone()
+            }
+            _ => Vec::new(),
+        };
+        Ok(progress::merge_pending(page, pending, range))
     }
 
     /// The newest `limit` past plans of a pool (20 when 0; at most 100), oldest first.

@@ -1,10 +1,11 @@
 //! The driver: the I/O shell around the pure engine. It feeds the engine events (agent step
-//! results, readiness answers, operator commands, timers) and, for every transition, **stores
-//! the new state in one fenced transaction before** it carries out anything that follows from
-//! it: agent calls carrying the leader's epoch, the failover hook, timers, operator replies.
-//! A transition that leads only to a readiness read or a history record is stored with the
-//! next one. A leader that dies at any point therefore leaves a stored state that accounts for
-//! every command it sent, and the next leader resumes from it with the same operation ids.
+//! results, readiness answers, operator commands, timers) and **stores, in one fenced
+//! transaction, a state that accounts for everything it is about to carry out before** it
+//! carries it out: agent calls carrying the leader's epoch, the failover hook, timers, operator
+//! replies. It writes only the difference from what is stored (see `progress`): a chain's later
+//! steps are accounted for by its stored first step, a readiness read or a record needs nothing
+//! stored first. A leader that dies at any point therefore leaves a stored state that accounts
+//! for every command it sent, and the next leader resumes from it with the same operation ids.
 //!
 //! If the store says the leader is fenced, or an agent says the epoch is stale, the driver stops
 //! at once: a newer leader owns the upgrade.
@@ -48,17 +49,37 @@ const MAX_CALL: Duration = Duration::from_secs(3 * 24 * 3600);
 /// Room for the network and the agent's own bookkeeping on top of a step's limits.
 const SLACK: Duration = Duration::from_secs(30);
 
-/// Stores `record` and `events` in one fenced transaction, retrying while the store is
-/// unavailable (the write is idempotent: same keys, same values). A write whose answer was
+/// Applies `txns` in order, each one fenced transaction, retrying while the store is
+/// unavailable (each write is idempotent: same keys, same values). A write whose answer was
 /// lost may have committed; writing it again is harmless.
-pub async fn store(
+async fn store_txns(
     env: &Env,
     lead: &Leadership,
-    record: &UpgradeRecord,
-    events: &[EventRecord],
+    txns: Vec<Vec<WriteOp>>,
 ) -> Result<(), DriveError> {
-    write_fenced(env, lead, progress::upgrade_writes(record, events)).await
+    for ops in txns {
+        write_fenced(env, lead, ops).await?;
+    }
+    Ok(())
 }
+
+/// How often a write refused for space or size is tried again.
+const HELD_RETRY: Duration = Duration::from_secs(5);
+
+/// A driver's history records not stored yet, readable by the control layer.
+pub type Pending = std::sync::Arc<std::sync::Mutex<Vec<EventRecord>>>;
+
+/// Locks `pending`; a reader that panicked holding it left a vector, still usable.
+pub fn lock_pending(pending: &Pending) -> std::sync::MutexGuard<'_, Vec<EventRecord>> {
+    pending.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long history records may wait for a state write to carry them before they are written
+/// on their own. A chain's steps are not stored one by one (see `progress`), so its records
+/// wait for the state that ends it: the leader shows them from memory meanwhile (see
+/// `Control::events`); followers see them once written, and a leader that dies loses at most
+/// this much (its successor's replay of the chain records it again).
+const EVENT_FLUSH: Duration = Duration::from_secs(30);
 
 async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result<(), DriveError> {
     let mut backoff = Duration::from_millis(50);
@@ -74,6 +95,8 @@ async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result
                 StoreError::Unavailable(_) => "unavailable",
                 StoreError::Fenced { .. } => "fenced",
                 StoreError::Denied(_) => "denied",
+                StoreError::Quota(_) => "quota",
+                StoreError::TooLarge(_) => "too_large",
                 _ => "other",
             }),
         );
@@ -84,6 +107,20 @@ async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result
                 return Err(DriveError::LeadershipLost(format!(
                     "store fenced epoch {epoch}"
                 )));
+            }
+            // Out of space or too large: stepping down would hand the same write to the next
+            // leader. Nothing is carried out until it lands (store first, then act), so the
+            // upgrade holds where it is, said loudly, and the write is tried again slowly: an
+            // operator frees space or raises the limit, and it goes on.
+            Err(e @ (StoreError::Quota(_) | StoreError::TooLarge(_))) => {
+                tracing::error!(error = %e, "progress write refused; the upgrade holds until it lands");
+                tokio::select! {
+                    biased;
+                    _ = lead.lost.cancelled() => {
+                        return Err(DriveError::LeadershipLost("lease lost while holding a write".into()))
+                    }
+                    _ = tokio::time::sleep(HELD_RETRY) => {}
+                }
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "progress write failed; retrying");
@@ -125,10 +162,13 @@ pub struct Driver {
     lead: Leadership,
     pool: PoolConfig,
     record: UpgradeRecord,
-    /// Records of transitions not stored yet (they go with the next stored state).
-    unstored: Vec<EventRecord>,
-    /// The state differs from the stored one.
-    dirty: bool,
+    /// Records of transitions not stored yet (they go with the next stored state, or after
+    /// [`EVENT_FLUSH`]); shared with readers, so the leader shows them at once.
+    unstored: Pending,
+    /// When the oldest of `unstored` was made.
+    unstored_since: Option<Instant>,
+    /// What is in the store for this pool: a write carries only the difference.
+    stored: progress::Stored,
     status: watch::Sender<Option<Upgrade>>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
@@ -137,14 +177,17 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// A driver for `record` (already stored, or stored by the first transition), publishing
-    /// its state on `status`.
+    /// A driver for `record`, publishing its state on `status`. `stored` is what the store
+    /// holds of it: [`progress::Stored::of`] the record read at take-over, or nothing
+    /// (`Default`) for a new plan, which the first transition stores.
     pub fn new(
         env: Env,
         lead: Leadership,
         pool: PoolConfig,
         record: UpgradeRecord,
+        stored: progress::Stored,
         status: watch::Sender<Option<Upgrade>>,
+        unstored: Pending,
     ) -> Driver {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         status.send_replace(Some(record.upgrade.clone()));
@@ -153,8 +196,9 @@ impl Driver {
             lead,
             pool,
             record,
-            unstored: Vec::new(),
-            dirty: true,
+            unstored,
+            unstored_since: None,
+            stored,
             status,
             events_tx,
             events_rx,
@@ -176,13 +220,17 @@ impl Driver {
         self.handle(initial, started, reconcile).await?;
         loop {
             if self.record.upgrade.is_terminal() {
-                self.store_now().await?;
+                self.store_now(true).await?;
                 return Ok(self.record.upgrade.clone());
             }
+            let flush_at = self.unstored_since.map(|t| t + EVENT_FLUSH);
             tokio::select! {
                 biased;
                 _ = self.lead.lost.cancelled() => {
                     return Err(DriveError::LeadershipLost("lease lost".into()))
+                }
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                    self.store_now(true).await?;
                 }
                 Some(joined) = self.work.join_next_with_id(), if !self.work.is_empty() => {
                     self.joined(joined).await?;
@@ -208,7 +256,6 @@ impl Driver {
     ) -> Result<(), DriveError> {
         let (next, actions) = self.record.upgrade.clone().step(ev);
         self.record.upgrade = next;
-        self.dirty = true;
         self.handle(actions, reply, false).await
     }
 
@@ -218,7 +265,6 @@ impl Driver {
         for ev in batch {
             let (next, actions) = self.record.upgrade.clone().step(ev);
             self.record.upgrade = next;
-            self.dirty = true;
             store |= must_store(&actions);
             all.extend(actions);
         }
@@ -280,8 +326,17 @@ impl Driver {
         store: bool,
     ) -> Result<(), DriveError> {
         self.collect_records(&actions);
+        // A transition that only records (a server done while others of its domain still
+        // run, a server failed on the way to a pause stored next) leaves nothing a new leader
+        // needs that a replay of the stored chain would not give it again: it is stored with
+        // the next one that acts, unless the upgrade's own status or position moved.
+        let only_records = actions.iter().all(|a| matches!(a, Action::Record { .. }));
+        let store =
+            store && (!only_records || progress::cursor_changed(&self.stored, &self.record));
         if reply.is_some() || store {
-            if let Err(e) = self.store_now().await {
+            // An operator's answer shows its records at once; otherwise they may wait for the
+            // next state that needs writing.
+            if let Err(e) = self.store_now(reply.is_some()).await {
                 if let Some(r) = reply {
                     let _ = r.send(Err(e.clone()));
                 }
@@ -321,19 +376,27 @@ impl Driver {
                 };
                 tracing::info!(pool = %self.pool.name, kind = %r.kind, server = %r.server, domain = %r.domain, "{}", r.message);
                 self.record.next_event = self.record.next_event.saturating_add(1);
-                self.unstored.push(r);
-                self.dirty = true;
+                lock_pending(&self.unstored).push(r);
+                self.unstored_since.get_or_insert_with(Instant::now);
             }
         }
     }
 
-    async fn store_now(&mut self) -> Result<(), DriveError> {
-        if !self.dirty && self.unstored.is_empty() {
+    /// Writes what the store lacks of the state, with the records waiting; with
+    /// `flush_events`, the records even when the state needs nothing.
+    async fn store_now(&mut self, flush_events: bool) -> Result<(), DriveError> {
+        // Only this driver adds records, and not while it awaits the write: what it writes is
+        // exactly what it removes afterwards.
+        let unstored = lock_pending(&self.unstored).clone();
+        let flush_events = flush_events || unstored.len() >= progress::MAX_EVENT_BATCH;
+        if !flush_events && !progress::needs_write(&self.stored, &self.record) {
             return Ok(());
         }
-        store(&self.env, &self.lead, &self.record, &self.unstored).await?;
-        self.unstored.clear();
-        self.dirty = false;
+        let writes = progress::upgrade_writes(&self.stored, &self.record, &unstored);
+        store_txns(&self.env, &self.lead, writes.txns).await?;
+        self.stored = writes.stored;
+        lock_pending(&self.unstored).clear();
+        self.unstored_since = None;
         Ok(())
     }
 

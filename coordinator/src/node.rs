@@ -41,6 +41,18 @@ pub struct DriverHandle {
     pub status: watch::Receiver<Option<Upgrade>>,
     /// Cancelled when the driver's task has ended.
     pub ended: CancellationToken,
+    /// Its history records not stored yet.
+    pub pending: crate::driver::Pending,
+}
+
+/// Where a driver's upgrade comes from.
+#[derive(Debug)]
+pub enum Origin {
+    /// A plan just made: nothing of it is stored yet.
+    New,
+    /// Read from the store at take-over (what was read): each in-flight step reads the
+    /// agent's journal first.
+    Resumed(progress::Stored),
 }
 
 /// One coordinator.
@@ -220,6 +232,7 @@ impl Node {
             return;
         }
         for (pool, record) in resumed {
+            let stored = progress::Stored::of(&record);
             let (upgrade, mut actions) = match record.upgrade.plan.validate() {
                 Ok(()) => (record.upgrade.clone(), Vec::new()),
                 // A stored plan that can no longer be executed pauses with the reason; the
@@ -234,7 +247,9 @@ impl Node {
                 started_by: record.started_by,
                 started_ms: record.started_ms,
             };
-            if let Err(e) = self.start_driver(&lead, pool, record, actions, true, None) {
+            if let Err(e) =
+                self.start_driver(&lead, pool, record, actions, Origin::Resumed(stored), None)
+            {
                 tracing::error!(error = %e, "cannot resume upgrade");
             }
         }
@@ -327,9 +342,13 @@ impl Node {
         pool: PoolConfig,
         record: UpgradeRecord,
         actions: Vec<Action>,
-        reconcile: bool,
+        origin: Origin,
         started: Option<oneshot::Sender<Result<Upgrade, DriveError>>>,
     ) -> Result<(), String> {
+        let (stored, reconcile) = match origin {
+            Origin::New => (progress::Stored::default(), false),
+            Origin::Resumed(stored) => (stored, true),
+        };
         let name = pool.name.clone();
         let mut drivers = self.drivers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = drivers.get(&name) {
@@ -340,13 +359,23 @@ impl Node {
         let (status_tx, status_rx) = watch::channel(None);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let ended = CancellationToken::new();
-        let driver = Driver::new(self.env.clone(), lead.clone(), pool, record, status_tx);
+        let pending = crate::driver::Pending::default();
+        let driver = Driver::new(
+            self.env.clone(),
+            lead.clone(),
+            pool,
+            record,
+            stored,
+            status_tx,
+            pending.clone(),
+        );
         drivers.insert(
             name.clone(),
             DriverHandle {
                 commands: cmd_tx,
                 status: status_rx,
                 ended: ended.clone(),
+                pending,
             },
         );
         drop(drivers);

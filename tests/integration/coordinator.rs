@@ -993,7 +993,7 @@ async fn a_stored_plan_beyond_its_bounds_pauses_and_crashes_no_coordinator() -> 
             started_ms: 0,
         };
         store
-            .fenced_write(&lead, progress::upgrade_writes(&record, &[]))
+            .fenced_write(&lead, progress::full_writes(&record))
             .await?;
         store.resign(&lead).await?;
     }

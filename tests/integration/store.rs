@@ -144,32 +144,27 @@ async fn events_are_read_in_bounded_pages(b: Backend) -> Result<()> {
     let s = &b.store;
     let l = campaign(s, "a").await?;
     const N: u64 = 2345;
-    let event = |pool: &str, seq: u64| -> Result<WriteOp> {
-        let e = EventRecord {
-            seq,
-            at_ms: seq,
-            plan_id: "plan".into(),
-            epoch: 1,
-            coordinator: "a".into(),
-            kind: "k".into(),
-            server: String::new(),
-            domain: String::new(),
-            message: format!("event {seq}"),
-        };
-        Ok(put(
-            &progress::event_key(pool, seq),
-            &serde_json::to_vec(&e)?,
-        ))
+    let event = |seq: u64| EventRecord {
+        seq,
+        at_ms: seq,
+        plan_id: "plan".into(),
+        epoch: 1,
+        coordinator: "a".into(),
+        kind: "k".into(),
+        server: String::new(),
+        domain: String::new(),
+        message: format!("event {seq}"),
     };
     let seqs: Vec<u64> = (1..=N).collect();
-    for chunk in seqs.chunks(100) {
-        let ops = chunk
-            .iter()
-            .map(|&q| event("p", q))
-            .collect::<Result<Vec<_>>>()?;
-        s.fenced_write(&l, ops).await?;
+    // Batches of an odd size, so that pages end inside batches.
+    for chunk in seqs.chunks(37) {
+        let events: Vec<EventRecord> = chunk.iter().map(|&q| event(q)).collect();
+        s.fenced_write(&l, progress::events_writes("p", &events))
+            .await?;
     }
-    let neighbours = vec![event("p2", 1)?, event("p-x", 5000)?, event("p0", 7)?];
+    let mut neighbours = progress::events_writes("p2", &[event(1)]);
+    neighbours.extend(progress::events_writes("p-x", &[event(5000)]));
+    neighbours.extend(progress::events_writes("p0", &[event(7)]));
     s.fenced_write(&l, neighbours).await?;
     let read = |after, before, limit| async move {
         progress::load_events(
@@ -342,6 +337,58 @@ async fn range_deletes_cut_exactly_their_range(b: Backend) -> Result<()> {
         "after the range delete: {left:?}"
     );
     s.resign(&l).await?;
+    Ok(())
+}
+
+/// An etcd out of space, or asked too much at once, says so: the errors are told apart from an
+/// etcd that is merely unreachable (which is worth retrying at once), so a leader holds its
+/// upgrades with the reason instead of retrying forever in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_out_of_space_or_too_large_is_said_so() -> Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let Some(cluster) = EtcdCluster::start_with_args(
+        1,
+        None,
+        &[
+            "--quota-backend-bytes",
+            "4194304",
+            "--max-request-bytes",
+            "262144",
+        ],
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let store = Store::Etcd(EtcdStore::connect(&cluster.endpoints(), PREFIX).await?);
+    let l = campaign(&store, "a").await?;
+    let big = vec![b'x'; 300 * 1024];
+    match store.fenced_write(&l, vec![put("big", &big)]).await {
+        Err(StoreError::TooLarge(m)) => ensure!(m.contains("max-request-bytes"), "{m}"),
+        other => bail!("a 300 KiB write over a 256 KiB limit: {other:?}"),
+    }
+    let chunk = vec![b'y'; 200 * 1024];
+    let mut quota = None;
+    // 4 MiB of quota: revisions of 200 KiB values fill it within a few dozen writes.
+    for i in 0..400 {
+        match store
+            .fenced_write(&l, vec![put(&format!("fill/{}", i % 4), &chunk)])
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                quota = Some(e);
+                break;
+            }
+        }
+    }
+    match quota {
+        Some(StoreError::Quota(m)) => {
+            ensure!(m.contains("out of space"), "{m}");
+            ensure!(!StoreError::Quota(m).is_retryable());
+        }
+        other => bail!("filling a 4 MiB quota: {other:?}"),
+    }
     Ok(())
 }
 

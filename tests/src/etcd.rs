@@ -56,6 +56,7 @@ pub struct EtcdCluster {
     token: String,
     members: Vec<Member>,
     tls: Option<EtcdServerTls>,
+    extra: Vec<String>,
 }
 
 impl EtcdCluster {
@@ -70,6 +71,15 @@ impl EtcdCluster {
     pub async fn start_with(
         members: usize,
         tls: Option<EtcdServerTls>,
+    ) -> anyhow::Result<Option<EtcdCluster>> {
+        Self::start_with_args(members, tls, &[]).await
+    }
+
+    /// [`EtcdCluster::start_with`] with more etcd flags (e.g. a small `--quota-backend-bytes`).
+    pub async fn start_with_args(
+        members: usize,
+        tls: Option<EtcdServerTls>,
+        extra: &[&str],
     ) -> anyhow::Result<Option<EtcdCluster>> {
         if members == 0 {
             bail!("an etcd cluster needs at least one member");
@@ -103,6 +113,7 @@ impl EtcdCluster {
                 token,
                 members: members_v,
                 tls: tls.clone(),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             };
             match cluster.boot().await {
                 Ok(()) => return Ok(Some(cluster)),
@@ -191,6 +202,7 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", &self.token])
             .args(["--listen-metrics-urls", &metrics])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(&self.extra)
             .stdin(Stdio::null());
         if let Some(t) = &self.tls {
             cmd.arg("--cert-file")

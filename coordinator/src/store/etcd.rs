@@ -86,6 +86,22 @@ fn unavailable(what: &str, e: etcd_client::Error) -> StoreError {
         if refused {
             return StoreError::Denied(format!("{what}: {message}"));
         }
+        // etcd's own words (server/etcdserver/api/v3rpc/rpctypes): out of space once the
+        // backend reaches --quota-backend-bytes (an alarm stays raised until an operator
+        // compacts, defragments and disarms it); a request over --max-request-bytes; a
+        // transaction over --max-txn-ops.
+        if message.contains("database space exceeded") {
+            return StoreError::Quota(format!(
+                "{what}: {message} (etcd is out of space: compact, defragment and disarm the alarm, or raise --quota-backend-bytes)"
+            ));
+        }
+        if message.contains("request is too large")
+            || message.contains("too many operations in txn request")
+        {
+            return StoreError::TooLarge(format!(
+                "{what}: {message} (raise etcd's --max-request-bytes or --max-txn-ops)"
+            ));
+        }
     }
     StoreError::Unavailable(format!("{what}: {}", chain(&e)))
 }

@@ -49,6 +49,14 @@ pub enum StoreError {
     /// an operator must fix the user, password, role or certificate.
     #[error("etcd refused access: {0}")]
     Denied(String),
+    /// etcd is out of space (its quota alarm is raised): every write fails until an operator
+    /// frees space. Not retryable at once; a leader holds its upgrades, acting on nothing, and
+    /// tries again slowly.
+    #[error("store out of space: {0}")]
+    Quota(String),
+    /// etcd refused a request as too large (bytes or operations). Not retryable as is.
+    #[error("store refused a request as too large: {0}")]
+    TooLarge(String),
     /// The embedded store's directory lets other users replace its files.
     #[error("unsafe store location: {0}")]
     Unsafe(String),

@@ -18,7 +18,7 @@
 //!   control layer acknowledges (start, pause, abort, rollback) is a stored one.
 
 use rollgate_coordinator::engine::{Direction, DomainPhase, ServerPhase, Status, Step, Upgrade};
-use rollgate_coordinator::progress::UpgradeRecord;
+use rollgate_coordinator::progress::{self, UpgradeRecord};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Collects violations; a run passes when there are none.
@@ -29,8 +29,8 @@ pub struct Checker {
     pub violations: Vec<String>,
     /// Operation ids some stored state put in flight.
     committed_ops: BTreeSet<String>,
-    /// Every stored upgrade state (as JSON), to recognise acknowledged ones.
-    committed_states: BTreeSet<String>,
+    /// The latest stored upgrade states, to recognise acknowledged ones.
+    committed_states: Vec<Upgrade>,
     /// The last stored upgrade.
     pub last: Option<UpgradeRecord>,
     last_epoch_elected: i64,
@@ -38,6 +38,8 @@ pub struct Checker {
     fenced: BTreeMap<String, u64>,
     /// Counters for the report.
     pub commits: u64,
+    /// Keys and values put by those commits, in bytes.
+    pub bytes: u64,
     pub admissions: u64,
     pub downs: u64,
 }
@@ -60,21 +62,26 @@ impl Checker {
         }
     }
 
-    /// A store commit of `key` by the holder of `epoch` (the store checked the fence).
-    /// Returns the operations this commit puts in flight for the first time that take a
-    /// server down behind the readiness gate (drain or stop of a forward or backward chain).
-    pub fn on_commit(&mut self, key: &str, value: &[u8], epoch: u64) -> Vec<String> {
+    /// A store commit by the holder of `epoch` (the store checked the fence) of `keys`;
+    /// `state` is the pool's upgrade as the store holds it after the commit, if the commit
+    /// touched it. Returns the operations this commit puts in flight for the first time that
+    /// take a server down behind the readiness gate (drain or stop of a forward or backward
+    /// chain).
+    pub fn on_commit(
+        &mut self,
+        keys: &[String],
+        state: Option<Result<UpgradeRecord, String>>,
+        epoch: u64,
+    ) -> Vec<String> {
         self.commits += 1;
         let mut gated = Vec::new();
         if epoch == 0 {
-            self.violate(format!("I7: unfenced write of {key}"));
+            self.violate(format!("I7: unfenced write of {keys:?}"));
         }
-        if !key.starts_with("upgrades/") {
-            return gated;
-        }
-        let record: UpgradeRecord = match serde_json::from_slice(value) {
-            Ok(r) => r,
-            Err(e) => {
+        let record = match state {
+            None => return gated,
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 self.violate(format!("stored upgrade does not decode: {e}"));
                 return gated;
             }
@@ -91,10 +98,26 @@ impl Checker {
                 {
                     gated.push(op);
                 }
+                // The stored step accounts for the rest of its chain: a new leader sends it
+                // again and the steps after it follow with these ids (see `progress`).
+                if step != Step::Prepare {
+                    let mut next = step.next(p.direction);
+                    while let Some(s) = next {
+                        self.committed_ops.insert(Upgrade::op_id(
+                            &up.plan.id,
+                            server,
+                            p.direction,
+                            s,
+                            attempt,
+                        ));
+                        next = s.next(p.direction);
+                    }
+                }
             }
         }
-        if let Ok(json) = serde_json::to_string(up) {
-            self.committed_states.insert(json);
+        self.committed_states.push(up.clone());
+        if self.committed_states.len() > 16 {
+            self.committed_states.remove(0);
         }
         self.last = Some(record);
         gated
@@ -191,9 +214,12 @@ impl Checker {
 
     /// The control layer acknowledged `what` with `up`: it must be a stored state.
     pub fn on_ack(&mut self, what: &str, up: &Upgrade) {
-        let stored = serde_json::to_string(up)
-            .map(|j| self.committed_states.contains(&j))
-            .unwrap_or(false);
+        // The chain steps after a stored one are not stored again (see `progress`): an
+        // acknowledged state is one a stored state accounts for.
+        let stored = self
+            .committed_states
+            .iter()
+            .any(|s| progress::state_accounts_for(s, up));
         if !stored {
             self.violate(format!(
                 "store before acting: {what} was acknowledged with a state that was never stored \

@@ -82,8 +82,10 @@ pub struct Report {
     pub virtual_time: Duration,
     /// The scheduled faults, in order.
     pub faults: Vec<String>,
-    /// Store commits, agent admissions, servers taken down.
+    /// Store commits (and the bytes of keys and values they put), agent admissions, servers
+    /// taken down.
     pub commits: u64,
+    pub bytes: u64,
     pub admissions: u64,
     pub downs: u64,
     /// Every traced line (with `Options::verbose`).
@@ -731,6 +733,7 @@ pub fn run_scenario(seed: u64, opts: &Options, sc: Scenario) -> Report {
                 virtual_time: Duration::ZERO,
                 faults: Vec::new(),
                 commits: 0,
+                bytes: 0,
                 admissions: 0,
                 downs: 0,
                 lines: Vec::new(),
@@ -766,10 +769,7 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
         w.panic_on = sc.panic_on.clone();
         w.slow_on = sc.slow_on.clone();
         if let Some(record) = &sc.stored {
-            let key = rollgate_coordinator::progress::upgrade_key(&record.upgrade.plan.pool);
-            let value = serde_json::to_vec(record).unwrap_or_default();
-            let _ = w.check.on_commit(&key, &value, 1);
-            w.seed_value(&key, value);
+            w.seed_record(record);
         }
     }
     let start = Instant::now();
@@ -832,6 +832,7 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
         virtual_time: start.elapsed(),
         faults: faults_seen,
         commits: w.check.commits,
+        bytes: w.check.bytes,
         admissions: w.check.admissions,
         downs: w.check.downs,
         lines: w.lines.take().unwrap_or_default(),

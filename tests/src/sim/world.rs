@@ -17,6 +17,7 @@ use rollgate_coordinator::env::{Clock, PoolHooks};
 use rollgate_coordinator::link::{
     AgentCommand, AgentLimits, AgentLink, LinkError, OpReply, OpState,
 };
+use rollgate_coordinator::progress::{self, UpgradeRecord};
 use rollgate_coordinator::readiness::{AgentState, ServerHealth};
 use rollgate_coordinator::store::{
     Backend, Candidate, KeyValue, LeaderInfo, Leadership, StoreError, WriteOp,
@@ -436,38 +437,18 @@ impl World {
     fn commit(&mut self, ops: Vec<WriteOp>, epoch: u64, coord: usize) -> i64 {
         self.rev += 1;
         let rev = self.rev;
+        let mut keys = Vec::new();
         for op in ops {
             match op {
                 WriteOp::Put { key, value } => {
                     let created = self.kv.get(&key).map_or(rev, |(_, c, _)| *c);
-                    let gate = self.last_refresh.get(coord).copied().flatten();
-                    for op in self.check.on_commit(&key, &value, epoch) {
-                        self.gate_time.insert(op.clone(), gate);
-                        let failed_over = self
-                            .check
-                            .last
-                            .as_ref()
-                            .is_some_and(|r| r.upgrade.failed_over);
-                        let (refreshed, gated) = (
-                            self.last_refresh_step.get(coord).copied().unwrap_or(0),
-                            self.last_gated_step.get(coord).copied().unwrap_or(0),
-                        );
-                        // The procedure's per-server ReadyForUpgrade: every server that goes
-                        // down has a readiness check of its own, after the previous one went.
-                        if !failed_over && refreshed <= gated {
-                            self.check.violations.push(format!(
-                                "I2: {op} takes a server down without a readiness check of its own"
-                            ));
-                        }
-                        self.steps += 1;
-                        if let Some(g) = self.last_gated_step.get_mut(coord) {
-                            *g = self.steps;
-                        }
-                    }
+                    self.check.bytes += (key.len() + value.len()) as u64;
+                    keys.push(key.clone());
                     self.kv.insert(key, (value, created, rev));
                 }
                 WriteOp::Delete { key } => {
                     self.kv.remove(&key);
+                    keys.push(key);
                 }
                 WriteOp::DeleteRange { start, end } if start < end => {
                     let doomed: Vec<String> =
@@ -479,8 +460,71 @@ impl World {
                 WriteOp::DeleteRange { .. } => {}
             }
         }
+        let state = self.upgrade_state(&keys);
+        let gate = self.last_refresh.get(coord).copied().flatten();
+        for op in self.check.on_commit(&keys, state, epoch) {
+            self.gate_time.insert(op.clone(), gate);
+            let failed_over = self
+                .check
+                .last
+                .as_ref()
+                .is_some_and(|r| r.upgrade.failed_over);
+            let (refreshed, gated) = (
+                self.last_refresh_step.get(coord).copied().unwrap_or(0),
+                self.last_gated_step.get(coord).copied().unwrap_or(0),
+            );
+            // The procedure's per-server ReadyForUpgrade: every server that goes down has a
+            // readiness check of its own, after the previous one went.
+            if !failed_over && refreshed <= gated {
+                self.check.violations.push(format!(
+                    "I2: {op} takes a server down without a readiness check of its own"
+                ));
+            }
+            self.steps += 1;
+            if let Some(g) = self.last_gated_step.get_mut(coord) {
+                *g = self.steps;
+            }
+        }
         self.trace(&format!("commit rev {rev} epoch {epoch}"));
         rev
+    }
+
+    /// The upgrade of the pool whose progress keys are among `keys`, as stored now.
+    fn upgrade_state(&self, keys: &[String]) -> Option<Result<UpgradeRecord, String>> {
+        let pool = keys.iter().find_map(|k| {
+            ["upgrades/", "plans/", "runs/"]
+                .iter()
+                .find_map(|p| k.strip_prefix(p))
+                .map(|rest| rest.split('/').next().unwrap_or_default().to_string())
+        })?;
+        let cursor = self.kv.get(&progress::upgrade_key(&pool))?;
+        let plan = self
+            .kv
+            .get(&progress::plan_key(&pool))
+            .map(|(v, _, _)| v.as_slice());
+        let prefix = progress::runs_prefix(&pool);
+        let runs: Vec<(String, Vec<u8>)> = self
+            .kv
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, (v, _, _))| (k.clone(), v.clone()))
+            .collect();
+        Some(progress::assemble(&pool, &cursor.0, plan, &runs, None).map_err(|e| e.to_string()))
+    }
+
+    /// Stores `record` whole, as an older leader (or a person) would have.
+    pub fn seed_record(&mut self, record: &UpgradeRecord) {
+        self.rev += 1;
+        let rev = self.rev;
+        let mut keys = Vec::new();
+        for op in progress::full_writes(record) {
+            if let WriteOp::Put { key, value } = op {
+                keys.push(key.clone());
+                self.kv.insert(key, (value, rev, rev));
+            }
+        }
+        let state = self.upgrade_state(&keys);
+        let _ = self.check.on_commit(&keys, state, 1);
     }
 
     fn kv(&self, key: &str) -> Option<KeyValue> {
@@ -503,9 +547,7 @@ impl World {
         self.kv
             .iter()
             .filter(|(k, _)| k.starts_with("events/"))
-            .filter_map(|(_, (v, _, _))| {
-                serde_json::from_slice::<rollgate_coordinator::progress::EventRecord>(v).ok()
-            })
+            .flat_map(|(k, (v, _, _))| progress::decode_events(k, v).unwrap_or_default())
             .map(|e| format!("{} {}: {}", e.kind, e.server, e.message))
             .collect()
     }
