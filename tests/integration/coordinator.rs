@@ -1012,12 +1012,25 @@ async fn a_stored_plan_beyond_its_bounds_pauses_and_crashes_no_coordinator() -> 
     for round in 0..2 {
         let s = wait_status(&[coord.addr], &op, "pool-a", LONG, paused).await?;
         assert!(s.reason.contains("upper bound"), "round {round}: {s:?}");
-        // Resuming it is refused with the reason; the coordinator keeps running.
-        let mut c = operator_client(coord.addr, &op).await?;
-        c.resume_upgrade(pb::PoolRequest {
-            pool: "pool-a".into(),
+        // Resuming it is refused with the reason; the coordinator keeps running. (The paused
+        // state can be read from the store before this coordinator has finished taking over,
+        // when leader calls are answered "retry shortly".)
+        let c = operator_client(coord.addr, &op).await?;
+        eventually("resume to be answered", LONG, || {
+            let mut c = c.clone();
+            async move {
+                match c
+                    .resume_upgrade(pb::PoolRequest {
+                        pool: "pool-a".into(),
+                    })
+                    .await
+                {
+                    Err(e) if e.code() == tonic::Code::Unavailable => None,
+                    other => Some(other.map(|_| ())),
+                }
+            }
         })
-        .await?;
+        .await??;
         let s = wait_status(&[coord.addr], &op, "pool-a", LONG, paused).await?;
         assert_eq!(s.plan_id, "pool-a-old");
         // Another coordinator resuming the same stored plan (here: this one, restarted).
