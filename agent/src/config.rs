@@ -47,8 +47,31 @@ pub struct AgentConfig {
     /// table gives no address).
     #[serde(default)]
     pub http: Option<rollgate_common::http::HttpConfig>,
+    /// Joins `pool` (in `upgrade_domain`, or one assigned) by itself at start: no coordinator
+    /// config edit. Absent: the coordinators' config must list this server.
+    #[serde(default)]
+    pub join: Option<JoinConfig>,
     /// The local service this agent drives.
     pub service: ServiceConfig,
+}
+
+/// Joining a pool by itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinConfig {
+    /// Coordinators to ask (host:port of their API); the leader answers, a follower points to it.
+    pub coordinators: Vec<String>,
+    /// Where coordinators reach this agent (host:port). Default: `listen`, which then must name
+    /// a real address, not 0.0.0.0 or [::].
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+impl JoinConfig {
+    /// The address told to coordinators.
+    pub fn address(&self, listen: SocketAddr) -> String {
+        self.advertise.clone().unwrap_or_else(|| listen.to_string())
+    }
 }
 
 /// How to drive the local service. Commands are argv lists, run without a shell.
@@ -230,6 +253,31 @@ impl AgentConfig {
             }
             (Some(tls), false) => tls.check_role(&Role::new(RoleKind::Agent, &self.server_id))?,
             (None, true) => {}
+        }
+        if let Some(j) = &self.join {
+            if j.coordinators.is_empty() {
+                return Err("join.coordinators: at least one coordinator address is needed".into());
+            }
+            for c in &j.coordinators {
+                if !c.contains(':') {
+                    return Err(format!("join.coordinators: {c:?} is not host:port"));
+                }
+            }
+            match &j.advertise {
+                Some(a) if !a.contains(':') => {
+                    return Err(format!("join.advertise: {a:?} is not host:port"))
+                }
+                None if self.listen.ip().is_unspecified() => {
+                    return Err(format!(
+                        "join.advertise: listen is {}, which coordinators cannot dial: set the address they reach this agent at",
+                        self.listen
+                    ))
+                }
+                _ => {}
+            }
+            if self.tls.is_none() {
+                return Err("join: joining needs [tls] (the certificate names the server)".into());
+            }
         }
         if self.report_interval < Duration::from_millis(100) {
             return Err("report_interval: must be at least 100ms".into());

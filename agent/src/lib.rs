@@ -15,6 +15,7 @@ pub mod durable;
 pub mod error;
 pub mod grpc;
 pub mod hooks;
+pub mod join;
 pub mod journal;
 pub mod metrics;
 pub mod probe;

@@ -31,8 +31,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         Some(h) => Some(rollgate_common::http::bind(h.listen_or(DEFAULT_HTTP)).await?),
         None => None,
     };
+    let cfg_for_join = cfg.clone();
     let core = AgentCore::open(cfg, shutdown.clone()).await?;
     core.tasks().spawn(Arc::clone(&core).report_loop());
+    core.tasks()
+        .spawn(crate::join::run(cfg_for_join, addr, shutdown.clone()));
     if let Some(listener) = http {
         let http_addr = listener.local_addr()?;
         // For tests and scripts that bind port 0.

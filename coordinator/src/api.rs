@@ -51,6 +51,67 @@ pub fn to_status(e: ControlError) -> Status {
     }
 }
 
+/// The `rollgate.operator.v1.Membership` service: agents joining their pool by themselves.
+#[derive(Debug, Clone)]
+pub struct MembershipApi {
+    control: Control,
+}
+
+impl MembershipApi {
+    /// Serves `control`.
+    pub fn new(control: Control) -> Self {
+        MembershipApi { control }
+    }
+
+    /// The server the caller's certificate names; joining needs one (no insecure mode).
+    #[allow(clippy::result_large_err)]
+    fn server<T>(req: &Request<T>) -> Result<String, Status> {
+        match authorize(req, false, &[RoleKind::Agent])? {
+            Caller::Authenticated(role) => Ok(role.name),
+            Caller::Insecure => Err(Status::unauthenticated(
+                "joining needs mutual TLS: the agent's certificate names the server",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::membership_server::Membership for MembershipApi {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let server = Self::server(&req)?;
+        let r = req.into_inner();
+        let domain = Some(r.upgrade_domain).filter(|d| !d.is_empty());
+        let changed = self
+            .control
+            .join(&server, &r.pool, domain, &r.address)
+            .await
+            .map_err(to_status)?;
+        let message = if changed {
+            format!("{server} joined pool {}", r.pool)
+        } else {
+            format!("{server} is already in pool {} as asked", r.pool)
+        };
+        Ok(Response::new(pb::JoinResponse { changed, message }))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let server = Self::server(&req)?;
+        let changed = self.control.leave(&server).await.map_err(to_status)?;
+        let message = if changed {
+            format!("{server} left its pool")
+        } else {
+            format!("{server} had not joined a pool")
+        };
+        Ok(Response::new(pb::JoinResponse { changed, message }))
+    }
+}
+
 /// The `rollgate.operator.v1.Operator` service.
 #[derive(Debug, Clone)]
 pub struct OperatorApi {

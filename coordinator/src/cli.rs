@@ -86,7 +86,9 @@ pub enum Cmd {
         #[arg(long)]
         pool: String,
     },
-    /// Every pool and server.
+    /// Every pool and server (listed in the config or joined by themselves): state, version,
+    /// and who is lost.
+    #[command(visible_alias = "fleet")]
     Inventory,
     /// Rolling upgrades.
     #[command(subcommand)]
@@ -1042,6 +1044,26 @@ fn print_readiness(pools: &[pb::PoolReadiness], out: Output) {
             names::readiness_state(r.state),
             r.reason,
             if r.failed_over { " [failed over]" } else { "" }
+        );
+        let servers: Vec<&pb::ServerReadiness> =
+            r.domains.iter().flat_map(|d| &d.servers).collect();
+        let lost = servers
+            .iter()
+            .filter(|s| names::server_state(s.state) == "lost")
+            .count();
+        let mut versions: std::collections::BTreeMap<&str, usize> = Default::default();
+        for s in &servers {
+            *versions.entry(s.version.as_str()).or_default() += 1;
+        }
+        let versions: Vec<String> = versions
+            .iter()
+            .map(|(v, n)| format!("{} x{n}", if v.is_empty() { "?" } else { v }))
+            .collect();
+        println!(
+            "{} server(s), {} active, {lost} lost; versions: {}",
+            servers.len(),
+            r.active,
+            versions.join(", ")
         );
         println!(
             "DOMAIN     READY  SERVER       STATE       VERSION    ACTIVE  BUSY   CONNS  DETAIL"

@@ -260,6 +260,9 @@ pub struct PoolConfig {
     /// When upgrades may start a domain, e.g. ["Sat 01:00-05:00 UTC"] (empty: any time).
     #[serde(default)]
     pub maintenance_windows: Vec<String>,
+    /// Servers listed here; more join by themselves (their agent's `[join]` table), and may
+    /// be all of them: a pool may list none.
+    #[serde(default)]
     pub servers: Vec<ServerConfig>,
 }
 
@@ -521,12 +524,6 @@ impl CoordinatorConfig {
                 return Err(format!("pools: pool {:?} is defined twice", p.name));
             }
             p.windows()?;
-            if p.servers.is_empty() {
-                return Err(format!(
-                    "pools.{}.servers: a pool needs at least one server",
-                    p.name
-                ));
-            }
             for s in &p.servers {
                 check_name("pools.servers.id", &s.id)?;
                 if !servers.insert(s.id.as_str()) {
@@ -547,7 +544,8 @@ impl CoordinatorConfig {
             }
             let n = p.servers.len();
             let min = p.min_active.resolve(n);
-            if min > n {
+            // A pool whose servers join by themselves is checked against them when it runs.
+            if n > 0 && min > n {
                 return Err(format!(
                     "pools.{}.min_active: {min} is more than the pool's {n} servers",
                     p.name

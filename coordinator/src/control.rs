@@ -9,10 +9,11 @@ use crate::engine::{
     Action, Domain, DrainMode, Event, ExhaustedAction, FailureAction, Plan, RollbackArtifact,
     Upgrade, DEFAULT_BUSY_RETRIES, DEFAULT_BUSY_RETRY_INTERVAL,
 };
+use crate::membership::{self, MemberRecord};
 use crate::node::{Node, Origin};
 use crate::progress::{self, ProgressError, UpgradeRecord};
 use crate::readiness::PoolReadiness;
-use crate::store::{LeaderInfo, Leadership};
+use crate::store::{LeaderInfo, Leadership, StoreError};
 use rollgate_common::Epoch;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -171,14 +172,14 @@ impl Control {
         &self.node
     }
 
-    fn pool(&self, name: &str) -> Result<&PoolConfig, ControlError> {
+    /// The pool `name` as configured, with the servers that joined it.
+    fn pool(&self, name: &str) -> Result<PoolConfig, ControlError> {
         if name.is_empty() {
             return Err(ControlError::Invalid(
                 "pool: a pool name is required".into(),
             ));
         }
         self.node
-            .cfg
             .pool(name)
             .ok_or_else(|| ControlError::UnknownPool(name.into()))
     }
@@ -531,10 +532,123 @@ impl Control {
         Ok((r, failed_over))
     }
 
+    /// `server` (named by its agent's certificate) joins `pool` at `address`, in `domain` (or
+    /// one assigned). `Ok(false)`: nothing changed (already so, or the config lists it, and
+    /// its entry there is what counts). Leader only: the membership is a fenced write.
+    pub async fn join(
+        &self,
+        server: &str,
+        pool: &str,
+        domain: Option<String>,
+        address: &str,
+    ) -> Result<bool, ControlError> {
+        let invalid = ControlError::Invalid;
+        rollgate_common::config::check_name("server", server).map_err(invalid)?;
+        self.pool(pool)?;
+        if let Some(d) = &domain {
+            rollgate_common::config::check_name("upgrade_domain", d).map_err(invalid)?;
+        }
+        let port_ok = address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok || address.len() > 256 {
+            return Err(invalid(format!(
+                "address: {} is not host:port",
+                rollgate_common::quote::quoted(address)
+            )));
+        }
+        if self.node.is_configured(server) {
+            return Ok(false);
+        }
+        let lead = self.lead().await?;
+        let mut members = self.node.members();
+        let record = MemberRecord {
+            address: address.to_owned(),
+            upgrade_domain: domain,
+            joined_ms: self.node.env.clock.wall_ms(),
+        };
+        let same = members
+            .get(pool)
+            .and_then(|m| m.get(server))
+            .is_some_and(|c| {
+                c.address == record.address && c.upgrade_domain == record.upgrade_domain
+            });
+        if same {
+            return Ok(false);
+        }
+        let others: Vec<String> = members
+            .iter()
+            .filter(|(p, m)| p.as_str() != pool && m.contains_key(server))
+            .map(|(p, _)| p.clone())
+            .collect();
+        self.membership_write(
+            &lead,
+            membership::join_writes(pool, server, &record, &others),
+        )
+        .await?;
+        for p in &others {
+            if let Some(m) = members.get_mut(p) {
+                m.remove(server);
+            }
+        }
+        tracing::info!(%server, %pool, address = %record.address, domain = ?record.upgrade_domain, "server joined");
+        members
+            .entry(pool.to_owned())
+            .or_default()
+            .insert(server.to_owned(), record);
+        self.node.set_members(members);
+        Ok(true)
+    }
+
+    /// `server` leaves every pool it joined. `Ok(false)`: it had joined none.
+    pub async fn leave(&self, server: &str) -> Result<bool, ControlError> {
+        let mut members = self.node.members();
+        let pools: Vec<String> = members
+            .iter()
+            .filter(|(_, m)| m.contains_key(server))
+            .map(|(p, _)| p.clone())
+            .collect();
+        if pools.is_empty() {
+            return Ok(false);
+        }
+        let lead = self.lead().await?;
+        let now = self.node.env.clock.wall_ms();
+        let ops = pools
+            .iter()
+            .flat_map(|p| membership::leave_writes(p, server, now))
+            .collect();
+        self.membership_write(&lead, ops).await?;
+        for p in &pools {
+            if let Some(m) = members.get_mut(p) {
+                m.remove(server);
+            }
+        }
+        tracing::info!(%server, ?pools, "server left");
+        self.node.set_members(members);
+        Ok(true)
+    }
+
+    async fn membership_write(
+        &self,
+        lead: &Leadership,
+        ops: Vec<crate::store::WriteOp>,
+    ) -> Result<(), ControlError> {
+        match self.node.env.store.fenced_write(lead, ops).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Fenced { epoch }) => Err(ControlError::LeadershipLost(format!(
+                "store fenced epoch {epoch}"
+            ))),
+            Err(e) => Err(ControlError::Store {
+                retryable: e.is_retryable(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
     /// Every configured pool's readiness.
     pub async fn inventory(&self) -> Result<Vec<(PoolReadiness, bool)>, ControlError> {
         let mut out = Vec::new();
-        for p in &self.node.cfg.pools {
+        for p in self.node.pools() {
             out.push(self.readiness(&p.name).await?);
         }
         Ok(out)

@@ -22,9 +22,30 @@ use tonic::Code;
 pub struct Inventory {
     start: Instant,
     health: RwLock<HashMap<String, ServerHealth>>,
-    clients: BTreeMap<String, AgentClient<Channel>>,
-    /// Per server, why its agent's identity was refused (TLS only).
-    refusals: HashMap<String, Refusal>,
+    /// One line per agent; it changes as servers join and leave.
+    agents: RwLock<BTreeMap<String, Line>>,
+    tls: Option<AgentTls>,
+    /// Where health streams run once [`Inventory::watch_all`] was called, and this inventory
+    /// itself (to start a stream for an agent that joins later).
+    watching: std::sync::Mutex<Option<Watching>>,
+}
+
+#[derive(Debug, Clone)]
+struct Watching {
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    me: std::sync::Weak<Inventory>,
+}
+
+/// The line to one agent.
+#[derive(Debug, Clone)]
+struct Line {
+    address: String,
+    client: AgentClient<Channel>,
+    /// Why its identity was refused (TLS only).
+    refusal: Option<Refusal>,
+    /// Stops its health stream.
+    stop: CancellationToken,
 }
 
 /// Why an agent client could not be made.
@@ -51,6 +72,39 @@ pub fn agent_state(s: i32) -> AgentState {
         Ok(pb::ServiceState::Failed) => AgentState::Failed,
         Ok(pb::ServiceState::Unspecified) | Err(_) => AgentState::Unknown,
     }
+}
+
+/// A lazily-connecting line to `server`'s agent at `address`. With `tls`, every connection
+/// checks that the agent's certificate names that server.
+fn line(server: &str, address: &str, tls: Option<&AgentTls>) -> Result<Line, ClientError> {
+    let err = |message: String| ClientError {
+        server: server.to_owned(),
+        address: address.to_owned(),
+        message,
+    };
+    // The scheme only labels requests: with TLS the connector below does the handshake.
+    let ep = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| err(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let (channel, refusal) = match tls {
+        Some(t) => {
+            let refusal = Refusal::default();
+            (
+                ep.connect_with_connector_lazy(t.connector(server, Arc::clone(&refusal))),
+                Some(refusal),
+            )
+        }
+        None => (ep.connect_lazy(), None),
+    };
+    Ok(Line {
+        address: address.to_owned(),
+        client: AgentClient::new(channel).max_decoding_message_size(1 << 20),
+        refusal,
+        stop: CancellationToken::new(),
+    })
 }
 
 fn limits_of(l: &pb::AgentLimits) -> AgentLimits {
@@ -129,51 +183,32 @@ impl Inventory {
         agents: &[(String, String)],
         tls: Option<AgentTls>,
     ) -> Result<Inventory, ClientError> {
-        let mut clients = BTreeMap::new();
-        let mut refusals = HashMap::new();
+        let mut lines = BTreeMap::new();
         for (server, address) in agents {
-            let err = |message: String| ClientError {
-                server: server.clone(),
-                address: address.clone(),
-                message,
-            };
-            // The scheme only labels requests: with TLS the connector below does the handshake.
-            let ep = Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| err(e.to_string()))?
-                .connect_timeout(Duration::from_secs(3))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5));
-            let channel = match &tls {
-                Some(t) => {
-                    let refusal = Refusal::default();
-                    refusals.insert(server.clone(), Arc::clone(&refusal));
-                    ep.connect_with_connector_lazy(t.connector(server, refusal))
-                }
-                None => ep.connect_lazy(),
-            };
-            clients.insert(
-                server.clone(),
-                AgentClient::new(channel).max_decoding_message_size(1 << 20),
-            );
+            lines.insert(server.clone(), line(server, address, tls.as_ref())?);
         }
         Ok(Inventory {
             start: Instant::now(),
             health: RwLock::new(HashMap::new()),
-            clients,
-            refusals,
+            agents: RwLock::new(lines),
+            tls,
+            watching: std::sync::Mutex::new(None),
         })
     }
 
     /// Why `server`'s agent identity was refused, if it was on the last connection attempt.
     pub fn identity_refusal(&self, server: &str) -> Option<String> {
-        self.refusals
-            .get(server)
-            .and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        self.agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server)?
+            .refusal
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    /// A failed call: an identity refusal is a refusal (not worth retrying, and it names
-    /// the impostor), whatever the transport made of it.
     fn call_error(&self, server: &str, s: &tonic::Status) -> LinkError {
         match self.identity_refusal(server) {
             Some(why) if matches!(s.code(), Code::Unavailable | Code::Unknown) => {
@@ -184,9 +219,11 @@ impl Inventory {
     }
 
     fn client(&self, server: &str) -> Result<AgentClient<Channel>, LinkError> {
-        self.clients
+        self.agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(server)
-            .cloned()
+            .map(|l| l.client.clone())
             .ok_or_else(|| LinkError::UnknownServer(server.to_string()))
     }
 
@@ -278,9 +315,96 @@ impl Inventory {
 
     /// Starts one watch task per agent on `tasks`, until `stop` is cancelled.
     pub fn watch_all(self: &Arc<Self>, tasks: &TaskTracker, stop: &CancellationToken) {
-        for server in self.clients.keys() {
-            let (me, server, stop) = (Arc::clone(self), server.clone(), stop.clone());
-            tasks.spawn(async move { me.watch_one(&server, &stop).await });
+        *self.watching.lock().unwrap_or_else(|p| p.into_inner()) = Some(Watching {
+            tasks: tasks.clone(),
+            stop: stop.clone(),
+            me: Arc::downgrade(self),
+        });
+        let lines: Vec<(String, CancellationToken)> = self
+            .agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(s, l)| (s.clone(), l.stop.clone()))
+            .collect();
+        for (server, line_stop) in lines {
+            self.spawn_watch(tasks, stop, server, line_stop);
+        }
+    }
+
+    fn spawn_watch(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+        server: String,
+        line_stop: CancellationToken,
+    ) {
+        let (me, stop) = (Arc::clone(self), stop.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = line_stop.cancelled() => {}
+                _ = me.watch_one(&server, &stop) => {}
+            }
+        });
+    }
+
+    /// See [`AgentLink::set_agents`].
+    fn update_agents(&self, agents: &[(String, String)]) {
+        let mut started = Vec::new();
+        {
+            let mut lines = self.agents.write().unwrap_or_else(|p| p.into_inner());
+            let wanted: HashMap<&str, &str> = agents
+                .iter()
+                .map(|(s, a)| (s.as_str(), a.as_str()))
+                .collect();
+            lines.retain(|server, l| {
+                let keep = wanted.get(server.as_str()) == Some(&l.address.as_str());
+                if !keep {
+                    l.stop.cancel();
+                }
+                keep
+            });
+            for (server, address) in agents {
+                if lines.contains_key(server) {
+                    continue;
+                }
+                match line(server, address, self.tls.as_ref()) {
+                    Ok(l) => {
+                        tracing::info!(%server, %address, "agent line added");
+                        started.push((server.clone(), l.stop.clone()));
+                        lines.insert(server.clone(), l);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot make an agent line"),
+                }
+            }
+        }
+        let gone: Vec<String> = {
+            let lines = self.agents.read().unwrap_or_else(|p| p.into_inner());
+            self.health
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .filter(|s| !lines.contains_key(*s))
+                .cloned()
+                .collect()
+        };
+        if !gone.is_empty() {
+            let mut h = self.health.write().unwrap_or_else(|p| p.into_inner());
+            for s in gone {
+                h.remove(&s);
+            }
+        }
+        let watching = self
+            .watching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(w) = watching {
+            if let Some(me) = w.me.upgrade() {
+                for (server, line_stop) in started {
+                    me.spawn_watch(&w.tasks, &w.stop, server, line_stop);
+                }
+            }
         }
     }
 
@@ -323,8 +447,17 @@ impl Inventory {
 
 #[tonic::async_trait]
 impl AgentLink for Inventory {
+    fn set_agents(&self, agents: &[(String, String)]) {
+        self.update_agents(agents);
+    }
+
     fn servers(&self) -> Vec<String> {
-        self.clients.keys().cloned().collect()
+        self.agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn health(&self) -> HashMap<String, ServerHealth> {

@@ -26,6 +26,7 @@ pub mod engine;
 pub mod env;
 pub mod inventory;
 pub mod link;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod progress;

@@ -162,4 +162,11 @@ pub trait AgentLink: Send + Sync + std::fmt::Debug {
 
     /// Raises the agent's epoch so that older leaders are refused from now on.
     async fn fence(&self, server: &str, epoch: Epoch) -> Result<(), LinkError>;
+
+    /// Takes `(server, address)` as every agent to keep a line to: new ones are connected,
+    /// moved ones reconnected, gone ones dropped (membership changes). The default keeps a
+    /// fixed set (the simulation's).
+    fn set_agents(&self, agents: &[(String, String)]) {
+        let _ = agents;
+    }
 }

@@ -7,10 +7,11 @@ use crate::driver::{Command, DriveError, Driver};
 use crate::engine::{Action, Upgrade};
 use crate::env::Env;
 use crate::link::LinkError;
+use crate::membership::{self, Members};
 use crate::progress::{self, ProgressError, UpgradeRecord};
 use crate::store::{Candidate, Leadership, StoreError};
 use rollgate_common::Epoch;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -72,13 +73,24 @@ pub struct Node {
     pub start_lock: tokio::sync::Mutex<()>,
     /// Every task this node spawned.
     pub tasks: TaskTracker,
+    /// Servers that joined by themselves, as last read from the store.
+    members: std::sync::RwLock<Members>,
+    /// Server ids listed in the config (they stay where it puts them).
+    configured: HashSet<String>,
 }
 
 impl Node {
     /// A node that does not lead yet.
     pub fn new(cfg: Arc<CoordinatorConfig>, env: Env) -> Arc<Node> {
         let (role, _) = watch::channel(Role::Follower);
+        let configured = cfg
+            .pools
+            .iter()
+            .flat_map(|p| p.servers.iter().map(|s| s.id.clone()))
+            .collect();
         Arc::new(Node {
+            members: std::sync::RwLock::new(Members::new()),
+            configured,
             cfg,
             env,
             role,
@@ -87,6 +99,71 @@ impl Node {
             start_lock: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
         })
+    }
+
+    /// The pool `name` as configured, with the servers that joined it.
+    pub fn pool(&self, name: &str) -> Option<PoolConfig> {
+        let cfg = self.cfg.pool(name)?;
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        Some(membership::with_members(cfg, &members, &self.configured))
+    }
+
+    /// Every configured pool, with the servers that joined it.
+    pub fn pools(&self) -> Vec<PoolConfig> {
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        self.cfg
+            .pools
+            .iter()
+            .map(|p| membership::with_members(p, &members, &self.configured))
+            .collect()
+    }
+
+    /// The servers that joined by themselves.
+    pub fn members(&self) -> Members {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether `server` is listed in the config.
+    pub fn is_configured(&self, server: &str) -> bool {
+        self.configured.contains(server)
+    }
+
+    /// Takes `members` as the membership: agents that joined get a connection (and a health
+    /// stream), agents that left lose theirs.
+    pub fn set_members(&self, members: Members) {
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
+        let agents: Vec<(String, String)> = self
+            .pools()
+            .iter()
+            .flat_map(|p| p.servers.iter().map(|s| (s.id.clone(), s.agent.clone())))
+            .collect();
+        self.env.agents.set_agents(&agents);
+    }
+
+    /// Follows the stored membership until `stop`: one small read every
+    /// [`membership::REFRESH`], the members only when they changed.
+    pub async fn membership_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut seen = None;
+        loop {
+            match membership::version(&self.env.store).await {
+                Ok(v) if Some(v) != seen => match membership::load(&self.env.store).await {
+                    Ok(m) => {
+                        seen = Some(v);
+                        self.set_members(m);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the members; retrying"),
+                },
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot read the membership version"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(membership::REFRESH) => {}
+            }
+        }
     }
 
     /// The leadership this node holds now, if it leads and has taken over.
@@ -199,7 +276,27 @@ impl Node {
     async fn take_over(self: Arc<Self>, lead: Leadership) {
         self.role
             .send_replace(Role::TakingOver { epoch: lead.epoch });
-        let pools: Vec<PoolConfig> = self.cfg.pools.clone();
+        // The plans being resumed may name servers that joined by themselves: their agents
+        // need lines before anything is sent.
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match membership::load(&self.env.store).await {
+                Ok(m) => {
+                    self.set_members(m);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the members; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = lead.lost.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let pools: Vec<PoolConfig> = self.pools();
         let mut resumed = Vec::new();
         for pool in pools {
             let record = match self.load(&lead, &pool.name).await {

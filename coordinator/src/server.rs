@@ -1,13 +1,14 @@
 //! Wiring of the coordinator daemon: store, inventory, the node's leadership loop, the operator
 //! API and grpc.health.v1, and the one shutdown path (cancel → resign → stop serving → drain).
 
-use crate::api::OperatorApi;
+use crate::api::{MembershipApi, OperatorApi};
 use crate::config::{CoordinatorConfig, EtcdAuth, EtcdTls, StoreConfig};
 use crate::control::Control;
 use crate::env::{CommandHooks, Env, SystemClock};
 use crate::inventory::Inventory;
 use crate::node::Node;
 use crate::store::{EmbeddedStore, EtcdAccess, EtcdStore, Store};
+use rollgate_proto::operator::v1::membership_server::MembershipServer;
 use rollgate_proto::operator::v1::operator_server::OperatorServer;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -112,6 +113,8 @@ pub async fn run(
     let watchers = CancellationToken::new();
     inventory.watch_all(&node.tasks, &watchers);
     node.tasks
+        .spawn(Arc::clone(&node).membership_loop(shutdown.clone()));
+    node.tasks
         .spawn(Arc::clone(&node).lead_loop(shutdown.clone()));
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -151,6 +154,10 @@ pub async fn run(
         .add_service(
             OperatorServer::new(OperatorApi::new(Control::new(Arc::clone(&node)), insecure))
                 .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            MembershipServer::new(MembershipApi::new(Control::new(Arc::clone(&node))))
+                .max_decoding_message_size(64 * 1024),
         )
         .serve_with_incoming_shutdown(rollgate_common::incoming_nodelay(listener), async move {
             stop.cancelled().await

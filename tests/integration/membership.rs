@@ -1,0 +1,141 @@
+//! Agents that join their pool by themselves: no server listed in the coordinator's config.
+
+use crate::coordinator::{embedded, ended, start_req, wait_status};
+use rollgate_common::tls::RoleKind;
+use rollgate_proto::operator::names;
+use rollgate_proto::operator::v1 as pb;
+use rollgate_proto::operator::v1::membership_client::MembershipClient;
+use rollgate_tests::cluster::{operator_client, CoordinatorProc, Fleet};
+use rollgate_tests::{eventually, make_artifact};
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// The servers of the pool as the coordinator's readiness shows them: (id, domain, state).
+async fn seen(
+    c: &rollgate_proto::operator::v1::operator_client::OperatorClient<tonic::transport::Channel>,
+) -> Option<Vec<(String, String, String)>> {
+    let r = c
+        .clone()
+        .readiness(pb::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let mut v: Vec<(String, String, String)> = r
+        .domains
+        .iter()
+        .flat_map(|d| {
+            d.servers.iter().map(|s| {
+                (
+                    s.server.clone(),
+                    d.name.clone(),
+                    names::server_state(s.state),
+                )
+            })
+        })
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_join_their_pool_by_starting_their_agent_and_are_upgraded() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let mut fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    // The coordinator lists no server: the pool's policies only.
+    let mut coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &embedded(root),
+        "[[pools]]\nname = \"pool-a\"\nmin_active = 2\n",
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let c = operator_client(coord.addr, &op).await?;
+    anyhow::ensure!(
+        seen(&c).await.unwrap_or_default().is_empty(),
+        "no server before any joined"
+    );
+
+    // Each agent gets a [join] table and is restarted: that is all a server needs.
+    for s in &mut fleet.servers {
+        let mut text = std::fs::read_to_string(&s.agent.config)?;
+        text.push_str(&format!("\n[join]\ncoordinators = [\"{}\"]\n", coord.addr));
+        std::fs::write(&s.agent.config, text)?;
+        s.agent.terminate().await?;
+        s.agent.restart().await?;
+    }
+    let want: Vec<(String, String, String)> = fleet
+        .servers
+        .iter()
+        .map(|s| (s.id.clone(), s.domain.clone(), "serving".to_owned()))
+        .collect();
+    let got = eventually("the three servers to join and serve", LONG, || {
+        let (c, want) = (&c, &want);
+        async move { seen(c).await.filter(|v| v == want) }
+    })
+    .await?;
+    assert_eq!(got.len(), 3);
+
+    // Joining again unchanged changes nothing; an operator cannot join as a server; an
+    // unknown pool is refused with its name.
+    let agent_tls = fleet.pki.issue(RoleKind::Agent, "fe-1")?;
+    let mut m = MembershipClient::new(rollgate_tests::channel(coord.addr, &agent_tls).await?);
+    let again = m
+        .join(pb::JoinRequest {
+            pool: "pool-a".into(),
+            upgrade_domain: fleet.servers[0].domain.clone(),
+            address: fleet.servers[0].agent.addr.to_string(),
+        })
+        .await?
+        .into_inner();
+    assert!(!again.changed, "{again:?}");
+    let unknown = m
+        .join(pb::JoinRequest {
+            pool: "pool-nope".into(),
+            upgrade_domain: String::new(),
+            address: "127.0.0.1:9".into(),
+        })
+        .await
+        .expect_err("an unknown pool");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    assert!(unknown.message().contains("pool-nope"), "{unknown:?}");
+    let mut as_operator = MembershipClient::new(rollgate_tests::channel(coord.addr, &op).await?);
+    let denied = as_operator
+        .join(pb::JoinRequest {
+            pool: "pool-a".into(),
+            upgrade_domain: String::new(),
+            address: "127.0.0.1:9".into(),
+        })
+        .await
+        .expect_err("an operator is not a server");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // The membership is stored: a restarted coordinator knows the servers before any agent
+    // joins again (they joined once and do not ask again).
+    coord.terminate().await?;
+    coord.restart().await?;
+    let c = operator_client(coord.addr, &op).await?;
+    eventually("the members after a restart", LONG, || {
+        let (c, want) = (&c, &want);
+        async move { seen(c).await.filter(|v| v == want) }
+    })
+    .await?;
+
+    // And they are upgraded like listed servers.
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    let mut c = c;
+    rollgate_tests::cluster::start_upgrade(&mut c, start_req("pool-a", &artifact, &sha)).await?;
+    let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
+    assert_eq!(names::upgrade_state(end.status), "completed", "{end:?}");
+    for (id, v) in fleet.installs() {
+        assert_eq!(v, vec!["2.0".to_owned()], "{id}");
+    }
+    coord.terminate().await?;
+    Ok(())
+}
