@@ -1,5 +1,6 @@
 //! Where the coordinator keeps leadership and progress: etcd for several coordinators, or an
-//! embedded file (locked, so two coordinators can never share it) for a single one. Both sit
+//! embedded store (a snapshot and an append-only log, locked so that two coordinators can never
+//! share it) for a single one. Both sit
 //! behind [`Store`], and the same conformance tests run against both.
 //!
 //! Every write of a leader goes through [`Store::fenced_write`]: a transaction guarded by
@@ -232,7 +233,7 @@ impl Store {
     ) -> Result<Leadership, StoreError> {
         match self {
             Store::Etcd(s) => s.campaign(me, ttl, cancel).await,
-            Store::Embedded(s) => s.campaign(me, ttl, cancel),
+            Store::Embedded(s) => s.campaign(me, ttl, cancel).await,
             Store::Dyn(s) => s.campaign(me, ttl, cancel).await,
         }
     }
@@ -255,7 +256,7 @@ impl Store {
     ) -> Result<i64, StoreError> {
         match self {
             Store::Etcd(s) => s.fenced_write(leadership, ops).await,
-            Store::Embedded(s) => s.fenced_write(leadership, ops),
+            Store::Embedded(s) => s.fenced_write(leadership, ops).await,
             Store::Dyn(s) => s.fenced_write(leadership, ops).await,
         }
     }
@@ -265,7 +266,7 @@ impl Store {
     pub async fn resign(&self, leadership: &Leadership) -> Result<(), StoreError> {
         match self {
             Store::Etcd(s) => s.resign(leadership).await,
-            Store::Embedded(s) => s.resign(leadership),
+            Store::Embedded(s) => s.resign(leadership).await,
             Store::Dyn(s) => s.resign(leadership).await,
         }
     }
