@@ -188,7 +188,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 pub enum Store {
     /// etcd v3.
     Etcd(EtcdStore),
-    /// A local file, for a single coordinator.
+    /// Local files (a snapshot and an append-only log), for a single coordinator.
     Embedded(EmbeddedStore),
     /// Any other backend (the deterministic simulation's).
     Dyn(std::sync::Arc<dyn Backend>),
