@@ -2,6 +2,7 @@
 //! rebuilt from them (the same [`apply`] for the writer and for replay).
 
 use super::*;
+
 /// When the log is folded into a new snapshot: once it is larger than both `min_log_bytes` and
 /// `factor` times the snapshot. The factor bounds the bytes written per write to a constant
 /// share of the record (each byte of snapshot is rewritten once per `factor` bytes of log); the

@@ -3,6 +3,7 @@
 
 use super::files::*;
 use super::*;
+
 /// A change, decided in order on the writer thread.
 pub(super) enum Request {
     Write {
