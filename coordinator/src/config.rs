@@ -57,7 +57,8 @@ pub struct CoordinatorConfig {
 pub enum StoreConfig {
     /// A local file, for a single coordinator (locked against a second one).
     Embedded {
-        /// The store file.
+        /// The store file (its snapshot); its log is `<path>.log` and its lock `<path>.lock`,
+        /// beside it.
         path: PathBuf,
     },
     /// etcd v3, for several coordinators.

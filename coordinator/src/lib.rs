@@ -9,7 +9,7 @@
 //! - [`driver`]: the loop around the engine: store the new state (fenced), then act.
 //! - [`engine`]: the pure upgrade state machine `(state, event) -> (state, actions)`.
 //! - [`progress`]: typed records and key layout in the store.
-//! - [`store`]: leadership and fenced transactions: etcd, or an embedded file.
+//! - [`store`]: leadership and fenced transactions: etcd, or an embedded snapshot and log.
 //! - [`readiness`]: Ready / Busy / InsufficientActiveFrontEnds, a pure function.
 //! - [`link`]: the `AgentLink` seam to the agents; [`inventory`]: its tonic implementation
 //!   and the live health model; [`agent_tls`]: mTLS to agents with their identity checked;

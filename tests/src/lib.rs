@@ -8,6 +8,7 @@
 //!   run one at a time under any runner.
 //! - [`owner`]: nothing a test starts outlives the test process, even one that is SIGKILLed.
 //! - [`browser`]: a real headless Chromium driven over the DevTools protocol, for web pages.
+//! - [`store_bench`]: the embedded store's write cost, for `rollgate-bench embedded`.
 
 pub mod browser;
 pub mod chaos;
@@ -16,6 +17,7 @@ pub mod etcd;
 pub mod monitor;
 pub mod owner;
 pub mod sim;
+pub mod store_bench;
 
 use anyhow::{anyhow, bail, Context};
 use rollgate_common::pki::Ca;

@@ -1,5 +1,6 @@
 //! Where the coordinator keeps leadership and progress: etcd for several coordinators, or an
-//! embedded file (locked, so two coordinators can never share it) for a single one. Both sit
+//! embedded store (a snapshot and an append-only log, locked so that two coordinators can never
+//! share it) for a single one. Both sit
 //! behind [`Store`], and the same conformance tests run against both.
 //!
 //! Every write of a leader goes through [`Store::fenced_write`]: a transaction guarded by
@@ -195,7 +196,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 pub enum Store {
     /// etcd v3.
     Etcd(EtcdStore),
-    /// A local file, for a single coordinator.
+    /// Local files (a snapshot and an append-only log), for a single coordinator.
     Embedded(EmbeddedStore),
     /// Any other backend (the deterministic simulation's).
     Dyn(std::sync::Arc<dyn Backend>),
@@ -240,7 +241,7 @@ impl Store {
     ) -> Result<Leadership, StoreError> {
         match self {
             Store::Etcd(s) => s.campaign(me, ttl, cancel).await,
-            Store::Embedded(s) => s.campaign(me, ttl, cancel),
+            Store::Embedded(s) => s.campaign(me, ttl, cancel).await,
             Store::Dyn(s) => s.campaign(me, ttl, cancel).await,
         }
     }
@@ -263,7 +264,7 @@ impl Store {
     ) -> Result<i64, StoreError> {
         match self {
             Store::Etcd(s) => s.fenced_write(leadership, ops).await,
-            Store::Embedded(s) => s.fenced_write(leadership, ops),
+            Store::Embedded(s) => s.fenced_write(leadership, ops).await,
             Store::Dyn(s) => s.fenced_write(leadership, ops).await,
         }
     }
@@ -273,7 +274,7 @@ impl Store {
     pub async fn resign(&self, leadership: &Leadership) -> Result<(), StoreError> {
         match self {
             Store::Etcd(s) => s.resign(leadership).await,
-            Store::Embedded(s) => s.resign(leadership),
+            Store::Embedded(s) => s.resign(leadership).await,
             Store::Dyn(s) => s.resign(leadership).await,
         }
     }

@@ -4,6 +4,9 @@
 //! binary size, and idle RSS, peak RSS, threads and CPU time over an idle window with one
 //! Watch stream open and one front end probed every report interval. Build with
 //! `cargo build --release --workspace --bins` and run with ROLLGATE_BIN_DIR=target/release.
+//!
+//! `rollgate-bench embedded`: the embedded store's write latency and bytes written per write
+//! with a fleet-sized keyspace (the harness is `rollgate_tests::store_bench`).
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
@@ -64,6 +67,31 @@ enum What {
         /// Use a real etcd (one member) instead of the embedded store.
         #[arg(long)]
         etcd: bool,
+    },
+    /// The embedded store's write path: median latency of one small fenced write and bytes
+    /// written per write, with a fleet-sized keyspace (pools x keys) already stored.
+    Embedded {
+        /// Independent runs (fresh store each); medians are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Pools in the keyspace.
+        #[arg(long, default_value_t = 100)]
+        pools: usize,
+        /// Keys per pool.
+        #[arg(long, default_value_t = 100)]
+        keys: usize,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 64)]
+        value_bytes: usize,
+        /// Measured writes per run (one put each).
+        #[arg(long, default_value_t = 500)]
+        writes: usize,
+        /// Writers at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Where the stores go (a fresh directory per run under it); default: the temp dir.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -143,7 +171,81 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        What::Embedded {
+            runs,
+            pools,
+            keys,
+            value_bytes,
+            writes,
+            concurrency,
+            dir,
+        } => {
+            let p = rollgate_tests::store_bench::Params {
+                pools: pools.clamp(1, 10_000),
+                keys_per_pool: keys.clamp(1, 10_000),
+                value_bytes: value_bytes.clamp(1, 1 << 20),
+                writes: writes.clamp(1, 1_000_000),
+                concurrency: concurrency.clamp(1, 256),
+            };
+            embedded(runs.clamp(1, 50), p, dir.as_deref()).await
+        }
     }
+}
+
+async fn embedded(
+    runs: usize,
+    p: rollgate_tests::store_bench::Params,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let (mut p50, mut p99, mut bytes, mut rate, mut lag) = (vec![], vec![], vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let tmp = match dir {
+            Some(d) => tempfile::tempdir_in(d)?,
+            None => tempfile::tempdir()?,
+        };
+        let o = rollgate_tests::store_bench::run(tmp.path(), p).await?;
+        let mut l = o.latencies_us.clone();
+        l.sort_by(f64::total_cmp);
+        let q99 = l
+            .get((l.len() * 99 / 100).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0);
+        let m = median(l);
+        println!(
+            "run {run}: median write {:.3} ms, p99 {:.3} ms, {:.0} bytes written per write, {:.0} writes/s, worst 1 ms timer lag {:.1} ms, {:.2} MiB on disk",
+            m / 1e3,
+            q99 / 1e3,
+            o.bytes_per_write,
+            o.writes_per_sec,
+            o.worst_timer_lag_ms,
+            o.disk_bytes as f64 / 1048576.0
+        );
+        p50.push(m / 1e3);
+        p99.push(q99 / 1e3);
+        bytes.push(o.bytes_per_write);
+        rate.push(o.writes_per_sec);
+        lag.push(o.worst_timer_lag_ms);
+    }
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3}-{hi:.3}")
+    };
+    println!(
+        "median of {runs} ({} pools x {} keys, {} B values, {} writes, {} at once): write {:.3} ms ({}), p99 {:.3} ms, {:.0} bytes written per write, {:.0} writes/s, worst timer lag {:.1} ms",
+        p.pools,
+        p.keys_per_pool,
+        p.value_bytes,
+        p.writes,
+        p.concurrency,
+        median(p50.clone()),
+        range(&p50),
+        median(p99),
+        median(bytes),
+        median(rate),
+        median(lag)
+    );
+    Ok(())
 }
 
 async fn agent(runs: usize, idle: Duration, report_interval: &str) -> anyhow::Result<()> {
