@@ -105,6 +105,25 @@ impl Pool {
             servers,
             base_port,
         };
+        // The peers' run.sh stops its pool without waiting for nginx to exit: the ports of the
+        // previous run may still be held for a moment.
+        crate::eventually(
+            "the pool's ports to be free",
+            Duration::from_secs(30),
+            || {
+                let pool = &pool;
+                async move {
+                    for i in 1..=pool.servers {
+                        let addr = SocketAddr::from(([127, 0, 0, 1], pool.port(i).ok()?));
+                        if std::net::TcpListener::bind(addr).is_err() {
+                            return None;
+                        }
+                    }
+                    Some(())
+                }
+            },
+        )
+        .await?;
         run(&fleet_cmd(
             fleet,
             &[
@@ -272,6 +291,9 @@ pool = "nginx"
 upgrade_domain = "ud-{domain}"
 listen = "127.0.0.1:{listen}"
 state_dir = "{state}"
+# Well inside the harness coordinator's lost_after (2s): a report a little late under load must
+# not make a serving server count as lost at a readiness gate.
+report_interval = "500ms"
 shutdown_grace = "10s"
 
 [tls]
