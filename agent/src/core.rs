@@ -19,6 +19,7 @@ use crate::error::AgentError;
 use crate::hooks;
 use crate::journal::{Journal, OpKind, OpRecord, OpState};
 use crate::probe;
+use crate::wait;
 use rollgate_common::time::now_ms;
 use rollgate_common::Epoch;
 use std::collections::HashSet;
@@ -29,9 +30,6 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// How often drain and verify look again while they wait.
-const POLL: Duration = Duration::from_millis(100);
 
 /// The identity and fencing part of every state-changing call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,7 +213,23 @@ struct Inner {
     epoch: Epoch,
     journal: Journal,
     service: ServiceRecord,
+    /// What the state directory holds, as last loaded or stored.
+    stored_service: ServiceRecord,
     running: Option<Running>,
+}
+
+impl Inner {
+    /// Stores the service record durably, unless the state directory holds it already: a
+    /// verify or a moot rollback changes nothing, and a store is two fsyncs on the critical
+    /// path of the step that ends.
+    fn store_service(&mut self, dir: &StateDir) -> std::io::Result<()> {
+        if self.service == self.stored_service {
+            return Ok(());
+        }
+        dir.store_service(&self.service)?;
+        self.stored_service = self.service.clone();
+        Ok(())
+    }
 }
 
 /// The agent: config, durable state, the running operation and the health feed.
@@ -325,6 +339,7 @@ impl AgentCore {
             inner: Mutex::new(Inner {
                 epoch,
                 journal,
+                stored_service: service.clone(),
                 service,
                 running: None,
             }),
@@ -538,7 +553,7 @@ impl AgentCore {
         };
         if let Some(p) = phase {
             inner.service.phase = p;
-            self.dir.store_service(&inner.service).map_err(storage)?;
+            inner.store_service(&self.dir).map_err(storage)?;
             self.phase_tx.send_replace(p);
         }
         let (tx, rx) = watch::channel(None);
@@ -591,7 +606,7 @@ impl AgentCore {
         inner.service.phase = outcome.phase;
         self.phase_tx.send_replace(outcome.phase);
         rec.version = self.version_of(&inner.service);
-        if let Err(e) = self.dir.store_service(&inner.service) {
+        if let Err(e) = inner.store_service(&self.dir) {
             tracing::error!(error = %e, "cannot store the service record");
         }
         if let Err(e) = inner.journal.end(&rec) {
@@ -888,13 +903,14 @@ impl AgentCore {
     /// zero; returns how many are left.
     async fn wait_for_no_connections(&self, timeout: Duration) -> u32 {
         let deadline = Instant::now() + timeout;
-        loop {
-            let left = probe::active_connections(&self.ports).await;
-            if left == 0 || Instant::now() >= deadline {
-                return left;
+        let left = wait::until(deadline, || async {
+            match probe::active_connections(&self.ports).await {
+                0 => Ok(()),
+                left => Err(left),
             }
-            tokio::time::sleep(POLL).await;
-        }
+        })
+        .await;
+        left.err().unwrap_or(0)
     }
 
     /// Records the service's phase mid-operation (durably, so that a crash meanwhile does not
@@ -903,7 +919,7 @@ impl AgentCore {
         let mut inner = self.lock();
         inner.service.phase = phase;
         self.phase_tx.send_replace(phase);
-        if let Err(e) = self.dir.store_service(&inner.service) {
+        if let Err(e) = inner.store_service(&self.dir) {
             tracing::error!(error = %e, "cannot store the service record");
         }
         drop(inner);
@@ -1011,42 +1027,49 @@ impl AgentCore {
                 }
             }
         }
-        let deadline = Instant::now() + timeout;
-        loop {
+        let accepting = wait::until(Instant::now() + timeout, || async {
             if probe::accepting(&svc.probe_host, &svc.ports, svc.probe_timeout).await {
-                return Outcome {
-                    ok: true,
-                    message: "started: accepting connections".into(),
-                    output,
-                    phase: Phase::Running,
-                };
+                Ok(())
+            } else {
+                Err(())
             }
-            if Instant::now() >= deadline {
-                return Outcome {
-                    ok: false,
-                    message: format!(
-                        "started, but not accepting connections on port(s) {:?} after {}ms",
-                        svc.ports,
-                        timeout.as_millis()
-                    ),
-                    output,
-                    phase: Phase::Failed,
-                };
-            }
-            tokio::time::sleep(POLL).await;
+        })
+        .await;
+        match accepting {
+            Ok(()) => Outcome {
+                ok: true,
+                message: "started: accepting connections".into(),
+                output,
+                phase: Phase::Running,
+            },
+            Err(()) => Outcome {
+                ok: false,
+                message: format!(
+                    "started, but not accepting connections on port(s) {:?} after {}ms",
+                    svc.ports,
+                    timeout.as_millis()
+                ),
+                output,
+                phase: Phase::Failed,
+            },
         }
     }
 
     async fn verify(&self, stable: Duration, timeout: Duration) -> Outcome {
         let deadline = Instant::now() + timeout;
         let mut good_since: Option<Instant> = None;
+        let mut backoff = wait::Backoff::new();
         let phase = self.lock().service.phase;
         loop {
             let h = self.probe().await;
             let good = h.accepting && h.healthy && !h.busy;
             let now = Instant::now();
             if good {
-                let since = *good_since.get_or_insert(now);
+                let since = *good_since.get_or_insert_with(|| {
+                    // Newly good: look again soon, to end a short stable window on time.
+                    backoff.reset();
+                    now
+                });
                 if now.duration_since(since) >= stable {
                     return Outcome {
                         ok: true,
@@ -1059,8 +1082,8 @@ impl AgentCore {
                         phase,
                     };
                 }
-            } else {
-                good_since = None;
+            } else if good_since.take().is_some() {
+                backoff.reset();
             }
             if now >= deadline {
                 let why = if h.detail.is_empty() {
@@ -1075,7 +1098,11 @@ impl AgentCore {
                     phase,
                 };
             }
-            tokio::time::sleep(POLL).await;
+            // Never past the deadline, nor past the end of the stable window.
+            let until = good_since
+                .and_then(|since| since.checked_add(stable))
+                .map_or(deadline, |end| deadline.min(end));
+            backoff.sleep(until).await;
         }
     }
 
@@ -1427,8 +1454,8 @@ impl AgentCore {
         match self.rollback_source(&inner.service, from_version)? {
             RollbackSource::NeedsArtifact { version: now, .. } if now == version => {
                 inner.service.previous_sha256 = sha256.to_owned();
-                self.dir
-                    .store_service(&inner.service)
+                inner
+                    .store_service(&self.dir)
                     .map_err(|e| AgentError::Storage(e.to_string()))?;
             }
             RollbackSource::NeedsArtifact { .. } => {

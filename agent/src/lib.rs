@@ -6,7 +6,8 @@
 //! - [`server`]: binding, TLS, services and the shutdown path.
 //! - [`journal`]: the durable operation journal; [`durable`]: the epoch and service record.
 //! - [`hooks`]: running service commands; [`probe`]: TCP, /proc/net/tcp, HTTP and busy probes;
-//!   [`artifact`]: fetching and sha256-checking artifacts.
+//!   [`artifact`]: fetching and sha256-checking artifacts; [`wait`]: waiting for a condition
+//!   of the service with short, growing gaps between looks.
 
 pub mod artifact;
 pub mod config;
@@ -20,3 +21,4 @@ pub mod journal;
 pub mod metrics;
 pub mod probe;
 pub mod server;
+pub mod wait;

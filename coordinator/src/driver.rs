@@ -577,8 +577,12 @@ pub async fn check_readiness(
         let spec = PoolSpec::for_plan(&up.plan, Some(cfg));
         let down: BTreeSet<String> = up.down_servers().into_iter().collect();
         let health = env.agents.health();
+        // Servers the upgrade has taken down count as inactive whatever they report, so they
+        // are not asked again: with a whole domain going down at once, asking each one (a full
+        // probe on a server that is draining) made every server's gate wait for the slowest.
         let stale: Vec<String> = spec
             .servers()
+            .filter(|s| !down.contains(*s))
             .filter(|s| {
                 refresh_all
                     || health

@@ -9,7 +9,9 @@
 //! - [`owner`]: nothing a test starts outlives the test process, even one that is SIGKILLed.
 //! - [`browser`]: a real headless Chromium driven over the DevTools protocol, for web pages.
 //! - [`store_bench`]: the embedded store's write cost, for `rollgate-bench embedded`.
+//! - [`bench_nginx`]: B1 on the peers' real nginx pool, side by side with Ansible `serial`.
 
+pub mod bench_nginx;
 pub mod browser;
 pub mod chaos;
 pub mod cluster;

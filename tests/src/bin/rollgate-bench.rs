@@ -93,6 +93,41 @@ enum What {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// B1 on a real nginx pool (the peers' `fleet.sh`), hooks = the same `fleet.sh step`
+    /// commands Ansible runs; wall / (domains × one chain run alone), optionally side by side
+    /// with Ansible `serial` in the same run.
+    Nginx {
+        /// Independent runs (a fresh pool each); medians and ranges are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Servers in the pool.
+        #[arg(long, default_value_t = 6)]
+        servers: usize,
+        /// Upgrade domains.
+        #[arg(long, default_value_t = 3)]
+        domains: usize,
+        /// How long each server's install step takes.
+        #[arg(long, default_value = "1s", value_parser = humantime_parse)]
+        install: Duration,
+        /// How long verify needs the service stable.
+        #[arg(long, default_value = "1ms", value_parser = humantime_parse)]
+        verify_stable: Duration,
+        /// The peers' directory (with ansible-rolling/fleet.sh and run.sh).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/peers"))]
+        peers: std::path::PathBuf,
+        /// ansible-playbook to run the Ansible side in the same run.
+        #[arg(long)]
+        ansible: Option<std::path::PathBuf>,
+        /// Use a real etcd (one member) instead of the embedded store.
+        #[arg(long)]
+        etcd: bool,
+        /// The pool listens on 127.0.0.1:(base-port + 1 ..= base-port + servers).
+        #[arg(long, default_value_t = 18080)]
+        base_port: u16,
+        /// Print each rollgate run's timeline (coordinator events and agent journals).
+        #[arg(long)]
+        trace: bool,
+    },
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -188,6 +223,32 @@ async fn main() -> anyhow::Result<()> {
                 concurrency: concurrency.clamp(1, 256),
             };
             embedded(runs.clamp(1, 50), p, dir.as_deref()).await
+        }
+        What::Nginx {
+            runs,
+            servers,
+            domains,
+            install,
+            verify_stable,
+            peers,
+            ansible,
+            etcd,
+            base_port,
+            trace,
+        } => {
+            rollgate_tests::bench_nginx::bench(&rollgate_tests::bench_nginx::Options {
+                runs: runs.clamp(1, 20),
+                servers: servers.clamp(1, 60),
+                domains: domains.clamp(1, 20),
+                install: install.min(Duration::from_secs(60)),
+                verify_stable: verify_stable.min(Duration::from_secs(60)),
+                peers,
+                ansible,
+                etcd,
+                base_port,
+                trace,
+            })
+            .await
         }
     }
 }
