@@ -118,9 +118,13 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (med, v[0], v[n - 1])
 }
 
-fn fmt3(v: &[f64], unit: &str) -> String {
+/// Median (range, runs) with `d` decimals.
+fn fmt(v: &[f64], unit: &str, d: usize) -> String {
     let (m, lo, hi) = stats(v);
-    format!("{m:.3} {unit} (range {lo:.3}..{hi:.3}, {} runs)", v.len())
+    format!(
+        "{m:.d$} {unit} (range {lo:.d$}..{hi:.d$}, {} runs)",
+        v.len()
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -410,23 +414,23 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
             .map(|r| (r - base_rss[i]) * 1024.0 * per_k)
             .collect();
         let cpu_k: Vec<f64> = cpu.iter().map(|c| (c - base_cpu[i]) * per_k).collect();
-        rep.add(&format!("{who} RSS"), fmt3(&rss, "MiB"));
-        rep.add(&format!("{who} idle CPU"), fmt3(&cpu, "% of a core"));
+        rep.add(&format!("{who} RSS"), fmt(&rss, "MiB", 1));
+        rep.add(&format!("{who} idle CPU"), fmt(&cpu, "% of a core", 2));
         rep.add(
             &format!("{who} RSS per 1,000 agents (B3 ≤ 16 KiB)"),
-            fmt3(&rss_k, "KiB"),
+            fmt(&rss_k, "KiB", 0),
         );
         rep.add(
             &format!("{who} idle CPU per 1,000 agents (B3 ≤ 0.5 %)"),
-            fmt3(&cpu_k, "% of a core"),
+            fmt(&cpu_k, "% of a core", 3),
         );
         rep.num(&format!("{who}_rss_kib_per_1000"), stats(&rss_k).0);
         rep.num(&format!("{who}_cpu_pct_per_1000"), stats(&cpu_k).0);
     }
     let sim_rss: Vec<f64> = samples.iter().map(|s| s[2].0).collect();
     let sim_cpu: Vec<f64> = samples.iter().map(|s| s[2].1).collect();
-    rep.add("simulator RSS", fmt3(&sim_rss, "MiB"));
-    rep.add("simulator CPU", fmt3(&sim_cpu, "% of a core"));
+    rep.add("simulator RSS", fmt(&sim_rss, "MiB", 1));
+    rep.add("simulator CPU", fmt(&sim_cpu, "% of a core", 1));
 
     // Readiness latency while the reports stream in.
     for (i, who) in [(li, "leader"), (fi, "follower")] {
@@ -467,7 +471,7 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
         }
         rep.add(
             &format!("{how} of {} agents → all counted lost (B11 ≤ 3 s)", o.lose),
-            fmt3(&took, "s"),
+            fmt(&took, "s", 3),
         );
         rep.add(
             &format!("{how}: healthy agents ever shown lost (false positives)"),
@@ -495,13 +499,13 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
     }
     rep.add(
         &format!("leader SIGKILL → all {} agents fenced", o.agents),
-        fmt3(&kill_all, "s"),
+        fmt(&kill_all, "s", 3),
     );
     rep.add(
         "election (seen by polling Leader) → all agents fenced (target ≤ 2 s)",
-        fmt3(&elect_all, "s"),
+        fmt(&elect_all, "s", 3),
     );
-    rep.add("first → last agent fenced", fmt3(&spread, "s"));
+    rep.add("first → last agent fenced", fmt(&spread, "s", 3));
     rep.num("takeover_kill_to_all_fenced_s", stats(&kill_all).0);
     rep.num("takeover_election_to_all_fenced_s", stats(&elect_all).0);
     pair.check_alive()?;

@@ -23,6 +23,9 @@ pub fn unix_us() -> u64 {
 /// sooner).
 const ADOPT_LIMIT: Duration = Duration::from_secs(300);
 
+/// A step's effect on the agent once its time has passed: Ok(message) or Err(why it failed).
+type Finish = Box<dyn FnOnce(&mut State) -> Result<String, String> + Send>;
+
 #[derive(Debug)]
 struct State {
     epoch: u64,
@@ -176,7 +179,7 @@ impl SimAgent {
         header: Option<pb::OperationHeader>,
         kind: pb::OperationKind,
         during: pb::ServiceState,
-        finish: Box<dyn FnOnce(&mut State) -> Result<String, String> + Send>,
+        finish: Finish,
     ) -> Result<Response<pb::OperationResult>, Status> {
         let h = header.ok_or_else(|| invalid("missing header (operation_id and epoch)"))?;
         if h.operation_id.is_empty() || h.operation_id.len() > 128 {
