@@ -34,7 +34,7 @@ async fn a_simulated_pool_upgrades_through_a_real_coordinator() -> Result<()> {
         step: Duration::from_millis(10),
         report_interval: Duration::from_millis(200),
     };
-    let mut fleet = FleetProc::start(root, &pki, &spec).await?;
+    let mut fleet = FleetProc::start(root, &pki, &spec, 1).await?;
     ensure!(fleet.agents.len() == 6, "agents: {:?}", fleet.agents);
     let store = format!(
         "[store]\nkind = \"embedded\"\npath = \"{}\"",

@@ -332,7 +332,8 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
         report_interval: o.report_interval,
     };
     let t = Instant::now();
-    let mut fleet = FleetProc::start(root, &pki, &spec).await?;
+    // Every agent has a connection from the leader and one from the follower.
+    let mut fleet = FleetProc::start(root, &pki, &spec, 2).await?;
     rep.add(
         "simulator start (certificates signed, listeners bound)",
         format!("{:.2} s", t.elapsed().as_secs_f64()),
@@ -391,11 +392,12 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
     // Idle footprint, per 1,000 agents above the baseline.
     let per_k = 1000.0 / (o.agents.saturating_sub(base_n).max(1)) as f64;
     let fi = 1 - li;
-    let pids = [
+    let mut pids = vec![
         pair.coords[li].pid().context("leader pid")?,
         pair.coords[fi].pid().context("follower pid")?,
-        fleet.pid().context("simulator pid")?,
     ];
+    let sims = fleet.pids();
+    pids.extend(&sims);
     let mut samples: Vec<Vec<(f64, f64)>> = Vec::new();
     for _ in 0..o.idle_runs {
         match idle_sample(&pids, o.idle).await {
@@ -427,9 +429,19 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
         rep.num(&format!("{who}_rss_kib_per_1000"), stats(&rss_k).0);
         rep.num(&format!("{who}_cpu_pct_per_1000"), stats(&cpu_k).0);
     }
-    let sim_rss: Vec<f64> = samples.iter().map(|s| s[2].0).collect();
-    let sim_cpu: Vec<f64> = samples.iter().map(|s| s[2].1).collect();
-    rep.add("simulator RSS", fmt(&sim_rss, "MiB", 1));
+    // The simulator's processes, summed.
+    let sim_rss: Vec<f64> = samples
+        .iter()
+        .map(|s| s[2..].iter().map(|x| x.0).sum())
+        .collect();
+    let sim_cpu: Vec<f64> = samples
+        .iter()
+        .map(|s| s[2..].iter().map(|x| x.1).sum())
+        .collect();
+    rep.add(
+        &format!("simulator RSS ({} processes)", sims.len()),
+        fmt(&sim_rss, "MiB", 1),
+    );
     rep.add("simulator CPU", fmt(&sim_cpu, "% of a core", 1));
 
     // Readiness latency while the reports stream in.

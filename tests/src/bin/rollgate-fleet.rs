@@ -29,6 +29,13 @@ struct Args {
     /// Health report interval of an unchanged agent, in ms.
     #[arg(long, default_value_t = 1000)]
     report_interval_ms: u64,
+    /// Serve only the agents from this index of the fleet's layout (one of several processes
+    /// sharing a fleet too large for one process's open-file limit).
+    #[arg(long, default_value_t = 0)]
+    first: usize,
+    /// How many agents from --first (default: all the rest).
+    #[arg(long)]
+    count: Option<usize>,
     /// The deployment's CA certificate (PEM).
     #[arg(long)]
     ca_cert: PathBuf,
@@ -45,8 +52,10 @@ async fn main() -> anyhow::Result<()> {
         (1..=100_000).contains(&a.agents),
         "--agents must be 1 to 100000"
     );
+    let first = a.first.min(a.agents);
+    let count = a.count.unwrap_or(a.agents - first).min(a.agents - first);
     // A listener and one connection per coordinator (and some spare) per agent.
-    let want = u64::try_from(a.agents)? * 4 + 1024;
+    let want = u64::try_from(count)? * 4 + 1024;
     let got = fleet::raise_nofile(want)?;
     if got < want {
         tracing::warn!("open-file limit {got} is below the {want} this fleet may need");
@@ -62,6 +71,12 @@ async fn main() -> anyhow::Result<()> {
         step: Duration::from_millis(a.step_ms.min(600_000)),
         report_interval: Duration::from_millis(a.report_interval_ms.clamp(50, 600_000)),
     };
-    let sim = SimFleet::start(&spec, &read(&a.ca_cert)?, &read(&a.ca_key)?).await?;
+    let sim = SimFleet::start(
+        &spec,
+        first..first + count,
+        &read(&a.ca_cert)?,
+        &read(&a.ca_key)?,
+    )
+    .await?;
     fleet::control::serve(&sim, fleet::control::stdin_lines(), std::io::stdout()).await
 }

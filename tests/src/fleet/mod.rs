@@ -104,16 +104,22 @@ pub struct SimFleet {
 }
 
 impl SimFleet {
-    /// Signs a certificate for every agent, binds its listener on 127.0.0.1 and serves it.
+    /// Signs a certificate for every agent of `part` (indexes into [`layout`]), binds its
+    /// listener on 127.0.0.1 and serves it.
     pub async fn start(
         spec: &FleetSpec,
+        part: std::ops::Range<usize>,
         ca_cert_pem: &str,
         ca_key_pem: &str,
     ) -> anyhow::Result<SimFleet> {
         let tls = listen::TlsFactory::new(ca_cert_pem, ca_key_pem)?;
         let stop = CancellationToken::new();
-        let mut agents = Vec::with_capacity(spec.agents);
-        for (server_id, pool, domain) in layout(spec) {
+        let mut agents = Vec::with_capacity(part.len());
+        let all = layout(spec);
+        let part = all.get(part.clone()).ok_or_else(|| {
+            anyhow::anyhow!("agents {part:?} are not in a fleet of {}", all.len())
+        })?;
+        for (server_id, pool, domain) in part.iter().cloned() {
             let listener = listen::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
             let addr = listener.local_addr()?;
             let acceptor = tls.acceptor(&server_id, addr)?;
