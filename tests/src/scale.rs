@@ -495,13 +495,14 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
     }
 
     // Take-over: SIGKILL the leader; every agent fenced at the new epoch.
-    let (mut kill_all, mut elect_all, mut spread) = (vec![], vec![], vec![]);
+    let (mut kill_all, mut elect_all, mut spread, mut unfenced) = (vec![], vec![], vec![], vec![]);
     for run in 0..o.failover_runs {
         match takeover(&mut pair, &mut fleet, o).await {
-            Ok((k, e, s)) => {
-                kill_all.push(k);
-                elect_all.push(e);
-                spread.push(s);
+            Ok(t) => {
+                kill_all.push(t.kill_to_all);
+                elect_all.push(t.elect_to_all);
+                spread.push(t.spread);
+                unfenced.push((o.agents as u64).saturating_sub(t.fenced) as f64);
             }
             Err(e) => {
                 rep.failed(&format!("take-over run {}", run + 1), &e);
@@ -510,12 +511,16 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
         }
     }
     rep.add(
-        &format!("leader SIGKILL → all {} agents fenced", o.agents),
+        &format!("leader SIGKILL → last of {} agents fenced", o.agents),
         fmt(&kill_all, "s", 3),
     );
     rep.add(
-        "election (seen by polling Leader) → all agents fenced (target ≤ 2 s)",
+        "election (seen by polling Leader) → last agent fenced (target ≤ 2 s)",
         fmt(&elect_all, "s", 3),
+    );
+    rep.add(
+        "agents left unfenced (fence failed, not retried)",
+        fmt(&unfenced, "agents", 0),
     );
     rep.add("first → last agent fenced", fmt(&spread, "s", 3));
     rep.num("takeover_kill_to_all_fenced_s", stats(&kill_all).0);
@@ -725,23 +730,30 @@ async fn lose(
     Ok((took, false_pos.len()))
 }
 
-/// SIGKILL of the leader: (kill → all fenced, election seen → all fenced, first → last fence).
+/// One leader kill, as seen by the agents.
+struct Takeover {
+    /// Kill → the last agent fenced at the new epoch (s).
+    kill_to_all: f64,
+    /// The new leader seen (polling Leader) → the last agent fenced (s).
+    elect_to_all: f64,
+    /// First → last agent fenced (s).
+    spread: f64,
+    /// Agents fenced at the new epoch, of all.
+    fenced: u64,
+}
+
+/// SIGKILL of the leader; every agent's acceptance of the new epoch. Agents whose fence call
+/// fails are not fenced again until their next command (the coordinator logs "it will be
+/// fenced by its next command"), so the wait ends once no agent was fenced for 10 s, and the
+/// figure says how many were.
 async fn takeover(
     pair: &mut Pair,
     fleet: &mut FleetProc,
     o: &ScaleOpts,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<Takeover> {
     let (li, epoch) = pair.leader().await?;
     let total = o.agents as u64;
     let fenced = |v: &serde_json::Value| v.get("fenced").and_then(serde_json::Value::as_u64);
-    // Every agent carries this leader's epoch first, so that the next rise is the new one.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while fenced(&fleet.ask(&format!("fenced {epoch}")).await?) != Some(total) {
-        if Instant::now() > deadline {
-            bail!("agents not all fenced at epoch {epoch} before the kill");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let fi = 1 - li;
     let fc = pair.client(fi).await?;
     let kill_us = unix_us();
@@ -759,17 +771,19 @@ async fn takeover(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (mut last_count, mut last_change) = (0, Instant::now());
     let answer = loop {
         let a = fleet.ask(&format!("fenced {new_epoch}")).await?;
-        if fenced(&a) == Some(total) {
+        let n = fenced(&a).unwrap_or(0);
+        if n != last_count {
+            (last_count, last_change) = (n, Instant::now());
+        }
+        if n == total || (n > 0 && last_change.elapsed() > Duration::from_secs(10)) {
             break a;
         }
         if Instant::now() > deadline {
-            bail!(
-                "only {:?} of {total} agents fenced at epoch {new_epoch} after 120 s",
-                fenced(&a)
-            );
+            bail!("only {n} of {total} agents fenced at epoch {new_epoch} after 180 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -781,10 +795,15 @@ async fn takeover(
     };
     let (first, last) = (at("first_us")?, at("last_us")?);
     let s = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
-    let r = (s(last, kill_us), s(last, elect_us), s(last, first));
+    let r = Takeover {
+        kill_to_all: s(last, kill_us),
+        elect_to_all: s(last, elect_us),
+        spread: s(last, first),
+        fenced: last_count,
+    };
     println!(
-        "  take-over: kill → all fenced {:.3} s, election seen → all fenced {:.3} s (epoch {epoch} → {new_epoch})",
-        r.0, r.1
+        "  take-over: {} of {total} agents fenced at epoch {new_epoch}; kill → last fenced {:.3} s, election seen → last fenced {:.3} s (epoch {epoch} → {new_epoch})",
+        r.fenced, r.kill_to_all, r.elect_to_all
     );
     // Back as the follower, for the next run.
     pair.coords[li].restart().await?;
