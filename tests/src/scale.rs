@@ -209,7 +209,7 @@ impl Pair {
             .position(|c| c.pid().is_some())
             .context("no coordinator runs")?;
         let c = self.client(live).await?;
-        let (id, epoch) = crate::eventually("a leader", Duration::from_secs(60), || {
+        let (id, epoch) = crate::eventually("a leader", Duration::from_secs(180), || {
             let mut c = c.clone();
             async move { leader_of(&mut c).await }
         })
@@ -223,6 +223,27 @@ impl Pair {
     }
 
     /// Fails naming the coordinators that exited.
+    /// The last lines of every coordinator's log (warnings and errors only, colours removed).
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for c in &self.coords {
+            let log = c.log();
+            let plain: Vec<String> = log
+                .lines()
+                .map(strip_ansi)
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            out.push_str(&format!("{}:\n", c.id));
+            for l in &plain[plain.len().saturating_sub(6)..] {
+                out.push_str(&format!(
+                    "    {}\n",
+                    l.chars().take(300).collect::<String>()
+                ));
+            }
+        }
+        out
+    }
+
     fn check_alive(&mut self) -> anyhow::Result<()> {
         for c in &mut self.coords {
             if let Ok(Some(st)) = c.exit_status() {
@@ -237,6 +258,24 @@ impl Pair {
         }
         Ok(())
     }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape sequence: up to and including its final letter.
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Every pool's readiness, from one Inventory call.
@@ -304,6 +343,14 @@ fn store_toml(endpoints: &[String], prefix: &str, ttl: u64) -> String {
 /// Runs the whole benchmark and returns its report (figures that failed say so).
 pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
     let mut rep = ScaleReport::default();
+    // A size that does not work still gives its table, ending with why.
+    if let Err(e) = measure(o, &mut rep).await {
+        rep.failed("run stopped", &e);
+    }
+    Ok(rep)
+}
+
+async fn measure(o: &ScaleOpts, rep: &mut ScaleReport) -> anyhow::Result<()> {
     let want = u64::try_from(o.agents)? * 4 + 8192;
     let nofile = crate::fleet::raise_nofile(want)?;
     println!(
@@ -375,7 +422,10 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
     let pools = fleet.pools_toml("");
     let t = Instant::now();
     let mut pair = Pair::start(root, &pki, ["c1", "c2"], &settings, &store, &pools).await?;
-    let (li, epoch) = pair.leader().await?;
+    let (li, epoch) = match pair.leader().await {
+        Ok(l) => l,
+        Err(e) => bail!("{e:#}; coordinator logs:\n{}", pair.log_tails()),
+    };
     let mut lc = pair.client(li).await?;
     match all_active(&mut lc, o.agents, Duration::from_secs(600)).await {
         Ok(_) => rep.add(
@@ -578,7 +628,7 @@ pub async fn run(o: &ScaleOpts) -> anyhow::Result<ScaleReport> {
             let _ = c.terminate().await;
         }
     }
-    Ok(rep)
+    Ok(())
 }
 
 async fn baseline(
