@@ -6,6 +6,7 @@ mod browser;
 mod config;
 mod coordinator;
 mod fault;
+mod fleet;
 mod fuzz;
 mod lifetime;
 mod membership;

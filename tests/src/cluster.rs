@@ -162,13 +162,26 @@ impl CoordinatorProc {
         store_toml: &str,
         pools_toml: &str,
     ) -> anyhow::Result<CoordinatorProc> {
+        let settings = "lost_after = \"2s\"\nshutdown_grace = \"5s\"";
+        Self::start_with(root, id, tls, settings, store_toml, pools_toml).await
+    }
+
+    /// [`CoordinatorProc::start`] with the top-level `settings` lines (lost_after etc.) given.
+    pub async fn start_with(
+        root: &Path,
+        id: &str,
+        tls: &TlsFiles,
+        settings: &str,
+        store_toml: &str,
+        pools_toml: &str,
+    ) -> anyhow::Result<CoordinatorProc> {
         let dir = root.join(format!("coordinator-{id}"));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("coordinator.toml");
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\nlost_after = \"2s\"\nshutdown_grace = \"5s\"\n\n{store_toml}\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{pools_toml}",
+                "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\n{settings}\n\n{store_toml}\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{pools_toml}",
                 tls.ca.display(),
                 tls.cert.display(),
                 tls.key.display()

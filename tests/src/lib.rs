@@ -16,8 +16,10 @@ pub mod browser;
 pub mod chaos;
 pub mod cluster;
 pub mod etcd;
+pub mod fleet;
 pub mod monitor;
 pub mod owner;
+pub mod scale;
 pub mod sim;
 pub mod store_bench;
 
@@ -185,6 +187,17 @@ impl Pki {
             ca,
             ca_path,
         })
+    }
+
+    /// The CA certificate file.
+    pub fn ca_cert_path(&self) -> &Path {
+        &self.ca_path
+    }
+
+    /// The CA's private key (PEM), for a process that signs its own certificates (the fleet
+    /// simulator).
+    pub fn ca_key_pem(&self) -> String {
+        self.ca.key_pem()
     }
 
     /// Certificate files for `role`, valid for 127.0.0.1, ::1 and localhost.

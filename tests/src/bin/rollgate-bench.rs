@@ -128,6 +128,52 @@ enum What {
         #[arg(long)]
         trace: bool,
     },
+    /// Fleet scale (B3, B5, B7, B11, take-over): a leader and a follower on a real etcd
+    /// driving N simulated agents (`rollgate-fleet`, real gRPC and mTLS) in P pools.
+    Scale {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Pools the agents are spread over.
+        #[arg(long, default_value_t = 100)]
+        pools: usize,
+        /// Upgrade domains per pool.
+        #[arg(long, default_value_t = 3)]
+        domains: usize,
+        /// How long each simulated step takes.
+        #[arg(long, default_value = "20ms", value_parser = humantime_parse)]
+        step: Duration,
+        /// Health report interval of the simulated agents.
+        #[arg(long, default_value = "1s", value_parser = humantime_parse)]
+        report_interval: Duration,
+        /// The coordinators' lost_after.
+        #[arg(long, default_value = "3s", value_parser = humantime_parse)]
+        lost_after: Duration,
+        /// Election lease TTL in whole seconds.
+        #[arg(long, default_value_t = 3)]
+        ttl: u64,
+        /// One idle window for RSS and CPU.
+        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        idle: Duration,
+        /// Idle windows measured (median and range reported).
+        #[arg(long, default_value_t = 3)]
+        idle_runs: usize,
+        /// Readiness calls timed on each coordinator.
+        #[arg(long, default_value_t = 2000)]
+        readiness_samples: usize,
+        /// Agents crashed (and, separately, hung) per run.
+        #[arg(long, default_value_t = 10)]
+        lose: usize,
+        /// Crash runs, and hang runs.
+        #[arg(long, default_value_t = 3)]
+        loss_runs: usize,
+        /// Leader kills.
+        #[arg(long, default_value_t = 3)]
+        failover_runs: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -249,6 +295,46 @@ async fn main() -> anyhow::Result<()> {
                 trace,
             })
             .await
+        }
+        What::Scale {
+            agents,
+            pools,
+            domains,
+            step,
+            report_interval,
+            lost_after,
+            ttl,
+            idle,
+            idle_runs,
+            readiness_samples,
+            lose,
+            loss_runs,
+            failover_runs,
+            json,
+        } => {
+            let o = rollgate_tests::scale::ScaleOpts {
+                agents: agents.clamp(3, 100_000),
+                pools: pools.clamp(1, agents.max(1)),
+                domains: domains.clamp(1, 20),
+                step: step.min(Duration::from_secs(60)),
+                report_interval: report_interval
+                    .clamp(Duration::from_millis(100), Duration::from_secs(60)),
+                lost_after: lost_after.clamp(Duration::from_millis(200), Duration::from_secs(600)),
+                ttl: ttl.clamp(2, 60),
+                idle: idle.min(Duration::from_secs(600)),
+                idle_runs: idle_runs.clamp(1, 20),
+                readiness_samples: readiness_samples.clamp(1, 1_000_000),
+                lose: lose.clamp(1, agents.max(1)),
+                loss_runs: loss_runs.clamp(1, 20),
+                failover_runs: failover_runs.clamp(0, 20),
+            };
+            let rep = rollgate_tests::scale::run(&o).await?;
+            println!("\n{}", rep.table());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rep.json)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
         }
     }
 }
