@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Tries of one background fence (about 30 s with the pauses between them).
+const FENCE_ATTEMPTS: u32 = 8;
+
 /// How many fence calls a new leader has in flight at once.
 const FENCE_CONCURRENCY: usize = 256;
 
@@ -323,7 +326,7 @@ impl Node {
             .iter()
             .flat_map(|(_, r)| r.upgrade.plan.servers().cloned())
             .collect();
-        self.fence_agents(&lead, urgent.iter().cloned().collect())
+        self.fence_agents(&lead, urgent.iter().cloned().collect(), false)
             .await;
         if lead.lost.is_cancelled() {
             return;
@@ -370,7 +373,7 @@ impl Node {
                     tokio::select! {
                         biased;
                         _ = lead.lost.cancelled() => {}
-                        _ = me.fence_agents(&lead, rest) => {}
+                        _ = me.fence_agents(&lead, rest, true) => {}
                     }
                 });
             }
@@ -403,16 +406,37 @@ impl Node {
     /// Raises the epoch on `servers`' agents so that an older leader's calls are refused from
     /// now on, at most [`FENCE_CONCURRENCY`] at a time. Unreachable agents are fenced by the
     /// epoch on the first command they get.
-    async fn fence_agents(&self, lead: &Leadership, servers: Vec<String>) {
+    ///
+    /// With `retry` (the background pass), a fence that failed for a reason worth retrying (a
+    /// timeout, a connection not up yet) is tried again a few times with a growing pause, so
+    /// an idle agent does not stay at an older epoch only because it was slow at take-over.
+    async fn fence_agents(&self, lead: &Leadership, servers: Vec<String>, retry: bool) {
         let permits = Arc::new(tokio::sync::Semaphore::new(FENCE_CONCURRENCY));
         let calls = servers.into_iter().map(|server| {
             let agents = Arc::clone(&self.env.agents);
             let epoch = lead.epoch;
             let permits = Arc::clone(&permits);
+            let lost = lead.lost.clone();
             async move {
-                let _permit = permits.acquire_owned().await;
-                let r = agents.fence(&server, epoch).await;
-                (server, r)
+                let mut pause = Duration::from_millis(200);
+                let mut attempt = 1;
+                loop {
+                    let r = {
+                        let _permit = permits.acquire().await;
+                        agents.fence(&server, epoch).await
+                    };
+                    match r {
+                        Err(e) if retry && e.is_retryable() && attempt < FENCE_ATTEMPTS => {
+                            tokio::select! {
+                                _ = lost.cancelled() => return (server, Err(e)),
+                                _ = tokio::time::sleep(pause) => {}
+                            }
+                            pause = (pause * 2).min(Duration::from_secs(5));
+                            attempt += 1;
+                        }
+                        r => return (server, r),
+                    }
+                }
             }
         });
         for (server, r) in futures_util::future::join_all(calls).await {
