@@ -3,13 +3,15 @@
 //! agents' typed refusals (status details) turned into [`LinkError`]s.
 
 use crate::agent_tls::{AgentTls, Refusal};
+use crate::config::PoolSpec;
+use crate::health::SharedHealth;
 use crate::link::{AgentCommand, AgentLimits, AgentLink, LinkError, OpReply, OpState};
-use crate::readiness::{AgentState, ServerHealth};
+use crate::readiness::{AgentState, Clocks, PoolReadiness, ServerHealth};
 use rollgate_common::Epoch;
 use rollgate_proto::agent::v1 as pb;
 use rollgate_proto::agent::v1::agent_client::AgentClient;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +23,7 @@ use tonic::Code;
 #[derive(Debug)]
 pub struct Inventory {
     start: Instant,
-    health: RwLock<HashMap<String, ServerHealth>>,
+    health: SharedHealth,
     clients: BTreeMap<String, AgentClient<Channel>>,
     /// Per server, why its agent's identity was refused (TLS only).
     refusals: HashMap<String, Refusal>,
@@ -159,7 +161,7 @@ impl Inventory {
         }
         Ok(Inventory {
             start: Instant::now(),
-            health: RwLock::new(HashMap::new()),
+            health: SharedHealth::default(),
             clients,
             refusals,
         })
@@ -197,8 +199,8 @@ impl Inventory {
     /// Applies a report from `server`'s agent.
     pub fn update(&self, server: &str, r: &pb::HealthReport) {
         let now = self.clock_ms();
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let prev = map.get(server);
+        let mut model = self.health.write();
+        let prev = model.get(server);
         let mut state = agent_state(r.state);
         let mut detail = r.detail.clone();
         if r.server_id != server {
@@ -217,8 +219,8 @@ impl Inventory {
             _ if serving => Some(now),
             _ => None,
         };
-        map.insert(
-            server.to_owned(),
+        model.set(
+            server,
             ServerHealth {
                 state,
                 accepting: r.accepting_connections,
@@ -240,14 +242,23 @@ impl Inventory {
     pub fn disconnected(&self, server: &str, why: &str) {
         let refused = self.identity_refusal(server);
         let why = refused.as_deref().unwrap_or(why);
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let seen = map.get(server).map_or(0, |h| h.seen_ms);
-        let entry = map
-            .entry(server.to_owned())
-            .or_insert_with(|| ServerHealth::unknown(seen, why));
+        let mut model = self.health.write();
+        let mut entry = model
+            .get(server)
+            .cloned()
+            .unwrap_or_else(|| ServerHealth::unknown(0, why));
         entry.disconnected = true;
         entry.serving_since_ms = None;
         entry.detail = why.to_owned();
+        model.set(server, entry);
+    }
+
+    /// The one timer that flips servers to lost when `lost_after` passes without a report
+    /// (see [`crate::health`]), until `stop` is cancelled.
+    pub async fn expire_loop(&self, lost_after: Duration, stop: &CancellationToken) {
+        self.health
+            .expire_loop(|| self.clock_ms(), lost_after, stop)
+            .await;
     }
 
     async fn refresh_one(&self, server: &str) {
@@ -266,7 +277,6 @@ impl Inventory {
                 let fresh = self
                     .health
                     .read()
-                    .unwrap_or_else(|p| p.into_inner())
                     .get(server)
                     .is_some_and(|h| !h.disconnected && h.seen_ms >= asked_ms);
                 if !fresh {
@@ -328,10 +338,27 @@ impl AgentLink for Inventory {
     }
 
     fn health(&self) -> HashMap<String, ServerHealth> {
+        self.health.read().snapshot()
+    }
+
+    fn health_of(&self, servers: &[&String]) -> HashMap<String, ServerHealth> {
+        let model = self.health.read();
+        servers
+            .iter()
+            .filter_map(|s| model.get(s).map(|h| ((*s).clone(), h.clone())))
+            .collect()
+    }
+
+    fn readiness(
+        &self,
+        spec: &PoolSpec,
+        clocks: Clocks,
+        going_down: &BTreeSet<String>,
+        operation_running: bool,
+        rows: bool,
+    ) -> PoolReadiness {
         self.health
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .readiness(spec, clocks, going_down, operation_running, rows)
     }
 
     fn now_ms(&self) -> u64 {

@@ -8,6 +8,7 @@ mod coordinator;
 mod fault;
 mod fuzz;
 mod lifetime;
+mod liveness;
 mod operator;
 mod security;
 mod sim;

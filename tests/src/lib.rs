@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod monitor;
 pub mod owner;
+pub mod readiness_bench;
 pub mod sim;
 
 use anyhow::{anyhow, bail, Context};
