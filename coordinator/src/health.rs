@@ -180,18 +180,20 @@ impl HealthModel {
         }
     }
 
-    /// Replaces `server`'s health (a report, or its stream breaking).
-    pub fn set(&mut self, server: &str, health: ServerHealth) {
+    /// Replaces `server`'s health (a report, or its stream breaking); returns the old one, for
+    /// the caller to drop outside its lock.
+    pub fn set(&mut self, server: &str, health: ServerHealth) -> Option<ServerHealth> {
         let i = self.slot(server);
         let seen = health.seen_ms;
         let slot = &mut self.slots[i];
-        slot.health = Some(health);
+        let old = slot.health.replace(health);
         slot.silent = false;
         if !slot.queued {
             slot.queued = true;
             self.deadlines.push(Reverse((seen, i)));
         }
         self.reshare(i);
+        old
     }
 
     /// True when some report is older than `cutoff` and not yet expired.

@@ -198,9 +198,6 @@ impl Inventory {
 
     /// Applies a report from `server`'s agent.
     pub fn update(&self, server: &str, r: &pb::HealthReport) {
-        let now = self.clock_ms();
-        let mut model = self.health.write();
-        let prev = model.get(server);
         let mut state = agent_state(r.state);
         let mut detail = r.detail.clone();
         if r.server_id != server {
@@ -211,31 +208,36 @@ impl Inventory {
                 r.server_id
             );
         }
+        // Built before the lock is taken, and the old entry dropped after it is released:
+        // readers wait only for the swap.
+        let mut next = ServerHealth {
+            state,
+            accepting: r.accepting_connections,
+            busy: r.busy,
+            healthy: r.healthy,
+            version: r.installed_version.clone(),
+            active_connections: r.active_connections,
+            detail,
+            seen_ms: 0,
+            serving_since_ms: None,
+            disconnected: false,
+            limits: r.limits.as_ref().map(limits_of),
+            installed_sha256: r.installed_sha256.clone(),
+        };
         let serving = state == AgentState::Serving;
-        let serving_since_ms = match prev {
+        let mut model = self.health.write();
+        let now = self.clock_ms();
+        next.seen_ms = now;
+        next.serving_since_ms = match model.get(server) {
             Some(p) if p.state == AgentState::Serving && !p.disconnected && serving => {
                 p.serving_since_ms
             }
             _ if serving => Some(now),
             _ => None,
         };
-        model.set(
-            server,
-            ServerHealth {
-                state,
-                accepting: r.accepting_connections,
-                busy: r.busy,
-                healthy: r.healthy,
-                version: r.installed_version.clone(),
-                active_connections: r.active_connections,
-                detail,
-                seen_ms: now,
-                serving_since_ms,
-                disconnected: false,
-                limits: r.limits.as_ref().map(limits_of),
-                installed_sha256: r.installed_sha256.clone(),
-            },
-        );
+        let old = model.set(server, next);
+        drop(model);
+        drop(old);
     }
 
     /// Marks `server`'s stream broken: it stops counting as active at once.
