@@ -28,9 +28,13 @@ pub struct AgentConfig {
     /// Serve without TLS and without role checks. For local demos only; logged loudly.
     #[serde(default)]
     pub insecure: bool,
-    /// How often health is probed and pushed to watchers.
+    /// How often health is probed; a report is pushed to watchers when it changes.
     #[serde(default = "default_report_interval", with = "humantime_serde")]
     pub report_interval: Duration,
+    /// How often watchers get the last report again when nothing changed: the heartbeat by
+    /// which a coordinator tells a live agent from a hung one. It never waits on a probe.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
     /// The largest gRPC message the agent accepts.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -158,6 +162,9 @@ pub struct ServiceConfig {
 fn default_report_interval() -> Duration {
     Duration::from_secs(2)
 }
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_millis(500)
+}
 fn default_max_message_bytes() -> usize {
     256 * 1024
 }
@@ -281,6 +288,11 @@ impl AgentConfig {
         }
         if self.report_interval < Duration::from_millis(100) {
             return Err("report_interval: must be at least 100ms".into());
+        }
+        if self.heartbeat_interval < Duration::from_millis(50)
+            || self.heartbeat_interval > Duration::from_secs(60)
+        {
+            return Err("heartbeat_interval: must be between 50ms and 60s".into());
         }
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes: must be at least 1024".into());

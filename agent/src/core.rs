@@ -1181,7 +1181,7 @@ impl AgentCore {
         }
     }
 
-    /// A receiver of health reports, updated every report interval and on every change.
+    /// A receiver of health reports, told of every change (the probe time alone is none).
     pub fn subscribe(&self) -> watch::Receiver<Health> {
         self.health_tx.subscribe()
     }
@@ -1224,13 +1224,22 @@ impl AgentCore {
     }
 
     /// Probes every report interval, and at once when an operation changes something, until
-    /// shutdown. Run it on the task tracker returned by [`AgentCore::tasks`].
+    /// shutdown. Run it on the task tracker returned by [`AgentCore::tasks`]. Watchers are
+    /// told only of a change: the heartbeat that shows this agent alive is the watch stream's
+    /// own, so a slow probe never delays it.
     pub async fn report_loop(self: Arc<Self>) {
         loop {
             let started = std::time::Instant::now();
             let h = self.probe().await;
             crate::metrics::METRICS.probed(started.elapsed(), h.state.name());
-            self.health_tx.send_replace(h);
+            self.health_tx.send_if_modified(|cur| {
+                let changed = Health {
+                    observed_at_ms: cur.observed_at_ms,
+                    ..h.clone()
+                } != *cur;
+                *cur = h;
+                changed
+            });
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.cfg.report_interval) => {}

@@ -201,7 +201,12 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         busy: h.busy,
         active_connections: h.active_connections,
         boot_id: core.boot_id.clone(),
-        last_operation: h.last_op.as_ref().map(|r| record_of(r, true)),
+        // Health goes out on every change and heartbeat: an operation's output (hook and
+        // install logs) stays in OperationStatus, which asks for it.
+        last_operation: h.last_op.as_ref().map(|r| pb::OperationResult {
+            output: String::new(),
+            ..record_of(r, true)
+        }),
         healthy: h.healthy,
         epoch: h.epoch.get(),
         observed_at_ms: h.observed_at_ms,
@@ -250,13 +255,18 @@ impl pb::agent_server::Agent for AgentApi {
         let rx = self.core.subscribe();
         let stop = self.core.shutdown_token().clone();
         let core = Arc::clone(&self.core);
-        // Ends at shutdown, so that graceful server shutdown is not held up by open watchers.
+        let beat = core.cfg.heartbeat_interval;
+        // A report on every change, and the last one again after `beat` of quiet: the
+        // heartbeat comes from here, not from the probe task, so a probe that hangs for a
+        // while cannot make this agent look lost. Ends at shutdown, so that graceful server
+        // shutdown is not held up by open watchers.
         let stream = futures_util::stream::unfold(
             (rx, stop, core, true),
-            |(mut rx, stop, core, first)| async move {
+            move |(mut rx, stop, core, first)| async move {
                 if !first {
                     tokio::select! {
                         changed = rx.changed() => changed.ok()?,
+                        _ = tokio::time::sleep(beat) => {}
                         _ = stop.cancelled() => return None,
                     }
                 }

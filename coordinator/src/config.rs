@@ -281,7 +281,9 @@ pub struct ServerConfig {
 }
 
 fn default_lost_after() -> Duration {
-    Duration::from_secs(5)
+    // Five agent heartbeats (500ms by default): a hung agent is lost within B11's 3 s, and
+    // a live one would have to miss five in a row to look lost.
+    Duration::from_millis(2_500)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(10)

@@ -324,7 +324,11 @@ impl Control {
         if plan.rollback_artifact.is_some() {
             return Vec::new();
         }
-        let health = self.node.env.agents.health();
+        let health = self
+            .node
+            .env
+            .agents
+            .health_of(&plan.servers().collect::<Vec<_>>());
         plan.servers()
             .filter(|s| {
                 health

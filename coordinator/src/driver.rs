@@ -576,7 +576,7 @@ pub async fn check_readiness(
         };
         let spec = PoolSpec::for_plan(&up.plan, Some(cfg));
         let down: BTreeSet<String> = up.down_servers().into_iter().collect();
-        let health = env.agents.health();
+        let health = env.agents.health_of(&spec.servers().collect::<Vec<_>>());
         // Servers the upgrade has taken down count as inactive whatever they report, so they
         // are not asked again: with a whole domain going down at once, asking each one (a full
         // probe on a server that is draining) made every server's gate wait for the slowest.
@@ -592,7 +592,7 @@ pub async fn check_readiness(
             .cloned()
             .collect();
         env.agents.refresh(stale).await;
-        let r = evaluate(env, &spec, &down, false);
+        let r = gate(env, &spec, &down);
         if r.state == PoolState::Busy && r.busy_only_stabilising {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -618,25 +618,30 @@ pub async fn check_readiness(
     }
 }
 
-/// Readiness of a pool now, from the agents' last reports.
+fn clocks(env: &Env) -> Clocks {
+    Clocks {
+        now_ms: env.agents.now_ms(),
+        lost_after_ms: u64::try_from(env.lost_after.as_millis()).unwrap_or(u64::MAX),
+        stabilization_ms: u64::try_from(env.stabilization.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// Readiness of a pool now, from the agents' last reports, with a row per server.
 pub fn evaluate(
     env: &Env,
     spec: &PoolSpec,
     going_down: &BTreeSet<String>,
     operation_running: bool,
 ) -> readiness::PoolReadiness {
-    let clocks = Clocks {
-        now_ms: env.agents.now_ms(),
-        lost_after_ms: u64::try_from(env.lost_after.as_millis()).unwrap_or(u64::MAX),
-        stabilization_ms: u64::try_from(env.stabilization.as_millis()).unwrap_or(u64::MAX),
-    };
-    readiness::evaluate(
-        spec,
-        &env.agents.health(),
-        clocks,
-        going_down,
-        operation_running,
-    )
+    env.agents
+        .readiness(spec, clocks(env), going_down, operation_running, true)
+}
+
+/// The upgrade's gate: the same judgement without the per-server rows, which the live model
+/// answers from its counters.
+pub fn gate(env: &Env, spec: &PoolSpec, going_down: &BTreeSet<String>) -> readiness::PoolReadiness {
+    env.agents
+        .readiness(spec, clocks(env), going_down, false, false)
 }
 
 /// Runs the failover (or failback) hook for the leader at `lead` and records where the pool's
@@ -758,7 +763,7 @@ impl StepCall {
     fn limits(&self) -> AgentLimits {
         self.env
             .agents
-            .health()
+            .health_of(&[&self.server])
             .get(&self.server)
             .and_then(|h| h.limits)
             .unwrap_or_default()

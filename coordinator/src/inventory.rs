@@ -3,12 +3,14 @@
 //! agents' typed refusals (status details) turned into [`LinkError`]s.
 
 use crate::agent_tls::{AgentTls, Refusal};
+use crate::config::PoolSpec;
+use crate::health::SharedHealth;
 use crate::link::{AgentCommand, AgentLimits, AgentLink, LinkError, OpReply, OpState};
-use crate::readiness::{AgentState, ServerHealth};
+use crate::readiness::{AgentState, Clocks, PoolReadiness, ServerHealth};
 use rollgate_common::Epoch;
 use rollgate_proto::agent::v1 as pb;
 use rollgate_proto::agent::v1::agent_client::AgentClient;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -21,7 +23,7 @@ use tonic::Code;
 #[derive(Debug)]
 pub struct Inventory {
     start: Instant,
-    health: RwLock<HashMap<String, ServerHealth>>,
+    health: SharedHealth,
     /// One line per agent; it changes as servers join and leave.
     agents: RwLock<BTreeMap<String, Line>>,
     tls: Option<AgentTls>,
@@ -189,7 +191,7 @@ impl Inventory {
         }
         Ok(Inventory {
             start: Instant::now(),
-            health: RwLock::new(HashMap::new()),
+            health: SharedHealth::default(),
             agents: RwLock::new(lines),
             tls,
             watching: std::sync::Mutex::new(None),
@@ -233,9 +235,6 @@ impl Inventory {
 
     /// Applies a report from `server`'s agent.
     pub fn update(&self, server: &str, r: &pb::HealthReport) {
-        let now = self.clock_ms();
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let prev = map.get(server);
         let mut state = agent_state(r.state);
         let mut detail = r.detail.clone();
         if r.server_id != server {
@@ -246,45 +245,59 @@ impl Inventory {
                 r.server_id
             );
         }
+        // Built before the lock is taken, and the old entry dropped after it is released:
+        // readers wait only for the swap.
+        let mut next = ServerHealth {
+            state,
+            accepting: r.accepting_connections,
+            busy: r.busy,
+            healthy: r.healthy,
+            version: r.installed_version.clone(),
+            active_connections: r.active_connections,
+            detail,
+            seen_ms: 0,
+            serving_since_ms: None,
+            disconnected: false,
+            limits: r.limits.as_ref().map(limits_of),
+            installed_sha256: r.installed_sha256.clone(),
+        };
         let serving = state == AgentState::Serving;
-        let serving_since_ms = match prev {
+        let mut model = self.health.write();
+        let now = self.clock_ms();
+        next.seen_ms = now;
+        next.serving_since_ms = match model.get(server) {
             Some(p) if p.state == AgentState::Serving && !p.disconnected && serving => {
                 p.serving_since_ms
             }
             _ if serving => Some(now),
             _ => None,
         };
-        map.insert(
-            server.to_owned(),
-            ServerHealth {
-                state,
-                accepting: r.accepting_connections,
-                busy: r.busy,
-                healthy: r.healthy,
-                version: r.installed_version.clone(),
-                active_connections: r.active_connections,
-                detail,
-                seen_ms: now,
-                serving_since_ms,
-                disconnected: false,
-                limits: r.limits.as_ref().map(limits_of),
-                installed_sha256: r.installed_sha256.clone(),
-            },
-        );
+        let old = model.set(server, next);
+        drop(model);
+        drop(old);
     }
 
     /// Marks `server`'s stream broken: it stops counting as active at once.
     pub fn disconnected(&self, server: &str, why: &str) {
         let refused = self.identity_refusal(server);
         let why = refused.as_deref().unwrap_or(why);
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let seen = map.get(server).map_or(0, |h| h.seen_ms);
-        let entry = map
-            .entry(server.to_owned())
-            .or_insert_with(|| ServerHealth::unknown(seen, why));
+        let mut model = self.health.write();
+        let mut entry = model
+            .get(server)
+            .cloned()
+            .unwrap_or_else(|| ServerHealth::unknown(0, why));
         entry.disconnected = true;
         entry.serving_since_ms = None;
         entry.detail = why.to_owned();
+        model.set(server, entry);
+    }
+
+    /// The one timer that flips servers to lost when `lost_after` passes without a report
+    /// (see [`crate::health`]), until `stop` is cancelled.
+    pub async fn expire_loop(&self, lost_after: Duration, stop: &CancellationToken) {
+        self.health
+            .expire_loop(|| self.clock_ms(), lost_after, stop)
+            .await;
     }
 
     async fn refresh_one(&self, server: &str) {
@@ -303,7 +316,6 @@ impl Inventory {
                 let fresh = self
                     .health
                     .read()
-                    .unwrap_or_else(|p| p.into_inner())
                     .get(server)
                     .is_some_and(|h| !h.disconnected && h.seen_ms >= asked_ms);
                 if !fresh {
@@ -378,22 +390,8 @@ impl Inventory {
                 }
             }
         }
-        let gone: Vec<String> = {
-            let lines = self.agents.read().unwrap_or_else(|p| p.into_inner());
-            self.health
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .filter(|s| !lines.contains_key(*s))
-                .cloned()
-                .collect()
-        };
-        if !gone.is_empty() {
-            let mut h = self.health.write().unwrap_or_else(|p| p.into_inner());
-            for s in gone {
-                h.remove(&s);
-            }
-        }
+        // A departed server's health entry stays (it expires to lost): readiness reads only
+        // the servers of a pool's spec, which no longer names it.
         let watching = self
             .watching
             .lock()
@@ -461,10 +459,27 @@ impl AgentLink for Inventory {
     }
 
     fn health(&self) -> HashMap<String, ServerHealth> {
+        self.health.read().snapshot()
+    }
+
+    fn health_of(&self, servers: &[&String]) -> HashMap<String, ServerHealth> {
+        let model = self.health.read();
+        servers
+            .iter()
+            .filter_map(|s| model.get(s).map(|h| ((*s).clone(), h.clone())))
+            .collect()
+    }
+
+    fn readiness(
+        &self,
+        spec: &PoolSpec,
+        clocks: Clocks,
+        going_down: &BTreeSet<String>,
+        operation_running: bool,
+        rows: bool,
+    ) -> PoolReadiness {
         self.health
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .readiness(spec, clocks, going_down, operation_running, rows)
     }
 
     fn now_ms(&self) -> u64 {

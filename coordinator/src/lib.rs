@@ -10,7 +10,8 @@
 //! - [`engine`]: the pure upgrade state machine `(state, event) -> (state, actions)`.
 //! - [`progress`]: typed records and key layout in the store.
 //! - [`store`]: leadership and fenced transactions: etcd, or an embedded snapshot and log.
-//! - [`readiness`]: Ready / Busy / InsufficientActiveFrontEnds, a pure function.
+//! - [`readiness`]: Ready / Busy / InsufficientActiveFrontEnds, a pure function; [`health`]:
+//!   the live health model (entries in place, per-domain counters, one expiry queue).
 //! - [`link`]: the `AgentLink` seam to the agents; [`inventory`]: its tonic implementation
 //!   and the live health model; [`agent_tls`]: mTLS to agents with their identity checked;
 //!   [`env`]: the store, agents, hooks and clock the leader runs on.
@@ -24,6 +25,7 @@ pub mod control;
 pub mod driver;
 pub mod engine;
 pub mod env;
+pub mod health;
 pub mod inventory;
 pub mod link;
 pub mod membership;

@@ -2,10 +2,11 @@
 //! readiness checks and the take-over talk to agents only through it, in domain terms; the
 //! tonic implementation lives in [`crate::inventory`], the deterministic simulation has its own.
 
+use crate::config::PoolSpec;
 use crate::engine::RollbackArtifact;
-use crate::readiness::ServerHealth;
+use crate::readiness::{self, Clocks, PoolReadiness, ServerHealth};
 use rollgate_common::Epoch;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 /// What a step asks an agent to do, with the plan's parameters resolved.
@@ -136,8 +137,33 @@ pub trait AgentLink: Send + Sync + std::fmt::Debug {
     /// Every server this coordinator knows an agent for, sorted.
     fn servers(&self) -> Vec<String>;
 
-    /// What each agent last reported (in memory; no call).
+    /// What each agent last reported (in memory; no call). A copy of the whole fleet's:
+    /// readers of one pool or one server use [`AgentLink::health_of`] or
+    /// [`AgentLink::readiness`].
     fn health(&self) -> HashMap<String, ServerHealth>;
+
+    /// What `servers`' agents last reported (those heard from).
+    fn health_of(&self, servers: &[&String]) -> HashMap<String, ServerHealth> {
+        let mut all = self.health();
+        servers
+            .iter()
+            .filter_map(|s| all.remove_entry(s.as_str()))
+            .collect()
+    }
+
+    /// A pool's readiness at `clocks.now_ms` (see [`readiness::evaluate`]). Without `rows` the
+    /// domain rows carry no per-server rows, which lets an implementation answer from counters.
+    fn readiness(
+        &self,
+        spec: &PoolSpec,
+        clocks: Clocks,
+        going_down: &BTreeSet<String>,
+        operation_running: bool,
+        rows: bool,
+    ) -> PoolReadiness {
+        let _ = rows;
+        readiness::evaluate(spec, &self.health(), clocks, going_down, operation_running)
+    }
 
     /// The monotonic clock health is stamped with (milliseconds).
     fn now_ms(&self) -> u64;

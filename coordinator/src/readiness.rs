@@ -203,12 +203,49 @@ pub struct Clocks {
     pub stabilization_ms: u64,
 }
 
+/// Where [`evaluate`] reads a server's last health: a plain map (tables, the simulation) or
+/// the live model's entries in place (no copy of the fleet).
+pub trait HealthLookup {
+    fn lookup(&self, server: &str) -> Option<&ServerHealth>;
+}
+
+impl HealthLookup for HashMap<String, ServerHealth> {
+    fn lookup(&self, server: &str) -> Option<&ServerHealth> {
+        self.get(server)
+    }
+}
+
+/// What the per-server pass (or the live model's counters) found, before the pool is judged.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    /// Active servers per domain, in the spec's domain order.
+    pub active_in: Vec<usize>,
+    /// Why the pool is busy (servers reporting busy or stabilising).
+    pub busy_reasons: Vec<String>,
+    /// Every busy reason is the stabilisation window.
+    pub stabilising_only: bool,
+}
+
+/// Whether a server stabilising since `since` still is at `clocks.now_ms`.
+pub fn stabilising(clocks: Clocks, since: Option<u64>) -> bool {
+    clocks.stabilization_ms > 0
+        && since.is_some_and(|s| clocks.now_ms.saturating_sub(s) < clocks.stabilization_ms)
+}
+
+/// The busy reason of a server in its stabilisation window.
+pub fn stabilising_reason(server: &str, clocks: Clocks) -> String {
+    format!(
+        "{server} started serving less than {}ms ago",
+        clocks.stabilization_ms
+    )
+}
+
 /// Evaluates a pool. `going_down` are servers a running upgrade has taken (or is taking) out
 /// of service: never active. `operation_running` is true while an upgrade step runs on the
 /// pool (the operator's view: the pool is Busy); the upgrade's own gate passes false.
 pub fn evaluate(
     pool: &PoolSpec,
-    health: &HashMap<String, ServerHealth>,
+    health: &impl HealthLookup,
     clocks: Clocks,
     going_down: &BTreeSet<String>,
     operation_running: bool,
@@ -221,7 +258,7 @@ pub fn evaluate(
         let mut rows = Vec::new();
         let mut active_here = 0;
         for id in servers {
-            let row = match health.get(id) {
+            let row = match health.lookup(id) {
                 None => ServerRow {
                     server: id.clone(),
                     state: ServerState::Unknown,
@@ -237,20 +274,13 @@ pub fn evaluate(
                         || clocks.now_ms.saturating_sub(h.seen_ms) > clocks.lost_after_ms;
                     let down = going_down.contains(id);
                     let active = !lost && !down && h.state == AgentState::Serving && h.accepting;
-                    let stabilising = active
-                        && clocks.stabilization_ms > 0
-                        && h.serving_since_ms.is_some_and(|s| {
-                            clocks.now_ms.saturating_sub(s) < clocks.stabilization_ms
-                        });
+                    let stabilising = active && stabilising(clocks, h.serving_since_ms);
                     let busy = !lost && (h.busy || stabilising);
                     if !lost && h.busy {
                         busy_reasons.push(format!("{id} reports busy"));
                         stabilising_only = false;
                     } else if stabilising {
-                        busy_reasons.push(format!(
-                            "{id} started serving less than {}ms ago",
-                            clocks.stabilization_ms
-                        ));
+                        busy_reasons.push(stabilising_reason(id, clocks));
                     }
                     let detail = if down && !lost {
                         "taken out of service by the running upgrade".to_string()
@@ -305,12 +335,34 @@ pub fn evaluate(
             servers: rows,
         });
     }
+    let tally = Tally {
+        active_in,
+        busy_reasons,
+        stabilising_only,
+    };
+    conclude(pool, domains, tally, operation_running)
+}
+
+/// Judges a pool from its tally: the part of readiness shared by the per-server pass and the
+/// live model's counters, so that both answer alike. `domains` are the spec's domains in order
+/// (with or without their server rows).
+pub fn conclude(
+    pool: &PoolSpec,
+    mut domains: Vec<DomainRow>,
+    tally: Tally,
+    operation_running: bool,
+) -> PoolReadiness {
+    let Tally {
+        active_in,
+        mut busy_reasons,
+        mut stabilising_only,
+    } = tally;
     if operation_running {
         busy_reasons.push("an upgrade step is running on the pool".into());
         stabilising_only = false;
     }
     let active: usize = active_in.iter().sum();
-    let total = pool.servers().count();
+    let total = pool.domains.iter().map(|(_, s)| s.len()).sum();
     let busy = !busy_reasons.is_empty();
     let mut any_domain_ok = false;
     for (d, here) in domains.iter_mut().zip(&active_in) {

@@ -109,9 +109,13 @@ pub async fn run(
         Some(h) => Some(rollgate_common::http::bind(h.listen_or(DEFAULT_HTTP)).await?),
         None => None,
     };
+    let lost_after = cfg.lost_after;
     let node = Node::new(Arc::new(cfg), env);
     let watchers = CancellationToken::new();
     inventory.watch_all(&node.tasks, &watchers);
+    let (expiry, stop_expiry) = (Arc::clone(&inventory), watchers.clone());
+    node.tasks
+        .spawn(async move { expiry.expire_loop(lost_after, &stop_expiry).await });
     node.tasks
         .spawn(Arc::clone(&node).membership_loop(shutdown.clone()));
     node.tasks

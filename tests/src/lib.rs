@@ -19,6 +19,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod monitor;
 pub mod owner;
+pub mod readiness_bench;
 pub mod scale;
 pub mod sim;
 pub mod store_bench;

@@ -174,6 +174,32 @@ enum What {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// Pool readiness latency (B5) at fleet scale while reports stream in: the code path
+    /// before the health model (clone the map, evaluate) against the model's counters and
+    /// its in-place rows, in the same sitting.
+    Readiness {
+        /// Independent runs per path (fresh fleet each); medians and ranges are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Servers in the fleet.
+        #[arg(long, default_value_t = 10_000)]
+        servers: usize,
+        /// Pools (servers are dealt evenly).
+        #[arg(long, default_value_t = 100)]
+        pools: usize,
+        /// Upgrade domains per pool.
+        #[arg(long, default_value_t = 5)]
+        domains: usize,
+        /// Reports a second (10,000 agents with a 500ms heartbeat: 20,000).
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        /// Every this long, one report from every server at once.
+        #[arg(long, default_value = "2s", value_parser = humantime_parse)]
+        burst_every: Duration,
+        /// Readiness calls timed per run (one a millisecond).
+        #[arg(long, default_value_t = 2_000)]
+        samples: usize,
+    },
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -336,6 +362,25 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        What::Readiness {
+            runs,
+            servers,
+            pools,
+            domains,
+            rate,
+            burst_every,
+            samples,
+        } => {
+            let load = rollgate_tests::readiness_bench::Load {
+                servers: servers.clamp(1, 1_000_000),
+                pools: pools.clamp(1, 10_000),
+                domains: domains.clamp(1, 100),
+                rate: rate.clamp(1, 10_000_000),
+                burst_every: burst_every.max(Duration::from_millis(100)),
+                samples: samples.clamp(10, 100_000),
+            };
+            readiness(runs.clamp(1, 50), &load)
+        }
     }
 }
 
@@ -392,6 +437,46 @@ async fn embedded(
         median(rate),
         median(lag)
     );
+    Ok(())
+}
+
+fn readiness(runs: usize, load: &rollgate_tests::readiness_bench::Load) -> anyhow::Result<()> {
+    use rollgate_tests::readiness_bench::{run, Path};
+    println!(
+        "{} servers in {} pools of {} domains; {} reports/s plus every server every {:?}; \
+         {} calls per run, {runs} runs per path",
+        load.servers, load.pools, load.domains, load.rate, load.burst_every, load.samples
+    );
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let mut p99s = Vec::new();
+    for path in [Path::Before, Path::Gate, Path::Rows] {
+        let mut results = Vec::new();
+        for _ in 0..runs {
+            results.push(run(path, load)?);
+        }
+        let col = |f: fn(&rollgate_tests::readiness_bench::Run) -> u64| {
+            let v: Vec<f64> = results.iter().map(|r| us(f(r))).collect();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            (median(v), lo, hi)
+        };
+        let (p50, p50_lo, p50_hi) = col(|r| r.p50_ns);
+        let (p99, p99_lo, p99_hi) = col(|r| r.p99_ns);
+        let (max, _, _) = col(|r| r.max_ns);
+        let reports = median(results.iter().map(|r| r.reports as f64).collect());
+        println!(
+            "{:32} p50 {p50:9.1} µs ({p50_lo:.1}–{p50_hi:.1})  p99 {p99:9.1} µs ({p99_lo:.1}–{p99_hi:.1})  max {max:9.1} µs  reports applied {reports:.0}",
+            path.name()
+        );
+        p99s.push(p99);
+    }
+    if let [before, gate, rows] = p99s[..] {
+        println!(
+            "p99 before / gate: {:.0}x; before / rows: {:.0}x",
+            before / gate.max(0.001),
+            before / rows.max(0.001)
+        );
+    }
     Ok(())
 }
 
