@@ -24,6 +24,8 @@ use tonic::Code;
 pub struct Inventory {
     start: Instant,
     health: SharedHealth,
+    /// Per server, when (agent's clock) the newest report applied was probed.
+    observed: std::sync::Mutex<HashMap<String, u64>>,
     /// One line per agent; it changes as servers join and leave.
     agents: RwLock<BTreeMap<String, Line>>,
     tls: Option<AgentTls>,
@@ -192,6 +194,7 @@ impl Inventory {
         Ok(Inventory {
             start: Instant::now(),
             health: SharedHealth::default(),
+            observed: std::sync::Mutex::new(HashMap::new()),
             agents: RwLock::new(lines),
             tls,
             watching: std::sync::Mutex::new(None),
@@ -262,6 +265,11 @@ impl Inventory {
             installed_sha256: r.installed_sha256.clone(),
         };
         let serving = state == AgentState::Serving;
+        {
+            let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+            let last = observed.entry(server.to_owned()).or_default();
+            *last = (*last).max(r.observed_at_ms);
+        }
         let mut model = self.health.write();
         let now = self.clock_ms();
         next.seen_ms = now;
@@ -309,7 +317,21 @@ impl Inventory {
             .health(with_deadline(Duration::from_secs(3), pb::HealthRequest {}))
             .await
         {
-            Ok(r) => self.update(server, &r.into_inner()),
+            Ok(r) => {
+                let r = r.into_inner();
+                // The stream may have delivered a report probed after this one while the call
+                // was on its way back: the older probe must not undo it (a server just stopped
+                // would look serving again until the next report).
+                let newer_seen = self
+                    .observed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(server)
+                    .is_some_and(|&seen| r.observed_at_ms < seen);
+                if !newer_seen {
+                    self.update(server, &r);
+                }
+            }
             Err(e) => {
                 // The health stream may have delivered a report while this call hung: that
                 // report is fresher than this failure.

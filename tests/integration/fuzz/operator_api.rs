@@ -655,8 +655,20 @@ async fn snapshot(
         .await
         .map_err(within("Leader"))??
         .into_inner();
+    // The embedded store is a snapshot and a log beside it (either may not exist yet): what it
+    // holds is both.
+    let read = |p: &std::path::Path| match std::fs::read_to_string(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        r => r,
+    };
+    let mut log = store.as_os_str().to_owned();
+    log.push(".log");
     Ok(Snapshot {
-        store: std::fs::read_to_string(store)?,
+        store: format!(
+            "{}\n--- log ---\n{}",
+            read(store)?,
+            read(std::path::Path::new(&log))?
+        ),
         upgrade,
         events,
         leader,
