@@ -466,34 +466,7 @@ mod tests {
     use super::*;
     use crate::engine::PoolState;
 
-    fn spec(name: &str, domains: &[(&str, &[&str])], min_active: usize) -> PoolSpec {
-        PoolSpec {
-            name: name.into(),
-            domains: domains
-                .iter()
-                .map(|(d, s)| ((*d).into(), s.iter().map(|x| (*x).to_owned()).collect()))
-                .collect(),
-            min_active,
-            paired_pool: None,
-        }
-    }
-
-    fn report(seen_ms: u64) -> ServerHealth {
-        ServerHealth {
-            state: AgentState::Serving,
-            accepting: true,
-            busy: false,
-            healthy: true,
-            version: "1".into(),
-            active_connections: 0,
-            detail: String::new(),
-            seen_ms,
-            serving_since_ms: Some(0),
-            disconnected: false,
-            limits: None,
-            installed_sha256: String::new(),
-        }
-    }
+    use crate::readiness::tests::{serving as report, spec_named as spec};
 
     fn six() -> PoolSpec {
         spec(

@@ -413,12 +413,21 @@ pub fn conclude(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn spec(domains: &[(&str, &[&str])], min_active: usize) -> PoolSpec {
+        spec_named("p", domains, min_active)
+    }
+
+    /// A pool `name` of `domains` (name, servers), for tests here and in `health`.
+    pub(crate) fn spec_named(
+        name: &str,
+        domains: &[(&str, &[&str])],
+        min_active: usize,
+    ) -> PoolSpec {
         PoolSpec {
-            name: "p".into(),
+            name: name.into(),
             domains: domains
                 .iter()
                 .map(|(d, s)| ((*d).into(), s.iter().map(|x| (*x).to_owned()).collect()))
@@ -428,7 +437,8 @@ mod tests {
         }
     }
 
-    fn serving(seen_ms: u64) -> ServerHealth {
+    /// A report of a serving, accepting, healthy server seen at `seen_ms`.
+    pub(crate) fn serving(seen_ms: u64) -> ServerHealth {
         ServerHealth {
             state: AgentState::Serving,
             accepting: true,

@@ -135,7 +135,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+/// A numeric field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`, `Threads:`): kB for sizes.
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = text
         .lines()
@@ -148,7 +149,8 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .parse()?)
 }
 
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+/// The user + system CPU time of `pid`, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = stat.rsplit_once(')').ok_or_else(|| anyhow!("bad stat"))?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();

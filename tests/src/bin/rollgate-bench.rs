@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use rollgate_common::tls::RoleKind;
 use rollgate_proto::agent::v1 as pb;
 use rollgate_proto::operator::names;
+use rollgate_tests::scale::{cpu_ticks, status_kib};
 use rollgate_tests::{agent_client, bin, AgentProc, FrontEnd, Pki};
 
 use std::time::Duration;
@@ -211,27 +212,6 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("bad duration unit in {s:?}")),
     }
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(field))
-        .ok_or_else(|| anyhow!("no {field}"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow!("bad {field}"))?
-        .parse()?)
-}
-
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').ok_or_else(|| anyhow!("bad stat"))?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the state field.
-    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
