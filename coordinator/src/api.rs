@@ -2,13 +2,17 @@
 //! domain types and back, and maps [`ControlError`] to `tonic::Status` in one place
 //! ([`to_status`]). No logic lives here.
 
-use crate::control::{Control, ControlError, DrainKind, StartRequest, UpgradeCommand, Watched};
+use crate::control::{
+    Control, ControlError, DrainKind, RolloutRequest, StartRequest, UpgradeCommand, Watched,
+    WatchedRollout,
+};
 use crate::engine::{
     Direction, DomainPhase, ExhaustedAction, FailureAction, PoolState, RollbackArtifact,
     ServerPhase, Status as UpStatus, Step, Upgrade,
 };
 use crate::progress::EventRecord;
 use crate::readiness::{PoolReadiness, ServerState};
+use crate::rollout::{Rollout, Stage};
 use rollgate_common::tls::{authorize, Caller, RoleKind};
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::{LEADER_HEADER, RETRY_AFTER_HEADER};
@@ -45,7 +49,11 @@ pub fn to_status(e: ControlError) -> Status {
             );
             s
         }
-        ControlError::AlreadyRunning { .. } => Status::already_exists(msg),
+        ControlError::AlreadyRunning { .. } | ControlError::RolloutRunning(_) => {
+            Status::already_exists(msg)
+        }
+        ControlError::PairedBusy { .. } => Status::failed_precondition(msg),
+        ControlError::NoRollout(_) => Status::not_found(msg),
         ControlError::Store { .. } | ControlError::LeadershipLost(_) => Status::unavailable(msg),
         ControlError::Hook(_) => Status::aborted(msg),
     }
@@ -151,6 +159,32 @@ impl OperatorApi {
         )
     }
 
+    fn rollout_status(&self, r: &Rollout, dry_run: bool) -> pb::RolloutStatus {
+        let lead = self.control.node().leadership();
+        let mut s = rollout_of(r, dry_run);
+        if let Some(l) = lead {
+            s.epoch = l.epoch.get();
+            s.leader = self.control.node().cfg.id.clone();
+        }
+        s
+    }
+
+    async fn rollout_command(
+        &self,
+        req: Request<pb::RolloutRequest>,
+        cmd: UpgradeCommand,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let by = self.allow(&req)?;
+        let id = req.into_inner().id;
+        let id = Some(id.as_str()).filter(|i| !i.is_empty());
+        let r = self
+            .control
+            .rollout_command(id, cmd, &by)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(self.rollout_status(&r, false)))
+    }
+
     async fn command(
         &self,
         req: Request<pb::PoolRequest>,
@@ -239,7 +273,63 @@ pub fn start_request(r: pb::StartUpgradeRequest) -> Result<StartRequest, Control
         canary_soak: ms(r.canary_soak_ms),
         rollback_artifact,
         dry_run: r.dry_run,
+        plan_id: None,
     })
+}
+
+/// A wire roll-out request in domain terms.
+pub fn rollout_request(r: pb::StartRolloutRequest) -> Result<RolloutRequest, ControlError> {
+    let mut template = start_request(r.upgrade.unwrap_or_default())?;
+    template.dry_run = false;
+    Ok(RolloutRequest {
+        pools: r.pools,
+        selector: r.selector,
+        canary: Some(r.canary).filter(|c| !c.is_empty()),
+        max_in_flight: r.max_in_flight,
+        template,
+        dry_run: r.dry_run,
+    })
+}
+
+/// A roll-out on the wire (without the leader's epoch and id).
+pub fn rollout_of(r: &Rollout, dry_run: bool) -> pb::RolloutStatus {
+    let pools = r
+        .plan
+        .pools
+        .iter()
+        .filter_map(|name| {
+            let p = r.pools.get(name)?;
+            let reason = match &p.stage {
+                Stage::Failed { reason } | Stage::Skipped { reason } => reason.clone(),
+                _ => String::new(),
+            };
+            Some(pb::RolloutPool {
+                pool: name.clone(),
+                stage: p.stage.name().to_owned(),
+                plan_id: r.plan.plan_id(name),
+                reason,
+                waiting: p.waiting.clone().unwrap_or_default(),
+                started_ms: p.started_ms.unwrap_or(0),
+                ended_ms: p.ended_ms.unwrap_or(0),
+                paired_pool: r.plan.paired.get(name).cloned().unwrap_or_default(),
+            })
+        })
+        .collect();
+    pb::RolloutStatus {
+        id: r.plan.id.clone(),
+        state: r.status.name().to_owned(),
+        reason: r.status.reason().to_owned(),
+        version: r.plan.template.version.clone(),
+        pools,
+        max_in_flight: r.plan.max_in_flight,
+        canary: r.plan.canary.clone().unwrap_or_default(),
+        ended: r.is_ended(),
+        started_by: r.plan.started_by.clone(),
+        started_ms: r.plan.started_ms,
+        epoch: 0,
+        leader: String::new(),
+        dry_run,
+    }
 }
 
 fn direction(d: Direction) -> pb::Direction {
@@ -430,6 +520,8 @@ pub fn event_of(e: EventRecord) -> pb::Event {
 
 type StatusStream =
     Pin<Box<dyn futures_util::Stream<Item = Result<pb::UpgradeStatus, Status>> + Send>>;
+type RolloutStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::operator_server::Operator for OperatorApi {
@@ -519,6 +611,94 @@ impl pb::operator_server::Operator for OperatorApi {
             },
         );
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn start_rollout(
+        &self,
+        req: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let by = self.allow(&req)?;
+        let r = rollout_request(req.into_inner()).map_err(to_status)?;
+        let dry_run = r.dry_run;
+        let out = self
+            .control
+            .start_rollout(r, &by)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(self.rollout_status(&out, dry_run)))
+    }
+
+    async fn get_rollout(
+        &self,
+        req: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.allow(&req)?;
+        let id = req.into_inner().id;
+        let id = Some(id.as_str()).filter(|i| !i.is_empty());
+        match self.control.rollout(id).await.map_err(to_status)? {
+            Some(r) => Ok(Response::new(self.rollout_status(&r, false))),
+            None => Err(to_status(ControlError::NoRollout(
+                id.unwrap_or("").to_owned(),
+            ))),
+        }
+    }
+
+    type WatchRolloutStream = RolloutStream;
+
+    async fn watch_rollout(
+        &self,
+        req: Request<pb::RolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        self.allow(&req)?;
+        let id = req.into_inner().id;
+        let id = Some(id.as_str()).filter(|i| !i.is_empty());
+        let rx = match self.control.watch_rollout(id).await.map_err(to_status)? {
+            WatchedRollout::Live(rx) => rx,
+            WatchedRollout::Once(r) => {
+                let r = (*r).ok_or_else(|| {
+                    to_status(ControlError::NoRollout(id.unwrap_or("").to_owned()))
+                })?;
+                let s = self.rollout_status(&r, false);
+                return Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(s)]))));
+            }
+        };
+        let me = self.clone();
+        let stream = futures_util::stream::unfold(
+            (rx, me, false, true),
+            |(mut rx, me, ended, first)| async move {
+                if ended {
+                    return None;
+                }
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let r = rx.borrow_and_update().clone();
+                let s = me.rollout_status(&r, false);
+                Some((Ok(s), (rx, me, r.is_ended(), false)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn pause_rollout(
+        &self,
+        req: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.rollout_command(req, UpgradeCommand::Pause).await
+    }
+
+    async fn resume_rollout(
+        &self,
+        req: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.rollout_command(req, UpgradeCommand::Resume).await
+    }
+
+    async fn abort_rollout(
+        &self,
+        req: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.rollout_command(req, UpgradeCommand::Abort).await
     }
 
     async fn pause_upgrade(

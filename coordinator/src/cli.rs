@@ -26,9 +26,10 @@ pub const EXIT_NEEDS_OPERATOR: i32 = 2;
 /// Watch: `--timeout` passed while the upgrade still ran (it goes on).
 pub const EXIT_TIMED_OUT: i32 = 3;
 
-const EXIT_CODES: &str = "Exit codes of `upgrade watch` and `upgrade start --watch`: 0 completed; \
-1 failed, aborted or rolled back (and any error); 2 paused, waiting for an operator; \
-3 --timeout passed while the upgrade still runs. Other commands: 0 done, 1 error.";
+const EXIT_CODES: &str =
+    "Exit codes of `upgrade watch`, `rollout watch` and their `start --watch`: \
+0 completed; 1 failed, aborted or rolled back (and any error); 2 paused, waiting for an operator; \
+3 --timeout passed while it still runs. Other commands: 0 done, 1 error.";
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -93,6 +94,9 @@ pub enum Cmd {
     /// Rolling upgrades.
     #[command(subcommand)]
     Upgrade(UpgradeCmd),
+    /// Fleet-wide roll-outs: many pools, by name or label, a few at a time.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
     /// Pool failover to its paired backup pool, and back.
     #[command(subcommand)]
     Pool(PoolCmd),
@@ -226,6 +230,24 @@ pub struct StartArgs {
     /// The pool.
     #[arg(long)]
     pub pool: String,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Print the plan (domains, servers, order, policies) and start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After starting, watch until the upgrade completes (0), ends otherwise (1), pauses (2)
+    /// or --timeout passes (3).
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: stop watching after this long (exit 3; the upgrade goes on).
+    #[arg(long, requires = "watch", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+/// What a pool's plan is made of: the version, its artifact and the policies. An option
+/// left out takes the coordinator's default (shown in brackets).
+#[derive(Debug, Args)]
+pub struct PlanArgs {
     /// The target version.
     #[arg(long)]
     pub version: String,
@@ -279,16 +301,73 @@ pub struct StartArgs {
     /// sha256 of --rollback-artifact.
     #[arg(long, requires = "rollback_artifact")]
     pub rollback_sha256: Option<String>,
-    /// Print the plan (domains, servers, order, policies) and start nothing.
+}
+
+/// `rollgate rollout start` arguments.
+#[derive(Debug, Args)]
+pub struct RolloutStartArgs {
+    /// Pools by name, comma-separated, in the order to start them.
+    #[arg(long, value_delimiter = ',', required_unless_present = "selector")]
+    pub pools: Vec<String>,
+    /// Every pool carrying these labels: key=value[,key=value].
+    #[arg(long, conflicts_with = "pools")]
+    pub selector: Option<String>,
+    /// One of the pools, upgraded first and alone; the others start once it completed.
+    #[arg(long)]
+    pub canary: Option<String>,
+    /// Pools upgrading at once [1]. A pool never runs together with its paired pool.
+    #[arg(long)]
+    pub max_in_flight: Option<u32>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Resolve every pool's plan and show the roll-out; start nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// After starting, watch until the upgrade completes (0), ends otherwise (1), pauses (2)
-    /// or --timeout passes (3).
+    /// After starting, watch until the roll-out completes (0), ends otherwise (1), pauses
+    /// (2) or --timeout passes (3).
     #[arg(long)]
     pub watch: bool,
-    /// With --watch: stop watching after this long (exit 3; the upgrade goes on).
+    /// With --watch: stop watching after this long (exit 3; the roll-out goes on).
     #[arg(long, requires = "watch", value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
+}
+
+/// A roll-out id.
+#[derive(Debug, Args)]
+pub struct RolloutArg {
+    /// The roll-out [the newest].
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+/// `rollgate rollout watch` arguments.
+#[derive(Debug, Args)]
+pub struct RolloutWatchArgs {
+    /// The roll-out [the newest].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Stop watching after this long (exit 3; the roll-out goes on) [no limit].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+/// `rollgate rollout ...`
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum RolloutCmd {
+    /// Upgrade many pools (by name or label) to one version, a few at a time.
+    Start(RolloutStartArgs),
+    /// The roll-out's status now: each pool's stage.
+    Status(RolloutArg),
+    /// Live progress until the roll-out completes (0), ends otherwise (1), pauses (2), or
+    /// --timeout passes (3).
+    Watch(RolloutWatchArgs),
+    /// Start no new pool; pause the pools in flight.
+    Pause(RolloutArg),
+    /// Resume the paused pools and go on (a failed pool stays failed).
+    Resume(RolloutArg),
+    /// Skip the pools not started; abort the pools in flight.
+    Abort(RolloutArg),
 }
 
 /// `--drain`.
@@ -325,6 +404,27 @@ fn ms(d: Duration) -> u64 {
 pub fn start_request(a: &StartArgs) -> pb::StartUpgradeRequest {
     pb::StartUpgradeRequest {
         pool: a.pool.clone(),
+        dry_run: a.dry_run,
+        ..plan_request(&a.plan)
+    }
+}
+
+/// The wire roll-out request for `a`.
+pub fn rollout_request(a: &RolloutStartArgs) -> pb::StartRolloutRequest {
+    pb::StartRolloutRequest {
+        pools: a.pools.clone(),
+        selector: a.selector.clone().unwrap_or_default(),
+        canary: a.canary.clone().unwrap_or_default(),
+        max_in_flight: a.max_in_flight,
+        upgrade: Some(plan_request(&a.plan)),
+        dry_run: a.dry_run,
+    }
+}
+
+/// The plan part of a start request (no pool).
+fn plan_request(a: &PlanArgs) -> pb::StartUpgradeRequest {
+    pb::StartUpgradeRequest {
+        pool: String::new(),
         version: a.version.clone(),
         artifact: a.artifact.clone(),
         sha256: a.sha256.clone(),
@@ -353,7 +453,7 @@ pub fn start_request(a: &StartArgs) -> pb::StartUpgradeRequest {
         } as i32,
         domain_order: a.domain_order.clone(),
         canary_soak_ms: a.canary_soak.map(ms),
-        dry_run: a.dry_run,
+        dry_run: false,
         rollback_artifact: a.rollback_artifact.clone().unwrap_or_default(),
         rollback_sha256: a.rollback_sha256.clone().unwrap_or_default(),
     }
@@ -637,6 +737,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Upgrade(u) => upgrade(&conn, u, out).await,
+        Cmd::Rollout(r) => rollout(&conn, r, out).await,
         Cmd::Certs(_) | Cmd::Completions { .. } | Cmd::Man { .. } => Ok(0),
     }
 }
@@ -719,6 +820,234 @@ async fn upgrade(conn: &Conn, u: UpgradeCmd, out: Output) -> anyhow::Result<i32>
     };
     print_status(&s, out);
     Ok(0)
+}
+
+async fn rollout(conn: &Conn, cmd: RolloutCmd, out: Output) -> anyhow::Result<i32> {
+    type Op = fn(
+        OperatorClient<Channel>,
+        pb::RolloutRequest,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Result<pb::RolloutStatus, tonic::Status>> + Send>,
+    >;
+    let simple = |id: Option<String>, op: Op| async move {
+        conn.call(|c| {
+            op(
+                c,
+                pb::RolloutRequest {
+                    id: id.clone().unwrap_or_default(),
+                },
+            )
+        })
+        .await
+    };
+    let s = match cmd {
+        RolloutCmd::Start(a) => {
+            let req = rollout_request(&a);
+            let s = conn
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.start_rollout(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            print_rollout(&s, out);
+            if a.watch && !a.dry_run {
+                return watch_rollout(conn, Some(s.id.clone()), out, a.timeout).await;
+            }
+            return Ok(0);
+        }
+        RolloutCmd::Watch(w) => return watch_rollout(conn, w.id, out, w.timeout).await,
+        RolloutCmd::Status(a) => {
+            simple(a.id, |mut c, r| {
+                Box::pin(async move { c.get_rollout(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
+        RolloutCmd::Pause(a) => {
+            simple(a.id, |mut c, r| {
+                Box::pin(async move { c.pause_rollout(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
+        RolloutCmd::Resume(a) => {
+            simple(a.id, |mut c, r| {
+                Box::pin(async move { c.resume_rollout(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
+        RolloutCmd::Abort(a) => {
+            simple(a.id, |mut c, r| {
+                Box::pin(async move { c.abort_rollout(r).await.map(|r| r.into_inner()) })
+            })
+            .await?
+        }
+    };
+    print_rollout(&s, out);
+    Ok(0)
+}
+
+/// A roll-out as JSON (CLI `-o json`).
+pub(crate) fn rollout_json(s: &pb::RolloutStatus) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id, "state": s.state, "reason": s.reason, "version": s.version,
+        "max_in_flight": s.max_in_flight, "canary": s.canary, "ended": s.ended,
+        "started_by": s.started_by, "started_ms": s.started_ms, "epoch": s.epoch,
+        "leader": s.leader, "dry_run": s.dry_run,
+        "pools": s.pools.iter().map(|p| serde_json::json!({
+            "pool": p.pool, "stage": p.stage, "plan_id": p.plan_id, "reason": p.reason,
+            "waiting": p.waiting, "started_ms": p.started_ms, "ended_ms": p.ended_ms,
+            "paired_pool": p.paired_pool,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One line of roll-out progress: counts per stage and the pools in flight.
+fn rollout_line(s: &pb::RolloutStatus) -> String {
+    let count = |stage: &str| s.pools.iter().filter(|p| p.stage == stage).count();
+    let flying: Vec<&str> = s
+        .pools
+        .iter()
+        .filter(|p| p.stage == "running" || p.stage == "starting")
+        .map(|p| p.pool.as_str())
+        .collect();
+    let mut line = format!(
+        "{} {} completed {}/{} failed {} pending {}",
+        s.id,
+        s.state,
+        count("completed"),
+        s.pools.len(),
+        count("failed"),
+        count("pending"),
+    );
+    if !flying.is_empty() {
+        line.push_str(&format!(" | upgrading: {}", flying.join(" ")));
+    }
+    if !s.reason.is_empty() {
+        line.push_str(&format!(" | {}", s.reason));
+    }
+    line
+}
+
+fn print_rollout(s: &pb::RolloutStatus, out: Output) {
+    if out == Output::Json {
+        println!("{}", rollout_json(s));
+        return;
+    }
+    if s.dry_run {
+        println!("dry run: nothing was started. Every pool's plan resolved; the roll-out:");
+    }
+    println!(
+        "roll-out {}  version {}  status {}{}  max in flight {}{}",
+        s.id,
+        s.version,
+        s.state,
+        if s.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.reason)
+        },
+        s.max_in_flight,
+        if s.canary.is_empty() {
+            String::new()
+        } else {
+            format!("  canary {}", s.canary)
+        }
+    );
+    println!("POOL                 STAGE      PLAN                           PAIRED       DETAIL");
+    for p in &s.pools {
+        let detail = if !p.reason.is_empty() {
+            p.reason.clone()
+        } else if !p.waiting.is_empty() {
+            format!("waiting: {}", p.waiting)
+        } else if p.ended_ms > p.started_ms && p.started_ms > 0 {
+            format!(
+                "took {}",
+                humantime::format_duration(Duration::from_millis(p.ended_ms - p.started_ms))
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<20} {:<10} {:<30} {:<12} {}",
+            p.pool, p.stage, p.plan_id, p.paired_pool, detail
+        );
+    }
+}
+
+/// Follows a roll-out until it completes, ends otherwise, pauses, or `timeout` passes,
+/// reconnecting (to a new leader if need be). Returns the exit code (see [`EXIT_CODES`]).
+async fn watch_rollout(
+    conn: &Conn,
+    id: Option<String>,
+    out: Output,
+    timeout: Option<Duration>,
+) -> anyhow::Result<i32> {
+    let deadline =
+        tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(7 * 24 * 3600));
+    let mut last_line = String::new();
+    loop {
+        let stream = conn
+            .call(|mut c| {
+                let id = id.clone().unwrap_or_default();
+                async move {
+                    c.watch_rollout(pb::RolloutRequest { id })
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let line = format!("waiting for a leader: {e}");
+                if line != last_line {
+                    eprintln!("{line}");
+                    last_line = line;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        loop {
+            let next = match tokio::time::timeout_at(deadline, stream.message()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    eprintln!(
+                        "error: the roll-out is still running after --timeout {}; stopped watching (the roll-out goes on)",
+                        humantime::format_duration(timeout.unwrap_or_default())
+                    );
+                    return Ok(EXIT_TIMED_OUT);
+                }
+            };
+            let Ok(Some(s)) = next else { break };
+            let line = rollout_line(&s);
+            if out == Output::Json {
+                println!("{}", rollout_json(&s));
+            } else if line != last_line {
+                println!("{} {line}", fmt_time(rollgate_common::time::now_ms()));
+                last_line = line;
+            }
+            if s.ended || s.state == "paused" {
+                if out == Output::Table {
+                    print_rollout(&s, out);
+                }
+                return Ok(match s.state.as_str() {
+                    "completed" => EXIT_COMPLETED,
+                    "paused" => {
+                        eprintln!(
+                            "roll-out {} is paused: {}; it needs an operator: rollgate rollout resume (or abort)",
+                            s.id, s.reason
+                        );
+                        EXIT_NEEDS_OPERATOR
+                    }
+                    _ => {
+                        eprintln!("error: roll-out {} ended {}: {}", s.id, s.state, s.reason);
+                        EXIT_ENDED_BADLY
+                    }
+                });
+            }
+        }
+    }
 }
 
 /// Follows an upgrade until it completes, ends otherwise, pauses, or `timeout` passes,

@@ -244,9 +244,13 @@ pub struct PoolConfig {
     /// deterministically (sorted by id, round-robin into ud-1..ud-N).
     #[serde(default)]
     pub upgrade_domains: Option<u32>,
-    /// The paired backup pool for disaster recovery, if any.
+    /// The paired backup pool for disaster recovery, if any. A pool and its paired pool are
+    /// never upgraded at the same time.
     #[serde(default)]
     pub paired_pool: Option<String>,
+    /// Labels a roll-out selects pools by, e.g. `{ tier = "web", region = "eu" }`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Fails the pool over to its paired pool (env: ROLLGATE_POOL, ROLLGATE_PAIRED_POOL,
     /// ROLLGATE_ACTION, ROLLGATE_EPOCH: the leader epoch, a fencing token).
     #[serde(default)]
@@ -265,6 +269,36 @@ pub struct PoolConfig {
     /// be all of them: a pool may list none.
     #[serde(default)]
     pub servers: Vec<ServerConfig>,
+}
+
+impl PoolConfig {
+    /// True when the pool carries every label of `selector`.
+    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Parses a label selector, `key=value[,key=value...]` (every one must match).
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            format!(
+                "selector: {} is not key=value",
+                rollgate_common::quote::quoted(part)
+            )
+        })?;
+        let (k, v) = (k.trim(), v.trim());
+        check_name("selector", k)?;
+        check_name("selector", v)?;
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            return Err(format!("selector: label {k} is given twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err("selector: no key=value given".into());
+    }
+    Ok(out)
 }
 
 /// One server: its agent's address and its upgrade domain.
@@ -560,6 +594,10 @@ impl CoordinatorConfig {
                     p.name
                 ));
             }
+            for (k, v) in &p.labels {
+                check_name("pools.labels", k)?;
+                check_name("pools.labels", v)?;
+            }
             if let Some(paired) = &p.paired_pool {
                 check_name("pools.paired_pool", paired)?;
                 if p.failover.is_empty() {
@@ -584,6 +622,7 @@ mod tests {
             min_active: MinActive::Majority,
             upgrade_domains: domains,
             paired_pool: None,
+            labels: Default::default(),
             failover: vec![],
             failback: vec![],
             hook_timeout: Duration::from_secs(1),
@@ -712,5 +751,26 @@ mod tests {
         assert_eq!(MinActive::Majority.resolve(5), 3);
         assert_eq!(MinActive::Percent(50).resolve(5), 3);
         assert_eq!(MinActive::Count(2).resolve(9), 2);
+    }
+
+    #[test]
+    fn selectors_match_every_label_given() {
+        let sel = parse_selector(" tier=web , region=eu").unwrap_or_default();
+        assert_eq!(sel.len(), 2);
+        let mut p = pool(&[("fe-1", None)], None);
+        assert!(!p.matches(&sel));
+        p.labels.insert("tier".into(), "web".into());
+        assert!(!p.matches(&sel), "one label of two");
+        p.labels.insert("region".into(), "eu".into());
+        assert!(p.matches(&sel));
+        for (bad, why) in [
+            ("", "no key=value"),
+            ("tier", "is not key=value"),
+            ("tier=web,tier=api", "given twice"),
+            ("tier=we b", "must be 1-128 characters"),
+        ] {
+            let e = parse_selector(bad).err().unwrap_or_default();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 }

@@ -37,25 +37,32 @@ pub mod defaults {
 }
 
 /// How a server stops taking traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DrainKind {
     Graceful,
     /// A declared outage: stop at once.
     Immediate,
 }
 
-/// A start request in domain terms: `None` takes the default.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A start request in domain terms: `None` takes the default. Stored as a roll-out's
+/// template, so it has a stored form.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StartRequest {
     pub pool: String,
     pub version: String,
     pub artifact: String,
     pub sha256: String,
     pub drain: Option<DrainKind>,
+    #[serde(with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
     pub parallelism: Option<u32>,
+    #[serde(with = "humantime_serde")]
     pub verify_stable: Option<Duration>,
+    #[serde(with = "humantime_serde")]
     pub verify_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
     pub busy_retry_interval: Option<Duration>,
     pub busy_retries: Option<u32>,
     pub on_exhausted: Option<ExhaustedAction>,
@@ -63,9 +70,37 @@ pub struct StartRequest {
     pub on_failure: Option<FailureAction>,
     pub domain_order: Vec<String>,
     /// Unset or zero: no canary.
+    #[serde(with = "humantime_serde")]
     pub canary_soak: Option<Duration>,
     pub rollback_artifact: Option<RollbackArtifact>,
     pub dry_run: bool,
+    /// The plan id to use (a roll-out fixes it in advance); `None`: `<pool>-<unix ms>`.
+    #[serde(skip)]
+    pub plan_id: Option<String>,
+}
+
+/// A roll-out request in domain terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutRequest {
+    /// Pools by name, in the order to start them; or empty, with a selector.
+    pub pools: Vec<String>,
+    /// `key=value[,key=value]`: every configured pool carrying all of them, by name.
+    pub selector: String,
+    /// A pool of the roll-out to upgrade first, alone.
+    pub canary: Option<String>,
+    /// Pools upgrading at once [1].
+    pub max_in_flight: Option<u32>,
+    /// The plan every pool's upgrade is made from (its `pool` is left empty).
+    pub template: StartRequest,
+    /// Resolve every pool's plan and show the roll-out; start nothing.
+    pub dry_run: bool,
+}
+
+/// A roll-out to follow: the leader's live one, or the stored state once.
+#[derive(Debug)]
+pub enum WatchedRollout {
+    Live(watch::Receiver<crate::rollout::Rollout>),
+    Once(Box<Option<crate::rollout::Rollout>>),
 }
 
 /// An operator's command to a running upgrade.
@@ -101,6 +136,19 @@ pub enum ControlError {
     /// There is no running upgrade to act on.
     #[error("no upgrade is running on pool {0}")]
     NoUpgrade(String),
+    /// The pool's paired backup pool is being upgraded: never both at once.
+    #[error("pool {pool} is paired with pool {paired}, whose upgrade ({plan}) is running; a pool and its paired pool are never upgraded together")]
+    PairedBusy {
+        pool: String,
+        paired: String,
+        plan: String,
+    },
+    /// A roll-out is running; one at a time.
+    #[error("roll-out {0} is running; pause, abort or wait for it")]
+    RolloutRunning(String),
+    /// No such roll-out.
+    #[error("{}", if .0.is_empty() { "no roll-out was ever started".to_owned() } else { format!("no roll-out {}", rollgate_common::quote::quoted(.0)) })]
+    NoRollout(String),
     /// The store failed.
     #[error("store: {message}")]
     Store { message: String, retryable: bool },
@@ -290,7 +338,10 @@ impl Control {
             domains = ordered;
         }
         let plan = Plan {
-            id: format!("{}-{}", r.pool, self.node.env.clock.wall_ms()),
+            id: r
+                .plan_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", r.pool, self.node.env.clock.wall_ms())),
             pool: r.pool.clone(),
             version: r.version.clone(),
             artifact: r.artifact.clone(),
@@ -383,6 +434,7 @@ impl Control {
             }
             Err(e) => return Err(e.into()),
         };
+        self.paired_idle(&pool).await?;
         let (u, mut actions) =
             Upgrade::new(plan).map_err(|e| ControlError::Invalid(e.to_string()))?;
         actions.insert(
@@ -404,6 +456,36 @@ impl Control {
             started_ms: self.node.env.clock.wall_ms(),
         };
         self.launch(&lead, pool, record, actions).await
+    }
+
+    /// Refuses while a pool paired with `pool` (its `paired_pool`, or a pool that names it as
+    /// its own) has an upgrade that has not ended: the backup must be whole while its primary
+    /// is upgraded, and the other way round.
+    async fn paired_idle(&self, pool: &PoolConfig) -> Result<(), ControlError> {
+        let partners: BTreeSet<String> = self
+            .node
+            .pools()
+            .into_iter()
+            .filter(|p| p.paired_pool.as_deref() == Some(pool.name.as_str()))
+            .map(|p| p.name)
+            .chain(pool.paired_pool.clone())
+            .filter(|p| *p != pool.name)
+            .collect();
+        for paired in partners {
+            if self.node.pool(&paired).is_none() {
+                continue;
+            }
+            if let Some(u) = self.upgrade(&paired).await? {
+                if !u.is_terminal() {
+                    return Err(ControlError::PairedBusy {
+                        pool: pool.name.clone(),
+                        paired,
+                        plan: u.plan.id,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts a driver for a new plan (`record`, with its first `actions`) and answers once
@@ -483,6 +565,7 @@ impl Control {
         let stored = progress::load_upgrade(&self.node.env.store, pool)
             .await?
             .ok_or_else(|| ControlError::NoUpgrade(pool.into()))?;
+        self.paired_idle(&cfg).await?;
         let id = format!("{pool}-{}", self.node.env.clock.wall_ms());
         let reverted = Upgrade::revert(&stored.upgrade, id, by)
             .map_err(|e| ControlError::Invalid(format!("rollback: {e}")))?;
@@ -702,6 +785,238 @@ impl Control {
         self.pool(pool)?;
         let limit = if limit == 0 { 20 } else { limit as usize };
         Ok(progress::load_history(&self.node.env.store, pool, limit).await?)
+    }
+
+    /// Starts a roll-out (or, with `dry_run`, resolves it): every pool's plan is resolved
+    /// first, so a bad option fails here for all pools rather than later for one. Answers
+    /// once the roll-out is stored.
+    pub async fn start_rollout(
+        &self,
+        r: RolloutRequest,
+        by: &str,
+    ) -> Result<crate::rollout::Rollout, ControlError> {
+        use crate::rollout::{Rollout, RolloutPlan, MAX_POOLS};
+        let invalid = ControlError::Invalid;
+        if !r.template.pool.is_empty() {
+            return Err(invalid(
+                "upgrade.pool: a roll-out names its pools in pools or selector, not here".into(),
+            ));
+        }
+        let mut pools: Vec<String> = match (r.pools.is_empty(), r.selector.trim().is_empty()) {
+            (false, true) => {
+                let mut seen = BTreeSet::new();
+                for p in &r.pools {
+                    self.pool(p)?;
+                    if !seen.insert(p.as_str()) {
+                        return Err(invalid(format!("pools: pool {p} is named twice")));
+                    }
+                }
+                r.pools.clone()
+            }
+            (true, false) => {
+                let sel = crate::config::parse_selector(&r.selector).map_err(invalid)?;
+                let matched: Vec<String> = self
+                    .node
+                    .pools()
+                    .into_iter()
+                    .filter(|p| p.matches(&sel))
+                    .map(|p| p.name)
+                    .collect();
+                if matched.is_empty() {
+                    return Err(invalid(format!(
+                        "selector: no pool carries the labels {}",
+                        rollgate_common::quote::quoted(&r.selector)
+                    )));
+                }
+                matched
+            }
+            (true, true) => {
+                return Err(invalid(
+                    "pools: name the pools, or give a selector (key=value)".into(),
+                ))
+            }
+            (false, false) => {
+                return Err(invalid(
+                    "pools: give pool names or a selector, not both".into(),
+                ))
+            }
+        };
+        if pools.len() > MAX_POOLS {
+            return Err(invalid(format!(
+                "pools: {} pools; a roll-out takes at most {MAX_POOLS}",
+                pools.len()
+            )));
+        }
+        if let Some(c) = &r.canary {
+            let i = pools.iter().position(|p| p == c).ok_or_else(|| {
+                invalid(format!(
+                    "canary: pool {} is not one of the roll-out's pools",
+                    rollgate_common::quote::quoted(c)
+                ))
+            })?;
+            let c = pools.remove(i);
+            pools.insert(0, c);
+        }
+        let max_in_flight = r.max_in_flight.unwrap_or(1);
+        if max_in_flight == 0 {
+            return Err(invalid("max_in_flight: must be at least 1".into()));
+        }
+        let mut paired = std::collections::BTreeMap::new();
+        for name in &pools {
+            let mut req = r.template.clone();
+            req.pool = name.clone();
+            req.dry_run = true;
+            self.resolve_plan(&req).map_err(|e| match e {
+                ControlError::Invalid(m) => invalid(format!("pool {name}: {m}")),
+                e => e,
+            })?;
+            if let Some(p) = self.pool(name)?.paired_pool {
+                paired.insert(name.clone(), p);
+            }
+        }
+        let now = self.node.env.clock.wall_ms();
+        let mut plan = RolloutPlan {
+            id: format!("rollout-{now}"),
+            max_in_flight: max_in_flight.min(u32::try_from(pools.len()).unwrap_or(u32::MAX)),
+            pools,
+            paired,
+            canary: r.canary.clone(),
+            template: StartRequest {
+                dry_run: false,
+                ..r.template.clone()
+            },
+            started_by: by.to_owned(),
+            started_ms: now,
+        };
+        if r.dry_run {
+            return Ok(Rollout::new(plan).0);
+        }
+        let lead = self.lead().await?;
+        let _one_at_a_time = self.node.rollout_lock.lock().await;
+        if let Some(h) = self.node.rollout().filter(|h| !h.ended.is_cancelled()) {
+            return Err(ControlError::RolloutRunning(h.id));
+        }
+        let ids = progress::rollout_ids(&self.node.env.store, progress::KEEP_ROLLOUTS + 1).await?;
+        if let Some(newest) = ids.last() {
+            if let Some(stored) = progress::load_rollout(&self.node.env.store, newest).await? {
+                if !stored.is_ended() {
+                    return Err(ControlError::RolloutRunning(stored.plan.id));
+                }
+            }
+            // Ids sort by time: a clock that stepped back must not reuse or precede one.
+            let last_ms = newest
+                .strip_prefix("rollout-")
+                .and_then(|m| m.parse::<u64>().ok())
+                .unwrap_or(0);
+            if last_ms >= now {
+                plan.id = format!("rollout-{}", last_ms + 1);
+            }
+        }
+        for name in &plan.pools {
+            if let Some(u) = self.upgrade(name).await? {
+                if !u.is_terminal() {
+                    return Err(ControlError::AlreadyRunning {
+                        plan: u.plan.id,
+                        pool: name.clone(),
+                    });
+                }
+            }
+        }
+        // Keep the newest KEEP_ROLLOUTS, this one included.
+        let drop = (ids.len() + 1).saturating_sub(progress::KEEP_ROLLOUTS);
+        if drop > 0 {
+            let ops = ids[..drop]
+                .iter()
+                .map(|id| crate::store::WriteOp::Delete {
+                    key: progress::rollout_key(id),
+                })
+                .collect();
+            self.membership_write(&lead, ops).await?;
+        }
+        let (rollout, actions) = Rollout::new(plan);
+        tracing::info!(rollout = %rollout.plan.id, pools = rollout.plan.pools.len(), max_in_flight = rollout.plan.max_in_flight, %by, "roll-out requested");
+        let (tx, rx) = oneshot::channel();
+        self.node
+            .start_rollout_driver(&lead, rollout, actions, false, Some(tx))
+            .map_err(ControlError::RolloutRunning)?;
+        rx.await
+            .map_err(|_| ControlError::LeadershipLost("the roll-out driver stopped".into()))?
+    }
+
+    /// Roll-out `id` (the newest when `None`): the leader's live one, else the store.
+    pub async fn rollout(
+        &self,
+        id: Option<&str>,
+    ) -> Result<Option<crate::rollout::Rollout>, ControlError> {
+        if self.node.leadership().is_some() {
+            if let Some(h) = self.node.rollout() {
+                if id.is_none_or(|i| i == h.id) {
+                    return Ok(Some(h.status.borrow().clone()));
+                }
+            }
+        }
+        Ok(match id {
+            Some(id) => progress::load_rollout(&self.node.env.store, id).await?,
+            None => progress::newest_rollout(&self.node.env.store).await?,
+        })
+    }
+
+    /// The roll-out to follow: live on the leader.
+    pub async fn watch_rollout(&self, id: Option<&str>) -> Result<WatchedRollout, ControlError> {
+        self.lead().await?;
+        match self.node.rollout() {
+            Some(h) if id.is_none_or(|i| i == h.id) => Ok(WatchedRollout::Live(h.status)),
+            _ => Ok(WatchedRollout::Once(Box::new(self.rollout(id).await?))),
+        }
+    }
+
+    /// Pauses, resumes or aborts the running roll-out (`id`, or whichever runs); answers
+    /// once the resulting state is stored.
+    pub async fn rollout_command(
+        &self,
+        id: Option<&str>,
+        cmd: UpgradeCommand,
+        by: &str,
+    ) -> Result<crate::rollout::Rollout, ControlError> {
+        use crate::rollout::RolloutEvent;
+        self.lead().await?;
+        let by = by.to_owned();
+        let event = match cmd {
+            UpgradeCommand::Pause => RolloutEvent::Pause { by },
+            UpgradeCommand::Resume => RolloutEvent::Resume { by },
+            UpgradeCommand::Abort => RolloutEvent::Abort { by },
+            UpgradeCommand::Rollback => {
+                return Err(ControlError::Invalid(
+                    "rollback: roll back each pool with rollgate upgrade rollback".into(),
+                ))
+            }
+        };
+        let live = self
+            .node
+            .rollout()
+            .filter(|h| !h.ended.is_cancelled() && id.is_none_or(|i| i == h.id));
+        let Some(h) = live else {
+            return match self.rollout(id).await? {
+                Some(r) => Err(ControlError::Invalid(format!(
+                    "roll-out {} is {}: nothing to {}",
+                    r.plan.id,
+                    r.status.name(),
+                    match cmd {
+                        UpgradeCommand::Pause => "pause",
+                        UpgradeCommand::Resume => "resume",
+                        _ => "abort",
+                    }
+                ))),
+                None => Err(ControlError::NoRollout(id.unwrap_or("").to_owned())),
+            };
+        };
+        let (tx, rx) = oneshot::channel();
+        h.commands
+            .send(crate::rollout_driver::RolloutCommand { event, reply: tx })
+            .await
+            .map_err(|_| ControlError::LeadershipLost("the roll-out driver stopped".into()))?;
+        rx.await
+            .map_err(|_| ControlError::LeadershipLost("the roll-out driver stopped".into()))?
     }
 
     /// Who leads.

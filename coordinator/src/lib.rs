@@ -5,7 +5,9 @@
 //!   [`server`]: wiring and the shutdown path.
 //! - [`control`]: the leader-side use cases (start with plan defaults, commands, readiness,
 //!   events, failover), typed errors.
-//! - [`node`]: campaign, take over (fence agents, resume upgrades), step down.
+//! - [`node`]: campaign, take over (fence agents, resume upgrades and the roll-out), step down.
+//! - [`rollout_driver`]: the loop around a fleet-wide roll-out: store, then start, pause,
+//!   resume or abort pools' upgrades through [`control`]; [`rollout`]: its pure state machine.
 //! - [`driver`]: the loop around the engine: store the new state (fenced), then act.
 //! - [`engine`]: the pure upgrade state machine `(state, event) -> (state, actions)`.
 //! - [`progress`]: typed records and key layout in the store.
@@ -33,6 +35,8 @@ pub mod metrics;
 pub mod node;
 pub mod progress;
 pub mod readiness;
+pub mod rollout;
+pub mod rollout_driver;
 pub mod server;
 pub mod store;
 pub mod web;

@@ -49,6 +49,19 @@ pub struct DriverHandle {
     pub pending: crate::driver::Pending,
 }
 
+/// The running roll-out, as the control layer sees it.
+#[derive(Debug, Clone)]
+pub struct RolloutHandle {
+    /// Its id.
+    pub id: String,
+    /// Sends operator commands.
+    pub commands: mpsc::Sender<crate::rollout_driver::RolloutCommand>,
+    /// The roll-out after every transition.
+    pub status: watch::Receiver<crate::rollout::Rollout>,
+    /// Cancelled when its task has ended.
+    pub ended: CancellationToken,
+}
+
 /// Where a driver's upgrade comes from.
 #[derive(Debug)]
 pub enum Origin {
@@ -69,6 +82,10 @@ pub struct Node {
     /// Where this node stands; watch it to follow leadership.
     pub role: watch::Sender<Role>,
     drivers: Mutex<BTreeMap<String, DriverHandle>>,
+    /// The roll-out driven under this leadership, if any.
+    rollout: Mutex<Option<RolloutHandle>>,
+    /// Serialises roll-out starts (one roll-out runs at a time).
+    pub rollout_lock: tokio::sync::Mutex<()>,
     /// Pools whose stored upgrade could not be read at take-over, and why.
     unreadable: Mutex<BTreeMap<String, String>>,
     /// Serialises upgrade starts, so two concurrent requests cannot both pass the "nothing is
@@ -98,6 +115,8 @@ impl Node {
             env,
             role,
             drivers: Mutex::new(BTreeMap::new()),
+            rollout: Mutex::new(None),
+            rollout_lock: tokio::sync::Mutex::new(()),
             unreadable: Mutex::new(BTreeMap::new()),
             start_lock: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
@@ -264,6 +283,7 @@ impl Node {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
+            *self.rollout.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
 
@@ -360,6 +380,7 @@ impl Node {
                 fenced_first = urgent.len(),
                 "took over: leading"
             );
+            self.resume_rollout(&lead).await;
             let rest: Vec<String> = self
                 .env
                 .agents
@@ -378,6 +399,89 @@ impl Node {
                 });
             }
         }
+    }
+
+    /// Resumes the newest roll-out if it has not ended (its pools' upgrades were resumed
+    /// already, with the others).
+    async fn resume_rollout(self: &Arc<Self>, lead: &Leadership) {
+        let mut backoff = Duration::from_millis(100);
+        let newest = loop {
+            match progress::newest_rollout(&self.env.store).await {
+                Ok(r) => break r,
+                Err(ProgressError::Unreadable { key, message }) => {
+                    tracing::error!(%key, %message, "the newest roll-out is unreadable; not resuming it");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the roll-outs; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = lead.lost.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        let Some(r) = newest.filter(|r| !r.is_ended()) else {
+            return;
+        };
+        let actions = crate::rollout_driver::RolloutDriver::resumed_actions(&r);
+        tracing::info!(rollout = %r.plan.id, status = %r.status.name(), starts = actions.len(), "resuming roll-out");
+        if let Err(e) = self.start_rollout_driver(lead, r, actions, true, None) {
+            tracing::error!(error = %e, "cannot resume the roll-out");
+        }
+    }
+
+    /// The roll-out driven under this leadership, if any (running or ended).
+    pub fn rollout(&self) -> Option<RolloutHandle> {
+        self.rollout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Starts a roll-out's driver on this node's tasks; refused while another one runs.
+    /// `stored`: read from the store as it is. `started` is answered once it is stored.
+    pub fn start_rollout_driver(
+        self: &Arc<Self>,
+        lead: &Leadership,
+        rollout: crate::rollout::Rollout,
+        actions: Vec<crate::rollout::RolloutAction>,
+        stored: bool,
+        started: Option<
+            oneshot::Sender<Result<crate::rollout::Rollout, crate::control::ControlError>>,
+        >,
+    ) -> Result<(), String> {
+        let mut slot = self.rollout.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = slot.as_ref().filter(|h| !h.ended.is_cancelled()) {
+            return Err(h.id.clone());
+        }
+        let (status_tx, status_rx) = watch::channel(rollout.clone());
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let ended = CancellationToken::new();
+        let id = rollout.plan.id.clone();
+        let driver = crate::rollout_driver::RolloutDriver::new(
+            crate::control::Control::new(Arc::clone(self)),
+            lead.clone(),
+            rollout,
+            stored,
+            status_tx,
+        );
+        *slot = Some(RolloutHandle {
+            id: id.clone(),
+            commands: cmd_tx,
+            status: status_rx,
+            ended: ended.clone(),
+        });
+        drop(slot);
+        self.tasks.spawn(async move {
+            if let Err(e) = driver.run(actions, cmd_rx, started).await {
+                tracing::warn!(rollout = %id, error = %e, "roll-out driver stopped");
+            }
+            ended.cancel();
+        });
+        Ok(())
     }
 
     /// Reads `pool`'s upgrade record, retrying while the store is unavailable. `None`: none

@@ -150,6 +150,70 @@ pub async fn load_history(
         .collect())
 }
 
+/// The store prefix of fleet-wide roll-outs: `rollouts/<id>`, one key each, rewritten at
+/// each pool-level change (a pool started or ended, a pause, a resume), never per server.
+pub const ROLLOUTS_PREFIX: &str = "rollouts/";
+
+/// Roll-outs kept; starting one more removes the oldest.
+pub const KEEP_ROLLOUTS: usize = 100;
+
+/// The store key of roll-out `id`.
+pub fn rollout_key(id: &str) -> String {
+    format!("{ROLLOUTS_PREFIX}{id}")
+}
+
+/// The write that stores `r`.
+pub fn rollout_write(r: &crate::rollout::Rollout) -> WriteOp {
+    WriteOp::Put {
+        key: rollout_key(&r.plan.id),
+        value: encode(r),
+    }
+}
+
+/// Roll-out `id`, if stored.
+pub async fn load_rollout(
+    store: &Store,
+    id: &str,
+) -> Result<Option<crate::rollout::Rollout>, ProgressError> {
+    let key = rollout_key(id);
+    match store.get(&key).await? {
+        Some(kv) => decode(&key, &kv.value).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The newest `limit` roll-outs' ids, oldest first.
+pub async fn rollout_ids(store: &Store, limit: usize) -> Result<Vec<String>, ProgressError> {
+    let page = KeyPage {
+        start: ROLLOUTS_PREFIX.to_owned(),
+        end: prefix_end(ROLLOUTS_PREFIX),
+        limit: limit.max(1),
+        from_end: true,
+    };
+    Ok(store
+        .page(&page)
+        .await?
+        .into_iter()
+        .filter_map(|kv| kv.key.strip_prefix(ROLLOUTS_PREFIX).map(str::to_owned))
+        .collect())
+}
+
+/// The newest roll-out, if any.
+pub async fn newest_rollout(
+    store: &Store,
+) -> Result<Option<crate::rollout::Rollout>, ProgressError> {
+    let page = KeyPage {
+        start: ROLLOUTS_PREFIX.to_owned(),
+        end: prefix_end(ROLLOUTS_PREFIX),
+        limit: 1,
+        from_end: true,
+    };
+    match store.page(&page).await?.pop() {
+        Some(kv) => decode(&kv.key, &kv.value).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// One entry of the durable history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EventRecord {

@@ -12,6 +12,7 @@ mod lifetime;
 mod liveness;
 mod membership;
 mod operator;
+mod rollout;
 mod security;
 mod sim;
 mod store;

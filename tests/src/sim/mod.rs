@@ -252,6 +252,7 @@ fn config(id: &str, setup: &Setup, ttl: Duration) -> CoordinatorConfig {
             min_active: MinActive::Count(setup.min_active as u32),
             upgrade_domains: None,
             paired_pool: Some("pool-b".into()),
+            labels: Default::default(),
             failover: vec!["true".into()],
             failback: vec!["true".into()],
             hook_timeout: Duration::from_secs(10),
