@@ -410,7 +410,7 @@ impl Control {
             return Ok(u);
         }
         let lead = self.lead().await?;
-        let _one_at_a_time = self.node.start_lock.lock().await;
+        let one_at_a_time = self.node.start_lock.lock().await;
         let pool = self.pool(&r.pool)?.clone();
         let next_event = match progress::load_upgrade(&self.node.env.store, &r.pool).await {
             Ok(Some(stored)) => {
@@ -455,7 +455,8 @@ impl Control {
             started_by: by.to_owned(),
             started_ms: self.node.env.clock.wall_ms(),
         };
-        self.launch(&lead, pool, record, actions).await
+        self.launch(&lead, pool, record, actions, one_at_a_time)
+            .await
     }
 
     /// Refuses while a pool paired with `pool` (its `paired_pool`, or a pool that names it as
@@ -475,6 +476,22 @@ impl Control {
             if self.node.pool(&paired).is_none() {
                 continue;
             }
+            // A driver registered but not yet stored (its start is in flight) is busy too.
+            if let Some(h) = self
+                .node
+                .driver(&paired)
+                .filter(|h| !h.ended.is_cancelled())
+            {
+                let plan = h.status.borrow().as_ref().map(|u| u.plan.id.clone());
+                if h.status.borrow().as_ref().is_none_or(|u| !u.is_terminal()) {
+                    return Err(ControlError::PairedBusy {
+                        pool: pool.name.clone(),
+                        paired,
+                        plan: plan.unwrap_or_else(|| "starting".into()),
+                    });
+                }
+                continue;
+            }
             if let Some(u) = self.upgrade(&paired).await? {
                 if !u.is_terminal() {
                     return Err(ControlError::PairedBusy {
@@ -490,12 +507,18 @@ impl Control {
 
     /// Starts a driver for a new plan (`record`, with its first `actions`) and answers once
     /// its first state is stored. Refused while a driver for the pool still runs.
+    ///
+    /// `checked` (the start lock, held since the checks) is released once the driver is
+    /// registered, before its first write: from then on the registered driver itself refuses
+    /// a second start of the pool, and counts as busy for its paired pool, so starts of other
+    /// pools need not wait for this one's store round trip.
     async fn launch(
         &self,
         lead: &Leadership,
         pool: PoolConfig,
         record: UpgradeRecord,
         actions: Vec<Action>,
+        checked: tokio::sync::MutexGuard<'_, ()>,
     ) -> Result<Upgrade, ControlError> {
         let name = pool.name.clone();
         let (tx, rx) = oneshot::channel();
@@ -505,6 +528,7 @@ impl Control {
                 plan,
                 pool: name.clone(),
             })?;
+        drop(checked);
         self.node.forget_unreadable(&name);
         Ok(rx
             .await
@@ -550,7 +574,7 @@ impl Control {
     /// a forward upgrade. Answers once the new plan is stored.
     async fn revert(&self, pool: &str, by: &str) -> Result<Upgrade, ControlError> {
         let lead = self.lead().await?;
-        let _one_at_a_time = self.node.start_lock.lock().await;
+        let one_at_a_time = self.node.start_lock.lock().await;
         let cfg = self.pool(pool)?.clone();
         if self
             .node
@@ -594,7 +618,8 @@ impl Control {
             started_by: by.to_owned(),
             started_ms: self.node.env.clock.wall_ms(),
         };
-        self.launch(&lead, cfg, record, actions).await
+        self.launch(&lead, cfg, record, actions, one_at_a_time)
+            .await
     }
 
     /// The pool's readiness now, and whether its traffic is on its paired pool. While an

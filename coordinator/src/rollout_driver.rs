@@ -87,6 +87,31 @@ impl RolloutDriver {
         let mut queue: VecDeque<RolloutAction> = first.into();
         loop {
             while let Some(a) = queue.pop_front() {
+                // Starts decided together go out together: each waits for its plan's first
+                // store write, and a hundred pools should not wait for each other's.
+                if let RolloutAction::Start { .. } = a {
+                    let mut starts = vec![a];
+                    while let Some(RolloutAction::Start { .. }) = queue.front() {
+                        starts.extend(queue.pop_front());
+                    }
+                    let me = &self;
+                    let answers =
+                        futures_util::future::join_all(starts.into_iter().map(|s| async move {
+                            match s {
+                                RolloutAction::Start { pool, plan_id } => {
+                                    me.start(pool, plan_id).await
+                                }
+                                _ => Ok(None),
+                            }
+                        }))
+                        .await;
+                    let mut events = Vec::new();
+                    for ev in answers {
+                        events.extend(ev?);
+                    }
+                    self.apply_all(events, &mut queue).await?;
+                    continue;
+                }
                 if let Some(ev) = self.act(a).await? {
                     self.apply(ev, &mut queue).await?;
                 }
@@ -115,9 +140,7 @@ impl RolloutDriver {
                 }
             }
             if !events.is_empty() {
-                for ev in events {
-                    self.apply(ev, &mut queue).await?;
-                }
+                self.apply_all(events, &mut queue).await?;
                 continue;
             }
             if self.rollout.is_ended() {
@@ -164,7 +187,20 @@ impl RolloutDriver {
         ev: RolloutEvent,
         queue: &mut VecDeque<RolloutAction>,
     ) -> Result<(), ControlError> {
-        let actions = self.rollout.step(ev);
+        self.apply_all(vec![ev], queue).await
+    }
+
+    /// Steps the roll-out through `events`, stores the state once (nothing acts in between),
+    /// and queues their actions.
+    async fn apply_all(
+        &mut self,
+        events: Vec<RolloutEvent>,
+        queue: &mut VecDeque<RolloutAction>,
+    ) -> Result<(), ControlError> {
+        let mut actions = Vec::new();
+        for ev in events {
+            actions.extend(self.rollout.step(ev));
+        }
         self.store().await?;
         self.status.send_replace(self.rollout.clone());
         queue.extend(actions);
@@ -262,7 +298,7 @@ impl RolloutDriver {
 
     /// Starts `pool`'s upgrade as plan `plan_id`, unless that plan already went out.
     async fn start(
-        &mut self,
+        &self,
         pool: String,
         plan_id: String,
     ) -> Result<Option<RolloutEvent>, ControlError> {

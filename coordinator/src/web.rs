@@ -29,7 +29,8 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Events shown per pool.
 const EVENTS_SHOWN: usize = 40;
 
-/// The view as JSON: who leads, and per pool its readiness, its upgrade and its latest events.
+/// The view as JSON: who leads, the newest roll-out, and per pool its readiness, its upgrade
+/// and its latest events.
 pub async fn snapshot(control: &Control) -> serde_json::Value {
     let node = control.node();
     let lead = node.leadership();
@@ -72,9 +73,15 @@ pub async fn snapshot(control: &Control) -> serde_json::Value {
             "events": events,
         }));
     }
+    // The newest roll-out, while it runs and after (until the next one).
+    let rollout = match control.rollout(None).await {
+        Ok(r) => r.map(|r| crate::cli::rollout_json(&crate::api::rollout_of(&r, false))),
+        Err(e) => Some(serde_json::json!({"error": e.to_string()})),
+    };
     serde_json::json!({
         "coordinator": node.cfg.id,
         "this_is_leader": lead.is_some(),
+        "rollout": rollout,
         "leader": leader.as_ref().and_then(|l| l.leader.as_ref()).map(|l| serde_json::json!({
             "id": l.id, "address": l.address, "epoch": l.epoch.get(),
         })),

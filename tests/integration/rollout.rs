@@ -6,6 +6,7 @@ use anyhow::{bail, ensure, Context};
 use rollgate_common::tls::{RoleKind, TlsFiles};
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::v1::operator_client::OperatorClient;
+use rollgate_tests::browser::Browser;
 use rollgate_tests::cluster::{cli, operator_client, CoordinatorProc, Fleet};
 use rollgate_tests::{eventually, make_artifact};
 use std::collections::BTreeMap;
@@ -14,6 +15,9 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 const LONG: Duration = Duration::from_secs(120);
+
+/// The roll-out as the web page shows it: its state, its pools and the line under it.
+const ROLLOUT_JS: &str = r#"JSON.stringify((() => { const r = document.querySelector('[data-rollout]'); if (!r) return {}; return { state: r.querySelector('[data-rollout-state]').textContent, pools: Array.from(r.querySelectorAll('[data-rollout-pool]')).map(e => e.getAttribute('data-rollout-pool')), reason: r.querySelector('.reason').textContent }; })())"#;
 
 /// The pools: (name, servers, paired pool, tier label).
 const POOLS: [(&str, [usize; 2], Option<&str>, &str); 5] = [
@@ -51,7 +55,8 @@ async fn start(root: &std::path::Path) -> anyhow::Result<(Fleet, CoordinatorProc
         root,
         "c1",
         &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
-        &embedded(root),
+        // The web view too: the roll-out shows there.
+        &format!("{}\n[http]\nlisten = \"127.0.0.1:0\"", embedded(root)),
         &pools_toml(&fleet),
     )
     .await?;
@@ -375,6 +380,29 @@ async fn a_failing_pool_stops_the_rollout_until_an_operator_acts() -> anyhow::Re
         stage(&s, "api-a") == "pending" && stage(&s, "api-b") == "pending",
         "{s:?}"
     );
+
+    // The web view shows the stopped roll-out and why, in a real browser.
+    if let Some(browser) = Browser::start().await? {
+        let page = browser
+            .open(&format!("http://{}/", coord.http_addr()?))
+            .await?;
+        let shown = eventually("the page to show the paused roll-out", LONG, || {
+            let page = &page;
+            async move {
+                let v = page.eval(ROLLOUT_JS).await.ok()?;
+                let v: serde_json::Value = serde_json::from_str(v.as_str()?).ok()?;
+                (v["state"] == "paused").then_some(v)
+            }
+        })
+        .await?;
+        ensure!(
+            shown["pools"] == serde_json::json!(["web-a", "api-a", "api-b"])
+                && shown["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("pool web-a")),
+            "{shown}"
+        );
+    }
 
     // One roll-out at a time; and web-a's paired pool is not upgraded while web-a's upgrade
     // has not ended.

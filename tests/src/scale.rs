@@ -606,6 +606,32 @@ async fn measure(o: &ScaleOpts, rep: &mut ScaleReport) -> anyhow::Result<()> {
     }
     pair.check_alive()?;
 
+    // One roll-out over every pool, all in flight at once: the fleet-wide command's dispatch
+    // and its end.
+    match rollout_all(&mut lc, &mut fleet, o).await {
+        Ok((call, all, med, ended)) => {
+            rep.add(
+                &format!("StartRollout over {} pools returned", o.pools),
+                format!("{call:.3} s"),
+            );
+            rep.add(
+                &format!(
+                    "roll-out: first step of every one of {} pools at its agents",
+                    o.pools
+                ),
+                format!("{all:.3} s (median pool {med:.3} s)"),
+            );
+            rep.add(
+                &format!("roll-out of {} pools completed", o.pools),
+                format!("{ended:.3} s"),
+            );
+            rep.num("rollout_dispatch_all_pools_s", all);
+            rep.num("rollout_completed_s", ended);
+        }
+        Err(e) => rep.failed("roll-out over every pool", &e),
+    }
+    pair.check_alive()?;
+
     // Every pool planned and dispatched.
     match dispatch_all(&mut lc, &mut fleet, o).await {
         Ok((calls, all, med)) => {
@@ -974,29 +1000,9 @@ async fn etcd_per_server(
 
 /// StartUpgrade on every pool at once: (all calls returned, every pool's first step at its
 /// agents, median pool), seconds from the first call.
-async fn dispatch_all(
-    c: &mut OperatorClient<Channel>,
-    fleet: &mut FleetProc,
-    o: &ScaleOpts,
-) -> anyhow::Result<(f64, f64, f64)> {
-    fleet.ask("mark").await?;
-    let per_pool = o.agents.div_ceil(o.pools.max(1));
-    let t0 = unix_us();
-    let started = Instant::now();
-    let mut calls = tokio::task::JoinSet::new();
-    for p in 0..o.pools {
-        let mut c = c.clone();
-        let req = upgrade_request(
-            &crate::fleet::pool_name(p),
-            "3.0",
-            per_pool.div_ceil(o.domains.max(1)),
-        );
-        calls.spawn(async move { start_upgrade(&mut c, req).await });
-    }
-    while let Some(r) = calls.join_next().await {
-        r?.map_err(|s| anyhow!("StartUpgrade: {}", s.message()))?;
-    }
-    let calls_s = started.elapsed().as_secs_f64();
+/// The pools' first steps at their agents since `t0` (unix µs), in seconds, once every pool
+/// has one (at most 300 s).
+async fn first_steps(fleet: &mut FleetProc, o: &ScaleOpts, t0: u64) -> anyhow::Result<Vec<f64>> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let a = fleet.ask("first-calls").await?;
@@ -1011,8 +1017,7 @@ async fn dispatch_all(
             })
             .unwrap_or_default();
         if firsts.len() >= o.pools {
-            let (med, _, max) = stats(&firsts);
-            return Ok((calls_s, max, med));
+            return Ok(firsts);
         }
         if Instant::now() > deadline {
             bail!(
@@ -1023,4 +1028,87 @@ async fn dispatch_all(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `StartRollout` over every pool (max in flight: all of them) to 3.0; returns (the call,
+/// every pool's first step at an agent, the median pool's, the roll-out's end), in seconds.
+async fn rollout_all(
+    c: &mut OperatorClient<Channel>,
+    fleet: &mut FleetProc,
+    o: &ScaleOpts,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    fleet.ask("mark").await?;
+    let per_pool = o.agents.div_ceil(o.pools.max(1));
+    let mut template = upgrade_request("", "3.0", per_pool.div_ceil(o.domains.max(1)));
+    template.pool = String::new();
+    let req = opb::StartRolloutRequest {
+        pools: (0..o.pools).map(crate::fleet::pool_name).collect(),
+        max_in_flight: Some(u32::try_from(o.pools).unwrap_or(u32::MAX)),
+        upgrade: Some(template),
+        ..Default::default()
+    };
+    let t0 = unix_us();
+    let started = Instant::now();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        match c.start_rollout(req.clone()).await {
+            Ok(r) => break r.into_inner().id,
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => bail!("StartRollout: {}", s.message()),
+        }
+    };
+    let call_s = started.elapsed().as_secs_f64();
+    let firsts = first_steps(fleet, o, t0).await?;
+    let (med, _, max) = stats(&firsts);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let r = c
+            .get_rollout(opb::RolloutRequest { id: id.clone() })
+            .await
+            .map_err(|s| anyhow!("GetRollout: {}", s.message()))?
+            .into_inner();
+        if r.ended {
+            anyhow::ensure!(
+                r.state == "completed",
+                "the roll-out ended {}: {}",
+                r.state,
+                r.reason
+            );
+            return Ok((call_s, max, med, started.elapsed().as_secs_f64()));
+        }
+        if Instant::now() > deadline {
+            bail!("the roll-out is still {} after 600 s", r.state);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn dispatch_all(
+    c: &mut OperatorClient<Channel>,
+    fleet: &mut FleetProc,
+    o: &ScaleOpts,
+) -> anyhow::Result<(f64, f64, f64)> {
+    fleet.ask("mark").await?;
+    let per_pool = o.agents.div_ceil(o.pools.max(1));
+    let t0 = unix_us();
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for p in 0..o.pools {
+        let mut c = c.clone();
+        let req = upgrade_request(
+            &crate::fleet::pool_name(p),
+            "4.0",
+            per_pool.div_ceil(o.domains.max(1)),
+        );
+        calls.spawn(async move { start_upgrade(&mut c, req).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        r?.map_err(|s| anyhow!("StartUpgrade: {}", s.message()))?;
+    }
+    let calls_s = started.elapsed().as_secs_f64();
+    let firsts = first_steps(fleet, o, t0).await?;
+    let (med, _, max) = stats(&firsts);
+    Ok((calls_s, max, med))
 }
