@@ -23,6 +23,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// One coordinator's whole answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The call to make: join with this request, or leave.
+#[derive(Clone)]
+enum Call {
+    Join(pb::JoinRequest),
+    Leave,
+}
+
 /// How one call ended.
 enum Answer {
     Joined(String),
@@ -68,7 +75,7 @@ pub async fn run(cfg: AgentConfig, listen: SocketAddr, stop: CancellationToken) 
             }
             let answer = tokio::select! {
                 _ = stop.cancelled() => return,
-                a = ask(&addr, &tls, request.clone()) => a,
+                a = ask(&addr, &tls, Call::Join(request.clone())) => a,
             };
             match answer {
                 Answer::Joined(message) => {
@@ -94,7 +101,49 @@ pub async fn run(cfg: AgentConfig, listen: SocketAddr, stop: CancellationToken) 
     }
 }
 
-async fn ask(addr: &str, tls: &ClientTlsConfig, request: pb::JoinRequest) -> Answer {
+/// Leaves every pool this server joined (`rollgate-agent leave`): the coordinators in
+/// `cfg`'s `[join]` table are asked in turn, a follower's answer leads to the leader, for at
+/// most `within`. Returns the leader's answer, or why it could not be had.
+pub async fn leave(cfg: &AgentConfig, within: Duration) -> Result<String, String> {
+    let join = cfg
+        .join
+        .as_ref()
+        .ok_or("leave: the config has no [join] table naming the coordinators")?;
+    let tls = match cfg.tls.as_ref().map(|t| t.client_config()) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return Err(format!("leave: the TLS files are unusable: {e}")),
+        None => return Err("leave: the config has no [tls] (leaving needs mTLS)".into()),
+    };
+    let deadline = tokio::time::Instant::now() + within;
+    let mut backoff = FIRST_BACKOFF;
+    let mut last = String::from("no coordinator answered");
+    loop {
+        let mut queue: Vec<String> = join.coordinators.clone();
+        let mut asked = 0;
+        while let Some(addr) = queue.first().cloned() {
+            queue.remove(0);
+            asked += 1;
+            if asked > join.coordinators.len() + 3 {
+                break;
+            }
+            match ask(&addr, &tls, Call::Leave).await {
+                Answer::Joined(message) => return Ok(message),
+                Answer::Leader(leader) => queue.insert(0, leader),
+                Answer::Later(why) => last = format!("{addr}: {why}"),
+                Answer::Refused(why) => return Err(format!("{addr} refused: {why}")),
+            }
+        }
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(format!(
+                "no coordinator could answer within {within:?}: {last}"
+            ));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn ask(addr: &str, tls: &ClientTlsConfig, call: Call) -> Answer {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
         .and_then(|e| e.tls_config(tls.clone().domain_name(host.trim_matches(['[', ']']))))
@@ -108,7 +157,12 @@ async fn ask(addr: &str, tls: &ClientTlsConfig, request: pb::JoinRequest) -> Ans
         Ok(c) => c,
         Err(e) => return Answer::Later(format!("cannot connect: {e}")),
     };
-    match MembershipClient::new(channel).join(request).await {
+    let mut client = MembershipClient::new(channel);
+    let answer = match call {
+        Call::Join(request) => client.join(request).await,
+        Call::Leave => client.leave(pb::LeaveRequest {}).await,
+    };
+    match answer {
         Ok(r) => Answer::Joined(r.into_inner().message),
         Err(s) => {
             let leader = s

@@ -37,6 +37,17 @@ enum Command {
         #[arg(long)]
         log_level: Option<String>,
     },
+    /// Take this server out of the pool it joined (its config's [join] table names the
+    /// coordinators). Run it before retiring the server; a server listed in a coordinator's
+    /// config stays listed.
+    Leave {
+        /// The config file (see deploy/agent.example.toml).
+        #[arg(long, short, env = "ROLLGATE_AGENT_CONFIG")]
+        config: PathBuf,
+        /// Give up after this long.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Check a config file: exit 0 if it is valid, else print one line saying what is wrong.
     Validate {
         /// The config file.
@@ -57,6 +68,35 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
+        Command::Leave { config, timeout } => {
+            let cfg = match AgentConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(rollgate_agent::join::leave(&cfg, timeout)) {
+                Ok(message) => {
+                    println!("{message}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run {
             config,
             listen,

@@ -196,6 +196,17 @@ impl HealthModel {
         old
     }
 
+    /// Forgets `server`'s health (it left the fleet): its counters are taken back, and it no
+    /// longer shows in the whole-fleet map. Returns the old health, for the caller to drop
+    /// outside its lock.
+    pub fn forget(&mut self, server: &str) -> Option<ServerHealth> {
+        let &i = self.index.get(server)?;
+        let old = self.slots[i].health.take();
+        self.slots[i].silent = false;
+        self.reshare(i);
+        old
+    }
+
     /// True when some report is older than `cutoff` and not yet expired.
     fn due(&self, cutoff: u64) -> bool {
         self.deadlines
@@ -667,6 +678,37 @@ mod tests {
         assert!(!m.slots[m.index["b"]].silent);
         assert_eq!(m.expire(3_000), 1, "a only");
         assert_eq!(m.oldest(), Some(4_000));
+    }
+
+    #[test]
+    fn a_server_that_left_is_forgotten_and_its_counters_taken_back() {
+        let h = SharedHealth::default();
+        let p = six();
+        let c = clocks(10_000, 0);
+        for s in ["a", "b", "c", "d", "e", "f"] {
+            h.write().set(s, report(9_000));
+        }
+        let before = h.readiness(&p, c, &BTreeSet::new(), false, false);
+        assert_eq!(before.active, 6);
+        assert!(h.write().forget("a").is_some());
+        assert!(h.write().forget("nobody").is_none());
+        assert!(h.read().get("a").is_none());
+        assert!(!h.read().snapshot().contains_key("a"));
+        agree(&h, &p, c, &BTreeSet::new(), false);
+        let after = h.readiness(&p, c, &BTreeSet::new(), false, false);
+        assert_eq!(after.active, 5, "its counters were taken back");
+        // Expiry skips the forgotten entry; a new report brings it back.
+        assert_eq!(
+            h.write().expire(9_500),
+            5,
+            "the five others, not the forgotten one"
+        );
+        for s in ["a", "b", "c", "d", "e", "f"] {
+            h.write().set(s, report(9_900));
+        }
+        assert!(h.read().get("a").is_some());
+        agree(&h, &p, c, &BTreeSet::new(), false);
+        assert_eq!(h.readiness(&p, c, &BTreeSet::new(), false, false).active, 6);
     }
 
     #[test]

@@ -412,8 +412,27 @@ impl Inventory {
                 }
             }
         }
-        // A departed server's health entry stays (it expires to lost): readiness reads only
-        // the servers of a pool's spec, which no longer names it.
+        // A departed server's health is forgotten: it left the fleet (a server whose address
+        // changed keeps its entry; its new line reports into it).
+        let gone: Vec<String> = {
+            let m = self.health.read();
+            m.snapshot()
+                .into_keys()
+                .filter(|s| !agents.iter().any(|(a, _)| a == s))
+                .collect()
+        };
+        if !gone.is_empty() {
+            let dropped: Vec<_> = {
+                let mut m = self.health.write();
+                gone.iter().filter_map(|s| m.forget(s)).collect()
+            };
+            let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+            for s in &gone {
+                observed.remove(s);
+            }
+            drop(observed);
+            drop(dropped);
+        }
         let watching = self
             .watching
             .lock()

@@ -139,3 +139,103 @@ async fn servers_join_their_pool_by_starting_their_agent_and_are_upgraded() -> a
     coord.terminate().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sends_joining_agents_to_the_leader_and_a_server_leaves_by_command(
+) -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let Some(etcd) = rollgate_tests::etcd::EtcdCluster::start(1).await? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let mut fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    let store = crate::coordinator::etcd_store(&etcd.endpoints(), 2);
+    let mut coords = Vec::new();
+    for id in ["c1", "c2"] {
+        coords.push(
+            CoordinatorProc::start(
+                root,
+                id,
+                &fleet.pki.issue(RoleKind::Coordinator, id)?,
+                &store,
+                "[[pools]]\nname = \"pool-a\"\nmin_active = 2\n",
+            )
+            .await?,
+        );
+    }
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let c = operator_client(coords[0].addr, &op).await?;
+    let (leader, _) = eventually("a leader", LONG, || {
+        let mut c = c.clone();
+        async move { rollgate_tests::cluster::leader_of(&mut c).await }
+    })
+    .await?;
+    let follower = coords
+        .iter()
+        .find(|c| c.id != leader)
+        .map(|c| c.addr)
+        .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+
+    // Every agent is told only the follower: the follower's answer leads it to the leader.
+    for s in &mut fleet.servers {
+        let mut text = std::fs::read_to_string(&s.agent.config)?;
+        text.push_str(&format!("\n[join]\ncoordinators = [\"{follower}\"]\n"));
+        std::fs::write(&s.agent.config, text)?;
+        s.agent.terminate().await?;
+        s.agent.restart().await?;
+    }
+    let fc = operator_client(follower, &op).await?;
+    let all: Vec<(String, String, String)> = fleet
+        .servers
+        .iter()
+        .map(|s| (s.id.clone(), s.domain.clone(), "serving".to_owned()))
+        .collect();
+    eventually(
+        "the three servers to join through the follower",
+        LONG,
+        || {
+            let (fc, all) = (&fc, &all);
+            async move { seen(fc).await.filter(|v| v == all) }
+        },
+    )
+    .await?;
+
+    // `rollgate-agent leave` takes fe-1 out, on every coordinator.
+    let out = std::process::Command::new(rollgate_tests::bin("rollgate-agent")?)
+        .args(["leave", "--config"])
+        .arg(&fleet.servers[0].agent.config)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "leave: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("fe-1 left its pool"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let rest = all[1..].to_vec();
+    for addr in coords.iter().map(|c| c.addr) {
+        let c = operator_client(addr, &op).await?;
+        eventually("fe-1 to be gone", LONG, || {
+            let (c, rest) = (&c, &rest);
+            async move { seen(c).await.filter(|v| v == rest) }
+        })
+        .await?;
+    }
+    // Leaving again is no change, said so.
+    let out = std::process::Command::new(rollgate_tests::bin("rollgate-agent")?)
+        .args(["leave", "--config"])
+        .arg(&fleet.servers[0].agent.config)
+        .output()?;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("had not joined"),
+        "{out:?}"
+    );
+    for c in &mut coords {
+        c.terminate().await?;
+    }
+    Ok(())
+}
