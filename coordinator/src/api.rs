@@ -54,6 +54,7 @@ pub fn to_status(e: ControlError) -> Status {
         }
         ControlError::PairedBusy { .. } => Status::failed_precondition(msg),
         ControlError::NoRollout(_) => Status::not_found(msg),
+        ControlError::StoreRefused(_) => Status::resource_exhausted(msg),
         ControlError::Store { .. } | ControlError::LeadershipLost(_) => Status::unavailable(msg),
         ControlError::Hook(_) => Status::aborted(msg),
     }
@@ -146,7 +147,11 @@ impl OperatorApi {
 
     fn status(&self, u: Option<&Upgrade>, pool: &str, dry_run: bool) -> pb::UpgradeStatus {
         let lead = self.control.node().leadership();
-        status_of(
+        let held = match (&lead, self.control.node().driver(pool)) {
+            (Some(_), Some(h)) => crate::driver::lock_held(&h.held).clone(),
+            _ => None,
+        };
+        let mut s = status_of(
             u,
             pool,
             dry_run,
@@ -156,7 +161,9 @@ impl OperatorApi {
             } else {
                 String::new()
             },
-        )
+        );
+        s.held = held.unwrap_or_default();
+        s
     }
 
     fn rollout_status(&self, r: &Rollout, dry_run: bool) -> pb::RolloutStatus {

@@ -1216,6 +1216,9 @@ fn progress_line(s: &pb::UpgradeStatus) -> String {
         let list: Vec<String> = s.out_of_service.iter().map(|o| o.server.clone()).collect();
         line.push_str(&format!(" | OUT OF SERVICE: {}", list.join(" ")));
     }
+    if !s.held.is_empty() {
+        line.push_str(&format!(" | HELD: {}", s.held));
+    }
     line
 }
 
@@ -1227,7 +1230,7 @@ pub(crate) fn status_json(s: &pb::UpgradeStatus) -> serde_json::Value {
         "direction": names::direction(s.direction), "current_domain": s.current_domain,
         "domain_phase": names::domain_phase(s.domain_phase),
         "domain_index": s.domain_index, "domains_total": s.domains_total, "failed_over": s.failed_over,
-        "epoch": s.epoch, "leader": s.leader, "ended": s.ended,
+        "epoch": s.epoch, "leader": s.leader, "ended": s.ended, "held": s.held,
         "servers": s.servers.iter().map(|x| serde_json::json!({
             "server": x.server, "domain": x.domain, "phase": names::server_phase(x.phase),
             "step": names::step(x.step), "attempt": x.attempt,
@@ -1272,6 +1275,9 @@ fn print_status(s: &pb::UpgradeStatus, out: Output) {
             }
             for o in &s.out_of_service {
                 println!("OUT OF SERVICE: {}: {}", o.server, o.reason);
+            }
+            if !s.held.is_empty() {
+                println!("HELD: {}", s.held);
             }
         }
     }

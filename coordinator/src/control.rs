@@ -143,6 +143,10 @@ pub enum ControlError {
         paired: String,
         plan: String,
     },
+    /// The store refuses writes for space or size (etcd out of space, a request too large):
+    /// nothing was started. An operator must free space or raise the limit.
+    #[error("the store refuses the write: {0}; free space in etcd (compact, defragment, disarm the alarm) or raise its limits, then try again")]
+    StoreRefused(String),
     /// A roll-out is running; one at a time.
     #[error("roll-out {0} is running; pause, abort or wait for it")]
     RolloutRunning(String),
@@ -185,6 +189,7 @@ impl From<DriveError> for ControlError {
     fn from(e: DriveError) -> Self {
         match e {
             DriveError::LeadershipLost(m) => ControlError::LeadershipLost(m),
+            DriveError::Refused(m) => ControlError::StoreRefused(m),
         }
     }
 }

@@ -40,6 +40,22 @@ pub enum DriveError {
     /// Leadership was lost (fenced write, stale epoch, lease lost): a newer leader resumes.
     #[error("leadership lost: {0}")]
     LeadershipLost(String),
+    /// The store refused a new plan's first write for space or size: nothing was stored
+    /// and nothing acted; the plan is not started.
+    #[error("the store refused the plan: {0}")]
+    Refused(String),
+}
+
+/// Why a driver's writes are held (the store refuses them for space or size), while they are:
+/// shown in the upgrade's status.
+pub type Held = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+/// What a write refused for space or size does.
+enum OnRefused<'a> {
+    /// Hold (nothing acts until it lands), say why in `held`, and try again.
+    Hold(&'a Held),
+    /// Give up: the caller has nothing stored to hold on to.
+    Fail,
 }
 
 /// The longest deadline given to one agent call: far beyond any step the plan bounds allow,
@@ -56,15 +72,35 @@ async fn store_txns(
     env: &Env,
     lead: &Leadership,
     txns: Vec<Vec<WriteOp>>,
+    refused: OnRefused<'_>,
 ) -> Result<(), DriveError> {
+    let held = match refused {
+        OnRefused::Hold(h) => Some(h),
+        OnRefused::Fail => None,
+    };
     for ops in txns {
-        write_fenced(env, lead, ops).await?;
+        let on = held.map_or(OnRefused::Fail, OnRefused::Hold);
+        write_fenced(env, lead, ops, on).await?;
     }
     Ok(())
 }
 
 /// How often a write refused for space or size is tried again.
 const HELD_RETRY: Duration = Duration::from_secs(5);
+
+/// What a driver shares with readers while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Shared {
+    /// Its history records not stored yet.
+    pub pending: Pending,
+    /// Why its writes are held, while they are.
+    pub held: Held,
+}
+
+/// Locks `held`; a panicked holder left a value, still usable.
+pub fn lock_held(held: &Held) -> std::sync::MutexGuard<'_, Option<String>> {
+    held.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A driver's history records not stored yet, readable by the control layer.
 pub type Pending = std::sync::Arc<std::sync::Mutex<Vec<EventRecord>>>;
@@ -81,7 +117,12 @@ pub fn lock_pending(pending: &Pending) -> std::sync::MutexGuard<'_, Vec<EventRec
 /// this much (its successor's replay of the chain records it again).
 const EVENT_FLUSH: Duration = Duration::from_secs(30);
 
-async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result<(), DriveError> {
+async fn write_fenced(
+    env: &Env,
+    lead: &Leadership,
+    ops: Vec<WriteOp>,
+    refused: OnRefused<'_>,
+) -> Result<(), DriveError> {
     let mut backoff = Duration::from_millis(50);
     loop {
         if lead.lost.is_cancelled() {
@@ -101,7 +142,12 @@ async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result
             }),
         );
         match written {
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                if let OnRefused::Hold(h) = &refused {
+                    lock_held(h).take();
+                }
+                return Ok(());
+            }
             Err(StoreError::Fenced { epoch }) => {
                 lead.lost.cancel();
                 return Err(DriveError::LeadershipLost(format!(
@@ -113,6 +159,14 @@ async fn write_fenced(env: &Env, lead: &Leadership, ops: Vec<WriteOp>) -> Result
             // upgrade holds where it is, said loudly, and the write is tried again slowly: an
             // operator frees space or raises the limit, and it goes on.
             Err(e @ (StoreError::Quota(_) | StoreError::TooLarge(_))) => {
+                let OnRefused::Hold(h) = &refused else {
+                    return Err(DriveError::Refused(e.to_string()));
+                };
+                *lock_held(h) = Some(format!(
+                    "the store refuses this upgrade's writes ({e}); nothing acts until one lands, \
+                     tried again every {}s",
+                    HELD_RETRY.as_secs()
+                ));
                 tracing::error!(error = %e, "progress write refused; the upgrade holds until it lands");
                 tokio::select! {
                     biased;
@@ -170,6 +224,8 @@ pub struct Driver {
     /// What is in the store for this pool: a write carries only the difference.
     stored: progress::Stored,
     status: watch::Sender<Option<Upgrade>>,
+    /// Why its writes are held, while they are.
+    held: Held,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     work: JoinSet<()>,
@@ -187,8 +243,12 @@ impl Driver {
         record: UpgradeRecord,
         stored: progress::Stored,
         status: watch::Sender<Option<Upgrade>>,
-        unstored: Pending,
+        shared: Shared,
     ) -> Driver {
+        let Shared {
+            pending: unstored,
+            held,
+        } = shared;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         status.send_replace(Some(record.upgrade.clone()));
         Driver {
@@ -200,6 +260,7 @@ impl Driver {
             unstored_since: None,
             stored,
             status,
+            held,
             events_tx,
             events_rx,
             work: JoinSet::new(),
@@ -337,6 +398,10 @@ impl Driver {
             // An operator's answer shows its records at once; otherwise they may wait for the
             // next state that needs writing.
             if let Err(e) = self.store_now(reply.is_some()).await {
+                if let DriveError::Refused(_) = e {
+                    // Never stored: readers must not see this plan as the pool's upgrade.
+                    self.status.send_replace(None);
+                }
                 if let Some(r) = reply {
                     let _ = r.send(Err(e.clone()));
                 }
@@ -393,7 +458,14 @@ impl Driver {
             return Ok(());
         }
         let writes = progress::upgrade_writes(&self.stored, &self.record, &unstored);
-        store_txns(&self.env, &self.lead, writes.txns).await?;
+        // A new plan whose first write is refused is not started (the operator is told at
+        // once); anything already stored holds until the store takes it.
+        let refused = if self.stored == progress::Stored::default() {
+            OnRefused::Fail
+        } else {
+            OnRefused::Hold(&self.held)
+        };
+        store_txns(&self.env, &self.lead, writes.txns, refused).await?;
         self.stored = writes.stored;
         lock_pending(&self.unstored).clear();
         self.unstored_since = None;
@@ -669,6 +741,7 @@ pub async fn fail_over(
         env,
         lead,
         vec![progress::failover_write(&cfg.name, &record)],
+        OnRefused::Fail,
     )
     .await
     .map_err(|e| format!("the hook ran but could not be recorded: {e}"))?;

@@ -47,6 +47,8 @@ pub struct DriverHandle {
     pub ended: CancellationToken,
     /// Its history records not stored yet.
     pub pending: crate::driver::Pending,
+    /// Why its writes are held (the store refuses them), while they are.
+    pub held: crate::driver::Held,
 }
 
 /// The running roll-out, as the control layer sees it.
@@ -584,7 +586,7 @@ impl Node {
         let (status_tx, status_rx) = watch::channel(None);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let ended = CancellationToken::new();
-        let pending = crate::driver::Pending::default();
+        let shared = crate::driver::Shared::default();
         let driver = Driver::new(
             self.env.clone(),
             lead.clone(),
@@ -592,7 +594,7 @@ impl Node {
             record,
             stored,
             status_tx,
-            pending.clone(),
+            shared.clone(),
         );
         drivers.insert(
             name.clone(),
@@ -600,7 +602,8 @@ impl Node {
                 commands: cmd_tx,
                 status: status_rx,
                 ended: ended.clone(),
-                pending,
+                pending: shared.pending,
+                held: shared.held,
             },
         );
         drop(drivers);

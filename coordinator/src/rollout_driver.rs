@@ -334,11 +334,13 @@ impl RolloutDriver {
             Err(ControlError::AlreadyRunning { plan, .. }) if plan == plan_id => Ok(Some(started)),
             Err(e) if is_lost(&e) => Err(e),
             Err(e) => {
+                // The store refusing writes may be fixed while the pool waits (its reason shown).
                 let retry = matches!(
                     e,
                     ControlError::AlreadyRunning { .. }
                         | ControlError::PairedBusy { .. }
                         | ControlError::TakingOver { .. }
+                        | ControlError::StoreRefused(_)
                 ) || e.is_retryable();
                 tracing::warn!(rollout = %self.rollout.plan.id, %pool, error = %e, retry, "pool not started");
                 Ok(Some(refused(pool, &e, retry, at_ms)))

@@ -1148,3 +1148,148 @@ async fn abort_brings_back_a_server_whose_drain_timed_out() -> anyhow::Result<()
     coord.terminate().await?;
     Ok(())
 }
+
+/// etcd out of space, end to end: a new upgrade is refused at once with the reason (nothing
+/// starts, nothing is left behind), an upgrade already running holds where it is and says why
+/// in its status, and it goes on, every server installed once, when an operator frees space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_out_of_space_refuses_new_upgrades_and_holds_a_running_one_until_freed(
+) -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let Some(etcd) = rollgate_tests::etcd::EtcdCluster::start_with_args(
+        1,
+        None,
+        &["--quota-backend-bytes", "4194304"],
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "pool-a", 4, 3, "1.0").await?;
+    // pool-a: fe-1..fe-3 over three domains; pool-b: fe-4.
+    let mut pools = String::from("[[pools]]\nname = \"pool-a\"\nmin_active = 2\n");
+    for s in &fleet.servers[..3] {
+        pools.push_str(&format!(
+            "\n[[pools.servers]]\nid = \"{}\"\nagent = \"{}\"\nupgrade_domain = \"{}\"\n",
+            s.id, s.agent.addr, s.domain
+        ));
+    }
+    pools.push_str(&format!(
+        "\n[[pools]]\nname = \"pool-b\"\nmin_active = 1\n\n[[pools.servers]]\nid = \"fe-4\"\nagent = \"{}\"\n",
+        fleet.servers[3].agent.addr
+    ));
+    let coord = CoordinatorProc::start(
+        root,
+        "c1",
+        &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
+        &etcd_store(&etcd.endpoints(), 5),
+        &pools,
+    )
+    .await?;
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let mut c = operator_client(coord.addr, &op).await?;
+    wait_ready(&c, "pool-a").await?;
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    let mut req = start_req("pool-a", &artifact, &sha);
+    req.verify_stable_ms = Some(2_000);
+    rollgate_tests::cluster::start_upgrade(&mut c, req).await?;
+    wait_status(&[coord.addr], &op, "pool-a", LONG, |s| {
+        s.servers.iter().any(|x| {
+            x.phase == pb::ServerPhase::InFlight as i32 && x.step == pb::Step::Verify as i32
+        })
+    })
+    .await?;
+
+    // Fill etcd (outside rollgate's prefix) until it raises its NOSPACE alarm.
+    let mut kv = etcd_client::Client::connect(etcd.endpoints(), None).await?;
+    let chunk = vec![b'z'; 200 * 1024];
+    let mut full = false;
+    for i in 0..400 {
+        if let Err(e) = kv
+            .put(format!("/filler/{}", i % 4), chunk.clone(), None)
+            .await
+        {
+            ensure!(e.to_string().contains("space"), "filling etcd: {e}");
+            full = true;
+            break;
+        }
+    }
+    ensure!(full, "etcd never ran out of its 4 MiB");
+
+    // The running upgrade holds, and says why.
+    let held = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| !s.held.is_empty()).await?;
+    ensure!(held.held.contains("out of space"), "{}", held.held);
+    ensure!(!held.ended, "{held:?}");
+    // A new upgrade is refused at once, naming the reason; nothing of it is left.
+    let t = Instant::now();
+    match c.start_upgrade(start_req("pool-b", &artifact, &sha)).await {
+        Ok(r) => bail!("started with etcd full: {:?}", r.into_inner()),
+        Err(e) => ensure!(
+            e.code() == tonic::Code::ResourceExhausted && e.message().contains("out of space"),
+            "{e:?}"
+        ),
+    }
+    ensure!(
+        t.elapsed() < Duration::from_secs(10),
+        "refused only after {:?}",
+        t.elapsed()
+    );
+    let b = c
+        .get_upgrade(pb::PoolRequest {
+            pool: "pool-b".into(),
+        })
+        .await?
+        .into_inner();
+    ensure!(b.status == pb::UpgradeState::None as i32, "{b:?}");
+    ensure!(
+        fleet.servers[3].fe.installs().is_empty(),
+        "fe-4 was touched"
+    );
+
+    // An operator frees space: delete, compact, defragment, disarm the alarm.
+    kv.delete(
+        "/filler/",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await?;
+    let rev = kv
+        .get("/", None)
+        .await?
+        .header()
+        .context("no header")?
+        .revision();
+    kv.compact(
+        rev,
+        Some(etcd_client::CompactionOptions::new().with_physical()),
+    )
+    .await?;
+    kv.defragment().await?;
+    let alarms = kv
+        .alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await?;
+    for a in alarms.alarms() {
+        let mut only = etcd_client::AlarmOptions::new();
+        only.with_member(a.member_id());
+        kv.alarm(
+            etcd_client::AlarmAction::Deactivate,
+            etcd_client::AlarmType::Nospace,
+            Some(only),
+        )
+        .await?;
+    }
+    let end = wait_status(&[coord.addr], &op, "pool-a", LONG, ended).await?;
+    ensure!(
+        names::upgrade_state(end.status) == "completed" && end.held.is_empty(),
+        "{end:?}"
+    );
+    for (id, installs) in fleet.installs().into_iter().take(3) {
+        ensure!(installs == ["2.0"], "{id}: {installs:?}");
+    }
+    Ok(())
+}
