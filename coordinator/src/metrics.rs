@@ -30,11 +30,24 @@ pub struct CoordinatorMetrics {
     pool_readiness: Family<Labels, Gauge>,
     upgrade_status: Family<Labels, Gauge>,
     servers_done: Family<Labels, Gauge>,
+    upgrade_held: Family<Labels, Gauge>,
+    rollout_status: Family<Labels, Gauge>,
+    rollout_pools: Family<Labels, Gauge>,
     step_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     store_write_seconds: Histogram,
     store_write_errors: Family<Labels, Counter>,
     fences: Family<Labels, Counter>,
 }
+
+const ROLLOUT_STATUSES: [&str; 5] = ["running", "paused", "completed", "failed", "aborted"];
+const ROLLOUT_STAGES: [&str; 6] = [
+    "pending",
+    "starting",
+    "running",
+    "completed",
+    "failed",
+    "skipped",
+];
 
 const READINESS: [&str; 3] = ["Ready", "Busy", "InsufficientActiveFrontEnds"];
 const STATUSES: [&str; 8] = [
@@ -93,6 +106,24 @@ impl CoordinatorMetrics {
             "Servers the pool's latest upgrade has finished",
             servers_done.clone(),
         );
+        let upgrade_held = Family::<Labels, Gauge>::default();
+        r.register(
+            "upgrade_held",
+            "1 while the store refuses the pool's upgrade writes (etcd out of space, a request too large) and the upgrade holds",
+            upgrade_held.clone(),
+        );
+        let rollout_status = Family::<Labels, Gauge>::default();
+        r.register(
+            "rollout_status",
+            "1 for the status of the newest roll-out, 0 for the others (all 0 when none was started)",
+            rollout_status.clone(),
+        );
+        let rollout_pools = Family::<Labels, Gauge>::default();
+        r.register(
+            "rollout_pools",
+            "Pools of the newest roll-out, by stage",
+            rollout_pools.clone(),
+        );
         let step_seconds =
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(step_buckets);
         r.register_with_unit(
@@ -129,6 +160,9 @@ impl CoordinatorMetrics {
             pool_readiness,
             upgrade_status,
             servers_done,
+            upgrade_held,
+            rollout_status,
+            rollout_pools,
             step_seconds,
             store_write_seconds,
             store_write_errors,
@@ -222,6 +256,27 @@ impl CoordinatorMetrics {
                 self.servers_done
                     .get_or_create(&p)
                     .set(i64::try_from(done).unwrap_or(0));
+            }
+            let held = lead.is_some()
+                && node
+                    .driver(&pool.name)
+                    .is_some_and(|h| crate::driver::lock_held(&h.held).is_some());
+            self.upgrade_held.get_or_create(&p).set(i64::from(held));
+        }
+        if let Ok(r) = control.rollout(None).await {
+            let name = r.as_ref().map_or("", |r| r.status.name());
+            for st in ROLLOUT_STATUSES {
+                self.rollout_status
+                    .get_or_create(&vec![("status", st.to_owned())])
+                    .set(i64::from(st == name));
+            }
+            for stage in ROLLOUT_STAGES {
+                let n = r.as_ref().map_or(0, |r| {
+                    r.pools.values().filter(|p| p.stage.name() == stage).count()
+                });
+                self.rollout_pools
+                    .get_or_create(&vec![("stage", stage.to_owned())])
+                    .set(i64::try_from(n).unwrap_or(0));
             }
         }
         rollgate_common::http::metrics_response(&self.registry)

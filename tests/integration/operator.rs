@@ -361,7 +361,7 @@ fn completions_and_manual_pages_are_generated() -> anyhow::Result<()> {
 
 /// The value of the sample `name` (with its labels exactly as written) in a Prometheus text
 /// exposition.
-fn sample(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

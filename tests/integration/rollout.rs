@@ -333,6 +333,21 @@ async fn a_rollout_upgrades_many_pools_canary_first_never_with_their_pair_and_su
             e.message()
         ),
     }
+    // The metrics say it too.
+    let (status, m) = rollgate_tests::http_get(coord.http_addr()?, "/metrics").await?;
+    ensure!(status == 200, "{m}");
+    for (name, want) in [
+        ("rollgate_rollout_status{status=\"completed\"}", 1.0),
+        ("rollgate_rollout_status{status=\"running\"}", 0.0),
+        ("rollgate_rollout_pools{stage=\"completed\"}", 4.0),
+        ("rollgate_rollout_pools{stage=\"pending\"}", 0.0),
+        ("rollgate_upgrade_held{pool=\"web-a\"}", 0.0),
+    ] {
+        ensure!(
+            crate::operator::sample(&m, name) == Some(want),
+            "{name} is not {want} in\n{m}"
+        );
+    }
     let out = run_cli(&op, coord.addr, &["rollout".into(), "status".into()])?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
