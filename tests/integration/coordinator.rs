@@ -101,7 +101,7 @@ pub(crate) fn ended(s: &pb::UpgradeStatus) -> bool {
 }
 
 /// Every agent's journal: the epochs it accepted, in the order it accepted them, never decrease.
-async fn check_epochs_monotonic(fleet: &Fleet) -> anyhow::Result<()> {
+pub(crate) async fn check_epochs_monotonic(fleet: &Fleet) -> anyhow::Result<()> {
     for s in &fleet.servers {
         let text = std::fs::read_to_string(s.agent.state_dir.join("journal.jsonl"))?;
         let mut last = 0u64;

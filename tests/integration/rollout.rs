@@ -477,3 +477,124 @@ async fn a_failing_pool_stops_the_rollout_until_an_operator_acts() -> anyhow::Re
     c.abort_rollout(pb::RolloutRequest::default()).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_on_etcd_survives_leader_kills_and_each_server_is_installed_once(
+) -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let Some(etcd) = rollgate_tests::etcd::EtcdCluster::start(1).await? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let fleet = Fleet::start(root, "unused", 10, 2, "1.0").await?;
+    let store = crate::coordinator::etcd_store(&etcd.endpoints(), 2);
+    let mut coords = Vec::new();
+    for id in ["c1", "c2"] {
+        coords.push(
+            CoordinatorProc::start(
+                root,
+                id,
+                &fleet.pki.issue(RoleKind::Coordinator, id)?,
+                &store,
+                &pools_toml(&fleet),
+            )
+            .await?,
+        );
+    }
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let leader_client = |coords: &Vec<CoordinatorProc>| {
+        let addrs: Vec<SocketAddr> = coords.iter().map(|c| c.addr).collect();
+        let op = op.clone();
+        async move {
+            eventually("a leader that has taken over", LONG, || {
+                let (addrs, op) = (&addrs, &op);
+                async move {
+                    for a in addrs {
+                        let mut c = operator_client(*a, op).await.ok()?;
+                        let r = c.leader(pb::LeaderRequest {}).await.ok()?.into_inner();
+                        if r.this_is_leader {
+                            return Some((r.this_id, c));
+                        }
+                    }
+                    None
+                }
+            })
+            .await
+        }
+    };
+    let (_, c) = leader_client(&coords).await?;
+    for (name, ..) in POOLS {
+        wait_ready(&c, name).await?;
+    }
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    let mut req = rollout_req(&["web-a", "web-b", "api-a", "api-b"], &artifact, &sha);
+    req.max_in_flight = Some(2);
+    req.canary = "api-a".into();
+    let mut c = c;
+    let started = c.start_rollout(req).await?.into_inner();
+
+    // SIGKILL whoever leads, twice, each time once the roll-out moved on; the killed one
+    // comes back as a follower.
+    let mut completed_at_kill = 0;
+    let mut kills = 0;
+    for _ in 0..2 {
+        let (leader, c) = leader_client(&coords).await?;
+        let moved = eventually("the roll-out to move on", LONG, || {
+            let c = &c;
+            async move {
+                let s = get(c).await?;
+                let completed = s.pools.iter().filter(|p| p.stage == "completed").count();
+                let running = s.pools.iter().any(|p| p.stage == "running");
+                (s.ended || (completed > completed_at_kill && running)).then_some(s)
+            }
+        })
+        .await?;
+        if moved.ended {
+            break;
+        }
+        completed_at_kill = moved
+            .pools
+            .iter()
+            .filter(|p| p.stage == "completed")
+            .count();
+        let victim = coords
+            .iter_mut()
+            .find(|p| p.id == leader)
+            .context("the leader's process")?;
+        eprintln!("killing leader {leader}: {completed_at_kill} pools completed");
+        victim.kill().await?;
+        victim.restart().await?;
+        kills += 1;
+    }
+    ensure!(kills >= 1, "the roll-out ended before any kill");
+    let (_, c) = leader_client(&coords).await?;
+    let s = eventually("the roll-out to end", LONG, || {
+        let c = &c;
+        async move { get(c).await.filter(|s| s.ended) }
+    })
+    .await?;
+    ensure!(s.id == started.id && s.state == "completed", "{s:?}");
+    let at: BTreeMap<String, (u64, u64)> = s
+        .pools
+        .iter()
+        .map(|p| (p.pool.clone(), (p.started_ms, p.ended_ms)))
+        .collect();
+    let (a, b) = (at["web-a"], at["web-b"]);
+    ensure!(
+        a.1 <= b.0 || b.1 <= a.0,
+        "web-a {a:?} and web-b {b:?} overlapped"
+    );
+    for (i, (id, installs)) in fleet.installs().into_iter().enumerate() {
+        let want: &[&str] = if i < 8 { &["2.0"] } else { &[] };
+        ensure!(
+            installs == want,
+            "{id}: {installs:?} after {kills} leader kill(s)"
+        );
+    }
+    crate::coordinator::check_epochs_monotonic(&fleet).await?;
+    for c in &mut coords {
+        c.terminate().await?;
+    }
+    Ok(())
+}
