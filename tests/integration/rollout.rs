@@ -443,6 +443,45 @@ async fn a_failing_pool_stops_the_rollout_until_an_operator_acts() -> anyhow::Re
         ),
     }
 
+    // Resume: web-a's paused upgrade is resumed with it (and the roll-out runs again); its
+    // artifact is still refused, so web-a pauses again and the roll-out stops again.
+    let resumed = c
+        .resume_rollout(pb::RolloutRequest::default())
+        .await?
+        .into_inner();
+    ensure!(resumed.state == "running", "{resumed:?}");
+    // web-a's history says the roll-out resumed it.
+    eventually("web-a to be resumed by the roll-out", LONG, || {
+        let c = &c;
+        let id = s.id.clone();
+        async move {
+            let page = c
+                .clone()
+                .events(pb::EventsRequest {
+                    pool: "web-a".into(),
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            page.events
+                .iter()
+                .any(|e| e.kind == "resumed" && e.message.contains(&format!("roll-out {id}")))
+                .then_some(())
+        }
+    })
+    .await?;
+    let again = eventually("the roll-out to stop on web-a again", LONG, || {
+        let c = &c;
+        async move { get(c).await.filter(|s| s.state == "paused") }
+    })
+    .await?;
+    ensure!(
+        again.reason.contains("pool web-a") && stage(&again, "api-a") == "pending",
+        "{again:?}"
+    );
+
     // Abort: what has not started is skipped, web-a's upgrade is aborted, nothing changed.
     let aborted = c
         .abort_rollout(pb::RolloutRequest { id: s.id.clone() })
