@@ -85,6 +85,10 @@ impl RolloutDriver {
         stored?;
         self.status.send_replace(self.rollout.clone());
         let mut queue: VecDeque<RolloutAction> = first.into();
+        let mut live: std::collections::BTreeMap<String, watch::Receiver<Option<Upgrade>>> =
+            std::collections::BTreeMap::new();
+        // The one pool whose status signalled a change; `None`: look at every pool in flight.
+        let mut look_at: Option<String> = None;
         loop {
             while let Some(a) = queue.pop_front() {
                 // Starts decided together go out together: each waits for its plan's first
@@ -116,9 +120,10 @@ impl RolloutDriver {
                     self.apply(ev, &mut queue).await?;
                 }
             }
-            // Follow the pools in flight: their live drivers' status where they run here.
-            let mut live = Vec::new();
-            let mut events = Vec::new();
+            // Follow the pools in flight through their live drivers' status, each receiver
+            // kept from one pass to the next so that no change is missed: after a change only
+            // the pool that changed is looked at (a step of one server must not cost a look at
+            // every pool in flight); all of them after an action, a command or a poll tick.
             let running: Vec<String> = self
                 .rollout
                 .pools
@@ -126,16 +131,23 @@ impl RolloutDriver {
                 .filter(|(_, p)| p.stage == Stage::Running)
                 .map(|(n, _)| n.clone())
                 .collect();
-            for pool in running {
-                if let Some(h) = self.control.node().driver(&pool) {
-                    let mut rx = h.status;
-                    // A driver that ended no longer signals: it is polled.
-                    if rx.has_changed().is_ok() {
-                        rx.borrow_and_update();
-                        live.push(rx);
+            live.retain(|pool, _| running.contains(pool));
+            for pool in &running {
+                if !live.contains_key(pool) {
+                    if let Some(h) = self.control.node().driver(pool) {
+                        live.insert(pool.clone(), h.status);
                     }
                 }
-                if let Some(ev) = self.observe(&pool).await? {
+            }
+            // A driver that ended no longer signals: its pool is polled from the store.
+            live.retain(|_, rx| rx.has_changed().is_ok());
+            let look: Vec<String> = match look_at.take() {
+                Some(pool) => vec![pool],
+                None => running,
+            };
+            let mut events = Vec::new();
+            for pool in look {
+                if let Some(ev) = self.observe(&pool, live.get_mut(&pool)).await? {
                     events.push(ev);
                 }
             }
@@ -149,10 +161,12 @@ impl RolloutDriver {
             }
             let changed = async {
                 if live.is_empty() {
-                    std::future::pending::<()>().await;
+                    std::future::pending::<Option<String>>().await
                 } else {
-                    let waits = live.iter_mut().map(|rx| Box::pin(rx.changed()));
-                    let _ = futures_util::future::select_all(waits).await;
+                    let waits = live.iter_mut().map(|(pool, rx)| {
+                        Box::pin(async move { rx.changed().await.ok().map(|()| pool.clone()) })
+                    });
+                    futures_util::future::select_all(waits).await.0
                 }
             };
             let retry = self.rollout.has_waiting();
@@ -172,7 +186,7 @@ impl RolloutDriver {
                     // The node dropped its handle: leadership is being given up.
                     None => return Err(ControlError::LeadershipLost("the roll-out's handle was dropped".into())),
                 },
-                _ = changed => {}
+                pool = changed => look_at = pool,
                 _ = tokio::time::sleep(RETRY_WAITING), if retry => {
                     self.apply(RolloutEvent::Retry, &mut queue).await?;
                 }
@@ -349,9 +363,25 @@ impl RolloutDriver {
     }
 
     /// What `pool`'s upgrade did that the roll-out has to know: ended, or paused while the
-    /// roll-out runs.
-    async fn observe(&self, pool: &str) -> Result<Option<RolloutEvent>, ControlError> {
+    /// roll-out runs. Read from its live driver's status (`live`, marked seen) when that shows
+    /// this roll-out's plan, else from the store.
+    async fn observe(
+        &self,
+        pool: &str,
+        live: Option<&mut watch::Receiver<Option<Upgrade>>>,
+    ) -> Result<Option<RolloutEvent>, ControlError> {
         let ours = self.rollout.plan.plan_id(pool);
+        let at_ms = self.now();
+        let keep = |e: &RolloutEvent| {
+            !matches!(e, RolloutEvent::PoolPaused { .. })
+                || self.rollout.status == crate::rollout::RolloutStatus::Running
+        };
+        if let Some(rx) = live {
+            let seen = rx.borrow_and_update();
+            if let Some(u) = seen.as_ref().filter(|u| u.plan.id == ours) {
+                return Ok(outcome(pool, u, at_ms).filter(keep));
+            }
+        }
         let current = match self.control.upgrade(pool).await {
             Ok(u) => u,
             Err(e) if is_lost(&e) => return Err(e),
@@ -360,12 +390,8 @@ impl RolloutDriver {
                 return Ok(None);
             }
         };
-        let at_ms = self.now();
         match current {
-            Some(u) if u.plan.id == ours => Ok(outcome(pool, &u, at_ms).filter(|e| {
-                !matches!(e, RolloutEvent::PoolPaused { .. })
-                    || self.rollout.status == crate::rollout::RolloutStatus::Running
-            })),
+            Some(u) if u.plan.id == ours => Ok(outcome(pool, &u, at_ms).filter(keep)),
             // Another plan replaced ours: it ended, and its history says how.
             _ => {
                 let past = progress::load_history(&self.control.node().env.store, pool, 100)
