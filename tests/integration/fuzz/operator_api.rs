@@ -37,6 +37,8 @@ enum Expect {
     Answered,
     /// A dry run: refused with one of these codes, or answered with a plan agents can execute.
     RefusedOrPlan(Vec<Code>),
+    /// A roll-out dry run: refused with one of these codes, or answered as a dry run.
+    RefusedOrDryRollout(Vec<Code>),
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +57,12 @@ enum Call {
     Events(pb::EventsRequest),
     History(pb::HistoryRequest),
     Leader,
+    StartRollout(Box<pb::StartRolloutRequest>),
+    GetRollout(pb::RolloutRequest),
+    WatchRollout(pb::RolloutRequest),
+    PauseRollout(pb::RolloutRequest),
+    ResumeRollout(pb::RolloutRequest),
+    AbortRollout(pb::RolloutRequest),
 }
 
 impl Call {
@@ -74,6 +82,12 @@ impl Call {
             Call::Events(_) => "/rollgate.operator.v1.Operator/Events",
             Call::History(_) => "/rollgate.operator.v1.Operator/History",
             Call::Leader => "/rollgate.operator.v1.Operator/Leader",
+            Call::StartRollout(_) => "/rollgate.operator.v1.Operator/StartRollout",
+            Call::GetRollout(_) => "/rollgate.operator.v1.Operator/GetRollout",
+            Call::WatchRollout(_) => "/rollgate.operator.v1.Operator/WatchRollout",
+            Call::PauseRollout(_) => "/rollgate.operator.v1.Operator/PauseRollout",
+            Call::ResumeRollout(_) => "/rollgate.operator.v1.Operator/ResumeRollout",
+            Call::AbortRollout(_) => "/rollgate.operator.v1.Operator/AbortRollout",
         }
     }
 
@@ -93,6 +107,12 @@ impl Call {
             Call::Events(r) => r.encode_to_vec(),
             Call::History(r) => r.encode_to_vec(),
             Call::Leader => pb::LeaderRequest {}.encode_to_vec(),
+            Call::StartRollout(r) => r.encode_to_vec(),
+            Call::GetRollout(r)
+            | Call::WatchRollout(r)
+            | Call::PauseRollout(r)
+            | Call::ResumeRollout(r)
+            | Call::AbortRollout(r) => r.encode_to_vec(),
         }
     }
 }
@@ -103,6 +123,13 @@ struct Case {
     as_agent: bool,
     expect: Expect,
     why: String,
+}
+
+/// What a call answered.
+#[derive(Debug)]
+enum Answer {
+    Upgrade(Option<pb::UpgradeStatus>),
+    Rollout(Box<pb::RolloutStatus>),
 }
 
 fn case(call: Call, expect: Expect, why: impl Into<String>) -> Case {
@@ -577,9 +604,126 @@ fn dry_runs() -> BoxedStrategy<Case> {
         .boxed()
 }
 
+/// Roll-out calls. None ever runs: a command or a read finds none (NOT_FOUND); a start with
+/// something wrong is refused, naming it; a dry run is refused or answered as one. Nothing is
+/// stored.
+fn rollout_calls() -> BoxedStrategy<Case> {
+    let id = prop_oneof![Just(String::new()), odd_string(), "rollout-[0-9]{1,20}"];
+    let commands = (id, 0..5u8).prop_map(|(id, which)| {
+        let r = pb::RolloutRequest { id };
+        let call = match which {
+            0 => Call::GetRollout(r),
+            1 => Call::WatchRollout(r),
+            2 => Call::PauseRollout(r),
+            3 => Call::ResumeRollout(r),
+            _ => Call::AbortRollout(r),
+        };
+        case(
+            call,
+            refused(&[Code::NotFound]),
+            "no roll-out was ever started",
+        )
+    });
+    let rollout = |upgrade: pb::StartUpgradeRequest| pb::StartRolloutRequest {
+        pools: vec![POOL.into()],
+        upgrade: Some(pb::StartUpgradeRequest {
+            pool: String::new(),
+            ..upgrade
+        }),
+        ..Default::default()
+    };
+    // The plan of every pool is checked before anything starts: a defect of a start request
+    // (other than its pool) refuses the roll-out.
+    let bad_plans = (valid_start(), proptest::collection::vec(defect(), 1..=3))
+        .prop_filter("a defect of the plan, not of its pool", |(_, d)| {
+            d.iter()
+                .all(|d| !matches!(d, Defect::PoolEmpty | Defect::PoolUnknown(_)))
+        })
+        .prop_map(move |(mut r, defects)| {
+            let mut codes = Vec::new();
+            for d in &defects {
+                codes.extend(d.apply(&mut r));
+            }
+            case(
+                Call::StartRollout(Box::new(rollout(r))),
+                Expect::Refused(codes),
+                format!("plan defects: {defects:?}"),
+            )
+        });
+    let bad_shapes = (valid_start(), 0..7u8, bad_pool(), odd_string()).prop_map(
+        move |(r, which, (unknown, codes), junk)| {
+            let mut req = rollout(r);
+            let (why, codes) = match which {
+                0 => {
+                    req.pools = vec![POOL.into(), unknown];
+                    ("an unknown pool", codes)
+                }
+                1 => {
+                    req.pools = vec![POOL.into(), POOL.into()];
+                    ("a pool named twice", vec![Code::InvalidArgument])
+                }
+                2 => {
+                    req.pools.clear();
+                    ("neither pools nor a selector", vec![Code::InvalidArgument])
+                }
+                3 => {
+                    req.selector = "tier=web".into();
+                    ("both pools and a selector", vec![Code::InvalidArgument])
+                }
+                4 => {
+                    req.pools.clear();
+                    req.selector = if junk.is_empty() { "=".into() } else { junk };
+                    (
+                        "a selector that is not key=value or matches no pool",
+                        vec![Code::InvalidArgument],
+                    )
+                }
+                5 => {
+                    req.canary = if unknown.is_empty() {
+                        "x".into()
+                    } else {
+                        unknown
+                    };
+                    ("a canary outside the roll-out", vec![Code::InvalidArgument])
+                }
+                _ => {
+                    req.max_in_flight = Some(0);
+                    ("max_in_flight 0", vec![Code::InvalidArgument])
+                }
+            };
+            case(
+                Call::StartRollout(Box::new(req)),
+                Expect::Refused(codes),
+                why,
+            )
+        },
+    );
+    let dry = (
+        valid_start(),
+        proptest::collection::vec(mutation(), 0..=2),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(move |(r, mutations, max_in_flight)| {
+            let mut req = rollout(r);
+            if let Some(u) = req.upgrade.as_mut() {
+                for m in &mutations {
+                    m.apply(u);
+                }
+            }
+            req.max_in_flight = max_in_flight;
+            req.dry_run = true;
+            case(
+                Call::StartRollout(Box::new(req)),
+                Expect::RefusedOrDryRollout(vec![Code::InvalidArgument, Code::NotFound]),
+                format!("a roll-out dry run with {mutations:?}, max_in_flight {max_in_flight:?}"),
+            )
+        });
+    prop_oneof![2 => commands, 2 => bad_plans, 2 => bad_shapes, 2 => dry].boxed()
+}
+
 fn cases() -> BoxedStrategy<Case> {
     (
-        prop_oneof![3 => pool_calls(), 4 => bad_starts(), 3 => dry_runs()],
+        prop_oneof![3 => pool_calls(), 4 => bad_starts(), 3 => dry_runs(), 2 => rollout_calls()],
         proptest::bool::weighted(0.1),
     )
         .prop_map(|(mut c, as_agent)| {
@@ -775,7 +919,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn send(&self, c: &Case) -> Result<Option<pb::UpgradeStatus>, tonic::Status> {
+    async fn send(&self, c: &Case) -> Result<Answer, tonic::Status> {
         let mut client = if c.as_agent {
             self.intruder.clone()
         } else {
@@ -802,7 +946,39 @@ impl Daemon {
             Call::Events(r) => client.events(r).await.map(|_| None)?,
             Call::History(r) => client.history(r).await.map(|_| None)?,
             Call::Leader => client.leader(pb::LeaderRequest {}).await.map(|_| None)?,
+            Call::StartRollout(r) => {
+                let s = client.start_rollout(*r).await?.into_inner();
+                return Ok(Answer::Rollout(Box::new(s)));
+            }
+            Call::GetRollout(r) => {
+                return Ok(Answer::Rollout(Box::new(
+                    client.get_rollout(r).await?.into_inner(),
+                )))
+            }
+            Call::WatchRollout(r) => {
+                let mut s = client.watch_rollout(r).await?.into_inner();
+                return Ok(s
+                    .message()
+                    .await?
+                    .map_or(Answer::Upgrade(None), |s| Answer::Rollout(Box::new(s))));
+            }
+            Call::PauseRollout(r) => {
+                return Ok(Answer::Rollout(Box::new(
+                    client.pause_rollout(r).await?.into_inner(),
+                )))
+            }
+            Call::ResumeRollout(r) => {
+                return Ok(Answer::Rollout(Box::new(
+                    client.resume_rollout(r).await?.into_inner(),
+                )))
+            }
+            Call::AbortRollout(r) => {
+                return Ok(Answer::Rollout(Box::new(
+                    client.abort_rollout(r).await?.into_inner(),
+                )))
+            }
         })
+        .map(Answer::Upgrade)
     }
 
     /// Runs one case, unless an earlier one spoiled the daemon (see [`Spoiled`]).
@@ -849,7 +1025,7 @@ impl Daemon {
                     c.why
                 )));
             }
-            (Expect::Answered, Ok(Some(s))) => {
+            (Expect::Answered, Ok(Answer::Upgrade(Some(s)))) => {
                 prop_assert_eq!(
                     s.status,
                     pb::UpgradeState::None as i32,
@@ -857,9 +1033,18 @@ impl Daemon {
                     s
                 );
             }
-            (Expect::Answered, Ok(None)) => {}
-            (Expect::RefusedOrPlan(_), Ok(s)) => {
+            (Expect::Answered, Ok(_)) => {}
+            (Expect::RefusedOrPlan(_), Ok(Answer::Upgrade(s))) => {
                 check_plan(&s.ok_or_else(|| fail("a start without a status"))?)?;
+            }
+            (Expect::RefusedOrDryRollout(codes), Err(s)) => check_refusal(&s, codes)?,
+            (Expect::RefusedOrDryRollout(_), Ok(Answer::Rollout(r))) => {
+                prop_assert!(r.dry_run, "a roll-out asked as a dry run: {:?}", r);
+                prop_assert_eq!(&r.pools.len(), &1usize);
+                prop_assert!(r.max_in_flight >= 1, "{:?}", r);
+            }
+            (expect, Ok(other)) => {
+                return Err(fail(format!("answered {other:?}, expecting {expect:?}")));
             }
         }
         self.unchanged().await
@@ -872,7 +1057,7 @@ impl Daemon {
         expect: Raw,
     ) -> Result<(), TestCaseError> {
         let send = async {
-            if path.ends_with("/WatchUpgrade") {
+            if path.ends_with("/WatchUpgrade") || path.ends_with("/WatchRollout") {
                 raw_first(&self.channel, path, body).await
             } else {
                 raw_unary(&self.channel, path, body).await
@@ -897,7 +1082,10 @@ impl Daemon {
                     shown(s.message())
                 )))
             }
-            (Raw::Like(Expect::RefusedOrPlan(codes)), Err(s)) => check_refusal(&s, &codes)?,
+            (
+                Raw::Like(Expect::RefusedOrPlan(codes) | Expect::RefusedOrDryRollout(codes)),
+                Err(s),
+            ) => check_refusal(&s, &codes)?,
             (Raw::Like(_), Ok(())) => {}
             (Raw::Inert, Err(s)) => check_refusal(&s, &ALL_CLEAR)?,
             (Raw::Inert, Ok(())) => {}
@@ -924,6 +1112,11 @@ fn classify(path: &str, bytes: &[u8]) -> Option<Raw> {
             pb::StartUpgradeRequest::decode(bytes).map(|r| r.pool == POOL && !r.dry_run)
         }
         "Events" => pb::EventsRequest::decode(bytes).map(|_| false),
+        // Any roll-out that is not a dry run might be valid (a selector, a pool list).
+        "StartRollout" => pb::StartRolloutRequest::decode(bytes).map(|r| !r.dry_run),
+        "GetRollout" | "WatchRollout" | "PauseRollout" | "ResumeRollout" | "AbortRollout" => {
+            pb::RolloutRequest::decode(bytes).map(|_| false)
+        }
         _ => pb::PoolRequest::decode(bytes).map(|_| false),
     };
     match decoded {
@@ -933,7 +1126,7 @@ fn classify(path: &str, bytes: &[u8]) -> Option<Raw> {
     }
 }
 
-const PATHS: [&str; 13] = [
+const PATHS: [&str; 19] = [
     "/rollgate.operator.v1.Operator/Readiness",
     "/rollgate.operator.v1.Operator/Inventory",
     "/rollgate.operator.v1.Operator/StartUpgrade",
@@ -947,6 +1140,12 @@ const PATHS: [&str; 13] = [
     "/rollgate.operator.v1.Operator/Failback",
     "/rollgate.operator.v1.Operator/Events",
     "/rollgate.operator.v1.Operator/Leader",
+    "/rollgate.operator.v1.Operator/StartRollout",
+    "/rollgate.operator.v1.Operator/GetRollout",
+    "/rollgate.operator.v1.Operator/WatchRollout",
+    "/rollgate.operator.v1.Operator/PauseRollout",
+    "/rollgate.operator.v1.Operator/ResumeRollout",
+    "/rollgate.operator.v1.Operator/AbortRollout",
 ];
 
 fn raw_inputs() -> BoxedStrategy<(&'static str, Vec<u8>, Option<Raw>)> {
