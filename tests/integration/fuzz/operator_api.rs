@@ -128,7 +128,7 @@ struct Case {
 /// What a call answered.
 #[derive(Debug)]
 enum Answer {
-    Upgrade(Option<pb::UpgradeStatus>),
+    Upgrade(Option<Box<pb::UpgradeStatus>>),
     Rollout(Box<pb::RolloutStatus>),
 }
 
@@ -925,7 +925,7 @@ impl Daemon {
         } else {
             self.operator.clone()
         };
-        Ok(match c.call.clone() {
+        let upgrade = match c.call.clone() {
             Call::Readiness(r) => client.readiness(r).await.map(|_| None)?,
             Call::Inventory => client
                 .inventory(pb::InventoryRequest {})
@@ -977,8 +977,8 @@ impl Daemon {
                     client.abort_rollout(r).await?.into_inner(),
                 )))
             }
-        })
-        .map(Answer::Upgrade)
+        };
+        Ok(Answer::Upgrade(upgrade.map(Box::new)))
     }
 
     /// Runs one case, unless an earlier one spoiled the daemon (see [`Spoiled`]).
@@ -1035,7 +1035,7 @@ impl Daemon {
             }
             (Expect::Answered, Ok(_)) => {}
             (Expect::RefusedOrPlan(_), Ok(Answer::Upgrade(s))) => {
-                check_plan(&s.ok_or_else(|| fail("a start without a status"))?)?;
+                check_plan(&*s.ok_or_else(|| fail("a start without a status"))?)?;
             }
             (Expect::RefusedOrDryRollout(codes), Err(s)) => check_refusal(&s, codes)?,
             (Expect::RefusedOrDryRollout(_), Ok(Answer::Rollout(r))) => {
