@@ -10,6 +10,13 @@
 //!   domain, the busy servers, and the active servers by the time they started serving (the
 //!   stabilisation window is a range query on that, since it depends on the time asked).
 //!   Layouts that stop being asked for are dropped, a few per pool at most.
+//! - **The gate reads without the model's lock.** Each view's counters sit behind a lock of
+//!   their own, taken by a writer only for a report that moves them (a change of state, not a
+//!   heartbeat), and the views are found through a small registry with its own lock, written
+//!   only when a view is made or dropped. So the upgrade's gate never waits for the stream of
+//!   reports that change nothing in its pool, nor for a writer preempted while it holds the
+//!   fleet's lock (B5's tail). Every state a reader sees is the state after some whole report:
+//!   a view's counters move by one server's change at a time, under their lock.
 //! - **Lost by silence: one queue, no scan.** A min-heap holds at most one `(seen_ms, slot)`
 //!   per server. Expiring pops the entries older than `now - lost_after`: a slot heard from
 //!   since goes back in at its newer time, the others flip to silent. A report only rewrites
@@ -18,9 +25,11 @@
 //!   to its own `now` first (cheap when nothing is due, and exact: the counters then agree
 //!   with [`readiness::evaluate`] at that instant); one timer task ([`SharedHealth::expire_loop`])
 //!   does the same at the earliest deadline, so that silence is flipped even when nobody reads
-//!   and the queue stays bounded. A deadline queue was chosen over a timing wheel because the
-//!   key is the report time itself: `lost_after` is a reader's parameter and never needs to be
-//!   known when a report arrives.
+//!   and the queue stays bounded. The gate learns whether anything is due from the queue's
+//!   oldest time, published in an atomic after each change of the queue: only when something
+//!   is due does it take the model's lock to expire first. A deadline queue was chosen over a
+//!   timing wheel because the key is the report time itself: `lost_after` is a reader's
+//!   parameter and never needs to be known when a report arrives.
 //!
 //! Readiness itself stays the pure functions of [`crate::readiness`]: this module only feeds
 //! them ([`readiness::conclude`] from counters, or [`readiness::evaluate`] over the entries in
@@ -32,12 +41,23 @@ use crate::readiness::{
 };
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Layouts kept per pool: the configured one, a running plan's, and one being replaced.
 const VIEWS_PER_POOL: usize = 3;
+
+/// Read access whatever a panicking holder left: the counters are moved whole under the lock
+/// (no step of theirs can panic half-way), so a poisoned lock still guards consistent data.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// What one server adds to the counters of the views it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,7 +76,7 @@ struct Slot {
     silent: bool,
     /// It has an entry in the expiry queue.
     queued: bool,
-    /// (view, domain index) it counts in.
+    /// (view, member index in that view) it counts in.
     member_of: Vec<(usize, usize)>,
     share: Share,
 }
@@ -76,41 +96,185 @@ impl Slot {
     }
 }
 
+/// A view's counters, by member (each distinct server of the layout once).
 #[derive(Debug)]
-struct View {
-    domains: Vec<(String, Vec<String>)>,
+struct Counters {
     active_in: Vec<usize>,
-    /// Slots reporting busy (and not lost).
+    /// Members reporting busy (and not lost).
     busy: BTreeSet<usize>,
-    /// Active slots by when they started serving.
+    /// Active members by when they started serving.
     since: BTreeSet<(u64, usize)>,
-    /// When it was last asked for (a counter, for dropping the oldest).
-    used: u64,
+    /// Each member's share as counted here (the gate reads it for servers going down
+    /// without the model's slots).
+    shares: Vec<Share>,
 }
 
-impl View {
-    fn apply(&mut self, slot: usize, domain: usize, share: Share, sign: bool) {
+impl Counters {
+    /// Adds (`sign`) or takes back member `m`'s `share`; `domains` are the domains that list
+    /// it (once per listing, as the per-server pass counts it).
+    fn count(&mut self, m: usize, domains: &[usize], share: Share, sign: bool) {
         if share.active {
-            if sign {
-                self.active_in[domain] += 1;
-            } else {
-                self.active_in[domain] = self.active_in[domain].saturating_sub(1);
+            for &d in domains {
+                if sign {
+                    self.active_in[d] += 1;
+                } else {
+                    self.active_in[d] = self.active_in[d].saturating_sub(1);
+                }
             }
         }
         if share.busy {
             if sign {
-                self.busy.insert(slot);
+                self.busy.insert(m);
             } else {
-                self.busy.remove(&slot);
+                self.busy.remove(&m);
             }
         }
         if let Some(s) = share.since {
             if sign {
-                self.since.insert((s, slot));
+                self.since.insert((s, m));
             } else {
-                self.since.remove(&(s, slot));
+                self.since.remove(&(s, m));
             }
         }
+    }
+
+    /// Moves member `m` from `old` to `new`.
+    fn reshare(&mut self, m: usize, domains: &[usize], old: Share, new: Share) {
+        self.count(m, domains, old, false);
+        self.count(m, domains, new, true);
+        if let Some(s) = self.shares.get_mut(m) {
+            *s = new;
+        }
+    }
+}
+
+/// One pool layout: its domains as the spec gives them, its members, and their counters. The
+/// layout never changes once made; only the counters do, under their own lock.
+#[derive(Debug)]
+struct View {
+    /// Its index in the model's views (what slots' `member_of` name).
+    index: usize,
+    domains: Vec<(String, Vec<String>)>,
+    /// Each distinct server once: its id and the domains that list it.
+    members: Vec<(String, Vec<usize>)>,
+    by_id: HashMap<String, usize>,
+    counters: RwLock<Counters>,
+    /// When it was last asked for (a counter, for dropping the oldest).
+    used: AtomicU64,
+}
+
+impl View {
+    /// Readiness from the counters: no per-server rows. O(domains + busy servers + servers
+    /// going down + servers stabilising), under this view's lock only.
+    fn conclude(
+        &self,
+        spec: &PoolSpec,
+        clocks: Clocks,
+        going_down: &BTreeSet<String>,
+        operation_running: bool,
+    ) -> PoolReadiness {
+        let (active_in, busy_reasons, stabilising_only) = {
+            let c = read(&self.counters);
+            let mut active_in = c.active_in.clone();
+            let mut down = Vec::new();
+            for id in going_down {
+                let Some(&m) = self.by_id.get(id) else {
+                    continue;
+                };
+                down.push(m);
+                if c.shares.get(m).is_some_and(|s| s.active) {
+                    for &d in &self.members[m].1 {
+                        active_in[d] = active_in[d].saturating_sub(1);
+                    }
+                }
+            }
+            let mut busy_reasons: Vec<String> = c
+                .busy
+                .iter()
+                .map(|&m| format!("{} reports busy", self.members[m].0))
+                .collect();
+            let stabilising_only = busy_reasons.is_empty();
+            if clocks.stabilization_ms > 0 {
+                // Started serving after now - stabilization: the same test as
+                // readiness::stabilising.
+                let from = match clocks.now_ms.checked_sub(clocks.stabilization_ms) {
+                    Some(edge) => edge.saturating_add(1),
+                    None => 0,
+                };
+                for &(_, m) in c.since.range((from, 0)..) {
+                    if !c.busy.contains(&m) && !down.contains(&m) {
+                        busy_reasons
+                            .push(readiness::stabilising_reason(&self.members[m].0, clocks));
+                    }
+                }
+            }
+            (active_in, busy_reasons, stabilising_only)
+        };
+        let domains = self
+            .domains
+            .iter()
+            .map(|(name, _)| DomainRow {
+                name: name.clone(),
+                ready_for_upgrade: false,
+                reason: String::new(),
+                servers: Vec::new(),
+            })
+            .collect();
+        let tally = Tally {
+            active_in,
+            busy_reasons,
+            stabilising_only,
+        };
+        readiness::conclude(spec, domains, tally, operation_running)
+    }
+}
+
+/// What the gate reads without the model's lock: the views by pool, and whether anything is
+/// due for expiry.
+#[derive(Debug)]
+struct Published {
+    /// The oldest report time in the expiry queue (`u64::MAX` when empty), stored after each
+    /// change of the queue. A stale value errs on the safe side (a pop only raises the
+    /// oldest: the gate then takes the lock for nothing), except for a push older than a
+    /// reader's cutoff, which the inventory makes only for a stream that broke (already not
+    /// counted, so expiring it would move no counter).
+    oldest: AtomicU64,
+    /// The views of each pool (written under the model's lock, when one is made or dropped).
+    pools: RwLock<HashMap<String, Vec<Arc<View>>>>,
+    /// Stamps for `View::used`.
+    uses: AtomicU64,
+}
+
+impl Default for Published {
+    fn default() -> Self {
+        Published {
+            oldest: AtomicU64::new(u64::MAX),
+            pools: RwLock::default(),
+            uses: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Published {
+    /// The view of `spec`'s layout, if one is kept.
+    fn find(&self, spec: &PoolSpec) -> Option<Arc<View>> {
+        self.with_view(spec, Arc::clone)
+    }
+
+    /// `f` of the view of `spec`'s layout, if one is kept, under the registry's read lock
+    /// (written only when a view is made or dropped): no reference count moved.
+    fn with_view<R>(&self, spec: &PoolSpec, f: impl FnOnce(&Arc<View>) -> R) -> Option<R> {
+        read(&self.pools)
+            .get(&spec.name)?
+            .iter()
+            .find(|v| v.domains == spec.domains)
+            .map(f)
+    }
+
+    /// Marks `view` as just asked for.
+    fn stamp(&self, view: &View) {
+        let n = self.uses.fetch_add(1, Ordering::Relaxed) + 1;
+        view.used.store(n, Ordering::Relaxed);
     }
 }
 
@@ -121,9 +285,8 @@ pub struct HealthModel {
     slots: Vec<Slot>,
     index: HashMap<String, usize>,
     deadlines: BinaryHeap<Reverse<(u64, usize)>>,
-    views: Vec<Option<View>>,
-    by_pool: HashMap<String, Vec<usize>>,
-    uses: u64,
+    views: Vec<Option<Arc<View>>>,
+    published: Arc<Published>,
 }
 
 impl HealthLookup for HealthModel {
@@ -172,12 +335,19 @@ impl HealthModel {
             return;
         }
         self.slots[i].share = new;
-        for &(v, d) in &self.slots[i].member_of {
-            if let Some(view) = self.views.get_mut(v).and_then(Option::as_mut) {
-                view.apply(i, d, old, false);
-                view.apply(i, d, new, true);
+        for &(v, m) in &self.slots[i].member_of {
+            if let Some(view) = self.views.get(v).and_then(Option::as_ref) {
+                if let Some((_, domains)) = view.members.get(m) {
+                    write(&view.counters).reshare(m, domains, old, new);
+                }
             }
         }
+    }
+
+    /// Tells the gate the queue's oldest time (see [`Published::oldest`]).
+    fn publish_oldest(&self) {
+        let oldest = self.oldest().unwrap_or(u64::MAX);
+        self.published.oldest.store(oldest, Ordering::Release);
     }
 
     /// Replaces `server`'s health (a report, or its stream breaking); returns the old one, for
@@ -191,6 +361,7 @@ impl HealthModel {
         if !slot.queued {
             slot.queued = true;
             self.deadlines.push(Reverse((seen, i)));
+            self.publish_oldest();
         }
         self.reshare(i);
         old
@@ -222,6 +393,9 @@ impl HealthModel {
     /// Flips to silent every server whose last report is older than `cutoff` (`now -
     /// lost_after`). Returns how many were flipped.
     pub fn expire(&mut self, cutoff: u64) -> usize {
+        if !self.due(cutoff) {
+            return 0;
+        }
         let mut flipped = 0;
         while let Some(&Reverse((seen, i))) = self.deadlines.peek() {
             if seen >= cutoff {
@@ -246,23 +420,18 @@ impl HealthModel {
             flipped += 1;
             self.reshare(i);
         }
+        self.publish_oldest();
         flipped
     }
 
-    fn find_view(&self, spec: &PoolSpec) -> Option<usize> {
-        self.by_pool.get(&spec.name)?.iter().copied().find(|&v| {
-            self.views[v]
-                .as_ref()
-                .is_some_and(|view| view.domains == spec.domains)
-        })
-    }
-
     /// The view of `spec`'s layout, made (one pass over the pool) if new.
-    fn view(&mut self, spec: &PoolSpec) -> usize {
-        if let Some(v) = self.find_view(spec) {
-            return v;
+    fn view(&mut self, spec: &PoolSpec) -> Arc<View> {
+        if let Some(view) = self.published.find(spec) {
+            return view;
         }
-        let kept = self.by_pool.get(&spec.name).map_or(0, Vec::len);
+        let kept = read(&self.published.pools)
+            .get(&spec.name)
+            .map_or(0, Vec::len);
         if kept >= VIEWS_PER_POOL {
             self.drop_oldest_view(&spec.name);
         }
@@ -273,131 +442,106 @@ impl HealthModel {
                 self.views.len() - 1
             }
         };
-        let mut view = View {
-            domains: spec.domains.clone(),
+        let mut members: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        for (d, (_, servers)) in spec.domains.iter().enumerate() {
+            for server in servers {
+                let m = match by_id.get(server) {
+                    Some(&m) => m,
+                    None => {
+                        members.push((server.clone(), Vec::new()));
+                        by_id.insert(server.clone(), members.len() - 1);
+                        members.len() - 1
+                    }
+                };
+                members[m].1.push(d);
+            }
+        }
+        let mut counters = Counters {
             active_in: vec![0; spec.domains.len()],
             busy: BTreeSet::new(),
             since: BTreeSet::new(),
-            used: 0,
+            shares: vec![Share::default(); members.len()],
         };
-        for (d, (_, servers)) in spec.domains.iter().enumerate() {
-            for server in servers {
-                let i = self.slot(server);
-                let slot = &mut self.slots[i];
-                slot.member_of.push((v, d));
-                view.apply(i, d, slot.share, true);
-            }
+        for (m, (server, domains)) in members.iter().enumerate() {
+            let i = self.slot(server);
+            let slot = &mut self.slots[i];
+            slot.member_of.push((v, m));
+            counters.reshare(m, domains, Share::default(), slot.share);
         }
-        self.views[v] = Some(view);
-        self.by_pool.entry(spec.name.clone()).or_default().push(v);
-        v
+        let view = Arc::new(View {
+            index: v,
+            domains: spec.domains.clone(),
+            members,
+            by_id,
+            counters: RwLock::new(counters),
+            used: AtomicU64::new(0),
+        });
+        self.views[v] = Some(Arc::clone(&view));
+        write(&self.published.pools)
+            .entry(spec.name.clone())
+            .or_default()
+            .push(Arc::clone(&view));
+        view
     }
 
     fn drop_oldest_view(&mut self, pool: &str) {
-        let Some(list) = self.by_pool.get_mut(pool) else {
-            return;
-        };
-        let views = &self.views;
-        let Some(pos) =
-            (0..list.len()).min_by_key(|&p| views[list[p]].as_ref().map_or(0, |v| v.used))
-        else {
-            return;
-        };
-        let v = list.swap_remove(pos);
-        if let Some(view) = self.views[v].take() {
-            for server in view.domains.iter().flat_map(|(_, s)| s) {
-                if let Some(&i) = self.index.get(server) {
-                    self.slots[i].member_of.retain(|&(w, _)| w != v);
-                }
-            }
-        }
-    }
-
-    /// Readiness from view `v`'s counters: no per-server rows. O(domains + busy servers +
-    /// servers going down + servers stabilising).
-    fn conclude(
-        &self,
-        v: usize,
-        spec: &PoolSpec,
-        clocks: Clocks,
-        going_down: &BTreeSet<String>,
-        operation_running: bool,
-    ) -> PoolReadiness {
-        let Some(view) = self.views[v].as_ref() else {
-            return readiness::evaluate(spec, self, clocks, going_down, operation_running);
-        };
-        let mut active_in = view.active_in.clone();
-        let mut down_slots = Vec::new();
-        for id in going_down {
-            let Some(&i) = self.index.get(id) else {
-                continue;
+        let dropped = {
+            let mut pools = write(&self.published.pools);
+            let Some(list) = pools.get_mut(pool) else {
+                return;
             };
-            down_slots.push(i);
-            if self.slots[i].share.active {
-                for &(w, d) in &self.slots[i].member_of {
-                    if w == v {
-                        active_in[d] = active_in[d].saturating_sub(1);
-                    }
-                }
-            }
-        }
-        let mut busy_reasons: Vec<String> = view
-            .busy
-            .iter()
-            .map(|&i| format!("{} reports busy", self.slots[i].id))
-            .collect();
-        let stabilising_only = busy_reasons.is_empty();
-        if clocks.stabilization_ms > 0 {
-            // Started serving after now - stabilization: the same test as readiness::stabilising.
-            let from = match clocks.now_ms.checked_sub(clocks.stabilization_ms) {
-                Some(edge) => edge.saturating_add(1),
-                None => 0,
+            let Some(pos) = (0..list.len()).min_by_key(|&p| list[p].used.load(Ordering::Relaxed))
+            else {
+                return;
             };
-            for &(_, i) in view.since.range((from, 0)..) {
-                if !view.busy.contains(&i) && !down_slots.contains(&i) {
-                    busy_reasons.push(readiness::stabilising_reason(&self.slots[i].id, clocks));
-                }
+            list.swap_remove(pos)
+        };
+        // A reader that found it just before still concludes from it: the counters as they
+        // were at that instant.
+        self.views[dropped.index] = None;
+        for (server, _) in &dropped.members {
+            if let Some(&i) = self.index.get(server) {
+                self.slots[i].member_of.retain(|&(w, _)| w != dropped.index);
             }
         }
-        let domains = view
-            .domains
-            .iter()
-            .map(|(name, _)| DomainRow {
-                name: name.clone(),
-                ready_for_upgrade: false,
-                reason: String::new(),
-                servers: Vec::new(),
-            })
-            .collect();
-        let tally = Tally {
-            active_in,
-            busy_reasons,
-            stabilising_only,
-        };
-        readiness::conclude(spec, domains, tally, operation_running)
     }
 }
 
-/// The model behind a lock, as the inventory's watch tasks and the readers share it.
-#[derive(Debug, Default)]
+/// The model behind a lock, as the inventory's watch tasks and the readers share it; the
+/// gate's read path goes around that lock (see the module's notes).
+#[derive(Debug)]
 pub struct SharedHealth {
     model: RwLock<HealthModel>,
+    published: Arc<Published>,
+}
+
+impl Default for SharedHealth {
+    fn default() -> Self {
+        let model = HealthModel::default();
+        let published = Arc::clone(&model.published);
+        SharedHealth {
+            model: RwLock::new(model),
+            published,
+        }
+    }
 }
 
 impl SharedHealth {
     /// Reads the model.
-    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, HealthModel> {
-        self.model.read().unwrap_or_else(|p| p.into_inner())
+    pub fn read(&self) -> RwLockReadGuard<'_, HealthModel> {
+        read(&self.model)
     }
 
     /// Changes the model.
-    pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, HealthModel> {
-        self.model.write().unwrap_or_else(|p| p.into_inner())
+    pub fn write(&self) -> RwLockWriteGuard<'_, HealthModel> {
+        write(&self.model)
     }
 
     /// A pool's readiness at `clocks.now_ms`. Without `rows` it comes from the counters (the
-    /// upgrade's gate: a few microseconds whatever the fleet's size); with `rows` the pool's
-    /// own entries are read in place for the per-server view operators see.
+    /// upgrade's gate: a few microseconds whatever the fleet's size, without the model's lock
+    /// unless something is due for expiry or the layout is new); with `rows` the pool's own
+    /// entries are read in place for the per-server view operators see.
     pub fn readiness(
         &self,
         spec: &PoolSpec,
@@ -407,15 +551,19 @@ impl SharedHealth {
         rows: bool,
     ) -> PoolReadiness {
         let cutoff = clocks.now_ms.saturating_sub(clocks.lost_after_ms);
-        {
+        if rows {
             let m = self.read();
             if !m.due(cutoff) {
-                if rows {
-                    return readiness::evaluate(spec, &*m, clocks, going_down, operation_running);
-                }
-                if let Some(v) = m.find_view(spec) {
-                    return m.conclude(v, spec, clocks, going_down, operation_running);
-                }
+                return readiness::evaluate(spec, &*m, clocks, going_down, operation_running);
+            }
+        } else if self.published.oldest.load(Ordering::Acquire) >= cutoff {
+            // Nothing to expire first: the counters are exact at this instant.
+            let answer = self.published.with_view(spec, |view| {
+                self.published.stamp(view);
+                view.conclude(spec, clocks, going_down, operation_running)
+            });
+            if let Some(r) = answer {
+                return r;
             }
         }
         let mut m = self.write();
@@ -423,13 +571,13 @@ impl SharedHealth {
         if rows {
             return readiness::evaluate(spec, &*m, clocks, going_down, operation_running);
         }
-        let v = m.view(spec);
-        m.uses += 1;
-        let uses = m.uses;
-        if let Some(view) = m.views[v].as_mut() {
-            view.used = uses;
-        }
-        m.conclude(v, spec, clocks, going_down, operation_running)
+        let view = m.view(spec);
+        self.published.stamp(&view);
+        // Concluded under the model's lock, so that no report moves the counters between the
+        // expiry and the answer (the same instant the per-server pass would see).
+        let r = view.conclude(spec, clocks, going_down, operation_running);
+        drop(m);
+        r
     }
 
     /// The one timer: flips silent servers when their deadline passes, so that the queue
@@ -465,10 +613,7 @@ impl SharedHealth {
 
     /// Layouts kept for `pool` (for tests).
     pub fn views_of(&self, pool: &str) -> usize {
-        let m = self.read();
-        m.by_pool
-            .get(pool)
-            .map_or(0, |l| l.iter().filter(|&&v| m.views[v].is_some()).count())
+        read(&self.published.pools).get(pool).map_or(0, Vec::len)
     }
 }
 
@@ -757,6 +902,132 @@ mod tests {
         );
         for p in [&two, &four, &five] {
             agree(&h, p, c, &none, false);
+        }
+    }
+
+    #[test]
+    fn the_gate_answers_while_a_writer_holds_the_model() {
+        let h = std::sync::Arc::new(SharedHealth::default());
+        let p = six();
+        for s in p.servers() {
+            h.write().set(s, report(9_500));
+        }
+        let c = clocks(10_000, 0);
+        // The first call makes the view (under the model's lock); the next ones must not
+        // need that lock at all.
+        assert_eq!(
+            h.readiness(&p, c, &BTreeSet::new(), false, false).state,
+            PoolState::Ready
+        );
+        let held = h.write();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = {
+            let (h, p) = (std::sync::Arc::clone(&h), p.clone());
+            std::thread::spawn(move || {
+                let r = h.readiness(&p, c, &BTreeSet::new(), false, false);
+                let _ = tx.send(r.state);
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        drop(held);
+        let _ = reader.join();
+        assert_eq!(
+            got.ok(),
+            Some(PoolState::Ready),
+            "the gate waited for the model's write lock"
+        );
+        // Something due for expiry: the gate takes the lock and expires first.
+        let late = clocks(13_000, 0);
+        assert_eq!(
+            h.readiness(&p, late, &BTreeSet::new(), false, false).state,
+            PoolState::InsufficientActiveFrontEnds
+        );
+        assert_eq!(h.read().oldest(), None, "every entry expired");
+    }
+
+    #[test]
+    fn counters_agree_with_the_per_server_pass_through_random_changes() {
+        // A pool's configured layout and a plan's over the same servers (one more, `z`, only
+        // in the plan), moved by a deterministic pseudo-random walk of reports, breaks, departures and
+        // silences, asked with random servers going down and stabilisation windows.
+        let base = spec(
+            "p",
+            &[
+                ("ud-1", &["a", "b", "c"]),
+                ("ud-2", &["d", "e"]),
+                ("ud-3", &["f", "g", "h"]),
+            ],
+            4,
+        );
+        let plan = spec(
+            "p",
+            &[
+                ("x", &["a", "b", "c", "d"]),
+                ("y", &["e", "f", "g", "h", "z"]),
+            ],
+            3,
+        );
+        let servers = ["a", "b", "c", "d", "e", "f", "g", "h", "z", "other"];
+        let h = SharedHealth::default();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut now = 10_000;
+        for step in 0..2_000 {
+            now += next(400);
+            let s = servers[usize::try_from(next(10)).unwrap_or(0)];
+            {
+                let mut m = h.write();
+                match next(10) {
+                    0 => {
+                        m.forget(s);
+                    }
+                    1 => {
+                        let mut x = m.get(s).cloned().unwrap_or_else(|| report(now));
+                        x.disconnected = true;
+                        x.serving_since_ms = None;
+                        m.set(s, x);
+                    }
+                    2 => {
+                        // Silence: the clock moves on without reports.
+                        now += 2_000;
+                    }
+                    _ => {
+                        let mut x = report(now);
+                        x.busy = next(5) == 0;
+                        x.accepting = next(6) != 0;
+                        if next(4) == 0 {
+                            x.state = AgentState::Draining;
+                        }
+                        x.serving_since_ms = Some(now.saturating_sub(next(6_000)));
+                        m.set(s, x);
+                    }
+                }
+            }
+            let down: BTreeSet<String> = servers
+                .iter()
+                .filter(|_| next(8) == 0)
+                .map(|x| (*x).to_owned())
+                .collect();
+            let c = clocks(
+                now,
+                [0, 1_000, 5_000][usize::try_from(next(3)).unwrap_or(0)],
+            );
+            let op = next(10) == 0;
+            for p in [&base, &plan] {
+                let fast = h.readiness(p, c, &down, op, false);
+                let rows = h.readiness(p, c, &down, op, true);
+                assert_eq!(
+                    fast.state, rows.state,
+                    "step {step}: {} / {}",
+                    fast.reason, rows.reason
+                );
+                agree(&h, p, c, &down, op);
+            }
         }
     }
 }
