@@ -981,73 +981,53 @@ async fn watch_rollout(
     out: Output,
     timeout: Option<Duration>,
 ) -> anyhow::Result<i32> {
-    let deadline =
-        tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(7 * 24 * 3600));
-    let mut last_line = String::new();
-    loop {
-        let stream = conn
-            .call(|mut c| {
-                let id = id.clone().unwrap_or_default();
-                async move {
-                    c.watch_rollout(pb::RolloutRequest { id })
-                        .await
-                        .map(|r| r.into_inner())
-                }
-            })
-            .await;
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                let line = format!("waiting for a leader: {e}");
-                if line != last_line {
-                    eprintln!("{line}");
-                    last_line = line;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        loop {
-            let next = match tokio::time::timeout_at(deadline, stream.message()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    eprintln!(
-                        "error: the roll-out is still running after --timeout {}; stopped watching (the roll-out goes on)",
-                        humantime::format_duration(timeout.unwrap_or_default())
-                    );
-                    return Ok(EXIT_TIMED_OUT);
-                }
-            };
-            let Ok(Some(s)) = next else { break };
-            let line = rollout_line(&s);
-            if out == Output::Json {
-                println!("{}", rollout_json(&s));
-            } else if line != last_line {
-                println!("{} {line}", fmt_time(rollgate_common::time::now_ms()));
-                last_line = line;
-            }
-            if s.ended || s.state == "paused" {
-                if out == Output::Table {
-                    print_rollout(&s, out);
-                }
-                return Ok(match s.state.as_str() {
-                    "completed" => EXIT_COMPLETED,
-                    "paused" => {
-                        eprintln!(
-                            "roll-out {} is paused: {}; it needs an operator: rollgate rollout resume (or abort)",
-                            s.id, s.reason
-                        );
-                        EXIT_NEEDS_OPERATOR
-                    }
-                    _ => {
-                        eprintln!("error: roll-out {} ended {}: {}", s.id, s.state, s.reason);
-                        EXIT_ENDED_BADLY
-                    }
-                });
-            }
+    let open = |mut c: OperatorClient<Channel>| {
+        let id = id.clone().unwrap_or_default();
+        async move {
+            c.watch_rollout(pb::RolloutRequest { id })
+                .await
+                .map(|r| r.into_inner())
         }
+    };
+    let shown = Shown {
+        line: rollout_line,
+        json: rollout_json,
+        decided: |s: &pb::RolloutStatus| s.ended || s.state == "paused",
+    };
+    let give_up =
+        tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(7 * 24 * 3600));
+    let mut last = None;
+    let watched = follow(conn, open, out, give_up, &shown, &mut last);
+    let s = match timeout {
+        None => watched.await,
+        Some(t) => match tokio::time::timeout_at(tokio::time::Instant::now() + t, watched).await {
+            Ok(r) => r,
+            Err(_) => {
+                eprintln!(
+                    "error: the roll-out is still running after --timeout {}; stopped watching (the roll-out goes on)",
+                    humantime::format_duration(t)
+                );
+                return Ok(EXIT_TIMED_OUT);
+            }
+        },
+    }?;
+    if out == Output::Table {
+        print_rollout(&s, out);
     }
+    Ok(match s.state.as_str() {
+        "completed" => EXIT_COMPLETED,
+        "paused" => {
+            eprintln!(
+                "roll-out {} is paused: {}; it needs an operator: rollgate rollout resume (or abort)",
+                s.id, s.reason
+            );
+            EXIT_NEEDS_OPERATOR
+        }
+        _ => {
+            eprintln!("error: roll-out {} ended {}: {}", s.id, s.state, s.reason);
+            EXIT_ENDED_BADLY
+        }
+    })
 }
 
 /// Follows an upgrade until it completes, ends otherwise, pauses, or `timeout` passes,
@@ -1118,20 +1098,51 @@ async fn watch_until_decided(
     out: Output,
     last: &mut Option<pb::UpgradeStatus>,
 ) -> anyhow::Result<pb::UpgradeStatus> {
-    let mut last_line = String::new();
+    let open = |mut c: OperatorClient<Channel>| {
+        let pool = pool.to_owned();
+        async move {
+            c.watch_upgrade(pb::PoolRequest { pool })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let shown = Shown {
+        line: progress_line,
+        json: status_json,
+        decided,
+    };
     let give_up = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+    follow(conn, open, out, give_up, &shown, last).await
+}
+
+/// How a watched status is shown, and when it ends the watch.
+struct Shown<T> {
+    /// One progress line (printed when it changes).
+    line: fn(&T) -> String,
+    /// The whole status, for `-o json` (printed every time).
+    json: fn(&T) -> serde_json::Value,
+    /// True for a status that ends the watch.
+    decided: fn(&T) -> bool,
+}
+
+/// Streams the watch `open` starts until a status is [`Shown::decided`], reconnecting (to a
+/// new leader if need be) until `give_up`; `last` keeps the latest status seen.
+async fn follow<T, F, Fut>(
+    conn: &Conn,
+    open: F,
+    out: Output,
+    give_up: tokio::time::Instant,
+    shown: &Shown<T>,
+    last: &mut Option<T>,
+) -> anyhow::Result<T>
+where
+    F: Fn(OperatorClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Streaming<T>, tonic::Status>>,
+    T: Clone,
+{
+    let mut last_line = String::new();
     loop {
-        let stream = conn
-            .call(|mut c| {
-                let pool = pool.to_owned();
-                async move {
-                    c.watch_upgrade(pb::PoolRequest { pool })
-                        .await
-                        .map(|r| r.into_inner())
-                }
-            })
-            .await;
-        let mut stream = match stream {
+        let mut stream = match conn.call(&open).await {
             Ok(s) => s,
             Err(e) if tokio::time::Instant::now() < give_up => {
                 // No leader for a moment (failover): say so once, and try again.
@@ -1146,14 +1157,14 @@ async fn watch_until_decided(
             Err(e) => return Err(e),
         };
         while let Ok(Some(s)) = stream.message().await {
-            let line = progress_line(&s);
+            let line = (shown.line)(&s);
             if out == Output::Json {
-                println!("{}", status_json(&s));
+                println!("{}", (shown.json)(&s));
             } else if line != last_line {
                 println!("{} {line}", fmt_time(rollgate_common::time::now_ms()));
                 last_line = line;
             }
-            let done = decided(&s);
+            let done = (shown.decided)(&s);
             *last = Some(s.clone());
             if done {
                 return Ok(s);

@@ -202,10 +202,15 @@ async fn a_follower_sends_joining_agents_to_the_leader_and_a_server_leaves_by_co
     .await?;
 
     // `rollgate-agent leave` takes fe-1 out, on every coordinator.
-    let out = std::process::Command::new(rollgate_tests::bin("rollgate-agent")?)
-        .args(["leave", "--config"])
-        .arg(&fleet.servers[0].agent.config)
-        .output()?;
+    let leave = || -> anyhow::Result<std::process::Output> {
+        Ok(
+            std::process::Command::new(rollgate_tests::bin("rollgate-agent")?)
+                .args(["leave", "--config"])
+                .arg(&fleet.servers[0].agent.config)
+                .output()?,
+        )
+    };
+    let out = leave()?;
     assert!(
         out.status.success(),
         "leave: {}",
@@ -226,10 +231,7 @@ async fn a_follower_sends_joining_agents_to_the_leader_and_a_server_leaves_by_co
         .await?;
     }
     // Leaving again is no change, said so.
-    let out = std::process::Command::new(rollgate_tests::bin("rollgate-agent")?)
-        .args(["leave", "--config"])
-        .arg(&fleet.servers[0].agent.config)
-        .output()?;
+    let out = leave()?;
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("had not joined"),
         "{out:?}"

@@ -88,9 +88,14 @@ async fn get(c: &OperatorClient<Channel>) -> Option<pb::RolloutStatus> {
     )
 }
 
+/// Owned command-line arguments.
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
 /// The CLI's arguments for the plan of every pool.
 fn plan_args(artifact: &std::path::Path, sha: &str, version: &str) -> Vec<String> {
-    [
+    strings(&[
         "--version",
         version,
         "--artifact",
@@ -105,10 +110,7 @@ fn plan_args(artifact: &std::path::Path, sha: &str, version: &str) -> Vec<String
         "20s",
         "--busy-retry-interval",
         "300ms",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
+    ])
 }
 
 fn run_cli(
@@ -130,7 +132,7 @@ async fn a_rollout_upgrades_many_pools_canary_first_never_with_their_pair_and_su
     let (artifact, sha) = make_artifact(root, "2.0")?;
 
     // A selector picks pools by label; a dry run resolves every pool's plan and starts nothing.
-    let mut args: Vec<String> = [
+    let mut args: Vec<String> = strings(&[
         "rollout",
         "start",
         "--selector",
@@ -138,10 +140,7 @@ async fn a_rollout_upgrades_many_pools_canary_first_never_with_their_pair_and_su
         "--dry-run",
         "-o",
         "json",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    ]);
     args.extend(plan_args(&artifact, &sha, "2.0"));
     let out = run_cli(&op, coord.addr, &args)?;
     ensure!(
@@ -200,7 +199,7 @@ async fn a_rollout_upgrades_many_pools_canary_first_never_with_their_pair_and_su
     }
 
     // The roll-out: four pools, two at a time, api-a first as the canary, through the CLI.
-    let mut args: Vec<String> = [
+    let mut args: Vec<String> = strings(&[
         "rollout",
         "start",
         "--pools",
@@ -209,10 +208,7 @@ async fn a_rollout_upgrades_many_pools_canary_first_never_with_their_pair_and_su
         "api-a",
         "--max-in-flight",
         "2",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    ]);
     args.extend(plan_args(&artifact, &sha, "2.0"));
     let out = run_cli(&op, coord.addr, &args)?;
     ensure!(
@@ -253,10 +249,7 @@ async fn a_rollout_upgrades_many_pools_canary_first_never_with_their_pair_and_su
         c = operator_client(coord.addr, &op).await?;
     }
     let (op2, addr) = (op.clone(), coord.addr);
-    let watch: Vec<String> = ["rollout", "watch", "--timeout", "3m"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let watch: Vec<String> = strings(&["rollout", "watch", "--timeout", "3m"]);
     let out = tokio::task::spawn_blocking(move || run_cli(&op2, addr, &watch)).await??;
     ensure!(
         out.status.code() == Some(0),
