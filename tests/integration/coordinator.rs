@@ -10,6 +10,7 @@ use rollgate_proto::operator::v1::operator_client::OperatorClient;
 use rollgate_tests::cluster::{cli, leader_of, operator_client, CoordinatorProc, Fleet};
 use rollgate_tests::monitor::Monitor;
 use rollgate_tests::{agent_client, eventually, make_artifact};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -37,18 +38,23 @@ pub(crate) async fn wait_ready(c: &OperatorClient<Channel>, pool: &str) -> anyho
         }
     })
     .await?;
-    eventually("the pool to be Ready", Duration::from_secs(30), || {
-        let (mut c, pool) = (c.clone(), pool.to_owned());
-        async move {
-            (c.readiness(pb::PoolRequest { pool })
-                .await
-                .ok()?
-                .into_inner()
-                .state
-                == pb::ReadinessState::Ready as i32)
-                .then_some(())
-        }
-    })
+    // Every server active, not only Ready: a pool of 6 with min_active 4 is Ready with one
+    // server still coming up, and a test that then stops servers would race with it.
+    eventually(
+        "the pool to be Ready with every server active",
+        Duration::from_secs(30),
+        || {
+            let (mut c, pool) = (c.clone(), pool.to_owned());
+            async move {
+                let r = c
+                    .readiness(pb::PoolRequest { pool })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (r.state == pb::ReadinessState::Ready as i32 && r.active == r.total).then_some(())
+            }
+        },
+    )
     .await
 }
 
@@ -381,11 +387,18 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
     // Two servers of different domains go down: no domain can be taken out and keep 4 active.
     fleet.servers[0].fe.stop()?;
     fleet.servers[1].fe.stop()?;
+    // Wait until the pool's answer rests on exactly those two. The pool state alone is not
+    // enough: wait_ready returns once the pool is Ready, which 5 of 6 active servers already
+    // are, so fe-6 may still be coming up. fe-1 stopped and fe-6 not yet accepting read
+    // InsufficientActiveFrontEnds before fe-2's stop is reported; a moment later fe-6 serves,
+    // and the pool (or the upgrade's gate, which then let fe-1 go) is Ready again.
+    let stopped: BTreeSet<String> = ["fe-1", "fe-2"].map(String::from).into();
     let r = eventually(
-        "InsufficientActiveFrontEnds",
+        "InsufficientActiveFrontEnds with fe-1 and fe-2 inactive",
         Duration::from_secs(15),
         || {
             let mut c = c.clone();
+            let stopped = stopped.clone();
             async move {
                 let r = c
                     .readiness(pb::PoolRequest {
@@ -394,20 +407,33 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
                     .await
                     .ok()?
                     .into_inner();
-                (names::readiness_state(r.state) == "InsufficientActiveFrontEnds").then_some(r)
+                let inactive: BTreeSet<String> = r
+                    .domains
+                    .iter()
+                    .flat_map(|d| &d.servers)
+                    .filter(|s| !s.active)
+                    .map(|s| s.server.clone())
+                    .collect();
+                (inactive == stopped
+                    && names::readiness_state(r.state) == "InsufficientActiveFrontEnds")
+                    .then_some(r)
             }
         },
     )
     .await?;
     assert_eq!(r.active, 4);
     assert!(r.domains.iter().all(|d| !d.ready_for_upgrade));
-    // The CLI shows the same, as JSON for programs.
+    // The CLI shows the same, as JSON for programs: the two servers are really stopped, so no
+    // later answer can count them again.
     let out = cli(&op, &[coord.addr])?
         .args(["readiness", "--pool", "pool-a", "-o", "json"])
         .output()?;
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    assert_eq!(v["PoolUpgradeState"], "InsufficientActiveFrontEnds");
+    assert_eq!(
+        v["PoolUpgradeState"], "InsufficientActiveFrontEnds",
+        "first answer {r:?}\nthen {v}"
+    );
     let (artifact, sha) = make_artifact(root, "2.0")?;
     rollgate_tests::cluster::start_upgrade(
         &mut c,
@@ -426,7 +452,12 @@ async fn insufficient_active_front_ends_triggers_the_configured_action() -> anyh
             || s.reason.to_lowercase().contains("insufficient"),
         "{s:?}"
     );
-    assert!(fleet.installs().iter().all(|(_, v)| v.is_empty()));
+    assert!(
+        fleet.installs().iter().all(|(_, v)| v.is_empty()),
+        "{:?}\n{}",
+        fleet.installs(),
+        coord.log()
+    );
     coord.terminate().await?;
     Ok(())
 }
