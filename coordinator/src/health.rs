@@ -1030,4 +1030,132 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn concurrent_reports_never_leave_the_counters_off() {
+        // Four writer threads flip the servers they own (state, accepting, busy, departures)
+        // while two reader threads ask the gate over two layouts without the model's lock.
+        // During a round every answer must stay within what some instant could show; after
+        // it, the counters must equal the per-server pass exactly: a report lost or counted
+        // twice by a race would leave them off for good.
+        let base = spec(
+            "p",
+            &[
+                ("ud-1", &["a", "b", "c", "d"]),
+                ("ud-2", &["e", "f", "g", "h"]),
+                ("ud-3", &["i", "j", "k", "l"]),
+            ],
+            6,
+        );
+        let plan = spec(
+            "p",
+            &[
+                ("x", &["a", "b", "c", "d", "e", "f"]),
+                ("y", &["g", "h", "i", "j", "k", "l"]),
+            ],
+            5,
+        );
+        let split = |n: usize| -> PoolSpec {
+            let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"];
+            let domains: Vec<(String, Vec<String>)> = (0..n)
+                .map(|d| {
+                    let members = names
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % n == d)
+                        .map(|(_, s)| (*s).to_owned())
+                        .collect();
+                    (format!("d{d}"), members)
+                })
+                .collect();
+            PoolSpec {
+                domains,
+                ..base.clone()
+            }
+        };
+        let (two, three, four) = (split(2), split(3), split(4));
+        let owned: [&[&str]; 4] = [
+            &["a", "e", "i"],
+            &["b", "f", "j"],
+            &["c", "g", "k"],
+            &["d", "h", "l"],
+        ];
+        let h = SharedHealth::default();
+        let now = 100_000;
+        let c = clocks(now, 0);
+        let none = BTreeSet::new();
+        for s in base.servers() {
+            h.write().set(s, report(now));
+        }
+        for round in 0..5u64 {
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                let writers: Vec<_> = owned
+                    .iter()
+                    .enumerate()
+                    .map(|(w, servers)| {
+                        let h = &h;
+                        scope.spawn(move || {
+                            let mut seed =
+                                (round + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ w as u64;
+                            let mut next = move |n: u64| {
+                                seed ^= seed << 13;
+                                seed ^= seed >> 7;
+                                seed ^= seed << 17;
+                                seed % n
+                            };
+                            for _ in 0..5_000 {
+                                let s = servers[usize::try_from(next(3)).unwrap_or(0)];
+                                let mut m = h.write();
+                                if next(20) == 0 {
+                                    m.forget(s);
+                                    continue;
+                                }
+                                let mut x = report(now);
+                                x.accepting = next(3) != 0;
+                                x.busy = next(7) == 0;
+                                if next(5) == 0 {
+                                    x.state = AgentState::Draining;
+                                }
+                                m.set(s, x);
+                            }
+                        })
+                    })
+                    .collect();
+                // The third reader cycles through layouts of its own: more than a pool keeps,
+                // so views are made and dropped (slots re-pointed, indices reused) while the
+                // writers move counters.
+                let churn: Vec<&PoolSpec> = vec![&two, &three, &four];
+                let readers: Vec<_> = [vec![&base], vec![&plan], churn]
+                    .into_iter()
+                    .map(|layouts| {
+                        let (h, stop, none) = (&h, &stop, &none);
+                        scope.spawn(move || {
+                            let mut answers = 0u64;
+                            while !stop.load(Ordering::Relaxed) {
+                                let p = layouts[answers as usize % layouts.len()];
+                                let r = h.readiness(p, c, none, false, false);
+                                assert!(r.active <= r.total, "{r:?}");
+                                assert_eq!(r.total, 12);
+                                answers += 1;
+                            }
+                            answers
+                        })
+                    })
+                    .collect();
+                // Every writer joined before anything is asserted: a panic must not leave
+                // the readers spinning.
+                let panicked = writers.into_iter().map(|w| w.join()).any(|r| r.is_err());
+                stop.store(true, Ordering::Relaxed);
+                assert!(!panicked, "a writer panicked");
+                for r in readers {
+                    let answers = r.join().unwrap_or_else(|_| panic!("a reader panicked"));
+                    assert!(answers > 0, "the gate never answered during round {round}");
+                }
+            });
+            for p in [&base, &plan, &two, &three, &four] {
+                agree(&h, p, c, &none, false);
+            }
+        }
+    }
 }
