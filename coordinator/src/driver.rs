@@ -386,6 +386,7 @@ impl Driver {
         reconcile: bool,
         store: bool,
     ) -> Result<(), DriveError> {
+        let (actions, store) = self.answer_gates(actions, store);
         self.collect_records(&actions);
         // A transition that only records (a server done while others of its domain still
         // run, a server failed on the way to a pause stored next) leaves nothing a new leader
@@ -416,6 +417,66 @@ impl Driver {
             self.dispatch(a, reconcile);
         }
         Ok(())
+    }
+
+    /// Answers on the spot the readiness checks among `actions` that need nothing the spawned
+    /// check does: asked with no delay, every server of the plan the upgrade has not taken
+    /// down last reported serving and accepting (nothing to refresh), and the pool is Ready
+    /// with the domain free to go down (nothing to wait out or confirm). Each answer is fed to
+    /// the engine at once, which takes that one server down and may ask again for the next
+    /// prepared server; that check counts the servers taken down before it as down, exactly
+    /// as if it had waited for their state to be stored, so every server still goes down on a
+    /// check of its own (review finding #6). The states are then stored in one transaction
+    /// before any of their actions run: the servers of a domain go down one store write
+    /// apart no more. Any other answer goes the usual way (a spawned check), which refreshes,
+    /// waits out stabilisation and confirms InsufficientActiveFrontEnds.
+    fn answer_gates(&mut self, mut actions: Vec<Action>, mut store: bool) -> (Vec<Action>, bool) {
+        // Each answer takes a server down, so the plan's size bounds the rounds.
+        let rounds = self.record.upgrade.plan.servers().count();
+        for _ in 0..rounds {
+            if self.lead.lost.is_cancelled() {
+                break;
+            }
+            let Some(pos) = actions
+                .iter()
+                .position(|a| matches!(a, Action::CheckReadiness { after, .. } if after.is_zero()))
+            else {
+                break;
+            };
+            let Action::CheckReadiness { id, domain, .. } = &actions[pos] else {
+                break;
+            };
+            let Some(ev) = self.ready_now(*id, domain) else {
+                break;
+            };
+            actions.remove(pos);
+            let (next, more) = self.record.upgrade.clone().step(ev);
+            self.record.upgrade = next;
+            store |= must_store(&more);
+            actions.extend(more);
+        }
+        (actions, store)
+    }
+
+    /// The gate's answer to check `id` on `domain` from the state in hand (not yet stored),
+    /// if it is Ready for the domain and needed no fresh report.
+    fn ready_now(&self, id: u64, domain: &str) -> Option<Event> {
+        let up = &self.record.upgrade;
+        let spec = PoolSpec::for_plan(&up.plan, Some(&self.pool));
+        let down: BTreeSet<String> = up.down_servers().into_iter().collect();
+        if !not_serving(&self.env, &spec, &down).is_empty() {
+            return None;
+        }
+        let ev = answer(id, domain, &gate(&self.env, &spec, &down));
+        let ready = matches!(
+            ev,
+            Event::Readiness {
+                state: PoolState::Ready,
+                domain_ready: true,
+                ..
+            }
+        );
+        ready.then_some(ev)
     }
 
     fn collect_records(&mut self, actions: &[Action]) {
@@ -648,21 +709,14 @@ pub async fn check_readiness(
         };
         let spec = PoolSpec::for_plan(&up.plan, Some(cfg));
         let down: BTreeSet<String> = up.down_servers().into_iter().collect();
-        let health = env.agents.health_of(&spec.servers().collect::<Vec<_>>());
-        // Servers the upgrade has taken down count as inactive whatever they report, so they
-        // are not asked again: with a whole domain going down at once, asking each one (a full
-        // probe on a server that is draining) made every server's gate wait for the slowest.
-        let stale: Vec<String> = spec
-            .servers()
-            .filter(|s| !down.contains(*s))
-            .filter(|s| {
-                refresh_all
-                    || health
-                        .get(*s)
-                        .is_none_or(|h| h.state != AgentState::Serving || !h.accepting)
-            })
-            .cloned()
-            .collect();
+        let stale = if refresh_all {
+            spec.servers()
+                .filter(|s| !down.contains(*s))
+                .cloned()
+                .collect()
+        } else {
+            not_serving(env, &spec, &down)
+        };
         env.agents.refresh(stale).await;
         let r = gate(env, &spec, &down);
         if r.state == PoolState::Busy && r.busy_only_stabilising {
@@ -674,19 +728,42 @@ pub async fn check_readiness(
             refresh_all = true;
             continue;
         }
-        let domain_ready = r.domain(domain).is_some_and(|d| d.ready_for_upgrade);
-        let reason = match r.domain(domain) {
-            Some(d) if r.state == PoolState::Ready => {
-                format!("{}; {}: {}", r.reason, domain, d.reason)
-            }
-            _ => r.reason.clone(),
-        };
-        return Event::Readiness {
-            id,
-            state: r.state,
-            domain_ready,
-            reason,
-        };
+        return answer(id, domain, &r);
+    }
+}
+
+/// The servers of `spec` whose last report is not serving and accepting, the upgrade's own
+/// down servers left out: those the gate asks for a fresh report before it answers. Servers
+/// the upgrade has taken down count as inactive whatever they report, so they are not asked
+/// again: with a whole domain going down at once, asking each one (a full probe on a server
+/// that is draining) made every server's gate wait for the slowest.
+fn not_serving(env: &Env, spec: &PoolSpec, down: &BTreeSet<String>) -> Vec<String> {
+    let health = env.agents.health_of(&spec.servers().collect::<Vec<_>>());
+    spec.servers()
+        .filter(|s| !down.contains(*s))
+        .filter(|s| {
+            health
+                .get(*s)
+                .is_none_or(|h| h.state != AgentState::Serving || !h.accepting)
+        })
+        .cloned()
+        .collect()
+}
+
+/// The engine's event for the gate's answer `r` to check `id` on `domain`.
+fn answer(id: u64, domain: &str, r: &readiness::PoolReadiness) -> Event {
+    let domain_ready = r.domain(domain).is_some_and(|d| d.ready_for_upgrade);
+    let reason = match r.domain(domain) {
+        Some(d) if r.state == PoolState::Ready => {
+            format!("{}; {}: {}", r.reason, domain, d.reason)
+        }
+        _ => r.reason.clone(),
+    };
+    Event::Readiness {
+        id,
+        state: r.state,
+        domain_ready,
+        reason,
     }
 }
 

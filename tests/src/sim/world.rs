@@ -12,17 +12,17 @@
 use super::check::Checker;
 use super::rng::Rng;
 use rollgate_common::Epoch;
-use rollgate_coordinator::config::PoolConfig;
+use rollgate_coordinator::config::{PoolConfig, PoolSpec};
 use rollgate_coordinator::env::{Clock, PoolHooks};
 use rollgate_coordinator::link::{
     AgentCommand, AgentLimits, AgentLink, LinkError, OpReply, OpState,
 };
 use rollgate_coordinator::progress::{self, UpgradeRecord};
-use rollgate_coordinator::readiness::{AgentState, ServerHealth};
+use rollgate_coordinator::readiness::{self, AgentState, Clocks, PoolReadiness, ServerHealth};
 use rollgate_coordinator::store::{
     Backend, Candidate, KeyValue, LeaderInfo, Leadership, StoreError, WriteOp,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -207,14 +207,14 @@ pub struct World {
     pub slow_on: Option<String>,
     /// Start requests the control layer refused.
     pub refusals: Vec<String>,
-    /// Per coordinator: when it last refreshed health for a readiness check.
-    last_refresh: Vec<Option<Instant>>,
+    /// Per coordinator: when its upgrade gate last answered (a readiness evaluation without
+    /// rows, which only the driver's gate asks for).
+    last_gate: Vec<Option<Instant>>,
     /// Per gated operation: the readiness check that let it through (the committing
-    /// coordinator's last refresh before the commit).
+    /// coordinator's last gate answer before the commit).
     gate_time: BTreeMap<String, Option<Instant>>,
-    /// Per coordinator, in steps: its last readiness refresh, and its last gated commit.
-    last_refresh_step: Vec<u64>,
-    last_gated_step: Vec<u64>,
+    /// Per coordinator: gate answers since its last commit that took servers down.
+    gates_since: Vec<u64>,
 }
 
 /// The world, shared by every task of one run.
@@ -285,10 +285,9 @@ impl World {
             panic_on: None,
             slow_on: None,
             refusals: Vec::new(),
-            last_refresh: vec![None; coordinators],
+            last_gate: vec![None; coordinators],
             gate_time: BTreeMap::new(),
-            last_refresh_step: vec![0; coordinators],
-            last_gated_step: vec![0; coordinators],
+            gates_since: vec![0; coordinators],
         }
     }
 
@@ -461,28 +460,35 @@ impl World {
             }
         }
         let state = self.upgrade_state(&keys);
-        let gate = self.last_refresh.get(coord).copied().flatten();
-        for op in self.check.on_commit(&keys, state, epoch) {
+        let gate = self.last_gate.get(coord).copied().flatten();
+        let gated = self.check.on_commit(&keys, state, epoch);
+        // The procedure's per-server ReadyForUpgrade: every server that goes down has a
+        // readiness check of its own, answered after the previous one went: as many gate
+        // answers since this coordinator's last commit that took servers down as servers this
+        // commit takes down (a leader may store several in one transaction, each let through
+        // by an answer that counted the ones before it as down).
+        let mut credit = self.gates_since.get(coord).copied().unwrap_or(0);
+        let any = !gated.is_empty();
+        for op in gated {
             self.gate_time.insert(op.clone(), gate);
             let failed_over = self
                 .check
                 .last
                 .as_ref()
                 .is_some_and(|r| r.upgrade.failed_over);
-            let (refreshed, gated) = (
-                self.last_refresh_step.get(coord).copied().unwrap_or(0),
-                self.last_gated_step.get(coord).copied().unwrap_or(0),
-            );
-            // The procedure's per-server ReadyForUpgrade: every server that goes down has a
-            // readiness check of its own, after the previous one went.
-            if !failed_over && refreshed <= gated {
-                self.check.violations.push(format!(
-                    "I2: {op} takes a server down without a readiness check of its own"
-                ));
+            if !failed_over {
+                if credit == 0 {
+                    self.check.violations.push(format!(
+                        "I2: {op} takes a server down without a readiness check of its own"
+                    ));
+                }
+                credit = credit.saturating_sub(1);
             }
             self.steps += 1;
-            if let Some(g) = self.last_gated_step.get_mut(coord) {
-                *g = self.steps;
+        }
+        if any {
+            if let Some(g) = self.gates_since.get_mut(coord) {
+                *g = 0;
             }
         }
         self.trace(&format!("commit rev {rev} epoch {epoch}"));
@@ -1167,19 +1173,33 @@ impl AgentLink for SimAgents {
         lock(&self.w).ms()
     }
 
+    fn readiness(
+        &self,
+        spec: &PoolSpec,
+        clocks: Clocks,
+        going_down: &BTreeSet<String>,
+        operation_running: bool,
+        rows: bool,
+    ) -> PoolReadiness {
+        let health = self.health();
+        if !rows {
+            // The upgrade's gate answering: what lets a server go down (see `commit`).
+            let mut w = lock(&self.w);
+            let now = Instant::now();
+            if let Some(t) = w.last_gate.get_mut(self.coord) {
+                *t = Some(now);
+            }
+            if let Some(n) = w.gates_since.get_mut(self.coord) {
+                *n += 1;
+            }
+            w.steps += 1;
+        }
+        readiness::evaluate(spec, &health, clocks, going_down, operation_running)
+    }
+
     async fn refresh(&self, _servers: Vec<String>) {
         // Health is read from the world as it is: a refresh only costs a round trip.
         let _ = pass(&self.w, self.coord, self.life, Peer::Agents).await;
-        let mut w = lock(&self.w);
-        let now = Instant::now();
-        if let Some(t) = w.last_refresh.get_mut(self.coord) {
-            *t = Some(now);
-        }
-        w.steps += 1;
-        let step = w.steps;
-        if let Some(t) = w.last_refresh_step.get_mut(self.coord) {
-            *t = step;
-        }
     }
 
     async fn run(
