@@ -52,8 +52,10 @@ pub type Held = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 /// What a write refused for space or size does.
 enum OnRefused<'a> {
-    /// Hold (nothing acts until it lands), say why in `held`, and try again.
-    Hold(&'a Held),
+    /// Hold (nothing acts until it lands), say why in `held`, and try again; the status's
+    /// watchers are woken when the hold starts and when it ends, so that `upgrade watch` shows
+    /// it at once rather than with the next change of the upgrade.
+    Hold(&'a Held, &'a watch::Sender<Option<Upgrade>>),
     /// Give up: the caller has nothing stored to hold on to.
     Fail,
 }
@@ -75,11 +77,11 @@ async fn store_txns(
     refused: OnRefused<'_>,
 ) -> Result<(), DriveError> {
     let held = match refused {
-        OnRefused::Hold(h) => Some(h),
+        OnRefused::Hold(h, w) => Some((h, w)),
         OnRefused::Fail => None,
     };
     for ops in txns {
-        let on = held.map_or(OnRefused::Fail, OnRefused::Hold);
+        let on = held.map_or(OnRefused::Fail, |(h, w)| OnRefused::Hold(h, w));
         write_fenced(env, lead, ops, on).await?;
     }
     Ok(())
@@ -143,8 +145,11 @@ async fn write_fenced(
         );
         match written {
             Ok(_) => {
-                if let OnRefused::Hold(h) = &refused {
-                    lock_held(h).take();
+                if let OnRefused::Hold(h, wake) = &refused {
+                    let was = lock_held(h).take();
+                    if was.is_some() {
+                        wake.send_modify(|_| {});
+                    }
                 }
                 return Ok(());
             }
@@ -159,14 +164,17 @@ async fn write_fenced(
             // upgrade holds where it is, said loudly, and the write is tried again slowly: an
             // operator frees space or raises the limit, and it goes on.
             Err(e @ (StoreError::Quota(_) | StoreError::TooLarge(_))) => {
-                let OnRefused::Hold(h) = &refused else {
+                let OnRefused::Hold(h, wake) = &refused else {
                     return Err(DriveError::Refused(e.to_string()));
                 };
-                *lock_held(h) = Some(format!(
+                let was = lock_held(h).replace(format!(
                     "the store refuses this upgrade's writes ({e}); nothing acts until one lands, \
                      tried again every {}s",
                     HELD_RETRY.as_secs()
                 ));
+                if was.is_none() {
+                    wake.send_modify(|_| {});
+                }
                 tracing::error!(error = %e, "progress write refused; the upgrade holds until it lands");
                 tokio::select! {
                     biased;
@@ -524,7 +532,7 @@ impl Driver {
         let refused = if self.stored == progress::Stored::default() {
             OnRefused::Fail
         } else {
-            OnRefused::Hold(&self.held)
+            OnRefused::Hold(&self.held, &self.status)
         };
         store_txns(&self.env, &self.lead, writes.txns, refused).await?;
         self.stored = writes.stored;

@@ -1233,6 +1233,15 @@ async fn etcd_out_of_space_refuses_new_upgrades_and_holds_a_running_one_until_fr
     })
     .await?;
 
+    // An operator following the upgrade: the hold must reach them as it starts, though the
+    // upgrade itself does not move while it holds.
+    let mut watch = c
+        .watch_upgrade(pb::PoolRequest {
+            pool: "pool-a".into(),
+        })
+        .await?
+        .into_inner();
+
     // Fill etcd (outside rollgate's prefix) until it raises its NOSPACE alarm.
     let mut kv = etcd_client::Client::connect(etcd.endpoints(), None).await?;
     let chunk = vec![b'z'; 200 * 1024];
@@ -1249,7 +1258,19 @@ async fn etcd_out_of_space_refuses_new_upgrades_and_holds_a_running_one_until_fr
     }
     ensure!(full, "etcd never ran out of its 4 MiB");
 
-    // The running upgrade holds, and says why.
+    // The running upgrade holds, and says why: on the watch stream, and to a status call.
+    let watched = tokio::time::timeout(LONG, async {
+        while let Some(s) = watch.message().await? {
+            if !s.held.is_empty() {
+                return Ok(s);
+            }
+        }
+        bail!("the upgrade watch ended without showing the hold")
+    })
+    .await
+    .context("the upgrade watch never showed the hold")??;
+    ensure!(watched.held.contains("out of space"), "{}", watched.held);
+    drop(watch);
     let held = wait_status(&[coord.addr], &op, "pool-a", LONG, |s| !s.held.is_empty()).await?;
     ensure!(held.held.contains("out of space"), "{}", held.held);
     ensure!(!held.ended, "{held:?}");
