@@ -7,15 +7,22 @@
 //! coordinator that lists it in its config reaches it anyway). A refusal (unknown pool, a bad
 //! address) is logged as an error and tried again slowly, since it is fixed on the
 //! coordinators' side.
+//!
+//! Whoever answers must prove a coordinator's certificate (`rollgate://coordinator/...`), not
+//! only one of the deployment's CA that names the address dialled: another agent or an
+//! operator's certificate at a coordinator's address is refused before the request is sent
+//! (see [`rollgate_common::peer_tls`]).
 
 use crate::config::AgentConfig;
+use rollgate_common::peer_tls::{Expected, PeerTls, Refusal};
+use rollgate_common::tls::RoleKind;
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::v1::membership_client::MembershipClient;
 use rollgate_proto::operator::LEADER_HEADER;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 
 /// The first pause between rounds; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -46,7 +53,7 @@ pub async fn run(cfg: AgentConfig, listen: SocketAddr, stop: CancellationToken) 
     let Some(join) = cfg.join.clone() else {
         return;
     };
-    let tls = match cfg.tls.as_ref().map(|t| t.client_config()) {
+    let tls = match cfg.tls.as_ref().map(PeerTls::from_files) {
         Some(Ok(t)) => t,
         Some(Err(e)) => {
             tracing::error!(error = %e, "cannot join: the TLS files are unusable");
@@ -109,7 +116,7 @@ pub async fn leave(cfg: &AgentConfig, within: Duration) -> Result<String, String
         .join
         .as_ref()
         .ok_or("leave: the config has no [join] table naming the coordinators")?;
-    let tls = match cfg.tls.as_ref().map(|t| t.client_config()) {
+    let tls = match cfg.tls.as_ref().map(PeerTls::from_files) {
         Some(Ok(t)) => t,
         Some(Err(e)) => return Err(format!("leave: the TLS files are unusable: {e}")),
         None => return Err("leave: the config has no [tls] (leaving needs mTLS)".into()),
@@ -143,19 +150,28 @@ pub async fn leave(cfg: &AgentConfig, within: Duration) -> Result<String, String
     }
 }
 
-async fn ask(addr: &str, tls: &ClientTlsConfig, call: Call) -> Answer {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
-        .and_then(|e| e.tls_config(tls.clone().domain_name(host.trim_matches(['[', ']']))))
-    {
+async fn ask(addr: &str, tls: &PeerTls, call: Call) -> Answer {
+    // The scheme only labels requests: the connector does the handshake and the role check.
+    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(3))
             .timeout(CALL_TIMEOUT),
         Err(e) => return Answer::Refused(format!("coordinator address {addr}: {e}")),
     };
-    let channel = match endpoint.connect().await {
+    let refusal = Refusal::default();
+    let connector = tls.connector(
+        Expected::Kind(RoleKind::Coordinator),
+        std::sync::Arc::clone(&refusal),
+    );
+    let channel = match endpoint.connect_with_connector(connector).await {
         Ok(c) => c,
-        Err(e) => return Answer::Later(format!("cannot connect: {e}")),
+        Err(e) => {
+            let refused = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
+            return match refused {
+                Some(why) => Answer::Refused(why),
+                None => Answer::Later(format!("cannot connect: {e}")),
+            };
+        }
     };
     let mut client = MembershipClient::new(channel);
     let answer = match call {

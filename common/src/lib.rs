@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: loading TOML config files with errors that name the file and the field.
 //! - [`tls`]: mTLS settings for servers and clients, and the role a peer's certificate carries.
+//! - [`peer_tls`]: dialling a peer over mTLS with its role checked before anything is sent.
 //! - [`pki`]: making a CA and role certificates (tests, local setups, `rollgate certs`).
 //! - [`epoch`]: the leader epoch used for fencing.
 //! - [`telemetry`]: tracing set-up, human or JSON.
@@ -12,6 +13,7 @@
 pub mod config;
 pub mod epoch;
 pub mod http;
+pub mod peer_tls;
 pub mod pki;
 pub mod quote;
 pub mod shutdown;

@@ -1,6 +1,7 @@
 //! Agents that join their pool by themselves: no server listed in the coordinator's config.
 
 use crate::coordinator::{embedded, ended, start_req, wait_status};
+use anyhow::ensure;
 use rollgate_common::tls::RoleKind;
 use rollgate_proto::operator::names;
 use rollgate_proto::operator::v1 as pb;
@@ -236,6 +237,32 @@ async fn a_follower_sends_joining_agents_to_the_leader_and_a_server_leaves_by_co
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("had not joined"),
         "{out:?}"
     );
+    // An agent (fe-3's) answering at the address fe-2 is told is a coordinator: refused before
+    // anything is sent, naming what it presented; fe-2 stays a member.
+    let impostor = fleet.servers[2].agent.addr;
+    let text = std::fs::read_to_string(&fleet.servers[1].agent.config)?.replace(
+        &format!("coordinators = [\"{follower}\"]"),
+        &format!("coordinators = [\"{impostor}\"]"),
+    );
+    ensure!(text.contains(&impostor.to_string()), "{text}");
+    let misled = root.join("fe-2-misled.toml");
+    std::fs::write(&misled, text)?;
+    let out = std::process::Command::new(rollgate_tests::bin("rollgate-agent")?)
+        .args(["leave", "--config"])
+        .arg(&misled)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        err.contains("presents a certificate for rollgate://agent/fe-3")
+            && err.contains("not a coordinator"),
+        "{err}"
+    );
+    eventually("fe-2 still a member", LONG, || {
+        let (c, rest) = (&fc, &rest);
+        async move { seen(c).await.filter(|v| v == rest) }
+    })
+    .await?;
     for c in &mut coords {
         c.terminate().await?;
     }
