@@ -37,6 +37,10 @@ pub struct RolloutDriver {
     rollout: Rollout,
     stored: Option<Rollout>,
     status: watch::Sender<Rollout>,
+    /// Pools the roll-out read back from the store had decided to start: a former leader may
+    /// have started them (and they may even have ended), so their start looks for the plan
+    /// first. A start this leader decides needs no such look: its plan cannot be out yet.
+    inherited: std::collections::BTreeSet<String>,
 }
 
 impl RolloutDriver {
@@ -48,12 +52,23 @@ impl RolloutDriver {
         stored: bool,
         status: watch::Sender<Rollout>,
     ) -> Self {
+        let inherited = if stored {
+            rollout
+                .pools
+                .iter()
+                .filter(|(_, p)| p.stage == Stage::Starting)
+                .map(|(pool, _)| pool.clone())
+                .collect()
+        } else {
+            Default::default()
+        };
         RolloutDriver {
             control,
             lead,
             stored: stored.then(|| rollout.clone()),
             rollout,
             status,
+            inherited,
         }
     }
 
@@ -321,16 +336,18 @@ impl RolloutDriver {
             pool: pool.clone(),
             at_ms,
         };
-        match self.control.upgrade(&pool).await {
-            Ok(Some(u)) if u.plan.id == plan_id => return Ok(Some(started)),
-            Ok(_) => {}
-            Err(e) if is_lost(&e) => return Err(e),
-            Err(e) => return Ok(Some(refused(pool, &e, true, at_ms))),
-        }
-        match progress::load_history(&self.control.node().env.store, &pool, 20).await {
-            Ok(h) if h.iter().any(|p| p.plan_id == plan_id) => return Ok(Some(started)),
-            Ok(_) => {}
-            Err(e) => return Ok(Some(refused(pool, &e.into(), true, at_ms))),
+        if self.inherited.contains(&pool) {
+            match self.control.upgrade(&pool).await {
+                Ok(Some(u)) if u.plan.id == plan_id => return Ok(Some(started)),
+                Ok(_) => {}
+                Err(e) if is_lost(&e) => return Err(e),
+                Err(e) => return Ok(Some(refused(pool, &e, true, at_ms))),
+            }
+            match progress::load_history(&self.control.node().env.store, &pool, 20).await {
+                Ok(h) if h.iter().any(|p| p.plan_id == plan_id) => return Ok(Some(started)),
+                Ok(_) => {}
+                Err(e) => return Ok(Some(refused(pool, &e.into(), true, at_ms))),
+            }
         }
         let mut req = self.rollout.plan.template.clone();
         req.pool = pool.clone();
