@@ -170,6 +170,18 @@ async fn graceful_drain_lets_open_connections_finish_while_new_ones_are_refused(
     Ok(())
 }
 
+/// The connections a timed-out drain says are still open: at least the test's own. The count
+/// may also take in the agent's accept probes from just before the drain, whose server side
+/// the service has not closed yet on a loaded machine (CLOSE_WAIT, counted as any client that
+/// hung up before the service answered).
+fn still_open(res: &pb::OperationResult) -> anyhow::Result<u32> {
+    res.message
+        .split_once(" connection(s) still open")
+        .and_then(|(before, _)| before.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no count of open connections in {res:?}"))
+}
+
 #[tokio::test]
 async fn drain_timeout_fails_or_forces_as_asked() -> anyhow::Result<()> {
     let mut s = setup("1.0").await?;
@@ -185,10 +197,7 @@ async fn drain_timeout_fails_or_forces_as_asked() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(state(&res), pb::OperationState::Failed, "{res:?}");
-    assert!(
-        res.message.contains("1 connection(s) still open"),
-        "{res:?}"
-    );
+    assert!(still_open(&res)? >= 1, "{res:?}");
     assert_eq!(
         ask(&mut r, &mut w, "alive").await?,
         "alive",
@@ -1490,10 +1499,7 @@ async fn restart_with_drain_if_accepting_drains_first_and_never_cuts_a_connectio
         .await?
         .into_inner();
     assert_eq!(state(&res), pb::OperationState::Failed, "{res:?}");
-    assert!(
-        res.message.contains("1 connection(s) still open"),
-        "{res:?}"
-    );
+    assert!(still_open(&res)? >= 1, "{res:?}");
     assert_eq!(ask(&mut r, &mut w, "alive").await?, "alive");
     let h = health(&mut s.client).await?;
     assert_eq!(
