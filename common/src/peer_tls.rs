@@ -14,7 +14,7 @@
 //! One rustls client configuration serves every connection of a process (it holds the CA
 //! roots and our identity, parsed once), rather than one per peer.
 
-use crate::tls::{roles_in_der, Role, RoleKind, TlsFiles};
+use crate::tls::{leaf_roles, Role, RoleKind, TlsFiles};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::future::Future;
@@ -186,13 +186,7 @@ impl PeerConnector {
         let tcp = TcpStream::connect((bare, port)).await?;
         tcp.set_nodelay(true)?;
         let stream = self.tls.connect(name, tcp).await?;
-        let roles = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|leaf| roles_in_der(leaf.as_ref()))
-            .unwrap_or_default();
+        let roles = leaf_roles(stream.get_ref().1.peer_certificates());
         let mut refusal = self.refusal.lock().unwrap_or_else(|p| p.into_inner());
         if self.expected.met_by(&roles) {
             *refusal = None;

@@ -144,6 +144,15 @@ pub fn roles_in_der(der: &[u8]) -> Vec<Role> {
         .collect()
 }
 
+/// The roles of a TLS peer's leaf certificate (the first of its verified chain), as
+/// rustls reports the chain; none without one.
+pub fn leaf_roles(chain: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Vec<Role> {
+    chain
+        .and_then(|c| c.first())
+        .map(|leaf| roles_in_der(leaf.as_ref()))
+        .unwrap_or_default()
+}
+
 /// The roles a PEM certificate file carries (to check a daemon's own certificate at start-up).
 pub fn roles_in_pem_file(path: &Path) -> Result<Vec<Role>, TlsError> {
     let pem = read(path, "certificate")?;

@@ -51,6 +51,7 @@ pub enum DriveError {
 pub type Held = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 /// What a write refused for space or size does.
+#[derive(Clone, Copy)]
 enum OnRefused<'a> {
     /// Hold (nothing acts until it lands), say why in `held`, and try again; the status's
     /// watchers are woken when the hold starts and when it ends, so that `upgrade watch` shows
@@ -76,13 +77,8 @@ async fn store_txns(
     txns: Vec<Vec<WriteOp>>,
     refused: OnRefused<'_>,
 ) -> Result<(), DriveError> {
-    let held = match refused {
-        OnRefused::Hold(h, w) => Some((h, w)),
-        OnRefused::Fail => None,
-    };
     for ops in txns {
-        let on = held.map_or(OnRefused::Fail, |(h, w)| OnRefused::Hold(h, w));
-        write_fenced(env, lead, ops, on).await?;
+        write_fenced(env, lead, ops, refused).await?;
     }
     Ok(())
 }

@@ -43,6 +43,14 @@ pub struct RolloutDriver {
     inherited: std::collections::BTreeSet<String>,
 }
 
+/// The pools `r` decided to start and has not seen started.
+fn starting(r: &Rollout) -> impl Iterator<Item = &String> {
+    r.pools
+        .iter()
+        .filter(|(_, p)| p.stage == Stage::Starting)
+        .map(|(pool, _)| pool)
+}
+
 impl RolloutDriver {
     /// A driver for `rollout`; `stored` when it was read from the store as it is.
     pub fn new(
@@ -53,12 +61,7 @@ impl RolloutDriver {
         status: watch::Sender<Rollout>,
     ) -> Self {
         let inherited = if stored {
-            rollout
-                .pools
-                .iter()
-                .filter(|(_, p)| p.stage == Stage::Starting)
-                .map(|(pool, _)| pool.clone())
-                .collect()
+            starting(&rollout).cloned().collect()
         } else {
             Default::default()
         };
@@ -75,10 +78,8 @@ impl RolloutDriver {
     /// The actions a roll-out read back from the store needs again: the starts that were
     /// decided (each finds its plan if it went out before).
     pub fn resumed_actions(r: &Rollout) -> Vec<RolloutAction> {
-        r.pools
-            .iter()
-            .filter(|(_, p)| p.stage == Stage::Starting)
-            .map(|(pool, _)| RolloutAction::Start {
+        starting(r)
+            .map(|pool| RolloutAction::Start {
                 pool: pool.clone(),
                 plan_id: r.plan.plan_id(pool),
             })

@@ -5,7 +5,7 @@ use super::agent::{AgentService, SimAgent};
 use super::gate::{GatedIo, Mode};
 use anyhow::{anyhow, Context};
 use rollgate_common::pki::Ca;
-use rollgate_common::tls::{roles_in_der, Role, RoleKind};
+use rollgate_common::tls::{leaf_roles, Role, RoleKind};
 use rollgate_proto::agent::v1::agent_server::AgentServer;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -158,13 +158,7 @@ async fn handshake(
     let stream = tokio::time::timeout(HANDSHAKE_LIMIT, tls.accept(tcp))
         .await
         .context("tls handshake timed out")??;
-    let roles = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|leaf| roles_in_der(leaf.as_ref()))
-        .unwrap_or_default();
+    let roles = leaf_roles(stream.get_ref().1.peer_certificates());
     if roles.iter().any(|r| r.kind == RoleKind::Coordinator) {
         Ok(stream)
     } else {
