@@ -7,6 +7,7 @@
 //! - [`cluster_lock`]: taken first by every test that starts a whole cluster, so that such tests
 //!   run one at a time under any runner.
 //! - [`owner`]: nothing a test starts outlives the test process, even one that is SIGKILLed.
+//! - [`ports`]: ports for the processes tests start, kept from every other test until exit.
 //! - [`browser`]: a real headless Chromium driven over the DevTools protocol, for web pages.
 //! - [`store_bench`]: the embedded store's write cost, for `rollgate-bench embedded`.
 //! - [`bench_nginx`]: B1 on the peers' real nginx pool, side by side with Ansible `serial`.
@@ -19,6 +20,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod monitor;
 pub mod owner;
+pub mod ports;
 pub mod readiness_bench;
 pub mod scale;
 pub mod sim;
@@ -162,12 +164,7 @@ fn lock_exclusive(path: &Path) -> anyhow::Result<ClusterGuard> {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+pub use ports::free_port;
 
 /// A CA and the certificates issued from it, under one directory.
 pub struct Pki {
