@@ -11,6 +11,7 @@ use crate::engine::{
 };
 use crate::membership::{self, MemberRecord};
 use crate::node::{Node, Origin};
+use crate::pool_locks::PoolGuard;
 use crate::progress::{self, ProgressError, UpgradeRecord};
 use crate::readiness::PoolReadiness;
 use crate::store::{LeaderInfo, Leadership, StoreError};
@@ -415,7 +416,7 @@ impl Control {
             return Ok(u);
         }
         let lead = self.lead().await?;
-        let one_at_a_time = self.node.start_lock.lock().await;
+        let one_at_a_time = self.lock_start(&r.pool).await;
         let pool = self.pool(&r.pool)?.clone();
         let next_event = match progress::load_upgrade(&self.node.env.store, &r.pool).await {
             Ok(Some(stored)) => {
@@ -464,21 +465,35 @@ impl Control {
             .await
     }
 
+    /// `pool` and the pools paired with it (its `paired_pool`, and every pool that names it as
+    /// its own), from the config: joining servers never change pairing.
+    fn with_partners(&self, pool: &str) -> BTreeSet<String> {
+        let mut set: BTreeSet<String> = self
+            .node
+            .cfg
+            .pools
+            .iter()
+            .filter(|p| p.paired_pool.as_deref() == Some(pool))
+            .map(|p| p.name.clone())
+            .chain(self.node.cfg.pool(pool).and_then(|p| p.paired_pool.clone()))
+            .collect();
+        set.insert(pool.to_owned());
+        set
+    }
+
+    /// Takes the start locks of `pool` and of its paired pools (see [`crate::pool_locks`]).
+    async fn lock_start(&self, pool: &str) -> PoolGuard {
+        self.node.start_locks.lock(&self.with_partners(pool)).await
+    }
+
     /// Refuses while a pool paired with `pool` (its `paired_pool`, or a pool that names it as
     /// its own) has an upgrade that has not ended: the backup must be whole while its primary
     /// is upgraded, and the other way round.
     async fn paired_idle(&self, pool: &PoolConfig) -> Result<(), ControlError> {
-        let partners: BTreeSet<String> = self
-            .node
-            .pools()
-            .into_iter()
-            .filter(|p| p.paired_pool.as_deref() == Some(pool.name.as_str()))
-            .map(|p| p.name)
-            .chain(pool.paired_pool.clone())
-            .filter(|p| *p != pool.name)
-            .collect();
+        let mut partners = self.with_partners(&pool.name);
+        partners.remove(&pool.name);
         for paired in partners {
-            if self.node.pool(&paired).is_none() {
+            if self.node.cfg.pool(&paired).is_none() {
                 continue;
             }
             // A driver registered but not yet stored (its start is in flight) is busy too.
@@ -513,17 +528,17 @@ impl Control {
     /// Starts a driver for a new plan (`record`, with its first `actions`) and answers once
     /// its first state is stored. Refused while a driver for the pool still runs.
     ///
-    /// `checked` (the start lock, held since the checks) is released once the driver is
-    /// registered, before its first write: from then on the registered driver itself refuses
-    /// a second start of the pool, and counts as busy for its paired pool, so starts of other
-    /// pools need not wait for this one's store round trip.
+    /// `checked` (the pool's start locks, held since the checks) is released once the driver
+    /// is registered, before its first write: from then on the registered driver itself
+    /// refuses a second start of the pool, and counts as busy for its paired pool, so starts of
+    /// its partners need not wait for this one's store round trip.
     async fn launch(
         &self,
         lead: &Leadership,
         pool: PoolConfig,
         record: UpgradeRecord,
         actions: Vec<Action>,
-        checked: tokio::sync::MutexGuard<'_, ()>,
+        checked: PoolGuard,
     ) -> Result<Upgrade, ControlError> {
         let name = pool.name.clone();
         let (tx, rx) = oneshot::channel();
@@ -579,7 +594,7 @@ impl Control {
     /// a forward upgrade. Answers once the new plan is stored.
     async fn revert(&self, pool: &str, by: &str) -> Result<Upgrade, ControlError> {
         let lead = self.lead().await?;
-        let one_at_a_time = self.node.start_lock.lock().await;
+        let one_at_a_time = self.lock_start(pool).await;
         let cfg = self.pool(pool)?.clone();
         if self
             .node

@@ -4,7 +4,7 @@
 //!   checks, one error → status map); [`web`] and [`metrics`]: the read-only `[http]` side;
 //!   [`server`]: wiring and the shutdown path.
 //! - [`control`]: the leader-side use cases (start with plan defaults, commands, readiness,
-//!   events, failover), typed errors.
+//!   events, failover), typed errors; [`pool_locks`]: a start lock per pool and its pairs.
 //! - [`node`]: campaign, take over (fence agents, resume upgrades and the roll-out), step down.
 //! - [`rollout_driver`]: the loop around a fleet-wide roll-out: store, then start, pause,
 //!   resume or abort pools' upgrades through [`control`]; [`rollout`]: its pure state machine.
@@ -33,6 +33,7 @@ pub mod link;
 pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod pool_locks;
 pub mod progress;
 pub mod readiness;
 pub mod rollout;

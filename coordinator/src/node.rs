@@ -90,9 +90,9 @@ pub struct Node {
     pub rollout_lock: tokio::sync::Mutex<()>,
     /// Pools whose stored upgrade could not be read at take-over, and why.
     unreadable: Mutex<BTreeMap<String, String>>,
-    /// Serialises upgrade starts, so two concurrent requests cannot both pass the "nothing is
-    /// running on this pool" check.
-    pub start_lock: tokio::sync::Mutex<()>,
+    /// Serialises the starts of a pool and of the pools paired with it, so two concurrent
+    /// requests cannot both pass the "nothing is running on this pool" check.
+    pub start_locks: crate::pool_locks::PoolLocks,
     /// Every task this node spawned.
     pub tasks: TaskTracker,
     /// Servers that joined by themselves, as last read from the store.
@@ -120,7 +120,7 @@ impl Node {
             rollout: Mutex::new(None),
             rollout_lock: tokio::sync::Mutex::new(()),
             unreadable: Mutex::new(BTreeMap::new()),
-            start_lock: tokio::sync::Mutex::new(()),
+            start_locks: crate::pool_locks::PoolLocks::default(),
             tasks: TaskTracker::new(),
         })
     }

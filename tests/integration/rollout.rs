@@ -50,13 +50,21 @@ fn pools_toml(fleet: &Fleet) -> String {
 }
 
 async fn start(root: &std::path::Path) -> anyhow::Result<(Fleet, CoordinatorProc, TlsFiles)> {
+    start_on(root, &embedded(root)).await
+}
+
+/// [`start`] with the `[store]` section given.
+async fn start_on(
+    root: &std::path::Path,
+    store: &str,
+) -> anyhow::Result<(Fleet, CoordinatorProc, TlsFiles)> {
     let fleet = Fleet::start(root, "unused", 10, 2, "1.0").await?;
     let coord = CoordinatorProc::start(
         root,
         "c1",
         &fleet.pki.issue(RoleKind::Coordinator, "c1")?,
         // The web view too: the roll-out shows there.
-        &format!("{}\n[http]\nlisten = \"127.0.0.1:0\"", embedded(root)),
+        &format!("{store}\n[http]\nlisten = \"127.0.0.1:0\""),
         &pools_toml(&fleet),
     )
     .await?;
@@ -627,6 +635,78 @@ async fn a_rollout_on_etcd_survives_leader_kills_and_each_server_is_installed_on
     crate::coordinator::check_epochs_monotonic(&fleet).await?;
     for c in &mut coords {
         c.terminate().await?;
+    }
+    Ok(())
+}
+
+/// Every pool started at the same moment, three times: exactly one of the paired pools web-a
+/// and web-b gets through each time (the other is refused for its pair), and every unpaired
+/// pool starts too. Starts of pools that are not paired do not wait for one another (each
+/// pool has its own start lock); a pool and its pair share theirs.
+///
+/// On etcd: its reads are real round trips, during which the other starts run (the embedded
+/// store answers at once, so its starts never interleave).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_let_one_of_a_pair_through_and_every_unpaired_pool() -> anyhow::Result<()>
+{
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let Some(etcd) = rollgate_tests::etcd::EtcdCluster::start(1).await? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let store = crate::coordinator::etcd_store(&etcd.endpoints(), 2);
+    let (_fleet, coord, op) = start_on(root, &store).await?;
+    let c = operator_client(coord.addr, &op).await?;
+    for version in ["2.0", "3.0", "4.0"] {
+        let (artifact, sha) = make_artifact(root, version)?;
+        let mut calls = tokio::task::JoinSet::new();
+        for (name, ..) in POOLS {
+            let mut c = c.clone();
+            let mut req = start_req(name, &artifact, &sha);
+            req.version = version.into();
+            calls.spawn(async move { (name, c.start_upgrade(req).await) });
+        }
+        let mut started = Vec::new();
+        let mut refused = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            match joined? {
+                (name, Ok(_)) => started.push(name),
+                (name, Err(e)) => refused.push((name, e)),
+            }
+        }
+        started.sort_unstable();
+        let webs = started.iter().filter(|p| p.starts_with("web-")).count();
+        ensure!(
+            webs == 1
+                && ["api-a", "api-b", "batch"]
+                    .iter()
+                    .all(|p| started.contains(p)),
+            "version {version}: started {started:?}, refused {refused:?}"
+        );
+        for (name, e) in &refused {
+            ensure!(
+                name.starts_with("web-")
+                    && e.code() == tonic::Code::FailedPrecondition
+                    && e.message().contains("paired with pool web-"),
+                "version {version}: {name} refused for another reason: {e:?}"
+            );
+        }
+        for name in &started {
+            let end = crate::coordinator::wait_status(
+                &[coord.addr],
+                &op,
+                name,
+                LONG,
+                crate::coordinator::ended,
+            )
+            .await?;
+            ensure!(
+                end.version == version
+                    && rollgate_proto::operator::names::upgrade_state(end.status) == "completed",
+                "{name}: {end:?}"
+            );
+        }
     }
     Ok(())
 }
