@@ -24,7 +24,7 @@
 //! (see [`MAX_TXN_OPS`] for the rare one that must be split).
 
 use crate::engine::{Direction, Plan, ServerPhase, ServerProgress, Step, Upgrade};
-use crate::store::{KeyPage, Store, StoreError, WriteOp};
+use crate::store::{KeyPage, KeyValue, Read, Store, StoreError, WriteOp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -538,27 +538,35 @@ pub fn assemble(
 }
 
 /// The pool's upgrade record, if one was ever stored.
+///
+/// The cursor, the plan, the servers' runs and the newest event batch are separate keys, read
+/// together in one [`Store::read_all`]: a follower reading while the leader writes a new plan
+/// never pairs the old cursor with the new plan.
 pub async fn load_upgrade(
     store: &Store,
     pool: &str,
 ) -> Result<Option<UpgradeRecord>, ProgressError> {
-    let Some(cursor) = store.get(&upgrade_key(pool)).await? else {
+    let mut read = store
+        .read_all(&[
+            Read::Key(upgrade_key(pool)),
+            Read::Key(plan_key(pool)),
+            Read::Prefix(runs_prefix(pool)),
+            Read::Page(last_event_batch(pool)),
+        ])
+        .await?
+        .into_iter();
+    let mut next = || read.next().unwrap_or_default();
+    let (cursor, plan, runs, last_batch) = (next(), next(), next(), next());
+    let Some(cursor) = cursor.into_iter().next() else {
         return Ok(None);
     };
-    let plan = store.get(&plan_key(pool)).await?;
-    let runs: Vec<(String, Vec<u8>)> = store
-        .range(&runs_prefix(pool))
-        .await?
-        .into_iter()
-        .map(|kv| (kv.key, kv.value))
-        .collect();
-    let events_end = next_event_after_history(store, pool).await?;
+    let runs: Vec<(String, Vec<u8>)> = runs.into_iter().map(|kv| (kv.key, kv.value)).collect();
     assemble(
         pool,
         &cursor.value,
-        plan.as_ref().map(|kv| kv.value.as_slice()),
+        plan.first().map(|kv| kv.value.as_slice()),
         &runs,
-        Some(events_end),
+        Some(next_event_after(last_batch.first())),
     )
     .map(Some)
 }
@@ -702,16 +710,24 @@ fn fold_step_starts(events: &[EventRecord]) -> Vec<EventRecord> {
 /// The next event number for a pool: one past the last stored event, so that a new plan (or
 /// a cursor that lags behind events flushed on their own) never overwrites history.
 pub async fn next_event_after_history(store: &Store, pool: &str) -> Result<u64, ProgressError> {
+    let last = store.page(&last_event_batch(pool)).await?;
+    Ok(next_event_after(last.first()))
+}
+
+/// The read of a pool's newest event batch.
+fn last_event_batch(pool: &str) -> KeyPage {
     let prefix = events_prefix(pool);
-    let last = store
-        .page(&KeyPage {
-            start: prefix.clone(),
-            end: prefix_end(&prefix),
-            limit: 1,
-            from_end: true,
-        })
-        .await?;
-    Ok(match last.first() {
+    KeyPage {
+        end: prefix_end(&prefix),
+        start: prefix,
+        limit: 1,
+        from_end: true,
+    }
+}
+
+/// The sequence number after `last`, the pool's newest event batch (0: no history).
+fn next_event_after(last: Option<&KeyValue>) -> u64 {
+    match last {
         // An unreadable batch still tells where it started.
         Some(kv) => match decode::<EventBatch>(&kv.key, &kv.value) {
             Ok(b) => b.events.last().map_or(0, |e| e.seq.saturating_add(1)),
@@ -723,7 +739,7 @@ pub async fn next_event_after_history(store: &Store, pool: &str) -> Result<u64, 
                 .map_or(0, |n| n.saturating_add(1)),
         },
         None => 0,
-    })
+    }
 }
 
 /// Batches read per store call while paging through history.

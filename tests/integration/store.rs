@@ -232,7 +232,76 @@ conformance!(
     second_candidate_waits_for_resign,
     leader_reports_current_leader,
     cancelled_campaign_gives_up,
+    a_record_read_while_it_is_written_is_never_torn,
 );
+
+/// A pool's record read over and over while the leader writes a new plan again and again: the
+/// cursor, plan and runs are separate keys, and a reader (a follower's status) must never pair
+/// a cursor with another plan than its own (which reads as "unreadable").
+async fn a_record_read_while_it_is_written_is_never_torn(b: Backend) -> Result<()> {
+    use rollgate_coordinator::engine::{Plan, Upgrade};
+    use rollgate_coordinator::progress::{self, Stored, UpgradeRecord};
+    const WRITES: u64 = 150;
+    let s = &b.store;
+    let l = campaign(s, "a").await?;
+    let record = |i: u64| -> Result<UpgradeRecord> {
+        let servers: Vec<String> = (0..6).map(|n| format!("fe-{n}")).collect();
+        let plan: Plan = serde_json::from_value(serde_json::json!({
+            "id": format!("pool-a-{}", 1_700_000_000_000u64 + i), "pool": "pool-a",
+            "version": format!("2.{i}"), "artifact": "/srv/app.tar.gz", "sha256": "ab".repeat(32),
+            "drain": {"graceful": {"timeout": "5m"}}, "verify_stable": "1s",
+            "verify_timeout": "1m",
+            "domains": [{"name": "ud-1", "servers": servers[..3]}, {"name": "ud-2", "servers": servers[3..]}],
+        }))?;
+        let (upgrade, _) = Upgrade::new(plan)?;
+        Ok(UpgradeRecord {
+            upgrade,
+            next_event: 0,
+            started_by: "operator/test".into(),
+            started_ms: 1_700_000_000_000 + i,
+        })
+    };
+    let first = progress::upgrade_writes(&Stored::default(), &record(0)?, &[]);
+    for txn in first.txns {
+        s.fenced_write(&l, txn).await?;
+    }
+    let done = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let (store, done) = (s.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !done.is_cancelled() {
+                let r = progress::load_upgrade(&store, "pool-a").await;
+                reads += 1;
+                match r {
+                    Ok(Some(_)) => {}
+                    Ok(None) => bail!("read {reads}: the record is gone"),
+                    Err(e) => bail!("read {reads}: {e}"),
+                }
+                // Let the writer's task run on a busy runtime (the embedded store answers at
+                // once).
+                tokio::task::yield_now().await;
+            }
+            Ok(reads)
+        })
+    };
+    let mut stored = first.stored;
+    let t0 = Instant::now();
+    for i in 1..=WRITES {
+        if t0.elapsed() > Duration::from_secs(30) || reader.is_finished() {
+            break;
+        }
+        let w = progress::upgrade_writes(&stored, &record(i)?, &[]);
+        for txn in w.txns {
+            s.fenced_write(&l, txn).await?;
+        }
+        stored = w.stored;
+    }
+    done.cancel();
+    let reads = reader.await??;
+    ensure!(reads > 0, "the reader never read");
+    Ok(())
+}
 
 async fn writes_round_trip(b: Backend) -> Result<()> {
     let s = &b.store;

@@ -296,6 +296,65 @@ impl EtcdStore {
         Ok(out)
     }
 
+    /// See [`super::Store::read_all`]: one transaction of range requests, which etcd serves
+    /// at a single revision.
+    pub async fn read_all(&self, reads: &[super::Read]) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        // An empty page needs no request: `asked` maps each read to its request, if any.
+        let mut ops = Vec::with_capacity(reads.len());
+        let mut asked = Vec::with_capacity(reads.len());
+        for r in reads {
+            let op = match r {
+                super::Read::Key(k) => Some(TxnOp::get(self.full(k), None)),
+                super::Read::Prefix(p) => Some(TxnOp::get(
+                    self.full(p),
+                    Some(GetOptions::new().with_prefix()),
+                )),
+                super::Read::Page(page) if page.start < page.end && page.limit > 0 => {
+                    let order = if page.from_end {
+                        SortOrder::Descend
+                    } else {
+                        SortOrder::Ascend
+                    };
+                    let opts = GetOptions::new()
+                        .with_range(self.full(&page.end))
+                        .with_limit(i64::try_from(page.limit).unwrap_or(i64::MAX))
+                        .with_sort(SortTarget::Key, order);
+                    Some(TxnOp::get(self.full(&page.start), Some(opts)))
+                }
+                super::Read::Page(_) => None,
+            };
+            asked.push(op.is_some());
+            ops.extend(op);
+        }
+        let resp = self
+            .client
+            .kv_client()
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| unavailable("etcd read transaction failed", e))?;
+        let mut answers = resp.op_responses().into_iter();
+        let mut out = Vec::with_capacity(reads.len());
+        for was_asked in asked {
+            if !was_asked {
+                out.push(Vec::new());
+                continue;
+            }
+            let Some(etcd_client::TxnOpResponse::Get(got)) = answers.next() else {
+                return Err(StoreError::Unavailable(
+                    "etcd read transaction: an answer is missing or is not a read".into(),
+                ));
+            };
+            let mut kvs = got
+                .kvs()
+                .iter()
+                .map(|kv| self.relative(kv))
+                .collect::<Result<Vec<_>, _>>()?;
+            kvs.sort_by(|a, b| a.key.cmp(&b.key));
+            out.push(kvs);
+        }
+        Ok(out)
+    }
+
     /// The current leader: the election key with the lowest create revision.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, StoreError> {
         let opts = GetOptions::new()

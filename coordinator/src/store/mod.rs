@@ -97,6 +97,17 @@ pub struct KeyPage {
     pub from_end: bool,
 }
 
+/// One read of [`Store::read_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// One key (zero or one answer).
+    Key(String),
+    /// Every key under a prefix, sorted by key.
+    Prefix(String),
+    /// A bounded page of a key range (see [`KeyPage`]).
+    Page(KeyPage),
+}
+
 /// One change inside a fenced write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
@@ -171,6 +182,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let common = common_prefix(&page.start, &page.end);
         Ok(cut_page(self.range(common).await?, page))
     }
+    /// See [`Store::read_all`]. The default reads one after the other: a backend whose
+    /// writes can land between two reads must override it.
+    async fn read_all(&self, reads: &[Read]) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        let mut out = Vec::with_capacity(reads.len());
+        for r in reads {
+            out.push(match r {
+                Read::Key(k) => self.get(k).await?.into_iter().collect(),
+                Read::Prefix(p) => self.range(p).await?,
+                Read::Page(p) => self.page(p).await?,
+            });
+        }
+        Ok(out)
+    }
     /// See [`Store::campaign`].
     async fn campaign(
         &self,
@@ -228,6 +252,18 @@ impl Store {
             Store::Etcd(s) => s.page(page).await,
             Store::Embedded(s) => s.page(page),
             Store::Dyn(s) => s.page(page).await,
+        }
+    }
+
+    /// Several reads that see one state of the store (no write lands between them), in one
+    /// round trip: one answer per read, in order. A record kept under several keys (a pool's
+    /// cursor, plan and runs) is read with it, so a follower reading while the leader writes
+    /// never pairs one write's cursor with another's plan.
+    pub async fn read_all(&self, reads: &[Read]) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        match self {
+            Store::Etcd(s) => s.read_all(reads).await,
+            Store::Embedded(s) => s.read_all(reads),
+            Store::Dyn(s) => s.read_all(reads).await,
         }
     }
 

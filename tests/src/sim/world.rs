@@ -20,7 +20,7 @@ use rollgate_coordinator::link::{
 use rollgate_coordinator::progress::{self, UpgradeRecord};
 use rollgate_coordinator::readiness::{self, AgentState, Clocks, PoolReadiness, ServerHealth};
 use rollgate_coordinator::store::{
-    Backend, Candidate, KeyValue, LeaderInfo, Leadership, StoreError, WriteOp,
+    Backend, Candidate, KeyValue, LeaderInfo, Leadership, Read, StoreError, WriteOp,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -635,6 +635,38 @@ impl Backend for SimStore {
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .filter_map(|(k, _)| w.kv(k))
+            .collect())
+    }
+
+    /// One round trip, all at one instant (etcd serves a read transaction at one revision).
+    async fn read_all(&self, reads: &[Read]) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        pass(&self.w, self.coord, self.life, Peer::Store)
+            .await
+            .map_err(|()| unavailable())?;
+        let w = lock(&self.w);
+        let kvs = |keys: Vec<&String>| keys.into_iter().filter_map(|k| w.kv(k)).collect();
+        Ok(reads
+            .iter()
+            .map(|r| match r {
+                Read::Key(k) => w.kv(k).into_iter().collect(),
+                Read::Prefix(p) => kvs(w
+                    .kv
+                    .range(p.clone()..)
+                    .map(|(k, _)| k)
+                    .take_while(|k| k.starts_with(p.as_str()))
+                    .collect()),
+                Read::Page(page) if page.start < page.end => {
+                    let inside = w.kv.range(page.start.clone()..page.end.clone());
+                    let mut keys: Vec<&String> = if page.from_end {
+                        inside.rev().take(page.limit).map(|(k, _)| k).collect()
+                    } else {
+                        inside.take(page.limit).map(|(k, _)| k).collect()
+                    };
+                    keys.sort();
+                    kvs(keys)
+                }
+                Read::Page(_) => Vec::new(),
+            })
             .collect())
     }
 

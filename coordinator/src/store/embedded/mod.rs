@@ -142,6 +142,41 @@ fn read_state(m: &RwLock<State>) -> RwLockReadGuard<'_, State> {
     m.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn get_in(st: &State, key: &str) -> Result<Option<KeyValue>, StoreError> {
+    st.data.keys.get(key).map(|e| to_kv(key, e)).transpose()
+}
+
+fn range_in(st: &State, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+    st.data
+        .keys
+        .range(prefix.to_owned()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(k, e)| to_kv(k, e))
+        .collect()
+}
+
+fn page_in(st: &State, page: &super::KeyPage) -> Result<Vec<KeyValue>, StoreError> {
+    if page.start >= page.end {
+        return Ok(Vec::new());
+    }
+    let range = st.data.keys.range(page.start.clone()..page.end.clone());
+
+    let mut out = if page.from_end {
+        range
+            .rev()
+            .take(page.limit)
+            .map(|(k, e)| to_kv(k, e))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        range
+            .take(page.limit)
+            .map(|(k, e)| to_kv(k, e))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
 fn write_state(m: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
     m.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -301,41 +336,32 @@ impl EmbeddedStore {
     /// Reads one key.
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let st = read_state(&self.shared.inner.state);
-        st.data.keys.get(key).map(|e| to_kv(key, e)).transpose()
+        get_in(&st, key)
     }
 
     /// Reads every key under `prefix`, sorted by key.
     pub fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
         let st = read_state(&self.shared.inner.state);
-        st.data
-            .keys
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, e)| to_kv(k, e))
-            .collect()
+        range_in(&st, prefix)
     }
 
     /// See [`super::Store::page`].
     pub fn page(&self, page: &super::KeyPage) -> Result<Vec<KeyValue>, StoreError> {
-        if page.start >= page.end {
-            return Ok(Vec::new());
-        }
         let st = read_state(&self.shared.inner.state);
-        let range = st.data.keys.range(page.start.clone()..page.end.clone());
-        let mut out = if page.from_end {
-            range
-                .rev()
-                .take(page.limit)
-                .map(|(k, e)| to_kv(k, e))
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            range
-                .take(page.limit)
-                .map(|(k, e)| to_kv(k, e))
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        page_in(&st, page)
+    }
+
+    /// See [`super::Store::read_all`]: every read under one hold of the state's lock.
+    pub fn read_all(&self, reads: &[super::Read]) -> Result<Vec<Vec<KeyValue>>, StoreError> {
+        let st = read_state(&self.shared.inner.state);
+        reads
+            .iter()
+            .map(|r| match r {
+                super::Read::Key(k) => Ok(get_in(&st, k)?.into_iter().collect()),
+                super::Read::Prefix(p) => range_in(&st, p),
+                super::Read::Page(p) => page_in(&st, p),
+            })
+            .collect()
     }
 
     /// The current leader: the election key with the lowest create revision.
