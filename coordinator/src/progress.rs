@@ -366,6 +366,7 @@ impl Cursor {
 /// plan's (this plan never touched the server yet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct RunRecord {
+    #[serde(rename = "p", alias = "plan_id")]
     plan_id: String,
     #[serde(flatten)]
     progress: ServerProgress,
@@ -598,10 +599,51 @@ struct BatchedEvent {
 
 /// The events of one stored batch (`key` names it in an error).
 pub fn decode_events(key: &str, value: &[u8]) -> Result<Vec<EventRecord>, ProgressError> {
-    Ok(decode::<EventBatch>(key, value)?.records().collect())
+    Ok(EventBatch::decode(key, value)?.records().collect())
 }
 
+/// The first byte of a deflated event batch. A batch in JSON starts with `{`, so batches
+/// written before they were deflated still read.
+const DEFLATED: u8 = 0x01;
+
+/// A batch inflates to at most this much: far above any batch written (at most
+/// [`MAX_EVENT_BATCH`] events), low enough that a damaged value cannot exhaust memory.
+const MAX_INFLATED_BATCH: usize = 16 << 20;
+
 impl EventBatch {
+    /// JSON, deflated when that is shorter: a batch repeats its kinds, server names and
+    /// messages, so it shrinks several times over (the history is most of the bytes an
+    /// upgrade writes, B7).
+    fn encode(&self) -> Vec<u8> {
+        let json = encode(self);
+        let deflated = miniz_oxide::deflate::compress_to_vec(&json, 6);
+        if deflated.len() + 1 < json.len() {
+            let mut out = Vec::with_capacity(deflated.len() + 1);
+            out.push(DEFLATED);
+            out.extend_from_slice(&deflated);
+            out
+        } else {
+            json
+        }
+    }
+
+    fn decode(key: &str, value: &[u8]) -> Result<EventBatch, ProgressError> {
+        match value.split_first() {
+            Some((&DEFLATED, deflated)) => {
+                let json = miniz_oxide::inflate::decompress_to_vec_with_limit(
+                    deflated,
+                    MAX_INFLATED_BATCH,
+                )
+                .map_err(|e| ProgressError::Unreadable {
+                    key: key.to_string(),
+                    message: format!("a deflated event batch does not inflate: {e}"),
+                })?;
+                decode(key, &json)
+            }
+            _ => decode(key, value),
+        }
+    }
+
     fn records(self) -> impl Iterator<Item = EventRecord> {
         let (plan, epoch, by) = (self.plan, self.epoch, self.by);
         self.events.into_iter().map(move |e| EventRecord {
@@ -630,7 +672,7 @@ pub fn events_writes(pool: &str, events: &[EventRecord]) -> Vec<WriteOp> {
         if let Some(first) = b.events.first() {
             ops.push(WriteOp::Put {
                 key: event_key(pool, first.seq),
-                value: encode(&b),
+                value: b.encode(),
             });
         }
     };
@@ -729,7 +771,7 @@ fn last_event_batch(pool: &str) -> KeyPage {
 fn next_event_after(last: Option<&KeyValue>) -> u64 {
     match last {
         // An unreadable batch still tells where it started.
-        Some(kv) => match decode::<EventBatch>(&kv.key, &kv.value) {
+        Some(kv) => match EventBatch::decode(&kv.key, &kv.value) {
             Ok(b) => b.events.last().map_or(0, |e| e.seq.saturating_add(1)),
             Err(_) => kv
                 .key
@@ -764,7 +806,7 @@ pub async fn load_events(
     let wanted = |seq: u64| seq < before && after.is_none_or(|a| seq > a);
     let decoded = |kvs: Vec<crate::store::KeyValue>| -> Vec<EventRecord> {
         kvs.into_iter()
-            .filter_map(|kv| decode::<EventBatch>(&kv.key, &kv.value).ok())
+            .filter_map(|kv| EventBatch::decode(&kv.key, &kv.value).ok())
             .flat_map(EventBatch::records)
             .collect()
     };
@@ -1272,6 +1314,78 @@ mod tests {
                 start: events_prefix("p"),
                 end: event_key("p", 42)
             })
+        );
+    }
+
+    #[test]
+    fn event_batches_are_stored_deflated_and_older_json_batches_still_read() {
+        let events: Vec<EventRecord> = (0..30)
+            .map(|q| EventRecord {
+                seq: q,
+                at_ms: 1_800_000_000_000 + q,
+                plan_id: "pool-a-1800000000000".into(),
+                epoch: 4,
+                coordinator: "c1".into(),
+                kind: "step_succeeded".into(),
+                server: format!("fe-{:04}", q / 6),
+                domain: "ud-1".into(),
+                message: format!("install succeeded (attempt 1): installed version 2.0 ({q})"),
+            })
+            .collect();
+        let ops = events_writes("pool-a", &events);
+        let Some(WriteOp::Put { key, value }) = ops.first() else {
+            panic!("no batch written: {ops:?}");
+        };
+        let batch = EventBatch::decode(key, value).expect("reads back");
+        let json = encode(&batch);
+        assert_eq!(value[0], DEFLATED);
+        assert!(
+            value.len() * 3 < json.len(),
+            "{} bytes deflated against {} in JSON",
+            value.len(),
+            json.len()
+        );
+        assert_eq!(decode_events(key, value).expect("deflated"), events);
+        // A batch written as JSON (before batches were deflated) reads the same.
+        assert_eq!(decode_events(key, &json).expect("JSON"), events);
+        // A damaged one is unreadable, named by its key.
+        let mut bad = value.clone();
+        bad.truncate(bad.len() / 2);
+        let err = decode_events(key, &bad).expect_err("cut in half");
+        assert!(err.to_string().contains(key.as_str()), "{err}");
+    }
+
+    #[test]
+    fn run_records_are_short_and_the_long_form_still_reads() {
+        let down = RunRecord {
+            plan_id: "pool-a-1800000000000".into(),
+            progress: in_flight(Step::Drain, 1, true),
+        };
+        let json = String::from_utf8(encode(&down)).expect("utf-8");
+        // 112 bytes with the long names.
+        assert!(json.len() <= 90, "{} bytes: {json}", json.len());
+        assert_eq!(
+            decode::<RunRecord>("runs/pool-a/fe-1", json.as_bytes()).expect("reads"),
+            down
+        );
+        // As first stored, with the long names.
+        let long = r#"{"plan_id":"pool-a-1800000000000","phase":{"in_flight":{"step":"drain","attempt":1}},"direction":"forward","down":true}"#;
+        assert_eq!(
+            decode::<RunRecord>("runs/pool-a/fe-1", long.as_bytes()).expect("reads"),
+            down
+        );
+        let back = RunRecord {
+            plan_id: "pool-a-1800000000000".into(),
+            progress: ServerProgress {
+                phase: ServerPhase::Done,
+                direction: Direction::Backward,
+                down: false,
+            },
+        };
+        let json = encode(&back);
+        assert_eq!(
+            decode::<RunRecord>("runs/pool-a/fe-1", &json).expect("reads"),
+            back
         );
     }
 

@@ -586,7 +586,13 @@ async fn measure(o: &ScaleOpts, rep: &mut ScaleReport) -> anyhow::Result<()> {
 
     // etcd transactions and bytes per upgraded server.
     match etcd_per_server(&etcd, &mut lc, &fleet, o).await {
-        Ok((n, txns, bytes, secs)) => {
+        Ok(EtcdCost {
+            servers: n,
+            txns,
+            bytes,
+            by_kind,
+            secs,
+        }) => {
             rep.add(
                 &format!("upgrade of one pool ({n} servers)"),
                 format!("{secs:.2} s"),
@@ -598,6 +604,14 @@ async fn measure(o: &ScaleOpts, rep: &mut ScaleReport) -> anyhow::Result<()> {
             rep.add(
                 "etcd bytes written (key + value of every put) per upgraded server (B7 ≤ 1 KiB)",
                 format!("{:.0} B ({bytes} B in all)", bytes as f64 / n as f64),
+            );
+            let kinds: Vec<String> = by_kind
+                .iter()
+                .map(|(k, b)| format!("{k} {:.0} B", *b as f64 / n as f64))
+                .collect();
+            rep.add(
+                "etcd bytes per upgraded server, by kind of key",
+                kinds.join(", "),
             );
             rep.num("etcd_txns_per_server", txns as f64 / n as f64);
             rep.num("etcd_bytes_per_server", bytes as f64 / n as f64);
@@ -921,13 +935,36 @@ async fn etcd_revision(kv: &mut etcd_client::Client) -> anyhow::Result<i64> {
         .revision())
 }
 
-/// Upgrades pool 0; returns (servers, etcd revisions used, bytes put, seconds).
+/// What [`etcd_per_server`] measured.
+struct EtcdCost {
+    servers: usize,
+    /// etcd revisions used (write transactions).
+    txns: i64,
+    /// Key + value bytes of every put.
+    bytes: u64,
+    /// The same bytes by kind of key (the path segment before the pool's name: `runs`,
+    /// `events`, ...).
+    by_kind: std::collections::BTreeMap<String, u64>,
+    secs: f64,
+}
+
+/// The kind of a rollgate key: the path segment just before `pool`, or "other".
+fn key_kind(key: &[u8], pool: &str) -> String {
+    let key = String::from_utf8_lossy(key);
+    let parts: Vec<&str> = key.split('/').collect();
+    parts
+        .windows(2)
+        .find(|w| w[1] == pool)
+        .map_or_else(|| "other".to_owned(), |w| w[0].to_owned())
+}
+
+/// Upgrades pool 0 and measures what it wrote to etcd.
 async fn etcd_per_server(
     etcd: &crate::etcd::EtcdCluster,
     c: &mut OperatorClient<Channel>,
     fleet: &FleetProc,
     o: &ScaleOpts,
-) -> anyhow::Result<(usize, i64, u64, f64)> {
+) -> anyhow::Result<EtcdCost> {
     let pool = crate::fleet::pool_name(0);
     let n = fleet.agents.iter().filter(|a| a.pool == pool).count();
     let mut kv = etcd_client::Client::connect(etcd.endpoints(), None).await?;
@@ -962,6 +999,7 @@ async fn etcd_per_server(
     let r1 = etcd_revision(&mut kv).await?;
     // etcd's own history of the range: every event from r0+1 to r1.
     let mut bytes = 0u64;
+    let mut by_kind = std::collections::BTreeMap::new();
     if r1 > r0 {
         let mut stream = kv
             .watch(
@@ -990,12 +1028,20 @@ async fn etcd_per_server(
                 }
                 upto = upto.max(kv.mod_revision());
                 if ev.event_type() == etcd_client::EventType::Put {
-                    bytes += (kv.key().len() + kv.value().len()) as u64;
+                    let b = (kv.key().len() + kv.value().len()) as u64;
+                    bytes += b;
+                    *by_kind.entry(key_kind(kv.key(), &pool)).or_insert(0) += b;
                 }
             }
         }
     }
-    Ok((n, r1 - r0, bytes, secs))
+    Ok(EtcdCost {
+        servers: n,
+        txns: r1 - r0,
+        bytes,
+        by_kind,
+        secs,
+    })
 }
 
 /// StartUpgrade on every pool at once: (all calls returned, every pool's first step at its

@@ -70,6 +70,16 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// [`Direction::Forward`] (a serde default).
+    pub fn forward() -> Direction {
+        Direction::Forward
+    }
+
+    /// Whether this is [`Direction::Forward`].
+    pub fn is_forward(&self) -> bool {
+        *self == Direction::Forward
+    }
+
     /// The short tag used in operation ids.
     pub fn tag(&self) -> &'static str {
         match self {
@@ -114,15 +124,29 @@ pub enum ServerPhase {
     },
 }
 
+/// Stored once per server launched and ended (B7: bytes per upgraded server), so its names are
+/// short; the long names it was first stored under still read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerProgress {
+    #[serde(rename = "ph", alias = "phase")]
     pub phase: ServerPhase,
     /// The pass this phase belongs to. A Forward server that is Pending while the upgrade rolls
     /// back was never touched and is left alone.
+    #[serde(
+        rename = "dir",
+        alias = "direction",
+        default = "Direction::forward",
+        skip_serializing_if = "Direction::is_forward"
+    )]
     pub direction: Direction,
     /// This upgrade took the server out of service (a step that takes it down started) and no
     /// chain has brought it back yet (a chain ends with a verify that passed).
-    #[serde(default)]
+    #[serde(
+        rename = "dn",
+        alias = "down",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub down: bool,
 }
 
