@@ -690,6 +690,100 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     Ok(())
 }
 
+/// A take-over fences every agent, also one that was down while it happened: the background
+/// pass tries a failed fence again with a growing pause, so the agent is at the new leader's
+/// epoch soon after it is back, although no command reaches it (its pool is idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_down_during_a_take_over_is_fenced_once_it_is_back() -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let Some(etcd) = etcd_cluster().await? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let mut fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
+    let mut coords = Vec::new();
+    for id in ["c1", "c2"] {
+        coords.push(
+            CoordinatorProc::start(
+                root,
+                id,
+                &fleet.pki.issue(RoleKind::Coordinator, id)?,
+                &etcd_store(&etcd.endpoints(), 2),
+                &fleet.pool_toml(""),
+            )
+            .await?,
+        );
+    }
+    let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
+    let c = operator_client(coords[0].addr, &op).await?;
+    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { leader_of(&mut c).await }
+    })
+    .await?;
+    let li = coords
+        .iter()
+        .position(|x| x.id == leader)
+        .context("the leader is one of the two")?;
+    wait_ready(&operator_client(coords[li].addr, &op).await?, "pool-a").await?;
+    // An agent's epoch, as its Health answer gives it.
+    let observer = fleet.pki.issue(RoleKind::Coordinator, "observer")?;
+    let at_epoch = |addrs: Vec<std::net::SocketAddr>, want: u64| {
+        let observer = observer.clone();
+        async move {
+            for a in addrs {
+                let mut ac = agent_client(a, &observer).await.ok()?;
+                let h = ac.health(apb::HealthRequest {}).await.ok()?.into_inner();
+                if h.epoch != want {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    };
+    let addrs: Vec<_> = fleet.servers.iter().map(|s| s.agent.addr).collect();
+    eventually(&format!("every agent at epoch {epoch}"), LONG, || {
+        at_epoch(addrs.clone(), epoch)
+    })
+    .await?;
+
+    // fe-3's agent goes down, then the leader is killed: the take-over cannot fence fe-3.
+    fleet.servers[2].agent.kill().await?;
+    coords[li].kill().await?;
+    let oc = operator_client(coords[1 - li].addr, &op).await?;
+    let (_, newer) = eventually("the other coordinator to lead", LONG, || {
+        let mut oc = oc.clone();
+        async move { leader_of(&mut oc).await.filter(|(_, e)| *e > epoch) }
+    })
+    .await?;
+    eventually(&format!("fe-1 and fe-2 at epoch {newer}"), LONG, || {
+        at_epoch(addrs[..2].to_vec(), newer)
+    })
+    .await?;
+    // fe-3 comes back at the epoch it had, and a retry of its fence raises it.
+    fleet.servers[2].agent.restart().await?;
+    let mut ac = agent_client(fleet.servers[2].agent.addr, &observer).await?;
+    let back = ac.health(apb::HealthRequest {}).await?.into_inner().epoch;
+    ensure!(
+        back <= newer,
+        "fe-3 came back at epoch {back}, past {newer}"
+    );
+    eventually(
+        &format!("fe-3 at epoch {newer} (it came back at {back})"),
+        Duration::from_secs(40),
+        || at_epoch(vec![addrs[2]], newer),
+    )
+    .await?;
+    // Fenced, not commanded: the pool is idle and nothing ran on fe-3.
+    ensure!(
+        fleet.servers[2].fe.installs().is_empty(),
+        "fe-3 was upgraded: {:?}",
+        fleet.servers[2].fe.installs()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow::Result<()> {
     let _cluster = rollgate_tests::cluster_lock().await?;
