@@ -1,8 +1,10 @@
 //! Facts about the local service, measured rather than assumed: a real TCP connect, the
 //! established connections the kernel lists for its ports, the HTTP health URL, the busy probe.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 /// TCP states from include/net/tcp_states.h that still hold a client: ESTABLISHED (01),
@@ -10,12 +12,14 @@ use tokio::net::TcpStream;
 const ACTIVE_STATES: [&str; 3] = ["01", "03", "08"];
 
 /// Counts connections in `/proc/net/tcp`-format text whose local port is one of `ports` and
-/// whose state still holds a client. Listening sockets and closing ones are not counted.
-pub fn count_active(proc_net_tcp: &str, ports: &HashSet<u16>) -> u32 {
+/// whose state still holds a client. Listening sockets and closing ones are not counted, nor
+/// connections from `own` (this agent's own accept probes: a service that keeps its listener
+/// open while it drains leaves them in its accept queue, in CLOSE_WAIT, and they are no client).
+pub fn count_active(proc_net_tcp: &str, ports: &HashSet<u16>, own: &HashSet<SocketAddr>) -> u32 {
     let mut n = 0u32;
     for line in proc_net_tcp.lines().skip(1) {
         let mut fields = line.split_whitespace();
-        let (Some(_slot), Some(local), Some(_remote), Some(state)) =
+        let (Some(_slot), Some(local), Some(remote), Some(state)) =
             (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             continue;
@@ -26,19 +30,75 @@ pub fn count_active(proc_net_tcp: &str, ports: &HashSet<u16>) -> u32 {
         else {
             continue;
         };
-        if ports.contains(&port) && ACTIVE_STATES.contains(&state) {
-            n = n.saturating_add(1);
+        if !ports.contains(&port) || !ACTIVE_STATES.contains(&state) {
+            continue;
         }
+        if !own.is_empty() && proc_addr(remote).is_some_and(|a| own.contains(&a)) {
+            continue;
+        }
+        n = n.saturating_add(1);
     }
     n
 }
 
-/// Established connections on `ports`, over IPv4 and IPv6, in this network namespace.
+/// An address as `/proc/net/tcp` and `tcp6` print it: the IP as 32-bit words in the kernel's
+/// byte order, in hex, then `:` and the port in hex.
+fn proc_addr(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    if ip.len() != 8 && ip.len() != 32 {
+        return None;
+    }
+    for i in (0..ip.len()).step_by(8) {
+        let word = u32::from_str_radix(ip.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match <[u8; 4]>::try_from(bytes.as_slice()) {
+        Ok(v4) => IpAddr::from(v4),
+        Err(_) => IpAddr::from(<[u8; 16]>::try_from(bytes.as_slice()).ok()?),
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// How long a probe's connection may stay in the service's accept queue and still be known as
+/// the agent's own; past it the kernel may give its port to another connection.
+const OWN_PROBE_MEMORY: Duration = Duration::from_secs(60);
+
+/// At most this many recent probes are remembered (a probe runs every report interval at most).
+const OWN_PROBES_KEPT: usize = 1024;
+
+/// The local ends of this agent's recent accept probes, newest last.
+static OWN_PROBES: Mutex<VecDeque<(SocketAddr, Instant)>> = Mutex::new(VecDeque::new());
+
+fn remember_probe(local: SocketAddr) {
+    let mut own = OWN_PROBES.lock().unwrap_or_else(|p| p.into_inner());
+    if own.len() >= OWN_PROBES_KEPT {
+        own.pop_front();
+    }
+    own.push_back((local, Instant::now()));
+}
+
+/// The local ends of the probes made in the last [`OWN_PROBE_MEMORY`].
+fn own_probes() -> HashSet<SocketAddr> {
+    let mut own = OWN_PROBES.lock().unwrap_or_else(|p| p.into_inner());
+    while own
+        .front()
+        .is_some_and(|(_, at)| at.elapsed() > OWN_PROBE_MEMORY)
+    {
+        own.pop_front();
+    }
+    own.iter().map(|(a, _)| *a).collect()
+}
+
+/// Established connections on `ports`, over IPv4 and IPv6, in this network namespace, the
+/// agent's own probes left out.
 pub async fn active_connections(ports: &HashSet<u16>) -> u32 {
+    let own = own_probes();
     let mut total = 0u32;
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         if let Ok(text) = tokio::fs::read_to_string(file).await {
-            total = total.saturating_add(count_active(&text, ports));
+            total = total.saturating_add(count_active(&text, ports, &own));
         }
     }
     total
@@ -47,12 +107,13 @@ pub async fn active_connections(ports: &HashSet<u16>) -> u32 {
 /// True when a TCP connect to every port succeeds within `timeout`.
 pub async fn accepting(host: &str, ports: &[u16], timeout: Duration) -> bool {
     for &port in ports {
-        let ok = matches!(
-            tokio::time::timeout(timeout, TcpStream::connect((host, port))).await,
-            Ok(Ok(_))
-        );
-        if !ok {
-            return false;
+        match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+            Ok(Ok(stream)) => {
+                if let Ok(local) = stream.local_addr() {
+                    remember_probe(local);
+                }
+            }
+            _ => return false,
         }
     }
     true
@@ -94,22 +155,61 @@ mod tests {
     fn counts_only_server_side_connections_that_hold_a_client() {
         let ports: HashSet<u16> = [8080].into_iter().collect();
         // Line 0 listens, line 2 is the client's side, line 3 is TIME_WAIT: not counted.
-        assert_eq!(count_active(SAMPLE, &ports), 2);
+        assert_eq!(count_active(SAMPLE, &ports, &HashSet::new()), 2);
         let other: HashSet<u16> = [9090].into_iter().collect();
-        assert_eq!(count_active(SAMPLE, &other), 0);
+        assert_eq!(count_active(SAMPLE, &other, &HashSet::new()), 0);
+    }
+
+    #[test]
+    fn the_agents_own_probes_are_not_counted() {
+        let ports: HashSet<u16> = [8080].into_iter().collect();
+        // Line 4 is a client at 127.0.0.1:54004 (0xD2F4) in CLOSE_WAIT: the agent's own probe.
+        let own: HashSet<SocketAddr> = ["127.0.0.1:54004".parse().expect("an address")].into();
+        assert_eq!(count_active(SAMPLE, &ports, &own), 1);
+        // The same port from another address is another client.
+        let elsewhere: HashSet<SocketAddr> = ["10.0.0.1:54004".parse().expect("an address")].into();
+        assert_eq!(count_active(SAMPLE, &ports, &elsewhere), 2);
+        assert_eq!(
+            proc_addr("00000000000000000000000001000000:C350"),
+            Some("[::1]:50000".parse().expect("an address"))
+        );
+        assert_eq!(proc_addr("0100007F"), None);
+        assert_eq!(proc_addr("7F:1F90"), None);
+    }
+
+    /// A listener that never accepts (a draining service that keeps its socket open): the
+    /// agent's probe sits in its accept queue and the kernel lists it, but it is no client.
+    #[tokio::test]
+    async fn a_probe_left_in_the_accept_queue_is_not_an_open_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let ports: HashSet<u16> = [port].into_iter().collect();
+        assert!(accepting("127.0.0.1", &[port], Duration::from_secs(2)).await);
+        // The kernel lists the queued probe (in CLOSE_WAIT once the probe side closed)...
+        let text = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        assert_eq!(count_active(&text, &ports, &HashSet::new()), 1, "{text}");
+        // ... and the agent does not count it.
+        assert_eq!(active_connections(&ports).await, 0);
+        // A client of someone else is counted.
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        assert_eq!(active_connections(&ports).await, 1);
+        drop(listener);
     }
 
     #[test]
     fn ipv6_addresses_parse() {
         let text = "header\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:C350 01 0:0 0:0 0 0 0 1\n";
         let ports: HashSet<u16> = [8080].into_iter().collect();
-        assert_eq!(count_active(text, &ports), 1);
+        assert_eq!(count_active(text, &ports, &HashSet::new()), 1);
     }
 
     #[test]
     fn garbage_lines_count_nothing() {
         let ports: HashSet<u16> = [8080].into_iter().collect();
-        assert_eq!(count_active("header\nnonsense\n  1: zz:zz\n", &ports), 0);
+        assert_eq!(
+            count_active("header\nnonsense\n  1: zz:zz\n", &ports, &HashSet::new()),
+            0
+        );
     }
 
     #[tokio::test]
