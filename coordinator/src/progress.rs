@@ -979,16 +979,18 @@ pub fn upgrade_writes(stored: &Stored, record: &UpgradeRecord, events: &[EventRe
         stored.clone()
     };
     let mut servers_ops = Vec::new();
-    if new_plan {
-        servers_ops.push(WriteOp::Put {
-            key: plan_key(pool),
-            value: encode(&PlanRecord {
-                plan: u.plan.clone(),
-                started_by: record.started_by.clone(),
-                started_ms: record.started_ms,
-            }),
-        });
-    }
+    // The plan goes with the cursor that names it: when a write is too big for one
+    // transaction and only its first ones land (a leader dies in between), the store still
+    // holds the previous plan with its own cursor (the new plan's runs, tagged with its id,
+    // are not the old plan's), not a new plan under an old cursor, which reads as unreadable.
+    let plan_op = new_plan.then(|| WriteOp::Put {
+        key: plan_key(pool),
+        value: encode(&PlanRecord {
+            plan: u.plan.clone(),
+            started_by: record.started_by.clone(),
+            started_ms: record.started_ms,
+        }),
+    });
     for (server, now) in &u.servers {
         let before = next.servers.get(server).cloned().unwrap_or_else(untouched);
         if accounts_for(&before, now) {
@@ -1006,7 +1008,7 @@ pub fn upgrade_writes(stored: &Stored, record: &UpgradeRecord, events: &[EventRe
     let cursor = Cursor::of(record);
     let cursor_changed = next.cursor.as_ref().is_none_or(|c| !c.same_state(&cursor));
     let state_changed = cursor_changed || !servers_ops.is_empty();
-    let mut last = Vec::new();
+    let mut last: Vec<WriteOp> = plan_op.into_iter().collect();
     if state_changed {
         last.push(WriteOp::Put {
             key: upgrade_key(pool),
@@ -1264,6 +1266,39 @@ mod tests {
             matches!(&last[0], WriteOp::Put { key, .. } if *key == upgrade_key("pool-a")),
             "the cursor comes last"
         );
+    }
+
+    #[test]
+    fn a_new_plan_cut_between_its_transactions_leaves_the_previous_one_readable() {
+        // A completed plan of 600 servers is stored.
+        let mut old = record("pool-a", 600);
+        for p in old.upgrade.servers.values_mut() {
+            p.phase = ServerPhase::Done;
+        }
+        old.upgrade.status = crate::engine::Status::Completed;
+        let mut kv = BTreeMap::new();
+        apply(&mut kv, &upgrade_writes(&Stored::default(), &old, &[]).txns);
+        let stored = upgrade_writes(&Stored::default(), &old, &[]).stored;
+        // A new plan launches 300 of them in its first write: more than one transaction.
+        let mut new = record("pool-a", 600);
+        new.upgrade.plan.id = "pool-a-1800000000000".into();
+        for (i, p) in new.upgrade.servers.values_mut().enumerate() {
+            if i % 2 == 0 {
+                *p = in_flight(Step::Prepare, 1, false);
+            }
+        }
+        let w = upgrade_writes(&stored, &new, &[]);
+        assert!(w.txns.len() > 1, "{} transactions", w.txns.len());
+        // The leader dies before the last transaction: the old plan still reads, whole where
+        // the new one did not touch it.
+        let (last, first) = w.txns.split_last().expect("some");
+        apply(&mut kv, first);
+        let seen = load(&kv, "pool-a");
+        assert_eq!(seen.upgrade.plan.id, old.upgrade.plan.id);
+        assert!(seen.upgrade.is_terminal());
+        // Then it lands: the new plan reads.
+        apply(&mut kv, std::slice::from_ref(last));
+        assert_eq!(load(&kv, "pool-a"), new);
     }
 
     #[test]
