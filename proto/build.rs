@@ -16,7 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .into(),
         );
     }
-    tonic_prost_build::configure().compile_protos(&protos, &["."])?;
+    // The agent service with smaller codec buffers (see src/codec.rs); the operator API as is.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallCodec")
+        .compile_protos(&protos[..1], &["."])?;
+    tonic_prost_build::configure().compile_protos(&protos[1..], &["."])?;
     Ok(())
 }
 
