@@ -7,7 +7,9 @@ use rollgate_proto::agent::v1 as apb;
 use rollgate_proto::operator::names;
 use rollgate_proto::operator::v1 as pb;
 use rollgate_proto::operator::v1::operator_client::OperatorClient;
-use rollgate_tests::cluster::{cli, leader_of, operator_client, CoordinatorProc, Fleet};
+use rollgate_tests::cluster::{
+    cli, leader_of, operator_client, wait_leader, CoordinatorProc, Fleet,
+};
 use rollgate_tests::monitor::Monitor;
 use rollgate_tests::{agent_client, eventually, make_artifact};
 use std::collections::BTreeSet;
@@ -579,11 +581,7 @@ async fn sigkill_of_the_leader_mid_domain_resumes_and_installs_each_server_exact
     let addrs: Vec<_> = coords.iter().map(|c| c.addr).collect();
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(addrs[0], &op).await?;
-    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { leader_of(&mut c).await }
-    })
-    .await?;
+    let (leader, epoch) = wait_leader(&c, 0, Duration::from_secs(20)).await?;
     let mut lc = operator_client(
         coords
             .iter()
@@ -717,11 +715,7 @@ async fn an_agent_down_during_a_take_over_is_fenced_once_it_is_back() -> anyhow:
     }
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(coords[0].addr, &op).await?;
-    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { leader_of(&mut c).await }
-    })
-    .await?;
+    let (leader, epoch) = wait_leader(&c, 0, Duration::from_secs(20)).await?;
     let li = coords
         .iter()
         .position(|x| x.id == leader)
@@ -752,11 +746,7 @@ async fn an_agent_down_during_a_take_over_is_fenced_once_it_is_back() -> anyhow:
     fleet.servers[2].agent.kill().await?;
     coords[li].kill().await?;
     let oc = operator_client(coords[1 - li].addr, &op).await?;
-    let (_, newer) = eventually("the other coordinator to lead", LONG, || {
-        let mut oc = oc.clone();
-        async move { leader_of(&mut oc).await.filter(|(_, e)| *e > epoch) }
-    })
-    .await?;
+    let (_, newer) = wait_leader(&oc, epoch, LONG).await?;
     eventually(&format!("fe-1 and fe-2 at epoch {newer}"), LONG, || {
         at_epoch(addrs[..2].to_vec(), newer)
     })
@@ -811,11 +801,7 @@ async fn a_leader_frozen_past_its_lease_is_fenced_off_when_it_wakes() -> anyhow:
     let addrs: Vec<_> = coords.iter().map(|c| c.addr).collect();
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(addrs[0], &op).await?;
-    let (leader, epoch) = eventually("a leader", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { leader_of(&mut c).await }
-    })
-    .await?;
+    let (leader, epoch) = wait_leader(&c, 0, Duration::from_secs(20)).await?;
     let li = coords
         .iter()
         .position(|x| x.id == leader)

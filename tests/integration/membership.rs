@@ -167,11 +167,7 @@ async fn a_follower_sends_joining_agents_to_the_leader_and_a_server_leaves_by_co
     }
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(coords[0].addr, &op).await?;
-    let (leader, _) = eventually("a leader", LONG, || {
-        let mut c = c.clone();
-        async move { rollgate_tests::cluster::leader_of(&mut c).await }
-    })
-    .await?;
+    let (leader, _) = rollgate_tests::cluster::wait_leader(&c, 0, LONG).await?;
     let follower = coords
         .iter()
         .find(|c| c.id != leader)

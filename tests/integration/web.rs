@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use rollgate_common::tls::RoleKind;
 use rollgate_proto::operator::names;
 use rollgate_tests::browser::Browser;
-use rollgate_tests::cluster::{leader_of, operator_client, CoordinatorProc, Fleet};
+use rollgate_tests::cluster::{operator_client, wait_leader, CoordinatorProc, Fleet};
 use rollgate_tests::{eventually, http_get, make_artifact};
 use std::time::Duration;
 
@@ -52,11 +52,7 @@ async fn a_followers_web_view_shows_the_upgrade_live_in_a_real_browser() -> anyh
     }
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(coords[0].addr, &op).await?;
-    let (leader, _) = eventually("a leader", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { leader_of(&mut c).await }
-    })
-    .await?;
+    let (leader, _) = wait_leader(&c, 0, Duration::from_secs(20)).await?;
     let lead = coords.iter().find(|c| c.id == leader).context("leader")?;
     let follower = coords.iter().find(|c| c.id != leader).context("follower")?;
     let mut lc = operator_client(lead.addr, &op).await?;

@@ -322,6 +322,24 @@ pub async fn leader_of(c: &mut OperatorClient<Channel>) -> Option<(String, u64)>
     (!r.id.is_empty()).then_some((r.id, r.epoch))
 }
 
+/// Waits (at most `limit`) until `c` names a leader at an epoch above `after` (0: any leader).
+pub async fn wait_leader(
+    c: &OperatorClient<Channel>,
+    after: u64,
+    limit: std::time::Duration,
+) -> anyhow::Result<(String, u64)> {
+    let what = if after == 0 {
+        "a leader".to_owned()
+    } else {
+        format!("a leader at an epoch above {after}")
+    };
+    crate::eventually(&what, limit, || {
+        let mut c = c.clone();
+        async move { leader_of(&mut c).await.filter(|(_, e)| *e > after) }
+    })
+    .await
+}
+
 /// A `rollgate` CLI command preset with `tls` and the coordinator addresses.
 pub fn cli(tls: &TlsFiles, coordinators: &[SocketAddr]) -> anyhow::Result<std::process::Command> {
     let mut c = std::process::Command::new(bin("rollgate")?);

@@ -252,25 +252,33 @@ impl EtcdStore {
 
     /// Reads every key under `prefix` (relative), sorted by key.
     pub async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
-        let mut resp = self
+        let resp = self
             .client
             .kv_client()
             .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| unavailable("etcd range failed", e))?;
-        let mut out = resp
-            .take_kvs()
-            .iter()
-            .map(|kv| self.relative(kv))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        self.sorted(resp.kvs())
     }
 
     /// See [`super::Store::page`].
     pub async fn page(&self, page: &super::KeyPage) -> Result<Vec<KeyValue>, StoreError> {
-        if page.start >= page.end || page.limit == 0 {
+        let Some((start, opts)) = self.page_request(page) else {
             return Ok(Vec::new());
+        };
+        let resp = self
+            .client
+            .kv_client()
+            .get(start, Some(opts))
+            .await
+            .map_err(|e| unavailable("etcd range failed", e))?;
+        self.sorted(resp.kvs())
+    }
+
+    /// The start key and options of `page`'s range request; `None` for an empty page.
+    fn page_request(&self, page: &super::KeyPage) -> Option<(String, GetOptions)> {
+        if page.start >= page.end || page.limit == 0 {
+            return None;
         }
         let order = if page.from_end {
             SortOrder::Descend
@@ -281,14 +289,12 @@ impl EtcdStore {
             .with_range(self.full(&page.end))
             .with_limit(i64::try_from(page.limit).unwrap_or(i64::MAX))
             .with_sort(SortTarget::Key, order);
-        let mut resp = self
-            .client
-            .kv_client()
-            .get(self.full(&page.start), Some(opts))
-            .await
-            .map_err(|e| unavailable("etcd range failed", e))?;
-        let mut out = resp
-            .take_kvs()
+        Some((self.full(&page.start), opts))
+    }
+
+    /// A range answer's keys, relative and sorted by key.
+    fn sorted(&self, kvs: &[etcd_client::KeyValue]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = kvs
             .iter()
             .map(|kv| self.relative(kv))
             .collect::<Result<Vec<_>, _>>()?;
@@ -309,19 +315,9 @@ impl EtcdStore {
                     self.full(p),
                     Some(GetOptions::new().with_prefix()),
                 )),
-                super::Read::Page(page) if page.start < page.end && page.limit > 0 => {
-                    let order = if page.from_end {
-                        SortOrder::Descend
-                    } else {
-                        SortOrder::Ascend
-                    };
-                    let opts = GetOptions::new()
-                        .with_range(self.full(&page.end))
-                        .with_limit(i64::try_from(page.limit).unwrap_or(i64::MAX))
-                        .with_sort(SortTarget::Key, order);
-                    Some(TxnOp::get(self.full(&page.start), Some(opts)))
-                }
-                super::Read::Page(_) => None,
+                super::Read::Page(page) => self
+                    .page_request(page)
+                    .map(|(start, opts)| TxnOp::get(start, Some(opts))),
             };
             asked.push(op.is_some());
             ops.extend(op);
@@ -344,13 +340,7 @@ impl EtcdStore {
                     "etcd read transaction: an answer is missing or is not a read".into(),
                 ));
             };
-            let mut kvs = got
-                .kvs()
-                .iter()
-                .map(|kv| self.relative(kv))
-                .collect::<Result<Vec<_>, _>>()?;
-            kvs.sort_by(|a, b| a.key.cmp(&b.key));
-            out.push(kvs);
+            out.push(self.sorted(got.kvs())?);
         }
         Ok(out)
     }
