@@ -4,8 +4,9 @@
 use crate::core::{AgentCore, Health, OnDrainTimeout, OpBody, OpHeader, Reply, ServiceState};
 use crate::error::AgentError;
 use crate::journal::{OpKind, OpRecord, OpState};
+use futures_util::StreamExt;
 use rollgate_common::quote::quoted;
-use rollgate_common::tls::{authorize, RoleKind};
+use rollgate_common::tls::{authorize, authorize_roles, Role, RoleKind};
 use rollgate_common::Epoch;
 use rollgate_proto::agent::v1 as pb;
 use std::pin::Pin;
@@ -14,9 +15,9 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// State-changing calls: coordinators only.
-const WRITERS: &[RoleKind] = &[RoleKind::Coordinator];
+pub(crate) const WRITERS: &[RoleKind] = &[RoleKind::Coordinator];
 /// Read-only calls: coordinators and operators.
-const READERS: &[RoleKind] = &[RoleKind::Coordinator, RoleKind::Operator];
+pub(crate) const READERS: &[RoleKind] = &[RoleKind::Coordinator, RoleKind::Operator];
 /// The longest any duration in a request may be: the coordinator's own bound on a plan's waits.
 /// Beyond it a typo or a wrapped negative number (u64::MAX ms: 584 million years) would keep
 /// the agent busy, refusing every other operation, until it is restarted.
@@ -27,17 +28,37 @@ const MAX_WAIT_MS: u64 = 24 * 3600 * 1000;
 pub struct AgentApi {
     core: Arc<AgentCore>,
     insecure: bool,
+    /// The roles of a report line's client (its certificate was read once, at the handshake):
+    /// requests on a line carry no certificate of their own.
+    line_caller: Option<Arc<[Role]>>,
 }
 
 impl AgentApi {
     /// Serves `core`; `insecure` turns role checks off (only with TLS off).
     pub fn new(core: Arc<AgentCore>, insecure: bool) -> Self {
-        AgentApi { core, insecure }
+        AgentApi {
+            core,
+            insecure,
+            line_caller: None,
+        }
+    }
+
+    /// Serves the requests of one report line whose client proved `roles`, with the same
+    /// checks and answers as the gRPC calls.
+    pub fn for_line(core: Arc<AgentCore>, roles: Vec<Role>) -> Self {
+        AgentApi {
+            core,
+            insecure: false,
+            line_caller: Some(roles.into()),
+        }
     }
 
     #[allow(clippy::result_large_err)]
     fn allow<T>(&self, req: &Request<T>, roles: &[RoleKind]) -> Result<(), Status> {
-        authorize(req, self.insecure, roles).map(|_| ())
+        match &self.line_caller {
+            Some(caller) => authorize_roles(caller, roles).map(|_| ()),
+            None => authorize(req, self.insecure, roles).map(|_| ()),
+        }
     }
 
     fn ms(v: u64, default: Duration) -> Duration {
@@ -182,7 +203,7 @@ fn result_of(reply: &Reply) -> pb::OperationResult {
     record_of(&reply.record, reply.replayed)
 }
 
-fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
+pub(crate) fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
     pb::HealthReport {
         server_id: core.cfg.server_id.clone(),
         pool: core.cfg.pool.clone(),
@@ -215,6 +236,33 @@ fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
         installed_sha256: h.installed_sha256.clone(),
         previous_version: h.previous_version.clone(),
     }
+}
+
+/// The agent's reports as watchers get them (the Watch stream and the report line): one at
+/// once, one on every change, and the last one again after `heartbeat_interval` of quiet. The
+/// heartbeat comes from here, not from the probe task, so a probe that hangs for a while cannot
+/// make this agent look lost. Ends at shutdown, so that graceful server shutdown is not held up
+/// by open watchers.
+pub(crate) fn reports(
+    core: Arc<AgentCore>,
+) -> impl futures_util::Stream<Item = pb::HealthReport> + Send + Unpin {
+    let rx = core.subscribe();
+    let stop = core.shutdown_token().clone();
+    let beat = core.cfg.heartbeat_interval;
+    Box::pin(futures_util::stream::unfold(
+        (rx, stop, core, true),
+        move |(mut rx, stop, core, first)| async move {
+            if !first {
+                tokio::select! {
+                    changed = rx.changed() => changed.ok()?,
+                    _ = tokio::time::sleep(beat) => {}
+                    _ = stop.cancelled() => return None,
+                }
+            }
+            let report = report_of(&core, &rx.borrow_and_update());
+            Some((report, (rx, stop, core, false)))
+        },
+    ))
 }
 
 /// The agent's own time limits, so that callers derive their deadlines from them rather than
@@ -252,28 +300,7 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.allow(&req, READERS)?;
-        let rx = self.core.subscribe();
-        let stop = self.core.shutdown_token().clone();
-        let core = Arc::clone(&self.core);
-        let beat = core.cfg.heartbeat_interval;
-        // A report on every change, and the last one again after `beat` of quiet: the
-        // heartbeat comes from here, not from the probe task, so a probe that hangs for a
-        // while cannot make this agent look lost. Ends at shutdown, so that graceful server
-        // shutdown is not held up by open watchers.
-        let stream = futures_util::stream::unfold(
-            (rx, stop, core, true),
-            move |(mut rx, stop, core, first)| async move {
-                if !first {
-                    tokio::select! {
-                        changed = rx.changed() => changed.ok()?,
-                        _ = tokio::time::sleep(beat) => {}
-                        _ = stop.cancelled() => return None,
-                    }
-                }
-                let report = report_of(&core, &rx.borrow_and_update());
-                Some((Ok(report), (rx, stop, core, false)))
-            },
-        );
+        let stream = reports(Arc::clone(&self.core)).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: the TOML config and its validation.
 //! - [`core`]: admission of fenced operations, running them, probing health (no gRPC).
-//! - [`grpc`]: the `rollgate.agent.v1.Agent` adapter and the error-to-status mapping.
+//! - [`grpc`]: the `rollgate.agent.v1.Agent` adapter and the error-to-status mapping;
+//!   [`line`]: the same reports and the fence over the lighter report line.
 //! - [`server`]: binding, TLS, services and the shutdown path.
 //! - [`journal`]: the durable operation journal; [`durable`]: the epoch and service record.
 //! - [`hooks`]: running service commands; [`probe`]: TCP, /proc/net/tcp, HTTP and busy probes;
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod hooks;
 pub mod join;
 pub mod journal;
+pub mod line;
 pub mod metrics;
 pub mod probe;
 pub mod server;

@@ -7,6 +7,10 @@ use crate::grpc::AgentApi;
 use rollgate_proto::agent::v1::agent_server::AgentServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 /// Where `[http]` listens when it names no address.
@@ -21,8 +25,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     let insecure = cfg.insecure;
+    // TLS is done here rather than by tonic, so that a connection can choose the report line
+    // (ALPN) instead of HTTP/2.
     let tls = match &cfg.tls {
-        Some(files) => Some(files.server_config()?),
+        Some(files) => Some(rollgate_common::peer_tls::server_config(
+            files,
+            &[b"h2", rollgate_proto::line::ALPN],
+        )?),
         None => None,
     };
     let grace = cfg.shutdown_grace;
@@ -76,22 +85,38 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg.max(64 * 1024));
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    } else {
+    let builder = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(api);
+    if tls.is_none() {
         tracing::warn!("INSECURE MODE: no TLS and no role checks; anyone who can reach {addr} can drain, stop and install. Use only for a local demo.");
     }
     core.write_addr_file(addr)?;
     tracing::info!(%addr, server_id = %core.cfg.server_id, pool = %core.cfg.pool, epoch = core.epoch().get(), "agent listening");
 
     let stop = shutdown.clone();
-    let serve = builder
-        .add_service(health_service)
-        .add_service(api)
-        .serve_with_incoming_shutdown(rollgate_common::incoming_nodelay(listener), async move {
-            stop.cancelled().await;
-        });
+    let incoming = rollgate_common::incoming_nodelay(listener);
+    let accepting = Arc::clone(&core);
+    let serve = async move {
+        match tls {
+            Some(tls) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                let tasks = accepting.tasks().clone();
+                tasks.spawn(accept_tls(accepting, incoming, tls, tx));
+                let tls_incoming = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|c| (Ok::<_, std::io::Error>(c), rx))
+                });
+                builder
+                    .serve_with_incoming_shutdown(tls_incoming, stop.cancelled_owned())
+                    .await
+            }
+            None => {
+                builder
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await
+            }
+        }
+    };
     let served = serve.await;
     reporter.set_not_serving::<AgentServer<AgentApi>>().await;
     reporter
@@ -107,4 +132,58 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     served?;
     Ok(())
+}
+
+/// How long a client may take over its TLS handshake before its connection is dropped.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until shutdown: each one's TLS handshake runs on its own task; HTTP/2
+/// connections go to the gRPC server (`to_grpc`), report lines are served here.
+async fn accept_tls(
+    core: Arc<AgentCore>,
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<TcpStream>>,
+    tls: Arc<rustls::ServerConfig>,
+    to_grpc: tokio::sync::mpsc::Sender<TlsStream<TcpStream>>,
+) {
+    use tokio_stream::StreamExt;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stop = core.shutdown_token().clone();
+    tokio::pin!(incoming);
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = incoming.next() => match next {
+                Some(Ok(tcp)) => tcp,
+                Some(Err(e)) => {
+                    // Out of descriptors or similar: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                    }
+                }
+                None => return,
+            },
+        };
+        let (acceptor, to_grpc, core2) = (acceptor.clone(), to_grpc.clone(), Arc::clone(&core));
+        core.tasks().spawn(async move {
+            let peer = tcp.peer_addr().ok();
+            let stream = match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(?peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(?peer, "tls handshake timed out");
+                    return;
+                }
+            };
+            if stream.get_ref().1.alpn_protocol() == Some(rollgate_proto::line::ALPN) {
+                crate::line::serve(core2, stream).await;
+            } else {
+                let _ = to_grpc.send(stream).await;
+            }
+        });
+    }
 }

@@ -63,29 +63,81 @@ fn file_err(what: &'static str, path: &std::path::Path, message: impl ToString) 
     }
 }
 
+/// The CA roots, our certificate chain and key, read from `files`.
+fn read_identity(
+    files: &TlsFiles,
+) -> Result<
+    (
+        rustls::RootCertStore,
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    ),
+    PeerTlsError,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(&files.ca)
+        .map_err(|e| file_err("ca", &files.ca, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err("ca", &files.ca, e))?;
+    if cas.is_empty() {
+        return Err(file_err("ca", &files.ca, "no certificate in the file"));
+    }
+    for ca in cas {
+        roots.add(ca).map_err(|e| file_err("ca", &files.ca, e))?;
+    }
+    let chain = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| file_err("cert", &files.cert, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err("cert", &files.cert, e))?;
+    if chain.is_empty() {
+        return Err(file_err("cert", &files.cert, "no certificate in the file"));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("key", &files.key, e))?;
+    Ok((roots, chain, key))
+}
+
+/// The server side of mTLS from `files`: clients must present a certificate of the CA, and
+/// may choose one of `alpn` (the first they offer that is listed).
+pub fn server_config(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, PeerTlsError> {
+    let (roots, chain, key) = read_identity(files)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .map_err(|e| PeerTlsError::Config(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PeerTlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| PeerTlsError::Config(e.to_string()))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// True when the peer refused the handshake because it speaks none of the ALPN protocols
+/// offered (an older peer, for a protocol it does not know).
+pub fn protocol_refused(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+            )
+        })
+}
+
 impl PeerTls {
     /// Reads the CA, our certificate chain and key.
     pub fn from_files(files: &TlsFiles) -> Result<PeerTls, PeerTlsError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let cas = CertificateDer::pem_file_iter(&files.ca)
-            .map_err(|e| file_err("ca", &files.ca, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| file_err("ca", &files.ca, e))?;
-        if cas.is_empty() {
-            return Err(file_err("ca", &files.ca, "no certificate in the file"));
-        }
-        for ca in cas {
-            roots.add(ca).map_err(|e| file_err("ca", &files.ca, e))?;
-        }
-        let chain = CertificateDer::pem_file_iter(&files.cert)
-            .map_err(|e| file_err("cert", &files.cert, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| file_err("cert", &files.cert, e))?;
-        if chain.is_empty() {
-            return Err(file_err("cert", &files.cert, "no certificate in the file"));
-        }
-        let key =
-            PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("key", &files.key, e))?;
+        let (roots, chain, key) = read_identity(files)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -99,6 +151,15 @@ impl PeerTls {
         })
     }
 
+    /// The same identity and roots, offering `alpn` instead of `h2` (made once, then shared).
+    pub fn with_alpn(&self, alpn: &[u8]) -> PeerTls {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        PeerTls {
+            config: Arc::new(config),
+        }
+    }
+
     /// A connector that accepts only a peer proving `expected`. A refused identity is also
     /// written to `refusal`, so that whoever reports on the peer can say why it is unreachable.
     pub fn connector(&self, expected: Expected, refusal: Refusal) -> PeerConnector {
@@ -107,6 +168,20 @@ impl PeerTls {
             expected,
             refusal,
         }
+    }
+
+    /// Dials `address` (`host:port`), runs the handshake and checks that the peer proves
+    /// `expected`, as [`PeerConnector`] does for gRPC.
+    pub async fn dial(
+        &self,
+        address: &str,
+        expected: Expected,
+        refusal: Refusal,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, std::io::Error> {
+        let uri: tonic::codegen::http::Uri = format!("http://{address}")
+            .parse()
+            .map_err(|e| invalid(format!("address {address}: {e}")))?;
+        self.connector(expected, refusal).handshake(uri).await
     }
 }
 
@@ -173,6 +248,13 @@ fn invalid(message: String) -> std::io::Error {
 
 impl PeerConnector {
     async fn connect(self, uri: tonic::codegen::http::Uri) -> Result<Io, std::io::Error> {
+        self.handshake(uri).await.map(hyper_util::rt::TokioIo::new)
+    }
+
+    async fn handshake(
+        self,
+        uri: tonic::codegen::http::Uri,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, std::io::Error> {
         let host = uri
             .host()
             .ok_or_else(|| invalid(format!("address {uri} has no host")))?;
@@ -190,7 +272,7 @@ impl PeerConnector {
         let mut refusal = self.refusal.lock().unwrap_or_else(|p| p.into_inner());
         if self.expected.met_by(&roles) {
             *refusal = None;
-            return Ok(hyper_util::rt::TokioIo::new(stream));
+            return Ok(stream);
         }
         let had = if roles.is_empty() {
             "no rollgate role".to_owned()

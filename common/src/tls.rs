@@ -181,7 +181,13 @@ pub fn authorize<T>(
     let leaf = certs.first().ok_or_else(|| {
         tonic::Status::unauthenticated("no client certificate: rollgate requires mutual TLS")
     })?;
-    let roles = roles_in_der(leaf.as_ref());
+    authorize_roles(&roles_in_der(leaf.as_ref()), allowed)
+}
+
+/// The caller among `roles` (a verified client certificate's) whose kind is in `allowed`;
+/// otherwise `PERMISSION_DENIED` naming what was required and what the certificate carries.
+#[allow(clippy::result_large_err)]
+pub fn authorize_roles(roles: &[Role], allowed: &[RoleKind]) -> Result<Caller, tonic::Status> {
     if let Some(role) = roles.iter().find(|r| allowed.contains(&r.kind)) {
         return Ok(Caller::Authenticated(role.clone()));
     }

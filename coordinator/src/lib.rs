@@ -15,7 +15,8 @@
 //! - [`readiness`]: Ready / Busy / InsufficientActiveFrontEnds, a pure function; [`health`]:
 //!   the live health model (entries in place, per-domain counters, one expiry queue).
 //! - [`link`]: the `AgentLink` seam to the agents; [`inventory`]: its tonic implementation
-//!   and the live health model; [`agent_tls`]: mTLS to agents with their identity checked;
+//!   and the live health model; [`report_line`]: the light health stream (reports, fence)
+//!   per agent; [`agent_tls`]: mTLS to agents with their identity checked;
 //!   [`env`]: the store, agents, hooks and clock the leader runs on.
 //! - [`config`]: the TOML config, pools and their upgrade domains.
 
@@ -36,6 +37,7 @@ pub mod node;
 pub mod pool_locks;
 pub mod progress;
 pub mod readiness;
+pub mod report_line;
 pub mod rollout;
 pub mod rollout_driver;
 pub mod server;

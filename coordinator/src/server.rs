@@ -112,7 +112,11 @@ pub async fn run(
     let lost_after = cfg.lost_after;
     let node = Node::new(Arc::new(cfg), env);
     let watchers = CancellationToken::new();
-    inventory.watch_all(&node.tasks, &watchers);
+    inventory.watch_all(
+        &node.tasks,
+        &watchers,
+        crate::inventory::line_idle(lost_after),
+    );
     let (expiry, stop_expiry) = (Arc::clone(&inventory), watchers.clone());
     node.tasks
         .spawn(async move { expiry.expire_loop(lost_after, &stop_expiry).await });

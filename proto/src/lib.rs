@@ -1,6 +1,7 @@
 //! rollgate's wire contract: generated types and services, one module per versioned package.
 
 pub mod codec;
+pub mod line;
 
 /// `rollgate.agent.v1`: the per-server agent.
 pub mod agent {

@@ -81,7 +81,11 @@ async fn a_hung_agent_is_lost_within_3s_and_one_with_a_slow_probe_never_is() -> 
         Some(coord),
     )?);
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-    inv.watch_all(&tasks, &stop);
+    inv.watch_all(
+        &tasks,
+        &stop,
+        rollgate_coordinator::inventory::line_idle(LOST_AFTER),
+    );
     {
         let (inv, stop) = (Arc::clone(&inv), stop.clone());
         tasks.spawn(async move { inv.expire_loop(LOST_AFTER, &stop).await });
@@ -108,6 +112,8 @@ async fn a_hung_agent_is_lost_within_3s_and_one_with_a_slow_probe_never_is() -> 
     })
     .await
     .with_context(|| format!("{:?}\n{}", look(true), agents[1].log()))?;
+    // Their health came over the report line: no gRPC connection was made to either.
+    assert_eq!(inv.step_clients(), 0, "a gRPC client was made for health");
 
     let thaw = Thaw(&agents[0]);
     signal(&agents[0], nix::sys::signal::Signal::SIGSTOP)?;

@@ -9,6 +9,7 @@ mod fault;
 mod fleet;
 mod fuzz;
 mod lifetime;
+mod line;
 mod liveness;
 mod membership;
 mod operator;

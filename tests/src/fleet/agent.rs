@@ -57,6 +57,70 @@ pub struct SimAgent {
 }
 
 impl SimAgent {
+    /// Raises the epoch (the Fence call and the report line's fence).
+    #[allow(clippy::result_large_err)]
+    pub fn fence(&self, epoch: u64) -> Result<pb::FenceResponse, Status> {
+        let now = {
+            let mut s = self.lock();
+            self.admit(&mut s, epoch)?;
+            s.epoch
+        };
+        self.bump();
+        Ok(pb::FenceResponse { epoch: now })
+    }
+
+    /// Serves a report line (the real agent's contract) over `io` until it closes or `stop`:
+    /// every request is answered by the same [`AgentService`] method as its gRPC call.
+    pub async fn serve_line<IO>(self: Arc<Self>, io: IO, stop: tokio_util::sync::CancellationToken)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use futures_util::StreamExt;
+        use pb::agent_server::Agent;
+        use pb::line_message::Kind as Out;
+        use pb::line_request::Kind as In;
+        fn out<T>(r: Result<Response<T>, Status>, kind: fn(T) -> Out) -> Result<Out, Status> {
+            r.map(|r| kind(r.into_inner()))
+        }
+        let reports = async_reports(
+            Arc::clone(&self),
+            self.changed.subscribe(),
+            self.mode.subscribe(),
+        )
+        .filter_map(|r| std::future::ready(r.ok()));
+        let service = AgentService(Arc::clone(&self));
+        let answer = move |req: pb::LineRequest| {
+            let api = service.clone();
+            async move {
+                let kind = match req.kind {
+                    Some(In::Health(m)) => out(api.health(Request::new(m)).await, Out::Report),
+                    Some(In::Fence(m)) => out(api.fence(Request::new(m)).await, Out::Fenced),
+                    Some(In::Drain(m)) => out(api.drain(Request::new(m)).await, Out::Result),
+                    Some(In::Stop(m)) => out(api.stop(Request::new(m)).await, Out::Result),
+                    Some(In::InstallPatch(m)) => {
+                        out(api.install_patch(Request::new(m)).await, Out::Result)
+                    }
+                    Some(In::Rollback(m)) => out(api.rollback(Request::new(m)).await, Out::Result),
+                    Some(In::Restart(m)) => out(api.restart(Request::new(m)).await, Out::Result),
+                    Some(In::Verify(m)) => out(api.verify(Request::new(m)).await, Out::Result),
+                    Some(In::OperationStatus(m)) => {
+                        out(api.operation_status(Request::new(m)).await, Out::Result)
+                    }
+                    None => Err(Status::invalid_argument("line request without a kind")),
+                };
+                match kind {
+                    Ok(kind) => pb::LineMessage {
+                        id: req.id,
+                        kind: Some(kind),
+                    },
+                    Err(status) => rollgate_proto::line::error(req.id, &status),
+                }
+            }
+        };
+        let _ = rollgate_proto::line::serve(io, Box::pin(reports), answer, stop.cancelled_owned())
+            .await;
+    }
+
     /// A serving agent with `version` installed at epoch 0.
     pub fn new(id: Identity, version: &str, step: Duration, report_interval: Duration) -> Self {
         SimAgent {
@@ -349,13 +413,7 @@ impl pb::agent_server::Agent for AgentService {
         req: Request<pb::FenceRequest>,
     ) -> Result<Response<pb::FenceResponse>, Status> {
         let epoch = req.into_inner().epoch;
-        let now = {
-            let mut s = self.0.lock();
-            self.0.admit(&mut s, epoch)?;
-            s.epoch
-        };
-        self.0.bump();
-        Ok(Response::new(pb::FenceResponse { epoch: now }))
+        Ok(Response::new(self.0.fence(epoch)?))
     }
 
     async fn drain(

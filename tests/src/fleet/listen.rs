@@ -52,8 +52,20 @@ impl TlsFactory {
     }
 
     /// A TLS acceptor for `server`'s agent answering at `addr`, with a freshly signed
-    /// certificate; clients must present a certificate of the same CA.
+    /// certificate; clients must present a certificate of the same CA. It speaks gRPC and the
+    /// report line, as the agent does.
     pub fn acceptor(&self, server: &str, addr: SocketAddr) -> anyhow::Result<TlsAcceptor> {
+        self.acceptor_with(server, addr, &[b"h2", rollgate_proto::line::ALPN])
+    }
+
+    /// As [`TlsFactory::acceptor`], offering only the ALPN protocols `alpn` (`h2` alone: an
+    /// agent from before the report line).
+    pub fn acceptor_with(
+        &self,
+        server: &str,
+        addr: SocketAddr,
+        alpn: &[&[u8]],
+    ) -> anyhow::Result<TlsAcceptor> {
         let issued = self.ca.issue(
             &Role::new(RoleKind::Agent, server),
             &[addr.ip().to_string()],
@@ -66,7 +78,7 @@ impl TlsFactory {
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(Arc::clone(&self.verifier))
             .with_single_cert(vec![cert, self.ca_der.clone()], key)?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 }
@@ -130,8 +142,12 @@ pub async fn serve(
             accepted = accept => match accepted {
                 Ok((tcp, _)) => {
                     let (tls, tx, gate) = (tls.clone(), tx.clone(), agent.mode.subscribe());
+                    let (line_agent, line_stop) = (Arc::clone(&agent), stop.clone());
                     tokio::spawn(async move {
                         match handshake(&tls, tcp).await {
+                            Ok(stream) if stream.get_ref().1.alpn_protocol() == Some(rollgate_proto::line::ALPN) => {
+                                line_agent.serve_line(GatedIo::new(stream, gate), line_stop).await;
+                            }
                             Ok(stream) => {
                                 let _ = tx.send(Ok(GatedIo::new(stream, gate))).await;
                             }
