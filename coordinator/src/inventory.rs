@@ -829,6 +829,19 @@ impl AgentLink for Inventory {
         self.update_agents(agents);
     }
 
+    fn channels(&self) -> crate::link::Channels {
+        let lines = self.agents.read().unwrap_or_else(|p| p.into_inner());
+        let mut c = crate::link::Channels::default();
+        for l in lines.values() {
+            if l.queue.is_up() {
+                c.line += 1;
+            } else if l.queue.is_grpc_only() {
+                c.grpc += 1;
+            }
+        }
+        c
+    }
+
     fn servers(&self) -> Vec<String> {
         self.agents
             .read()

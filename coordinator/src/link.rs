@@ -131,6 +131,15 @@ impl Default for AgentLimits {
     }
 }
 
+/// How the agents are reached (see [`AgentLink::channels`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Channels {
+    /// Agents whose report line is up.
+    pub line: usize,
+    /// Agents watched and called over gRPC.
+    pub grpc: usize,
+}
+
 /// The leader's line to every agent.
 #[tonic::async_trait]
 pub trait AgentLink: Send + Sync + std::fmt::Debug {
@@ -188,6 +197,12 @@ pub trait AgentLink: Send + Sync + std::fmt::Debug {
 
     /// Raises the agent's epoch so that older leaders are refused from now on.
     async fn fence(&self, server: &str, epoch: Epoch) -> Result<(), LinkError>;
+
+    /// How many agents are reached over the report line and how many over gRPC (an agent
+    /// that does not speak the line, or no TLS), for the metrics. The default: none known.
+    fn channels(&self) -> Channels {
+        Channels::default()
+    }
 
     /// Takes `(server, address)` as every agent to keep a line to: new ones are connected,
     /// moved ones reconnected, gone ones dropped (membership changes). The default keeps a

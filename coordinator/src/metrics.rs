@@ -27,6 +27,7 @@ pub struct CoordinatorMetrics {
     epoch: Gauge,
     agents_connected: Family<Labels, Gauge>,
     agents_lost: Family<Labels, Gauge>,
+    agent_channels: Family<Labels, Gauge>,
     pool_readiness: Family<Labels, Gauge>,
     upgrade_status: Family<Labels, Gauge>,
     servers_done: Family<Labels, Gauge>,
@@ -87,6 +88,12 @@ impl CoordinatorMetrics {
             "agents_lost",
             "Agents not heard from within lost_after (or unreachable), per pool",
             agents_lost.clone(),
+        );
+        let agent_channels = Family::<Labels, Gauge>::default();
+        r.register(
+            "agent_channels",
+            "Agents by how this coordinator reaches them: over the report line (line) or over gRPC (grpc: an agent without the line, or no TLS)",
+            agent_channels.clone(),
         );
         let pool_readiness = Family::<Labels, Gauge>::default();
         r.register(
@@ -157,6 +164,7 @@ impl CoordinatorMetrics {
             epoch,
             agents_connected,
             agents_lost,
+            agent_channels,
             pool_readiness,
             upgrade_status,
             servers_done,
@@ -213,6 +221,12 @@ impl CoordinatorMetrics {
         };
         self.epoch
             .set(epoch.map_or(0, |e| i64::try_from(e).unwrap_or(i64::MAX)));
+        let channels = node.env.agents.channels();
+        for (kind, n) in [("line", channels.line), ("grpc", channels.grpc)] {
+            self.agent_channels
+                .get_or_create(&vec![("kind", kind.to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         for pool in &node.cfg.pools {
             let p = vec![("pool", pool.name.clone())];
             if let Ok((r, _)) = control.readiness(&pool.name).await {

@@ -64,6 +64,11 @@ impl LineQueue {
         self.lock().up
     }
 
+    /// True when requests to this agent use gRPC (see [`LineQueue::set_grpc_only`]).
+    pub fn is_grpc_only(&self) -> bool {
+        self.lock().grpc_only
+    }
+
     /// Sends requests over gRPC from now on (the agent does not speak the line, or nobody
     /// dials it), or, with `false`, over the line once it is up.
     pub fn set_grpc_only(&self, grpc_only: bool) {

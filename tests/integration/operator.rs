@@ -393,6 +393,8 @@ async fn both_daemons_serve_prometheus_metrics() -> anyhow::Result<()> {
         ("rollgate_coordinator_leader", 1.0),
         ("rollgate_agents_connected{pool=\"pool-a\"}", 3.0),
         ("rollgate_agents_lost{pool=\"pool-a\"}", 0.0),
+        ("rollgate_agent_channels{kind=\"line\"}", 3.0),
+        ("rollgate_agent_channels{kind=\"grpc\"}", 0.0),
         (
             "rollgate_pool_readiness{pool=\"pool-a\",state=\"Ready\"}",
             1.0,
