@@ -63,6 +63,21 @@ fn file_err(what: &'static str, path: &std::path::Path, message: impl ToString) 
     }
 }
 
+/// Every certificate in the PEM file at `path` (the setting `what`); at least one.
+fn pem_certificates(
+    what: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, PeerTlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(what, path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(what, path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
 /// The CA roots, our certificate chain and key, read from `files`.
 fn read_identity(
     files: &TlsFiles,
@@ -75,23 +90,10 @@ fn read_identity(
     PeerTlsError,
 > {
     let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(&files.ca)
-        .map_err(|e| file_err("ca", &files.ca, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err("ca", &files.ca, e))?;
-    if cas.is_empty() {
-        return Err(file_err("ca", &files.ca, "no certificate in the file"));
-    }
-    for ca in cas {
+    for ca in pem_certificates("ca", &files.ca)? {
         roots.add(ca).map_err(|e| file_err("ca", &files.ca, e))?;
     }
-    let chain = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| file_err("cert", &files.cert, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err("cert", &files.cert, e))?;
-    if chain.is_empty() {
-        return Err(file_err("cert", &files.cert, "no certificate in the file"));
-    }
+    let chain = pem_certificates("cert", &files.cert)?;
     let key =
         PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("key", &files.key, e))?;
     Ok((roots, chain, key))

@@ -482,27 +482,17 @@ impl Inventory {
     async fn refresh_one(&self, server: &str) {
         let asked_ms = self.clock_ms();
         let limit = Duration::from_secs(3);
-        let answer = match self.line_of(server) {
-            Some(l) => match l
-                .queue
-                .ask(LineKind::Health(pb::HealthRequest {}), limit)
-                .await
-            {
-                Ok(pb::LineMessage {
-                    kind: Some(pb::line_message::Kind::Report(r)),
-                    ..
-                }) => Some(Ok(r)),
-                Ok(pb::LineMessage {
-                    kind: Some(pb::line_message::Kind::Error(e)),
-                    ..
-                }) => Some(Err(e.message)),
-                Ok(other) => Some(Err(format!(
-                    "unexpected answer on the report line: {other:?}"
-                ))),
-                Err(AskError::NotUp) => None,
-                Err(e) => Some(Err(e.to_string())),
-            },
-            None => return,
+        if self.line_of(server).is_none() {
+            return;
+        }
+        let req = LineKind::Health(pb::HealthRequest {});
+        let answer = match self.over_line(server, req, limit, limit).await {
+            Some(Ok(pb::line_message::Kind::Report(r))) => Some(Ok(r)),
+            Some(Ok(other)) => Some(Err(format!(
+                "unexpected answer on the report line: {other:?}"
+            ))),
+            Some(Err(e)) => Some(Err(e.to_string())),
+            None => None,
         };
         let answer = match answer {
             Some(a) => a,
@@ -712,6 +702,37 @@ impl Inventory {
         }
     }
 
+    /// Asks `server`'s agent over its report line: `None` when requests to it use gRPC (the
+    /// caller makes the gRPC call), else the answer's kind or why there is none (a refusal as
+    /// the gRPC call would map it; unreachable, or refused when someone else's certificate
+    /// answered at its address).
+    async fn over_line(
+        &self,
+        server: &str,
+        req: LineKind,
+        up_wait: Duration,
+        limit: Duration,
+    ) -> Option<Result<pb::line_message::Kind, LinkError>> {
+        let Some(line) = self.line_of(server) else {
+            return Some(Err(LinkError::UnknownServer(server.to_string())));
+        };
+        Some(match line.queue.ask_within(req, up_wait, limit).await {
+            Ok(pb::LineMessage {
+                kind: Some(pb::line_message::Kind::Error(e)),
+                ..
+            }) => Err(self.call_error(server, &rollgate_proto::line::status_of(e))),
+            Ok(pb::LineMessage {
+                kind: Some(kind), ..
+            }) => Ok(kind),
+            Ok(other) => Err(LinkError::Unreachable(format!(
+                "unexpected answer on the report line: {other:?}"
+            ))),
+            Err(AskError::NotUp) => return None,
+            Err(e @ AskError::TimedOut(_)) => Err(LinkError::TimedOut(e.to_string())),
+            Err(e @ (AskError::Lost | AskError::Down(_))) => Err(self.unreachable(server, &e)),
+        })
+    }
+
     /// A step or an operation's status: over the report line when it is up (or comes up
     /// within a connect's time), else over gRPC (an agent that does not speak the line).
     async fn call_step(
@@ -720,32 +741,18 @@ impl Inventory {
         req: LineKind,
         timeout: Duration,
     ) -> Result<OpReply, LinkError> {
-        let line = self
-            .line_of(server)
-            .ok_or_else(|| LinkError::UnknownServer(server.to_string()))?;
-        let asked = line
-            .queue
-            .ask_within(req.clone(), CONNECT_WAIT, timeout)
-            .await;
-        match asked {
-            Ok(pb::LineMessage {
-                kind: Some(pb::line_message::Kind::Result(r)),
-                ..
-            }) => return Ok(op_reply(r)),
-            Ok(pb::LineMessage {
-                kind: Some(pb::line_message::Kind::Error(e)),
-                ..
-            }) => return Err(self.call_error(server, &rollgate_proto::line::status_of(e))),
-            Ok(other) => {
+        match self
+            .over_line(server, req.clone(), CONNECT_WAIT, timeout)
+            .await
+        {
+            Some(Ok(pb::line_message::Kind::Result(r))) => return Ok(op_reply(r)),
+            Some(Ok(other)) => {
                 return Err(LinkError::Unreachable(format!(
                     "unexpected answer on the report line: {other:?}"
                 )))
             }
-            Err(AskError::NotUp) => {}
-            Err(e @ AskError::TimedOut(_)) => return Err(LinkError::TimedOut(e.to_string())),
-            Err(e @ (AskError::Lost | AskError::Down(_))) => {
-                return Err(self.unreachable(server, &e))
-            }
+            Some(Err(e)) => return Err(e),
+            None => {}
         }
         let mut c = self.client(server)?;
         let t = timeout;
@@ -908,37 +915,16 @@ impl AgentLink for Inventory {
 
     async fn fence(&self, server: &str, epoch: Epoch) -> Result<(), LinkError> {
         let limit = Duration::from_secs(2);
-        let line = self
-            .line_of(server)
-            .ok_or_else(|| LinkError::UnknownServer(server.to_string()))?;
-        match line
-            .queue
-            .ask(
-                LineKind::Fence(pb::FenceRequest { epoch: epoch.get() }),
-                limit,
-            )
-            .await
-        {
-            Ok(pb::LineMessage {
-                kind: Some(pb::line_message::Kind::Fenced(_)),
-                ..
-            }) => return Ok(()),
-            Ok(pb::LineMessage {
-                kind: Some(pb::line_message::Kind::Error(e)),
-                ..
-            }) => return Err(self.call_error(server, &rollgate_proto::line::status_of(e))),
-            Ok(other) => {
+        let req = LineKind::Fence(pb::FenceRequest { epoch: epoch.get() });
+        match self.over_line(server, req, limit, limit).await {
+            Some(Ok(pb::line_message::Kind::Fenced(_))) => return Ok(()),
+            Some(Ok(other)) => {
                 return Err(LinkError::Unreachable(format!(
                     "unexpected answer to a fence on the report line: {other:?}"
                 )))
             }
-            Err(AskError::NotUp) => {}
-            Err(AskError::TimedOut(_)) => {
-                return Err(LinkError::TimedOut(AskError::TimedOut(limit).to_string()))
-            }
-            Err(e @ (AskError::Lost | AskError::Down(_))) => {
-                return Err(self.unreachable(server, &e))
-            }
+            Some(Err(e)) => return Err(e),
+            None => {}
         }
         let mut c = self.client(server)?;
         c.fence(with_deadline(
