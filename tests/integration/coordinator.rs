@@ -700,19 +700,14 @@ async fn an_agent_down_during_a_take_over_is_fenced_once_it_is_back() -> anyhow:
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let mut fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
-    let mut coords = Vec::new();
-    for id in ["c1", "c2"] {
-        coords.push(
-            CoordinatorProc::start(
-                root,
-                id,
-                &fleet.pki.issue(RoleKind::Coordinator, id)?,
-                &etcd_store(&etcd.endpoints(), 2),
-                &fleet.pool_toml(""),
-            )
-            .await?,
-        );
-    }
+    let mut coords = fleet
+        .coordinators(
+            root,
+            &["c1", "c2"],
+            &etcd_store(&etcd.endpoints(), 2),
+            &fleet.pool_toml(""),
+        )
+        .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(coords[0].addr, &op).await?;
     let (leader, epoch) = wait_leader(&c, 0, Duration::from_secs(20)).await?;

@@ -152,19 +152,14 @@ async fn a_follower_sends_joining_agents_to_the_leader_and_a_server_leaves_by_co
     let root = tmp.path();
     let mut fleet = Fleet::start(root, "pool-a", 3, 3, "1.0").await?;
     let store = crate::coordinator::etcd_store(&etcd.endpoints(), 2);
-    let mut coords = Vec::new();
-    for id in ["c1", "c2"] {
-        coords.push(
-            CoordinatorProc::start(
-                root,
-                id,
-                &fleet.pki.issue(RoleKind::Coordinator, id)?,
-                &store,
-                "[[pools]]\nname = \"pool-a\"\nmin_active = 2\n",
-            )
-            .await?,
-        );
-    }
+    let mut coords = fleet
+        .coordinators(
+            root,
+            &["c1", "c2"],
+            &store,
+            "[[pools]]\nname = \"pool-a\"\nmin_active = 2\n",
+        )
+        .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(coords[0].addr, &op).await?;
     let (leader, _) = rollgate_tests::cluster::wait_leader(&c, 0, LONG).await?;

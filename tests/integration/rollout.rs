@@ -529,19 +529,9 @@ async fn a_rollout_on_etcd_survives_leader_kills_and_each_server_is_installed_on
     let root = tmp.path();
     let fleet = Fleet::start(root, "unused", 10, 2, "1.0").await?;
     let store = crate::coordinator::etcd_store(&etcd.endpoints(), 2);
-    let mut coords = Vec::new();
-    for id in ["c1", "c2"] {
-        coords.push(
-            CoordinatorProc::start(
-                root,
-                id,
-                &fleet.pki.issue(RoleKind::Coordinator, id)?,
-                &store,
-                &pools_toml(&fleet),
-            )
-            .await?,
-        );
-    }
+    let mut coords = fleet
+        .coordinators(root, &["c1", "c2"], &store, &pools_toml(&fleet))
+        .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let leader_client = |coords: &Vec<CoordinatorProc>| {
         let addrs: Vec<SocketAddr> = coords.iter().map(|c| c.addr).collect();

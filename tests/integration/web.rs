@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use rollgate_common::tls::RoleKind;
 use rollgate_proto::operator::names;
 use rollgate_tests::browser::Browser;
-use rollgate_tests::cluster::{operator_client, wait_leader, CoordinatorProc, Fleet};
+use rollgate_tests::cluster::{operator_client, wait_leader, Fleet};
 use rollgate_tests::{eventually, http_get, make_artifact};
 use std::time::Duration;
 
@@ -37,19 +37,9 @@ async fn a_followers_web_view_shows_the_upgrade_live_in_a_real_browser() -> anyh
         "{}\n[http]\nlisten = \"127.0.0.1:0\"",
         etcd_store(&etcd.endpoints(), 2)
     );
-    let mut coords = Vec::new();
-    for id in ["c1", "c2"] {
-        coords.push(
-            CoordinatorProc::start(
-                root,
-                id,
-                &fleet.pki.issue(RoleKind::Coordinator, id)?,
-                &store,
-                &fleet.pool_toml(""),
-            )
-            .await?,
-        );
-    }
+    let coords = fleet
+        .coordinators(root, &["c1", "c2"], &store, &fleet.pool_toml(""))
+        .await?;
     let op = fleet.pki.issue(RoleKind::Operator, "tester")?;
     let c = operator_client(coords[0].addr, &op).await?;
     let (leader, _) = wait_leader(&c, 0, Duration::from_secs(20)).await?;

@@ -133,6 +133,23 @@ impl Fleet {
         s
     }
 
+    /// Starts one coordinator per id, each with its certificate from this fleet's PKI, the
+    /// same `[store]` table and pools.
+    pub async fn coordinators(
+        &self,
+        root: &Path,
+        ids: &[&str],
+        store_toml: &str,
+        pools_toml: &str,
+    ) -> anyhow::Result<Vec<CoordinatorProc>> {
+        let mut coords = Vec::with_capacity(ids.len());
+        for id in ids {
+            let tls = self.pki.issue(RoleKind::Coordinator, id)?;
+            coords.push(CoordinatorProc::start(root, id, &tls, store_toml, pools_toml).await?);
+        }
+        Ok(coords)
+    }
+
     /// Every version installed through the agents since set-up, per server.
     pub fn installs(&self) -> Vec<(String, Vec<String>)> {
         self.servers
