@@ -115,6 +115,41 @@ pub fn status_of(e: pb::LineError) -> tonic::Status {
     tonic::Status::with_details(tonic::Code::from(e.code), e.message, e.details.into())
 }
 
+/// Answers `req` through `api`'s method of the same name, so that a request on the line is
+/// checked, run and refused exactly as the gRPC call (the agent's and the simulator's alike).
+pub async fn answer<A: pb::agent_server::Agent>(api: &A, req: pb::LineRequest) -> pb::LineMessage {
+    use pb::line_message::Kind as Out;
+    use pb::line_request::Kind as In;
+    use tonic::{Request, Response, Status};
+    fn out<T>(r: Result<Response<T>, Status>, kind: fn(T) -> Out) -> Result<Out, Status> {
+        r.map(|r| kind(r.into_inner()))
+    }
+    let id = req.id;
+    let kind = match req.kind {
+        Some(In::Health(m)) => out(api.health(Request::new(m)).await, Out::Report),
+        Some(In::Fence(m)) => out(api.fence(Request::new(m)).await, Out::Fenced),
+        Some(In::Drain(m)) => out(api.drain(Request::new(m)).await, Out::Result),
+        Some(In::Stop(m)) => out(api.stop(Request::new(m)).await, Out::Result),
+        Some(In::InstallPatch(m)) => out(api.install_patch(Request::new(m)).await, Out::Result),
+        Some(In::Rollback(m)) => out(api.rollback(Request::new(m)).await, Out::Result),
+        Some(In::Restart(m)) => out(api.restart(Request::new(m)).await, Out::Result),
+        Some(In::Verify(m)) => out(api.verify(Request::new(m)).await, Out::Result),
+        Some(In::OperationStatus(m)) => {
+            out(api.operation_status(Request::new(m)).await, Out::Result)
+        }
+        None => Err(Status::invalid_argument(
+            "line request without a kind: is the client newer than this agent?",
+        )),
+    };
+    match kind {
+        Ok(kind) => pb::LineMessage {
+            id,
+            kind: Some(kind),
+        },
+        Err(status) => error(id, &status),
+    }
+}
+
 /// Serves one line on the agent's side until the peer closes it, `stop` resolves or `reports`
 /// ends: every item of `reports` goes out as it comes, and every request is answered by
 /// `answer` (several at once, so that a slow probe never holds up reports or a fence).

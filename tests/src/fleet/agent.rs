@@ -76,12 +76,6 @@ impl SimAgent {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         use futures_util::StreamExt;
-        use pb::agent_server::Agent;
-        use pb::line_message::Kind as Out;
-        use pb::line_request::Kind as In;
-        fn out<T>(r: Result<Response<T>, Status>, kind: fn(T) -> Out) -> Result<Out, Status> {
-            r.map(|r| kind(r.into_inner()))
-        }
         let reports = async_reports(
             Arc::clone(&self),
             self.changed.subscribe(),
@@ -91,31 +85,7 @@ impl SimAgent {
         let service = AgentService(Arc::clone(&self));
         let answer = move |req: pb::LineRequest| {
             let api = service.clone();
-            async move {
-                let kind = match req.kind {
-                    Some(In::Health(m)) => out(api.health(Request::new(m)).await, Out::Report),
-                    Some(In::Fence(m)) => out(api.fence(Request::new(m)).await, Out::Fenced),
-                    Some(In::Drain(m)) => out(api.drain(Request::new(m)).await, Out::Result),
-                    Some(In::Stop(m)) => out(api.stop(Request::new(m)).await, Out::Result),
-                    Some(In::InstallPatch(m)) => {
-                        out(api.install_patch(Request::new(m)).await, Out::Result)
-                    }
-                    Some(In::Rollback(m)) => out(api.rollback(Request::new(m)).await, Out::Result),
-                    Some(In::Restart(m)) => out(api.restart(Request::new(m)).await, Out::Result),
-                    Some(In::Verify(m)) => out(api.verify(Request::new(m)).await, Out::Result),
-                    Some(In::OperationStatus(m)) => {
-                        out(api.operation_status(Request::new(m)).await, Out::Result)
-                    }
-                    None => Err(Status::invalid_argument("line request without a kind")),
-                };
-                match kind {
-                    Ok(kind) => pb::LineMessage {
-                        id: req.id,
-                        kind: Some(kind),
-                    },
-                    Err(status) => rollgate_proto::line::error(req.id, &status),
-                }
-            }
+            async move { rollgate_proto::line::answer(&api, req).await }
         };
         let _ = rollgate_proto::line::serve(io, Box::pin(reports), answer, stop.cancelled_owned())
             .await;
