@@ -716,7 +716,7 @@ impl Inventory {
         let Some(line) = self.line_of(server) else {
             return Some(Err(LinkError::UnknownServer(server.to_string())));
         };
-        Some(match line.queue.ask_within(req, up_wait, limit).await {
+        Some(match line.queue.ask(req, up_wait, limit).await {
             Ok(pb::LineMessage {
                 kind: Some(pb::line_message::Kind::Error(e)),
                 ..

@@ -76,21 +76,11 @@ impl LineQueue {
     }
 
     /// Sends `kind` on the line and waits up to `limit` for its answer. While the line is down
-    /// (not yet dialled, or being dialled again) it waits for it to come up, within the same
-    /// limit: a fence at take-over must not open an HTTP/2 connection to every agent whose line
-    /// is a moment late. Only an agent on gRPC answers `NotUp` at once.
+    /// (not yet dialled, or being dialled again) it waits up to `up_wait` (within `limit`) for
+    /// it to come up: a fence at take-over must not open an HTTP/2 connection to every agent
+    /// whose line is a moment late, and a step with a long limit gives up on an unreachable
+    /// agent as soon as a connect would have. Only an agent on gRPC answers `NotUp` at once.
     pub async fn ask(
-        &self,
-        kind: pb::line_request::Kind,
-        limit: Duration,
-    ) -> Result<pb::LineMessage, AskError> {
-        self.ask_within(kind, limit, limit).await
-    }
-
-    /// As [`LineQueue::ask`], waiting at most `up_wait` (within `limit`) for a line that is
-    /// down: a step with a long limit gives up on an unreachable agent as soon as a connect
-    /// would have.
-    pub async fn ask_within(
         &self,
         kind: pb::line_request::Kind,
         up_wait: Duration,
@@ -269,13 +259,21 @@ mod tests {
         let queue = LineQueue::default();
         // Not up yet: the request waits for the line, then gives up within its limit.
         assert_eq!(
-            queue.ask(fence(3), Duration::from_millis(50)).await,
+            queue
+                .ask(
+                    fence(3),
+                    Duration::from_millis(50),
+                    Duration::from_millis(50)
+                )
+                .await,
             Err(AskError::Down(Duration::from_millis(50)))
         );
         // An agent on gRPC only: at once, so that the caller uses gRPC.
         queue.set_grpc_only(true);
         assert_eq!(
-            queue.ask(fence(3), Duration::from_secs(60)).await,
+            queue
+                .ask(fence(3), Duration::from_secs(60), Duration::from_secs(60))
+                .await,
             Err(AskError::NotUp)
         );
         queue.set_grpc_only(false);
@@ -300,8 +298,8 @@ mod tests {
         let asks = async {
             // Asked before the session is up: they wait for it.
             let (a, b) = tokio::join!(
-                queue.ask(fence(5), Duration::from_secs(5)),
-                queue.ask(fence(6), Duration::from_secs(5))
+                queue.ask(fence(5), Duration::from_secs(5), Duration::from_secs(5)),
+                queue.ask(fence(6), Duration::from_secs(5), Duration::from_secs(5))
             );
             (a, b)
         };
@@ -332,7 +330,9 @@ mod tests {
             while !queue.is_up() {
                 tokio::task::yield_now().await;
             }
-            queue.ask(fence(2), Duration::from_secs(60)).await
+            queue
+                .ask(fence(2), Duration::from_secs(60), Duration::from_secs(60))
+                .await
         });
         assert!(ended.why.contains("silent"), "{}", ended.why);
         assert!(!ended.heard);
