@@ -6,7 +6,8 @@
 //!   [`line`]: the same reports and the fence over the lighter report line.
 //! - [`server`]: binding, TLS, services and the shutdown path.
 //! - [`journal`]: the durable operation journal; [`durable`]: the epoch and service record.
-//! - [`hooks`]: running service commands; [`probe`]: TCP, /proc/net/tcp, HTTP and busy probes;
+//! - [`hooks`]: running service commands; [`probe`]: TCP, connection count, HTTP and busy
+//!   probes, the count asked of the kernel by [`sock_diag`];
 //!   [`artifact`]: fetching and sha256-checking artifacts; [`wait`]: waiting for a condition
 //!   of the service with short, growing gaps between looks.
 
@@ -23,4 +24,5 @@ pub mod line;
 pub mod metrics;
 pub mod probe;
 pub mod server;
+pub mod sock_diag;
 pub mod wait;

@@ -1,5 +1,5 @@
 //! Facts about the local service, measured rather than assumed: a real TCP connect, the
-//! established connections the kernel lists for its ports, the HTTP health URL, the busy probe.
+//! established connections the kernel lists for its ports (sock_diag, else /proc/net/tcp), the HTTP health URL, the busy probe.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -92,8 +92,19 @@ fn own_probes() -> HashSet<SocketAddr> {
 }
 
 /// Established connections on `ports`, over IPv4 and IPv6, in this network namespace, the
-/// agent's own probes left out.
+/// agent's own probes left out. Asked of the kernel through sock_diag ([`crate::sock_diag`]);
+/// where that is refused (a kernel or sandbox without it), read from `/proc/net/tcp` and
+/// `tcp6`, which costs milliseconds per look on a server with a large TCP hash table.
 pub async fn active_connections(ports: &HashSet<u16>) -> u32 {
+    let asked = {
+        let ports = ports.clone();
+        tokio::task::spawn_blocking(move || crate::sock_diag::count(&ports, &own_probes())).await
+    };
+    match asked {
+        Ok(Ok(n)) => return n,
+        Ok(Err(e)) => warn_sock_diag_once(&e.to_string()),
+        Err(e) => warn_sock_diag_once(&e.to_string()),
+    }
     let own = own_probes();
     let mut total = 0u32;
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -102,6 +113,13 @@ pub async fn active_connections(ports: &HashSet<u16>) -> u32 {
         }
     }
     total
+}
+
+fn warn_sock_diag_once(error: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(%error, "cannot count connections through sock_diag; reading /proc/net/tcp instead");
+    });
 }
 
 /// True when a TCP connect to every port succeeds within `timeout`.
@@ -126,13 +144,19 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// The HTTP health probe: `Ok(())` for a 2xx answer, else why not.
+/// The HTTP health probe: `Ok(())` for a 2xx answer, else why not. It asks the service to close
+/// the connection after answering: a connection kept alive for the next probe would be counted
+/// among the service's clients, and hold up a drain whose service does not close idle ones.
 pub async fn http_health(
     client: &reqwest::Client,
     url: &str,
     timeout: Duration,
 ) -> Result<(), String> {
-    match client.get(url).timeout(timeout).send().await {
+    let probe = client
+        .get(url)
+        .header(reqwest::header::CONNECTION, "close")
+        .timeout(timeout);
+    match probe.send().await {
         Ok(r) if r.status().is_success() => Ok(()),
         Ok(r) => Err(format!("health probe {url} answered {}", r.status())),
         Err(e) => Err(format!("health probe {url} failed: {e}")),
@@ -210,6 +234,71 @@ mod tests {
             count_active("header\nnonsense\n  1: zz:zz\n", &ports, &HashSet::new()),
             0
         );
+    }
+
+    /// An HTTP/1.1 server that keeps every connection open unless asked to close it, as a
+    /// service that does not close idle connections while it drains.
+    async fn keep_alive_server(listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut held = Vec::new();
+                loop {
+                    let Ok(n) = conn.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    held.extend_from_slice(&buf[..n]);
+                    if !held.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    let close = String::from_utf8_lossy(&held)
+                        .to_ascii_lowercase()
+                        .contains("connection: close");
+                    held.clear();
+                    let answer: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if conn.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn the_health_probes_own_connection_is_not_left_open_as_a_client() -> std::io::Result<()>
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let server = tokio::spawn(keep_alive_server(listener));
+        let ports: HashSet<u16> = [port].into_iter().collect();
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/health");
+        for _ in 0..3 {
+            assert_eq!(
+                http_health(&client, &url, Duration::from_secs(5)).await,
+                Ok(())
+            );
+        }
+        // The server closes each probe's connection once it has answered.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut left = active_connections(&ports).await;
+        while left > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            left = active_connections(&ports).await;
+        }
+        assert_eq!(
+            left, 0,
+            "the probe's connection is still open at the service"
+        );
+        server.abort();
+        Ok(())
     }
 
     #[tokio::test]

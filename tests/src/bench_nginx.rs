@@ -1,8 +1,14 @@
 //! B1 on a real nginx pool, side by side with Ansible `serial`: the peers' pool
 //! (`peers/ansible-rolling/fleet.sh`, N nginx instances on 127.0.0.1) driven by one real agent
 //! per server whose hooks are the same `fleet.sh step` commands Ansible runs, and one
-//! coordinator. The floor is the peers' own: DOMAINS × one server's drain + install + start +
-//! verify chain, run alone, measured in the same run.
+//! coordinator. Three denominators, each measured in the same run:
+//! - the peers' floor, DOMAINS × one server's drain + install + start + verify chain run
+//!   alone, which Ansible's figures share;
+//! - DOMAINS × one domain's chains run at once by `fleet.sh` alone (no orchestrator): what a
+//!   domain's servers side by side cost on these cores, which no tool can go below;
+//! - B1's own (DESIGN.md), Σ over domains of the slowest server's drain + install + restart +
+//!   verify as its agent's journal timed them in the run itself (the agent's own time in a
+//!   step counts as work here, so the two floors above are the stricter measures).
 
 use crate::cluster::{operator_client, start_upgrade, CoordinatorProc};
 use crate::{http_get, AgentProc, Pki};
@@ -49,6 +55,14 @@ pub struct Figures {
     pub wall: f64,
     /// DOMAINS × one chain run alone, in seconds.
     pub floor: f64,
+    /// DOMAINS × one domain's chains run at once by `fleet.sh` alone, in seconds: what a
+    /// domain's servers cost side by side on this machine with no orchestrator. Only rollgate's
+    /// runs measure it (the peers' `run.sh` does not).
+    pub at_once: Option<f64>,
+    /// B1's own denominator (DESIGN.md): Σ over domains of the slowest server's drain +
+    /// install + restart + verify, as its agent's journal timed them in this run, in seconds.
+    /// Only rollgate has it (Ansible keeps no journal).
+    pub work: Option<f64>,
 }
 
 impl Figures {
@@ -61,6 +75,63 @@ impl Figures {
     pub fn per_domain_ms(&self, domains: usize) -> f64 {
         (self.wall - self.floor) * 1000.0 / domains as f64
     }
+
+    /// wall / at_once.
+    pub fn at_once_ratio(&self) -> Option<f64> {
+        self.at_once.map(|a| self.wall / a)
+    }
+
+    /// (wall − at_once) / domains, in milliseconds.
+    pub fn at_once_per_domain_ms(&self, domains: usize) -> Option<f64> {
+        self.at_once
+            .map(|a| (self.wall - a) * 1000.0 / domains as f64)
+    }
+
+    /// wall / work.
+    pub fn work_ratio(&self) -> Option<f64> {
+        self.work.map(|w| self.wall / w)
+    }
+
+    /// (wall − work) / domains, in milliseconds.
+    pub fn work_per_domain_ms(&self, domains: usize) -> Option<f64> {
+        self.work.map(|w| (self.wall - w) * 1000.0 / domains as f64)
+    }
+}
+
+/// The steps B1 counts as a server's work.
+const WORK_STEPS: [&str; 4] = ["drain", "install", "restart", "verify"];
+
+/// Σ over domains of the slowest server's work, in ms, from each server's journal text (JSON
+/// lines as the agent writes them) and its domain: per server, the time from each counted
+/// step's begin to its end, for steps begun at or after `t0` (this upgrade's).
+pub fn work_ms(journals: &[(usize, String)], t0: u64) -> anyhow::Result<u64> {
+    let mut slowest: std::collections::BTreeMap<usize, u64> = Default::default();
+    for (domain, text) in journals {
+        let mut begun: std::collections::HashMap<String, u64> = Default::default();
+        let mut total = 0u64;
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let (Some(id), Some(at)) = (v["id"].as_str(), v["at_ms"].as_u64()) else {
+                continue;
+            };
+            match v["event"].as_str() {
+                Some("begin")
+                    if at >= t0 && WORK_STEPS.contains(&v["kind"].as_str().unwrap_or("")) =>
+                {
+                    begun.insert(id.to_owned(), at);
+                }
+                Some("end") => {
+                    if let Some(b) = begun.remove(id) {
+                        total += at.saturating_sub(b);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let e = slowest.entry(*domain).or_default();
+        *e = (*e).max(total);
+    }
+    Ok(slowest.values().sum())
 }
 
 /// Fails, naming what is missing, unless nginx, curl (fleet.sh's verify) and, for the Ansible
@@ -164,17 +235,31 @@ impl Pool {
     /// One server's drain + install + start + verify, run alone: the peers' floor per domain.
     async fn chain(&self, install: &str) -> anyhow::Result<Duration> {
         let t0 = Instant::now();
+        self.chain_of(1, install).await?;
+        Ok(t0.elapsed())
+    }
+
+    /// The chains of servers 1..=`k` run at once by `fleet.sh` alone, no orchestrator: one
+    /// domain's work side by side on the same cores, the floor of a domain of `k` servers.
+    async fn chains_at_once(&self, k: usize, install: &str) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        futures_util::future::try_join_all((1..=k).map(|i| self.chain_of(i, install))).await?;
+        Ok(t0.elapsed())
+    }
+
+    /// Server `i`'s chain, `fleet.sh step` by step, to version v0.
+    async fn chain_of(&self, i: usize, install: &str) -> anyhow::Result<()> {
         for what in [
             &["drain"][..],
             &["install", "v0", install],
             &["start"],
             &["verify", "v0"],
         ] {
-            run(&self.step(1, what)?)
+            run(&self.step(i, what)?)
                 .await
-                .with_context(|| format!("the floor's chain: {}", what[0]))?;
+                .with_context(|| format!("the floor's chain on server {i}: {}", what[0]))?;
         }
-        Ok(t0.elapsed())
+        Ok(())
     }
 
     /// What server `i` serves as its version.
@@ -291,9 +376,8 @@ pool = "nginx"
 upgrade_domain = "ud-{domain}"
 listen = "127.0.0.1:{listen}"
 state_dir = "{state}"
-# Well inside the harness coordinator's lost_after (2s): a report a little late under load must
-# not make a serving server count as lost at a readiness gate.
-report_interval = "500ms"
+# The product's defaults for report_interval (a probe every 2s, and at once on every phase
+# change) and heartbeat_interval (500ms): liveness rides on the heartbeat, not on probes.
 shutdown_grace = "10s"
 
 [tls]
@@ -344,6 +428,8 @@ pub async fn rollgate_run(o: &Options) -> anyhow::Result<Figures> {
     let install = format!("{}", o.install.as_secs_f64());
     let pool = Pool::up(&fleet, &root.join("pool"), o.servers, o.base_port).await?;
     let chain = pool.chain(&install).await?;
+    let per_domain = o.servers.div_ceil(o.domains);
+    let at_once = pool.chains_at_once(per_domain, &install).await?;
 
     let pki = Pki::new(&root.join("pki"))?;
     let mut agents = Vec::new();
@@ -398,7 +484,6 @@ pub async fn rollgate_run(o: &Options) -> anyhow::Result<Figures> {
     let artifact = root.join("release-v2.txt");
     std::fs::write(&artifact, "nginx pool release v2\n")?;
     let sha = hex::encode(Sha256::digest(std::fs::read(&artifact)?));
-    let per_domain = o.servers.div_ceil(o.domains);
     let t0 = rollgate_common::time::now_ms();
     start_upgrade(
         &mut c,
@@ -449,6 +534,15 @@ pub async fn rollgate_run(o: &Options) -> anyhow::Result<Figures> {
     if o.trace {
         print_timeline(t0, &events, &agents)?;
     }
+    let journals = agents
+        .iter()
+        .enumerate()
+        .map(|(k, a)| {
+            let text = std::fs::read_to_string(a.state_dir.join("journal.jsonl"))?;
+            Ok((domain_of(k + 1, o.domains), text))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let work = work_ms(&journals, t0)?;
     for i in 1..=o.servers {
         let v = pool.serving(i).await?;
         anyhow::ensure!(v == "v2", "server {i} serves {v:?} after the upgrade");
@@ -461,6 +555,8 @@ pub async fn rollgate_run(o: &Options) -> anyhow::Result<Figures> {
     Ok(Figures {
         wall: t1.saturating_sub(t0) as f64 / 1000.0,
         floor: chain.as_secs_f64() * o.domains as f64,
+        at_once: Some(at_once.as_secs_f64() * o.domains as f64),
+        work: Some(work as f64 / 1000.0),
     })
 }
 
@@ -525,6 +621,8 @@ pub async fn ansible_run(o: &Options, playbook: &Path) -> anyhow::Result<Figures
     Ok(Figures {
         wall: secs("wall")?,
         floor: secs("floor")?,
+        at_once: None,
+        work: None,
     })
 }
 
@@ -537,18 +635,52 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A denominator only rollgate's runs have: its name, the ratio to it, the overhead per domain.
+type Denominator = (
+    &'static str,
+    fn(&Figures) -> Option<f64>,
+    fn(&Figures, usize) -> Option<f64>,
+);
+
 fn summary(name: &str, runs: &[Figures], domains: usize) -> String {
     let ratios: Vec<f64> = runs.iter().map(Figures::ratio).collect();
     let per: Vec<f64> = runs.iter().map(|f| f.per_domain_ms(domains)).collect();
     let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!(
+    let mut line = format!(
         "{name}: ratio {:.3} ({lo:.3}–{hi:.3}), wall {:.2}s, floor {:.2}s, {:.0} ms per domain",
         median(ratios),
         median(runs.iter().map(|f| f.wall).collect()),
         median(runs.iter().map(|f| f.floor).collect()),
         median(per),
-    )
+    );
+    let others: [Denominator; 2] = [
+        (
+            "to a domain's chains run at once alone",
+            Figures::at_once_ratio,
+            Figures::at_once_per_domain_ms,
+        ),
+        (
+            "to the run's own journaled work (B1)",
+            Figures::work_ratio,
+            Figures::work_per_domain_ms,
+        ),
+    ];
+    for (what, ratio, per_domain) in others {
+        let r: Vec<f64> = runs.iter().filter_map(ratio).collect();
+        if r.is_empty() {
+            continue;
+        }
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let per: Vec<f64> = runs.iter().filter_map(|f| per_domain(f, domains)).collect();
+        line.push_str(&format!(
+            ";\n    {what}: ratio {:.3} ({lo:.3}–{hi:.3}), {:.0} ms per domain",
+            median(r),
+            median(per)
+        ));
+    }
+    line
 }
 
 /// Runs both sides `o.runs` times, alternating, and prints each run and the medians.
@@ -558,11 +690,17 @@ pub async fn bench(o: &Options) -> anyhow::Result<()> {
     for r in 1..=o.runs {
         let f = rollgate_run(o).await?;
         println!(
-            "run {r}: rollgate wall {:.3}s floor {:.3}s ratio {:.3} ({:.0} ms per domain)",
+            "run {r}: rollgate wall {:.3}s floor {:.3}s ratio {:.3} ({:.0} ms per domain); chains at once {:.3}s ratio {:.3} ({:.0} ms per domain); work {:.3}s ratio {:.3} ({:.0} ms per domain)",
             f.wall,
             f.floor,
             f.ratio(),
-            f.per_domain_ms(o.domains)
+            f.per_domain_ms(o.domains),
+            f.at_once.unwrap_or(f64::NAN),
+            f.at_once_ratio().unwrap_or(f64::NAN),
+            f.at_once_per_domain_ms(o.domains).unwrap_or(f64::NAN),
+            f.work.unwrap_or(f64::NAN),
+            f.work_ratio().unwrap_or(f64::NAN),
+            f.work_per_domain_ms(o.domains).unwrap_or(f64::NAN),
         );
         ours.push(f);
         if let Some(p) = &o.ansible {
@@ -602,9 +740,62 @@ mod tests {
         let f = Figures {
             wall: 3.3,
             floor: 3.0,
+            at_once: Some(3.21),
+            work: Some(3.15),
         };
+        assert!((f.at_once_ratio().expect("at once") - 3.3 / 3.21).abs() < 1e-9);
+        assert!((f.at_once_per_domain_ms(3).expect("at once") - 30.0).abs() < 1e-6);
         assert!((f.ratio() - 1.1).abs() < 1e-9);
         assert!((f.per_domain_ms(3) - 100.0).abs() < 1e-6);
+        assert!((f.work_ratio().expect("work") - 3.3 / 3.15).abs() < 1e-9);
+        assert!((f.work_per_domain_ms(3).expect("work") - 50.0).abs() < 1e-6);
+    }
+
+    /// Two domains: per server the counted steps of this upgrade (a prepare, and a step begun
+    /// before t0, are not), the slowest server of each domain, summed.
+    #[test]
+    fn work_is_the_slowest_servers_steps_per_domain_summed() {
+        let line = |ev: &str, id: &str, kind: &str, at: u64| {
+            if ev == "begin" {
+                format!(
+                    r#"{{"event":"begin","id":"{id}","kind":"{kind}","epoch":1,"at_ms":{at},"attempt":1}}"#
+                )
+            } else {
+                format!(
+                    r#"{{"event":"end","id":"{id}","at_ms":{at},"state":"succeeded","message":"","version":"","output":""}}"#
+                )
+            }
+        };
+        let server = |steps: &[(&str, u64, u64)]| {
+            steps
+                .iter()
+                .flat_map(|(kind, b, e)| {
+                    let id = format!("u/{kind}");
+                    [line("begin", &id, kind, *b), line("end", &id, kind, *e)]
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let journals = vec![
+            // Domain 1: 10 + 100 + 5 + 2 = 117 (the prepare and the old drain not counted).
+            (
+                1,
+                server(&[
+                    ("drain", 50, 90),
+                    ("prepare", 1000, 1500),
+                    ("drain", 1500, 1510),
+                    ("install", 1510, 1610),
+                    ("restart", 1611, 1616),
+                    ("verify", 1616, 1618),
+                ]),
+            ),
+            // Domain 1, faster: 80.
+            (1, server(&[("drain", 1500, 1520), ("install", 1520, 1580)])),
+            // Domain 2: 30.
+            (2, server(&[("verify", 2000, 2030)])),
+        ];
+        assert_eq!(work_ms(&journals, 1000).expect("parses"), 117 + 30);
+        assert!(work_ms(&[(1, "not json".into())], 0).is_err());
     }
 
     #[test]
