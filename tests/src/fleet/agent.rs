@@ -42,6 +42,21 @@ struct State {
     first_call_us: Option<u64>,
 }
 
+/// How far apart the simulated agents' clocks are: real agents beat on their own servers'
+/// wall clocks, which NTP keeps within a few ms of each other, while the simulated ones share
+/// one clock; each gets a fixed offset in [0, CLOCK_SKEW) so that the coordinator does not see
+/// them in perfect step.
+pub const CLOCK_SKEW: Duration = Duration::from_millis(10);
+
+/// A server's fixed offset in [0, [`CLOCK_SKEW`]), spread by a hash of its id.
+fn skew_of(server_id: &str) -> Duration {
+    let h = server_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let ms = u64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(1).max(1);
+    Duration::from_millis(h % ms)
+}
+
 /// A simulated agent's state, shared by its gRPC service, its listener and the control.
 #[derive(Debug)]
 pub struct SimAgent {
@@ -49,6 +64,8 @@ pub struct SimAgent {
     pub id: Identity,
     step: Duration,
     report_interval: Duration,
+    /// Where this agent's heartbeat grid sits against the others' (see [`CLOCK_SKEW`]).
+    beat_offset: Duration,
     state: Mutex<State>,
     /// Bumped on every change of `state`: Watch streams and adopted calls wait on it.
     changed: watch::Sender<u64>,
@@ -93,10 +110,12 @@ impl SimAgent {
 
     /// A serving agent with `version` installed at epoch 0.
     pub fn new(id: Identity, version: &str, step: Duration, report_interval: Duration) -> Self {
+        let beat_offset = skew_of(&id.server_id);
         SimAgent {
             id,
             step,
             report_interval,
+            beat_offset,
             state: Mutex::new(State {
                 epoch: 0,
                 raised: Vec::new(),
@@ -537,8 +556,8 @@ impl pb::agent_server::Agent for AgentService {
     }
 }
 
-/// One report at once, then one on every change and at least every report interval; silent
-/// while hung, ended by a crash.
+/// One report at once, then one on every change and at the beats of the wall-clock grid, as the
+/// real agent sends them; silent while hung, ended by a crash.
 fn async_reports(
     agent: Arc<SimAgent>,
     changes: watch::Receiver<u64>,
@@ -550,7 +569,11 @@ fn async_reports(
             if !first {
                 tokio::select! {
                     _ = changes.changed() => {}
-                    _ = tokio::time::sleep(agent.report_interval) => {}
+                    _ = tokio::time::sleep(rollgate_common::time::until_next_beat(
+                        rollgate_common::time::now_ms(),
+                        agent.report_interval,
+                        agent.beat_offset,
+                    )) => {}
                 }
             }
             let up = mode.wait_for(|m| *m != Mode::Hung).await.ok()?;
