@@ -6,7 +6,7 @@ use crate::error::AgentError;
 use crate::journal::{OpKind, OpRecord, OpState};
 use futures_util::StreamExt;
 use rollgate_common::quote::quoted;
-use rollgate_common::time::{now_ms, until_next_beat};
+use rollgate_common::time::{beat_offset, now_ms, until_next_beat};
 use rollgate_common::tls::{authorize, authorize_roles, Role, RoleKind};
 use rollgate_common::Epoch;
 use rollgate_proto::agent::v1 as pb;
@@ -240,8 +240,9 @@ pub(crate) fn report_of(core: &AgentCore, h: &Health) -> pb::HealthReport {
 }
 
 /// The agent's reports as watchers get them (the Watch stream and the report line): one at
-/// once, one on every change, and the last one again at the next beat of a wall-clock grid of
-/// period `heartbeat_interval` (never more than that after the previous report). The
+/// once, one on every change, and the last one again at this server's next beat on a wall-clock
+/// grid of period `heartbeat_interval`, in its slot of it (never more than one interval after
+/// the previous report). The
 /// heartbeat comes from here, not from the probe task, so a probe that hangs for a while cannot
 /// make this agent look lost. Ends at shutdown, so that graceful server shutdown is not held up
 /// by open watchers.
@@ -251,6 +252,7 @@ pub(crate) fn reports(
     let rx = core.subscribe();
     let stop = core.shutdown_token().clone();
     let beat = core.cfg.heartbeat_interval;
+    let offset = beat_offset(&core.cfg.server_id, beat);
     Box::pin(futures_util::stream::unfold(
         (rx, stop, core, true),
         move |(mut rx, stop, core, first)| async move {
@@ -258,7 +260,7 @@ pub(crate) fn reports(
                 tokio::select! {
                     changed = rx.changed() => changed.ok()?,
                     // On the wall-clock grid: at most `beat` after the last report.
-                    _ = tokio::time::sleep(until_next_beat(now_ms(), beat, Duration::ZERO)) => {}
+                    _ = tokio::time::sleep(until_next_beat(now_ms(), beat, offset)) => {}
                     _ = stop.cancelled() => return None,
                 }
             }

@@ -25,6 +25,23 @@ pub fn until_next_beat(now_ms: u64, beat: Duration, offset: Duration) -> Duratio
     Duration::from_millis(period - phase)
 }
 
+/// How many slots a heartbeat interval is cut into: each server beats in one of them, chosen by
+/// a hash of its id. One slot per wake-up keeps most of the saving of beating on a grid, while a
+/// coordinator of 10,000 agents meets 1,000 heartbeats at once instead of all 10,000, which
+/// held up the steps it was sending meanwhile (a fleet roll-out took a quarter longer).
+pub const BEAT_SLOTS: u64 = 10;
+
+/// Where in the heartbeat interval `beat` the server `server_id` beats: the start of its slot.
+pub fn beat_offset(server_id: &str, beat: Duration) -> Duration {
+    // FNV-1a: stable across builds and platforms, unlike the std hasher.
+    let h = server_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let slot = u32::try_from(h % BEAT_SLOTS).unwrap_or(0);
+    let slots = u32::try_from(BEAT_SLOTS).unwrap_or(1);
+    beat / slots * slot
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +83,25 @@ mod tests {
             until_next_beat(7, Duration::ZERO, Duration::ZERO),
             Duration::from_millis(1)
         );
+    }
+
+    #[test]
+    fn servers_spread_over_the_slots_of_a_beat() {
+        let beat = Duration::from_millis(1000);
+        let mut per_slot = [0u32; 10];
+        for i in 0..1000 {
+            let off = beat_offset(&format!("fe-{i}"), beat);
+            assert!(off < beat);
+            assert_eq!(
+                off.as_millis() % 100,
+                0,
+                "{off:?} is not the start of a slot"
+            );
+            let slot = usize::try_from(off.as_millis() / 100).expect("small");
+            per_slot[slot] += 1;
+        }
+        // Every slot used, none with more than twice its share.
+        assert!(per_slot.iter().all(|&n| n > 0 && n < 200), "{per_slot:?}");
+        assert_eq!(beat_offset("fe-1", beat), beat_offset("fe-1", beat));
     }
 }

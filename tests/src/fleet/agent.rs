@@ -44,17 +44,18 @@ struct State {
 
 /// How far apart the simulated agents' clocks are: real agents beat on their own servers'
 /// wall clocks, which NTP keeps within a few ms of each other, while the simulated ones share
-/// one clock; each gets a fixed offset in [0, CLOCK_SKEW) so that the coordinator does not see
-/// them in perfect step.
+/// one clock; each gets a fixed offset in [0, CLOCK_SKEW) on top of its slot, so that the
+/// coordinator does not see them in perfect step.
 pub const CLOCK_SKEW: Duration = Duration::from_millis(10);
 
-/// A server's fixed offset in [0, [`CLOCK_SKEW`]), spread by a hash of its id.
-fn skew_of(server_id: &str) -> Duration {
-    let h = server_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+/// A server's heartbeat offset: its slot, as the real agent's, plus a fixed skew in
+/// [0, [`CLOCK_SKEW`]) spread by a hash of its id.
+fn beat_offset_of(server_id: &str, beat: Duration) -> Duration {
+    let h = server_id.bytes().fold(0x8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0193)
     });
     let ms = u64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(1).max(1);
-    Duration::from_millis(h % ms)
+    rollgate_common::time::beat_offset(server_id, beat) + Duration::from_millis(h % ms)
 }
 
 /// A simulated agent's state, shared by its gRPC service, its listener and the control.
@@ -110,7 +111,7 @@ impl SimAgent {
 
     /// A serving agent with `version` installed at epoch 0.
     pub fn new(id: Identity, version: &str, step: Duration, report_interval: Duration) -> Self {
-        let beat_offset = skew_of(&id.server_id);
+        let beat_offset = beat_offset_of(&id.server_id, report_interval);
         SimAgent {
             id,
             step,
