@@ -83,7 +83,7 @@ impl JoinConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// TCP ports the service serves on; probed with a real connect, and their established
-    /// connections counted from /proc/net/tcp and tcp6.
+    /// connections counted by the kernel's sock_diag (else from /proc/net/tcp and tcp6).
     pub ports: Vec<u16>,
     /// The address probes connect to.
     #[serde(default = "default_probe_host")]

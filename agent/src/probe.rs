@@ -1,5 +1,6 @@
 //! Facts about the local service, measured rather than assumed: a real TCP connect, the
-//! established connections the kernel lists for its ports (sock_diag, else /proc/net/tcp), the HTTP health URL, the busy probe.
+//! established connections the kernel lists for its ports (sock_diag, else /proc/net/tcp),
+//! the HTTP health URL, the busy probe.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
