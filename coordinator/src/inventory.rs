@@ -486,14 +486,14 @@ impl Inventory {
             return;
         }
         let req = LineKind::Health(pb::HealthRequest {});
-        let answer = match self.over_line(server, req, limit, limit).await {
-            Some(Ok(pb::line_message::Kind::Report(r))) => Some(Ok(r)),
-            Some(Ok(other)) => Some(Err(format!(
-                "unexpected answer on the report line: {other:?}"
-            ))),
-            Some(Err(e)) => Some(Err(e.to_string())),
-            None => None,
+        let report = |k| match k {
+            pb::line_message::Kind::Report(r) => Ok(r),
+            other => Err(format!("{other:?}")),
         };
+        let answer = self
+            .over_line(server, req, limit, limit, report)
+            .await
+            .map(|a| a.map_err(|e| e.to_string()));
         let answer = match answer {
             Some(a) => a,
             None => {
@@ -703,16 +703,18 @@ impl Inventory {
     }
 
     /// Asks `server`'s agent over its report line: `None` when requests to it use gRPC (the
-    /// caller makes the gRPC call), else the answer's kind or why there is none (a refusal as
-    /// the gRPC call would map it; unreachable, or refused when someone else's certificate
-    /// answered at its address).
-    async fn over_line(
+    /// caller makes the gRPC call), else what `expect` takes from the answer, or why there is
+    /// none (a refusal as the gRPC call would map it; an answer of another kind, which
+    /// `expect` shows; unreachable, or refused when someone else's certificate answered at its
+    /// address).
+    async fn over_line<T>(
         &self,
         server: &str,
         req: LineKind,
         up_wait: Duration,
         limit: Duration,
-    ) -> Option<Result<pb::line_message::Kind, LinkError>> {
+        expect: impl FnOnce(pb::line_message::Kind) -> Result<T, String>,
+    ) -> Option<Result<T, LinkError>> {
         let Some(line) = self.line_of(server) else {
             return Some(Err(LinkError::UnknownServer(server.to_string())));
         };
@@ -723,7 +725,9 @@ impl Inventory {
             }) => Err(self.call_error(server, &rollgate_proto::line::status_of(e))),
             Ok(pb::LineMessage {
                 kind: Some(kind), ..
-            }) => Ok(kind),
+            }) => expect(kind).map_err(|other| {
+                LinkError::Unreachable(format!("unexpected answer on the report line: {other}"))
+            }),
             Ok(other) => Err(LinkError::Unreachable(format!(
                 "unexpected answer on the report line: {other:?}"
             ))),
@@ -741,18 +745,15 @@ impl Inventory {
         req: LineKind,
         timeout: Duration,
     ) -> Result<OpReply, LinkError> {
-        match self
-            .over_line(server, req.clone(), CONNECT_WAIT, timeout)
+        let result = |k| match k {
+            pb::line_message::Kind::Result(r) => Ok(op_reply(r)),
+            other => Err(format!("{other:?}")),
+        };
+        if let Some(answer) = self
+            .over_line(server, req.clone(), CONNECT_WAIT, timeout, result)
             .await
         {
-            Some(Ok(pb::line_message::Kind::Result(r))) => return Ok(op_reply(r)),
-            Some(Ok(other)) => {
-                return Err(LinkError::Unreachable(format!(
-                    "unexpected answer on the report line: {other:?}"
-                )))
-            }
-            Some(Err(e)) => return Err(e),
-            None => {}
+            return answer;
         }
         let mut c = self.client(server)?;
         let t = timeout;
@@ -916,15 +917,12 @@ impl AgentLink for Inventory {
     async fn fence(&self, server: &str, epoch: Epoch) -> Result<(), LinkError> {
         let limit = Duration::from_secs(2);
         let req = LineKind::Fence(pb::FenceRequest { epoch: epoch.get() });
-        match self.over_line(server, req, limit, limit).await {
-            Some(Ok(pb::line_message::Kind::Fenced(_))) => return Ok(()),
-            Some(Ok(other)) => {
-                return Err(LinkError::Unreachable(format!(
-                    "unexpected answer to a fence on the report line: {other:?}"
-                )))
-            }
-            Some(Err(e)) => return Err(e),
-            None => {}
+        let fenced = |k| match k {
+            pb::line_message::Kind::Fenced(_) => Ok(()),
+            other => Err(format!("{other:?}")),
+        };
+        if let Some(answer) = self.over_line(server, req, limit, limit, fenced).await {
+            return answer;
         }
         let mut c = self.client(server)?;
         c.fence(with_deadline(
