@@ -31,13 +31,17 @@ pub fn until_next_beat(now_ms: u64, beat: Duration, offset: Duration) -> Duratio
 /// held up the steps it was sending meanwhile (a fleet roll-out took a quarter longer).
 pub const BEAT_SLOTS: u64 = 10;
 
+/// A server id's FNV-1a hash: stable across builds and platforms, unlike the std hasher, so a
+/// server keeps its heartbeat slot across restarts and upgrades of the agent.
+pub fn id_hash(server_id: &str) -> u64 {
+    server_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Where in the heartbeat interval `beat` the server `server_id` beats: the start of its slot.
 pub fn beat_offset(server_id: &str, beat: Duration) -> Duration {
-    // FNV-1a: stable across builds and platforms, unlike the std hasher.
-    let h = server_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let slot = u32::try_from(h % BEAT_SLOTS).unwrap_or(0);
+    let slot = u32::try_from(id_hash(server_id) % BEAT_SLOTS).unwrap_or(0);
     let slots = u32::try_from(BEAT_SLOTS).unwrap_or(1);
     beat / slots * slot
 }

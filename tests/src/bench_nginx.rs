@@ -642,11 +642,18 @@ type Denominator = (
     fn(&Figures, usize) -> Option<f64>,
 );
 
+/// The smallest and the largest of `v`.
+fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
 fn summary(name: &str, runs: &[Figures], domains: usize) -> String {
     let ratios: Vec<f64> = runs.iter().map(Figures::ratio).collect();
     let per: Vec<f64> = runs.iter().map(|f| f.per_domain_ms(domains)).collect();
-    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = range(&ratios);
     let mut line = format!(
         "{name}: ratio {:.3} ({lo:.3}–{hi:.3}), wall {:.2}s, floor {:.2}s, {:.0} ms per domain",
         median(ratios),
@@ -671,8 +678,7 @@ fn summary(name: &str, runs: &[Figures], domains: usize) -> String {
         if r.is_empty() {
             continue;
         }
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = range(&r);
         let per: Vec<f64> = runs.iter().filter_map(|f| per_domain(f, domains)).collect();
         line.push_str(&format!(
             ";\n    {what}: ratio {:.3} ({lo:.3}–{hi:.3}), {:.0} ms per domain",

@@ -51,11 +51,11 @@ pub const CLOCK_SKEW: Duration = Duration::from_millis(10);
 /// A server's heartbeat offset: its slot, as the real agent's, plus a fixed skew in
 /// [0, [`CLOCK_SKEW`]) spread by a hash of its id.
 fn beat_offset_of(server_id: &str, beat: Duration) -> Duration {
-    let h = server_id.bytes().fold(0x8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0193)
-    });
+    use rollgate_common::time::{beat_offset, id_hash, BEAT_SLOTS};
+    // The hash's low digits chose the slot; the skew comes from the ones above them.
+    let h = id_hash(server_id) / BEAT_SLOTS;
     let ms = u64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(1).max(1);
-    rollgate_common::time::beat_offset(server_id, beat) + Duration::from_millis(h % ms)
+    beat_offset(server_id, beat) + Duration::from_millis(h % ms)
 }
 
 /// A simulated agent's state, shared by its gRPC service, its listener and the control.
