@@ -29,6 +29,7 @@ pub mod driver;
 pub mod engine;
 pub mod env;
 pub mod health;
+pub mod history_codec;
 pub mod inventory;
 pub mod link;
 pub mod membership;
