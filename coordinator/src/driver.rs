@@ -136,6 +136,7 @@ async fn write_fenced(
                 StoreError::Denied(_) => "denied",
                 StoreError::Quota(_) => "quota",
                 StoreError::TooLarge(_) => "too_large",
+                StoreError::Broken(_) => "broken",
                 _ => "other",
             }),
         );
@@ -155,11 +156,12 @@ async fn write_fenced(
                     "store fenced epoch {epoch}"
                 )));
             }
-            // Out of space or too large: stepping down would hand the same write to the next
-            // leader. Nothing is carried out until it lands (store first, then act), so the
-            // upgrade holds where it is, said loudly, and the write is tried again slowly: an
-            // operator frees space or raises the limit, and it goes on.
-            Err(e @ (StoreError::Quota(_) | StoreError::TooLarge(_))) => {
+            // Out of space, too large, or an embedded store whose disk failed: stepping down
+            // would hand the same write to the next leader (or to nobody). Nothing is carried
+            // out until it lands (store first, then act), so the upgrade holds where it is,
+            // said loudly, and the write is tried again slowly: an operator frees space, raises
+            // the limit or restarts the coordinator, and it goes on.
+            Err(e @ (StoreError::Quota(_) | StoreError::TooLarge(_) | StoreError::Broken(_))) => {
                 let OnRefused::Hold(h, wake) = &refused else {
                     return Err(DriveError::Refused(e.to_string()));
                 };

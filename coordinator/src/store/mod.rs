@@ -58,6 +58,12 @@ pub enum StoreError {
     /// etcd refused a request as too large (bytes or operations). Not retryable as is.
     #[error("store refused a request as too large: {0}")]
     TooLarge(String),
+    /// The embedded store failed to append to its log (a full or failing disk): the log's tail
+    /// is unknown, so it takes no writes until it is reopened, which cuts a torn tail. Not
+    /// retryable in this process: a leader holds its upgrades and says why; restarting the
+    /// coordinator (once the disk has room) reopens the store.
+    #[error("the embedded store takes no writes until it is reopened (restart the coordinator once the disk is fixed): {0}")]
+    Broken(String),
     /// The embedded store's directory lets other users replace its files.
     #[error("unsafe store location: {0}")]
     Unsafe(String),

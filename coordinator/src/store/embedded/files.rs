@@ -379,11 +379,49 @@ pub(super) struct Log {
 impl Log {
     /// Appends whole records and makes them durable.
     pub(super) fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if let Some(room) = disk_full::room(&self.path, self.len) {
+            if bytes.len() > room {
+                // What fits reaches the file, as on a disk that fills up mid-write.
+                let fits = bytes.get(..room).unwrap_or_default();
+                let _ = self.file.write_all(fits);
+                self.len += fits.len() as u64;
+                let e = std::io::Error::new(ErrorKind::StorageFull, "no space left on device");
+                return Err(io_error("cannot append to", &self.path, e));
+            }
+        }
         self.file
             .write_all(bytes)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io_error("cannot append to", &self.path, e))?;
         self.len += bytes.len() as u64;
         Ok(())
+    }
+}
+
+/// Test-only: a log that stops taking bytes at a given length (a disk filling up), so the
+/// store's refusal after a failed append can be tested without filling a real disk.
+#[cfg(test)]
+pub(super) mod disk_full {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FULL_AT: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+    /// Appends to the log at `path` fail once it would grow past `len` bytes.
+    pub(in crate::store::embedded) fn at(path: &Path, len: Option<u64>) {
+        let mut m = FULL_AT.lock().unwrap_or_else(|p| p.into_inner());
+        match len {
+            Some(len) => m.insert(path.to_owned(), len),
+            None => m.remove(path),
+        };
+    }
+
+    /// The bytes the log at `path`, now `len` long, still takes, if it is limited.
+    pub(super) fn room(path: &Path, len: u64) -> Option<usize> {
+        let m = FULL_AT.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(path)
+            .map(|full| usize::try_from(full.saturating_sub(len)).unwrap_or(usize::MAX))
     }
 }

@@ -753,6 +753,59 @@ mod tests {
         Ok(())
     }
 
+    /// An append that fails (here: the disk fills up mid-record) is never acknowledged nor
+    /// applied, and since the log's tail is unknown after it, the store refuses every later
+    /// write, saying why, until it is reopened; reopened, it holds exactly what was
+    /// acknowledged and takes writes again.
+    #[tokio::test]
+    async fn a_failed_append_refuses_writes_until_reopened_and_loses_nothing_acknowledged(
+    ) -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("store.json");
+        let log = log_of(&path);
+        let s = EmbeddedStore::open(&path)?;
+        let l = lead(&s, "a").await?;
+        s.fenced_write(&l, vec![put_op("k", "1")]).await?;
+        let acknowledged = dump(&s);
+        let len = std::fs::metadata(&log)?.len();
+        files::disk_full::at(&log, Some(len + 10));
+
+        let err = s
+            .fenced_write(&l, vec![put_op("k", "2"), put_op("j", "2")])
+            .await
+            .err()
+            .ok_or("a write past a full disk was acknowledged")?;
+        assert!(matches!(err, StoreError::Broken(_)), "{err:?}");
+        assert!(!err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert_eq!(dump(&s), acknowledged, "a refused write is not applied");
+        assert_eq!(std::fs::metadata(&log)?.len(), len + 10, "a torn record");
+
+        // Room again, but the tail is unknown: refused until reopened, saying so.
+        files::disk_full::at(&log, None);
+        let err = s
+            .fenced_write(&l, vec![put_op("k", "3")])
+            .await
+            .err()
+            .ok_or("a write after a failed append was acknowledged")?;
+        assert!(
+            matches!(&err, StoreError::Broken(m) if m.contains("no space left"))
+                && err.to_string().contains("no writes until it is reopened"),
+            "{err}"
+        );
+        assert_eq!(s.get("k")?.map(|kv| kv.value), Some(b"1".to_vec()));
+        drop(l);
+        drop(s);
+
+        let s = EmbeddedStore::open(&path)?;
+        assert_eq!(dump(&s).1, acknowledged.1, "only what was acknowledged");
+        let l = lead(&s, "b").await?;
+        s.fenced_write(&l, vec![put_op("k", "4")]).await?;
+        assert_eq!(s.get("k")?.map(|kv| kv.value), Some(b"4".to_vec()));
+        assert_eq!(s.get("j")?, None);
+        Ok(())
+    }
+
     #[tokio::test]
     async fn corruption_before_the_tail_is_refused_with_file_and_offset() -> TestResult {
         let dir = tempfile::tempdir()?;

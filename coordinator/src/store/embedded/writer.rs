@@ -144,7 +144,7 @@ impl Writer {
     fn commit(&mut self, batch: Vec<Job>) {
         if let Some(why) = &self.broken {
             for job in batch {
-                let _ = job.reply.send(Err(StoreError::Unavailable(why.clone())));
+                let _ = job.reply.send(Err(StoreError::Broken(why.clone())));
             }
             return;
         }
@@ -175,14 +175,12 @@ impl Writer {
         };
         if !lines.is_empty() {
             if let Err(e) = self.log.append(&lines) {
-                let why = format!(
-                    "{e}; the log's tail is unknown, so the store takes no writes until it is reopened"
-                );
-                tracing::error!(path = %self.inner.path.display(), error = %e, "the embedded store failed to append; refusing further writes");
-                self.broken = Some(why);
+                let why = format!("{e}; the log's tail is unknown");
+                tracing::error!(path = %self.inner.path.display(), error = %e, "the embedded store failed to append; refusing further writes until it is reopened");
                 for (reply, answer) in answers {
-                    let _ = reply.send(answer.and(Err(StoreError::Unavailable(e.to_string()))));
+                    let _ = reply.send(answer.and(Err(StoreError::Broken(why.clone()))));
                 }
+                self.broken = Some(why);
                 return;
             }
         }
