@@ -9,7 +9,7 @@
 use crate::control::{Control, ControlError, UpgradeCommand};
 use crate::engine::{Status, Upgrade};
 use crate::progress;
-use crate::rollout::{Rollout, RolloutAction, RolloutEvent, Stage};
+use crate::rollout::{Rollout, RolloutAction, RolloutEvent, RolloutStatus, Stage};
 use crate::store::{Leadership, StoreError};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -76,13 +76,30 @@ impl RolloutDriver {
     }
 
     /// The actions a roll-out read back from the store needs again: the starts that were
-    /// decided (each finds its plan if it went out before).
+    /// decided (each finds its plan if it went out before), and, in a paused or aborted
+    /// roll-out, the pause or abort of its running pools (a former leader may have died
+    /// before it reached them all; a pool already paused or aborted is left alone).
     pub fn resumed_actions(r: &Rollout) -> Vec<RolloutAction> {
+        let running = r
+            .pools
+            .iter()
+            .filter(|(_, p)| p.stage == Stage::Running)
+            .map(|(pool, _)| pool.clone());
+        let follow: Vec<RolloutAction> = match r.status {
+            RolloutStatus::Paused { .. } => {
+                running.map(|pool| RolloutAction::Pause { pool }).collect()
+            }
+            RolloutStatus::Aborted { .. } => {
+                running.map(|pool| RolloutAction::Abort { pool }).collect()
+            }
+            _ => Vec::new(),
+        };
         starting(r)
             .map(|pool| RolloutAction::Start {
                 pool: pool.clone(),
                 plan_id: r.plan.plan_id(pool),
             })
+            .chain(follow)
             .collect()
     }
 
@@ -157,10 +174,20 @@ impl RolloutDriver {
             }
             // A driver that ended no longer signals: its pool is polled from the store.
             live.retain(|_, rx| rx.has_changed().is_ok());
+            let full = look_at.is_none();
             let look: Vec<String> = match look_at.take() {
                 Some(pool) => vec![pool],
                 None => running,
             };
+            // An aborted roll-out ends only when its running pools end: an abort that did not
+            // reach a pool (its command failed) is sent again at every full look, until the
+            // pool's upgrade says it is aborted.
+            if full && matches!(self.rollout.status, RolloutStatus::Aborted { .. }) {
+                for pool in &look {
+                    let pool = pool.clone();
+                    self.act(RolloutAction::Abort { pool }).await?;
+                }
+            }
             let mut events = Vec::new();
             for pool in look {
                 if let Some(ev) = self.observe(&pool, live.get_mut(&pool)).await? {
@@ -474,4 +501,70 @@ fn is_lost(e: &ControlError) -> bool {
         e,
         ControlError::LeadershipLost(_) | ControlError::NotLeader { .. }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::StartRequest;
+    use crate::rollout::{RolloutPlan, Stage};
+
+    fn rollout(status: RolloutStatus, stages: &[(&str, Stage)]) -> Rollout {
+        let pools: Vec<String> = stages.iter().map(|(p, _)| (*p).to_owned()).collect();
+        let (mut r, _) = Rollout::new(RolloutPlan {
+            id: "rollout-1700000000000".into(),
+            pools,
+            paired: Default::default(),
+            canary: None,
+            max_in_flight: 3,
+            template: StartRequest::default(),
+            started_by: "operator/t".into(),
+            started_ms: 1,
+        });
+        r.status = status;
+        for (pool, stage) in stages {
+            if let Some(p) = r.pools.get_mut(*pool) {
+                p.stage = stage.clone();
+            }
+        }
+        r
+    }
+
+    /// Found by the roll-out simulation (seed 6602): a leader that stored "aborted" and died
+    /// before aborting every running pool left one paused for ever, and the roll-out with it.
+    #[test]
+    fn a_new_leader_carries_out_a_stored_pause_or_abort_on_the_running_pools() {
+        let stages = [
+            ("pool-a", Stage::Completed),
+            ("pool-b", Stage::Running),
+            ("pool-c", Stage::Starting),
+            ("pool-d", Stage::Running),
+        ];
+        let aborted = RolloutStatus::Aborted {
+            reason: "aborted by operator/t".into(),
+        };
+        let actions = RolloutDriver::resumed_actions(&rollout(aborted, &stages));
+        for pool in ["pool-b", "pool-d"] {
+            assert!(
+                actions.contains(&RolloutAction::Abort { pool: pool.into() }),
+                "{actions:?}"
+            );
+        }
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, RolloutAction::Start { pool, .. } if pool == "pool-c")));
+        let paused = RolloutStatus::Paused {
+            reason: "paused by operator/t".into(),
+        };
+        let actions = RolloutDriver::resumed_actions(&rollout(paused, &stages));
+        assert!(actions.contains(&RolloutAction::Pause {
+            pool: "pool-b".into()
+        }));
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, RolloutAction::Abort { .. })));
+        // A running roll-out resumes its starts only.
+        let actions = RolloutDriver::resumed_actions(&rollout(RolloutStatus::Running, &stages));
+        assert_eq!(actions.len(), 1, "{actions:?}");
+    }
 }

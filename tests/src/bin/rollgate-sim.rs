@@ -27,11 +27,21 @@ struct Cli {
     /// Stop after this long even if seeds are left (the count run is printed).
     #[arg(long, value_parser = humantime::parse_duration)]
     max_time: Option<Duration>,
+    /// Run roll-out scenarios (several pools, two of them paired, one roll-out) instead of
+    /// one pool's upgrade; replay one with `--rollout --seed N`.
+    #[arg(long)]
+    rollout: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let opts = Options::default();
+    let one = if cli.rollout {
+        sim::run_rollout
+    } else {
+        sim::run
+    };
+    let again = if cli.rollout { "--rollout " } else { "" };
     if let Some(seed) = cli.seed {
         if std::env::var_os("RUST_LOG").is_some() {
             rollgate_common::telemetry::init(Default::default(), "info");
@@ -40,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             verbose: true,
             ..opts
         };
-        let r = sim::run(seed, &opts);
+        let r = one(seed, &opts);
         for l in &r.lines {
             println!("  {l}");
         }
@@ -78,7 +88,7 @@ fn main() -> anyhow::Result<()> {
             break;
         }
         let stop = (start + batch).min(end);
-        for r in sim::run_many(start..stop, cli.threads, &opts) {
+        for r in sim::run_many_of(start..stop, cli.threads, &opts, one) {
             done += 1;
             steps += r.steps;
             faults += r.faults.len() as u64;
@@ -105,7 +115,7 @@ fn main() -> anyhow::Result<()> {
     );
     if !failed.is_empty() {
         bail!(
-            "{} seed(s) broke an invariant; replay one with: rollgate-sim --seed {}",
+            "{} seed(s) broke an invariant; replay one with: rollgate-sim {again}--seed {}",
             failed.len(),
             failed[0]
         );

@@ -16,16 +16,49 @@
 //! - **store before acting**: an agent never admits an operation that no stored state put in
 //!   flight, a failover hook never runs before the stored state says so, and every state the
 //!   control layer acknowledges (start, pause, abort, rollback) is a stored one.
+//!
+//! With several pools (a roll-out run), I1–I4 hold per pool, and for the roll-out:
+//! - **R1** never a pool together with its paired pool: when a server goes down behind the gate,
+//!   the paired pool's upgrade has ended (nothing in flight);
+//! - **R2** at most `max_in_flight` pools' upgrades unended when a server goes down;
+//! - **R3** the canary's upgrade has ended before a server of another pool goes down;
+//! - **R4** each pool gets one plan: a new leader resuming a start finds the plan, never makes
+//!   a second one.
 
 use rollgate_coordinator::engine::{Direction, DomainPhase, ServerPhase, Status, Step, Upgrade};
 use rollgate_coordinator::progress::{self, UpgradeRecord};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// One pool as the checker knows it.
+#[derive(Debug, Clone, Default)]
+pub struct PoolRules {
+    pub name: String,
+    /// Servers and their upgrade domain (1-based).
+    pub servers: Vec<(String, usize)>,
+    pub min_active: usize,
+    pub paired: Option<String>,
+}
+
+/// The roll-out's rules, in a roll-out run.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutRules {
+    pub max_in_flight: usize,
+    pub canary: Option<String>,
+}
+
 /// Collects violations; a run passes when there are none.
 #[derive(Debug, Default)]
 pub struct Checker {
     domain_of: BTreeMap<String, String>,
-    min_active: usize,
+    pool_of: BTreeMap<String, String>,
+    pools: BTreeMap<String, PoolRules>,
+    rollout: Option<RolloutRules>,
+    /// Every plan id stored per pool.
+    plans: BTreeMap<String, BTreeSet<String>>,
+    /// When each plan was started, as first stored.
+    plan_starts: BTreeMap<String, u64>,
+    /// The last stored upgrade of each pool.
+    pub lasts: BTreeMap<String, UpgradeRecord>,
     pub violations: Vec<String>,
     /// Operation ids some stored state put in flight.
     committed_ops: BTreeSet<String>,
@@ -45,15 +78,46 @@ pub struct Checker {
 }
 
 impl Checker {
+    /// One pool, `pool-a`.
     pub fn new(servers: &[(String, usize)], min_active: usize) -> Checker {
-        Checker {
-            domain_of: servers
+        Checker::with_pools(
+            &[PoolRules {
+                name: "pool-a".into(),
+                servers: servers.to_vec(),
+                min_active,
+                paired: Some("pool-b".into()),
+            }],
+            None,
+        )
+    }
+
+    /// Several pools, and a roll-out's rules when a roll-out drives them.
+    pub fn with_pools(pools: &[PoolRules], rollout: Option<RolloutRules>) -> Checker {
+        let each = || {
+            pools
                 .iter()
-                .map(|(s, d)| (s.clone(), format!("ud-{d}")))
+                .flat_map(|p| p.servers.iter().map(move |s| (p, s)))
+        };
+        Checker {
+            domain_of: each()
+                .map(|(_, (s, d))| (s.clone(), format!("ud-{d}")))
                 .collect(),
-            min_active,
+            pool_of: each()
+                .map(|(p, (s, _))| (s.clone(), p.name.clone()))
+                .collect(),
+            pools: pools.iter().map(|p| (p.name.clone(), p.clone())).collect(),
+            rollout,
             ..Checker::default()
         }
+    }
+
+    fn last_of(&self, server: &str) -> Option<&UpgradeRecord> {
+        self.pool_of.get(server).and_then(|p| self.lasts.get(p))
+    }
+
+    /// Whether the last stored upgrade of `server`'s pool is failed over.
+    pub fn failed_over(&self, server: &str) -> bool {
+        self.last_of(server).is_some_and(|r| r.upgrade.failed_over)
     }
 
     fn violate(&mut self, what: String) {
@@ -119,6 +183,30 @@ impl Checker {
         if self.committed_states.len() > 16 {
             self.committed_states.remove(0);
         }
+        // A write retried after its answer was lost puts the same plan again, unchanged; a
+        // second start of the plan would put it with its own start time.
+        let plan_written = keys.contains(&progress::plan_key(&up.plan.pool));
+        let first_start = *self
+            .plan_starts
+            .entry(up.plan.id.clone())
+            .or_insert(record.started_ms);
+        if plan_written && first_start != record.started_ms && self.rollout.is_some() {
+            self.violate(format!(
+                "R4: plan {} of pool {} was started a second time (at {} ms, first at {first_start})",
+                up.plan.id, up.plan.pool, record.started_ms
+            ));
+        }
+        let plans = self.plans.entry(up.plan.pool.clone()).or_default();
+        plans.insert(up.plan.id.clone());
+        let plans = plans.clone();
+        if self.rollout.is_some() && plans.len() > 1 {
+            let ids: Vec<String> = plans.iter().cloned().collect();
+            self.violate(format!(
+                "R4: pool {} got more than one plan: {ids:?}",
+                up.plan.pool
+            ));
+        }
+        self.lasts.insert(up.plan.pool.clone(), record.clone());
         self.last = Some(record);
         gated
     }
@@ -174,15 +262,23 @@ impl Checker {
         ms: u64,
     ) {
         self.downs += 1;
-        let failed_over = self.last.as_ref().is_some_and(|r| r.upgrade.failed_over);
-        if !failed_over && !recent_fault && active.len() < self.min_active {
+        let pool = self.pool_of.get(server).cloned().unwrap_or_default();
+        let same_pool = |s: &&String| self.pool_of.get(*s) == Some(&pool);
+        let active: Vec<String> = active.iter().filter(same_pool).cloned().collect();
+        let down: Vec<String> = down.iter().filter(same_pool).cloned().collect();
+        let min_active = self.pools.get(&pool).map_or(0, |p| p.min_active);
+        let failed_over = self.failed_over(server);
+        if !failed_over && !recent_fault && active.len() < min_active {
             self.violate(format!(
                 "I2 at {ms} ms: {op_id} takes {server} down with only {} other server(s) \
                  active ({}), min_active {}",
                 active.len(),
                 active.join(", "),
-                self.min_active
+                min_active
             ));
+        }
+        if let Some(rules) = self.rollout.clone() {
+            self.rollout_rules(&rules, &pool, op_id, ms);
         }
         let mine = self.domain_of.get(server).cloned();
         let others: Vec<&String> = down
@@ -199,11 +295,49 @@ impl Checker {
         }
     }
 
+    /// R1–R3 when `op_id` takes a server of `pool` down.
+    fn rollout_rules(&mut self, rules: &RolloutRules, pool: &str, op_id: &str, ms: u64) {
+        let unended = |r: &UpgradeRecord| !r.upgrade.is_terminal();
+        let paired = self.pools.get(pool).and_then(|p| p.paired.clone());
+        if let Some(paired) = paired {
+            if let Some(r) = self.lasts.get(&paired).filter(|r| unended(r)) {
+                self.violate(format!(
+                    "R1 at {ms} ms: {op_id} takes a server of {pool} down while its paired pool \
+                     {paired} is upgrading ({})",
+                    r.upgrade.status
+                ));
+            }
+        }
+        let flying: Vec<&String> = self
+            .lasts
+            .iter()
+            .filter(|(_, r)| unended(r))
+            .map(|(p, _)| p)
+            .collect();
+        if flying.len() > rules.max_in_flight {
+            self.violate(format!(
+                "R2 at {ms} ms: {op_id}: {} pools upgrading at once ({flying:?}), max {}",
+                flying.len(),
+                rules.max_in_flight
+            ));
+        }
+        if let Some(canary) = rules.canary.as_deref().filter(|c| *c != pool) {
+            let ended = self.lasts.get(canary).is_some_and(|r| !unended(r));
+            if !ended {
+                self.violate(format!(
+                    "R3 at {ms} ms: {op_id} takes a server of {pool} down before the canary \
+                     {canary} ended"
+                ));
+            }
+        }
+    }
+
     /// The failover hook ran for the leader at `epoch`.
     pub fn on_hook(&mut self, pool: &str, over: bool, epoch: u64) {
-        let failing_over = self.last.as_ref().is_some_and(|r| {
-            r.upgrade.plan.pool == pool && r.upgrade.domain_phase == DomainPhase::FailingOver
-        });
+        let failing_over = self
+            .lasts
+            .get(pool)
+            .is_some_and(|r| r.upgrade.domain_phase == DomainPhase::FailingOver);
         if over && !failing_over {
             self.violate(format!(
                 "store before acting: the failover hook ran (epoch {epoch}) before a stored \

@@ -12,20 +12,28 @@
 //! slower than any deadline, readiness flaps, bad versions, stuck drains, failing installs.
 //! Then everything heals, the operator resumes a paused upgrade (or aborts it), and the run must
 //! end with the invariants intact.
+//!
+//! A roll-out run ([`rollout_scenario`], [`run_rollout`]) does the same over several pools (two
+//! of them paired) driven by one roll-out, with the roll-out's own invariants (R1–R4, see
+//! [`check`]) checked beside each pool's.
 
 pub mod check;
 pub mod rng;
 pub mod world;
 
+use check::{Checker, PoolRules, RolloutRules};
 use rng::Rng;
 use rollgate_coordinator::config::{
     CoordinatorConfig, MinActive, PoolConfig, ServerConfig, StoreConfig,
 };
-use rollgate_coordinator::control::{Control, ControlError, StartRequest, UpgradeCommand};
+use rollgate_coordinator::control::{
+    Control, ControlError, RolloutRequest, StartRequest, UpgradeCommand,
+};
 use rollgate_coordinator::engine::{ExhaustedAction, FailureAction, RollbackArtifact, Status};
 use rollgate_coordinator::env::Env;
 use rollgate_coordinator::node::Node;
 use rollgate_coordinator::progress::UpgradeRecord;
+use rollgate_coordinator::rollout::RolloutStatus;
 use rollgate_coordinator::store::Store;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +124,17 @@ pub struct Setup {
     pub request: StartRequest,
     pub behaviour: Behaviour,
     pub coordinators: usize,
+    /// A roll-out over several pools instead of one pool's upgrade: `servers` then lists every
+    /// pool's servers, and `min_active` is unused.
+    pub rollout: Option<RolloutSetup>,
+}
+
+/// The pools of a roll-out run and the roll-out's options.
+#[derive(Debug, Clone)]
+pub struct RolloutSetup {
+    pub pools: Vec<PoolRules>,
+    pub max_in_flight: u32,
+    pub canary: Option<String>,
 }
 
 /// A run: the pool and plan, and what happens beyond the seed's own choices.
@@ -223,7 +242,67 @@ fn setup(rng: &mut Rng) -> Setup {
         request,
         behaviour,
         coordinators: 3,
+        rollout: None,
     }
+}
+
+/// The random roll-out scenario of `seed`: 2–4 pools of 2–4 servers (the first two paired),
+/// one plan for all, up to two pools at once, sometimes a canary.
+pub fn rollout_scenario(seed: u64) -> Scenario {
+    let mut rng = Rng::new(seed ^ 0x0070_11ba_5eed);
+    let mut sc = scenario(seed);
+    let n_pools = 2 + rng.below(3) as usize;
+    let mut pools = Vec::new();
+    for i in 0..n_pools {
+        let name = format!("pool-{}", (b'a' + i as u8) as char);
+        let n = 2 + rng.below(3) as usize;
+        let servers: Vec<(String, usize)> = (1..=n)
+            .map(|k| (format!("{}-fe-{k}", &name[5..]), (k - 1) % 2 + 1))
+            .collect();
+        let paired = match i {
+            0 => Some("pool-b".to_string()),
+            1 => Some("pool-a".to_string()),
+            _ => None,
+        };
+        pools.push(PoolRules {
+            name,
+            servers,
+            min_active: n - n.div_ceil(2),
+            paired,
+        });
+    }
+    let all: Vec<(String, usize)> = pools.iter().flat_map(|p| p.servers.clone()).collect();
+    // The seed's faults and service behaviour, moved onto this fleet's servers.
+    let rename = |s: &Option<String>, rng: &mut Rng| {
+        s.as_ref()
+            .and_then(|_| rng.pick(&all).map(|(s, _)| s.clone()))
+    };
+    let b = sc.setup.behaviour.clone();
+    sc.setup.behaviour = Behaviour {
+        bad_version_on: rename(&b.bad_version_on, &mut rng),
+        stuck_drain_on: rename(&b.stuck_drain_on, &mut rng),
+        failing_install: b
+            .failing_install
+            .as_ref()
+            .and_then(|(_, k)| rng.pick(&all).map(|(s, _)| (s.clone(), *k))),
+        outside_install_on: None,
+        slow_step: b.slow_step,
+    };
+    sc.panic_on = None;
+    sc.setup.servers = all;
+    sc.setup.request.pool = String::new();
+    // Failover needs a paired pool's hook; a roll-out never fails over into a pool it
+    // upgrades, so pools pause or abort instead.
+    if sc.setup.request.on_exhausted == Some(ExhaustedAction::Failover) {
+        sc.setup.request.on_exhausted = Some(ExhaustedAction::Pause);
+    }
+    let canary = rng.chance(0.3).then(|| pools[n_pools - 1].name.clone());
+    sc.setup.rollout = Some(RolloutSetup {
+        pools,
+        max_in_flight: 1 + rng.below(2) as u32,
+        canary,
+    });
+    sc
 }
 
 fn config(id: &str, setup: &Setup, ttl: Duration) -> CoordinatorConfig {
@@ -247,26 +326,38 @@ fn config(id: &str, setup: &Setup, ttl: Duration) -> CoordinatorConfig {
         log_format: Default::default(),
         log_level: "off".into(),
         http: None,
-        pools: vec![PoolConfig {
-            name: "pool-a".into(),
-            min_active: MinActive::Count(setup.min_active as u32),
-            upgrade_domains: None,
-            paired_pool: Some("pool-b".into()),
-            labels: Default::default(),
-            failover: vec!["true".into()],
-            failback: vec!["true".into()],
-            hook_timeout: Duration::from_secs(10),
-            maintenance_windows: vec![],
-            servers: setup
-                .servers
-                .iter()
-                .map(|(s, d)| ServerConfig {
-                    id: s.clone(),
-                    agent: format!("{s}.sim.invalid:7200"),
-                    upgrade_domain: Some(format!("ud-{d}")),
-                })
-                .collect(),
-        }],
+        pools: match &setup.rollout {
+            Some(r) => r.pools.iter().map(pool_config).collect(),
+            None => vec![pool_config(&PoolRules {
+                name: "pool-a".into(),
+                servers: setup.servers.clone(),
+                min_active: setup.min_active,
+                paired: Some("pool-b".into()),
+            })],
+        },
+    }
+}
+
+fn pool_config(p: &PoolRules) -> PoolConfig {
+    PoolConfig {
+        name: p.name.clone(),
+        min_active: MinActive::Count(p.min_active as u32),
+        upgrade_domains: None,
+        paired_pool: p.paired.clone(),
+        labels: Default::default(),
+        failover: vec!["true".into()],
+        failback: vec!["true".into()],
+        hook_timeout: Duration::from_secs(10),
+        maintenance_windows: vec![],
+        servers: p
+            .servers
+            .iter()
+            .map(|(s, d)| ServerConfig {
+                id: s.clone(),
+                agent: format!("{s}.sim.invalid:7200"),
+                upgrade_domain: Some(format!("ud-{d}")),
+            })
+            .collect(),
     }
 }
 
@@ -503,6 +594,122 @@ async fn operate(
     follow(&w, &nodes, chaos_end, deadline).await
 }
 
+/// The operator of a roll-out run: starts it, sometimes pauses, resumes or aborts it during
+/// the chaos, and afterwards resumes it when paused (a few times, then aborts) until it ends.
+async fn operate_rollout(
+    w: Shared,
+    nodes: Nodes,
+    r: RolloutSetup,
+    template: StartRequest,
+    chaos_end: Instant,
+    deadline: Instant,
+) -> Result<(), String> {
+    let request = RolloutRequest {
+        pools: r.pools.iter().map(|p| p.name.clone()).collect(),
+        selector: String::new(),
+        canary: r.canary.clone(),
+        max_in_flight: Some(r.max_in_flight),
+        template,
+        dry_run: false,
+    };
+    loop {
+        if Instant::now() > deadline {
+            return Err("I6: the roll-out never started".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if lock(&w).stored_rollout().is_some() {
+            break;
+        }
+        let Some(control) = leader(&nodes) else {
+            continue;
+        };
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            control.start_rollout(request.clone(), "sim-operator"),
+        )
+        .await
+        {
+            Ok(Ok(_)) => break,
+            Ok(Err(ControlError::Invalid(m))) => return Err(format!("roll-out refused: {m}")),
+            _ => {}
+        }
+    }
+    let mut resumes = 0;
+    loop {
+        let wait = lock(&w)
+            .rng
+            .between(Duration::from_secs(1), Duration::from_secs(20));
+        tokio::time::sleep(wait).await;
+        let now = Instant::now();
+        let stored = lock(&w).stored_rollout();
+        let rollout = match stored {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Err(e),
+            None => continue,
+        };
+        if rollout.is_ended() {
+            return Ok(());
+        }
+        if now > deadline {
+            return Err(format!(
+                "I6: the roll-out did not end {}s after the faults stopped; stuck at {} ({})",
+                deadline.duration_since(chaos_end).as_secs(),
+                rollout.status.name(),
+                rollout.status.reason()
+            ));
+        }
+        let Some(control) = leader(&nodes) else {
+            continue;
+        };
+        let paused = matches!(rollout.status, RolloutStatus::Paused { .. });
+        let cmd = if now < chaos_end && lock(&w).chaos {
+            match lock(&w).rng.below(100) {
+                0..=7 => Some(UpgradeCommand::Pause),
+                8..=20 => Some(UpgradeCommand::Resume),
+                21 => Some(UpgradeCommand::Abort),
+                _ => None,
+            }
+        } else if paused {
+            resumes += 1;
+            Some(if resumes > 8 {
+                UpgradeCommand::Abort
+            } else {
+                UpgradeCommand::Resume
+            })
+        } else {
+            None
+        };
+        let Some(cmd) = cmd else { continue };
+        // A pool paused on its own (a failure) is resumed too, as an operator would after
+        // looking at it: the roll-out's resume only resumes pools it paused itself.
+        if cmd == UpgradeCommand::Resume {
+            for (pool, run) in &rollout.pools {
+                let stuck = run.stage == rollgate_coordinator::rollout::Stage::Running
+                    && lock(&w)
+                        .check
+                        .lasts
+                        .get(pool)
+                        .is_some_and(|u| matches!(u.upgrade.status, Status::Paused { .. }));
+                if stuck {
+                    let _ = tokio::time::timeout(
+                        CALL_TIMEOUT,
+                        control.command(pool, UpgradeCommand::Resume, "sim-operator"),
+                    )
+                    .await;
+                }
+            }
+        }
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            CALL_TIMEOUT,
+            control.rollout_command(None, cmd, "sim-operator"),
+        )
+        .await
+        {
+            lock(&w).trace(&format!("operator roll-out {cmd:?}: {}", r.status.name()));
+        }
+    }
+}
+
 /// Starts the upgrade on whichever coordinator leads.
 async fn start(
     w: &Shared,
@@ -615,18 +822,89 @@ async fn follow(
     }
 }
 
-/// The end state: nothing out of service unless listed (I3), installs (I4).
-fn final_checks(w: &mut World) -> String {
-    let Some(record) = w.check.last.clone() else {
-        w.check
-            .violations
-            .push("the upgrade never stored a state".into());
-        return "none".into();
+/// The end state: nothing out of service unless listed (I3), installs (I4), per pool; and in
+/// a roll-out run, the roll-out ended, and completed only with every pool completed.
+fn final_checks(w: &mut World, pools: &[(String, Vec<String>)], rollout: bool) -> String {
+    let mut outcome = Vec::new();
+    for (pool, servers) in pools {
+        outcome.push(final_checks_pool(w, pool, servers, rollout));
+    }
+    for (s, a) in &w.agents {
+        let mut last = 0;
+        for e in &a.accepted {
+            if *e < last {
+                w.check
+                    .violations
+                    .push(format!("I5: {s} accepted epoch {e} after {last}"));
+            }
+            last = last.max(*e);
+        }
+    }
+    if !rollout {
+        return outcome.concat();
+    }
+    match w.stored_rollout() {
+        None => {
+            w.check
+                .violations
+                .push("the roll-out never stored a state".into());
+            "none".into()
+        }
+        Some(Err(e)) => {
+            w.check.violations.push(e);
+            "unreadable".into()
+        }
+        Some(Ok(r)) => {
+            if !r.is_ended() {
+                w.check.violations.push(format!(
+                    "I6: the roll-out did not end ({})",
+                    r.status.name()
+                ));
+            }
+            if r.status == RolloutStatus::Completed {
+                for (pool, _) in pools {
+                    let done = w
+                        .check
+                        .lasts
+                        .get(pool)
+                        .is_some_and(|u| u.upgrade.status == Status::Completed);
+                    if !done {
+                        w.check
+                            .violations
+                            .push(format!("the roll-out completed but pool {pool} did not"));
+                    }
+                }
+            }
+            format!("roll-out {}: {}", r.status.name(), outcome.join(", "))
+        }
+    }
+}
+
+fn final_checks_pool(w: &mut World, pool: &str, servers: &[String], rollout: bool) -> String {
+    let Some(record) = w.check.lasts.get(pool).cloned() else {
+        if !rollout {
+            w.check
+                .violations
+                .push("the upgrade never stored a state".into());
+            return "none".into();
+        }
+        // Never started (the roll-out was aborted first): untouched.
+        for s in servers {
+            let untouched = w
+                .agents
+                .get(s)
+                .is_some_and(|a| a.svc == world::Svc::Serving && a.installs.is_empty());
+            if !untouched {
+                w.check.violations.push(format!(
+                    "{s} of {pool} was touched though its pool never got a plan"
+                ));
+            }
+        }
+        return format!("{pool} not started");
     };
     let up = &record.upgrade;
     let listed: Vec<String> = up.out_of_service().into_iter().map(|(s, _)| s).collect();
-    let servers: Vec<String> = w.agents.keys().cloned().collect();
-    for s in &servers {
+    for s in servers {
         let serving = w
             .agents
             .get(s)
@@ -656,7 +934,8 @@ fn final_checks(w: &mut World) -> String {
             ));
         }
     }
-    for (s, a) in &w.agents {
+    for s in servers {
+        let Some(a) = w.agents.get(s) else { continue };
         for ((plan, dir), n) in &a.installs {
             if *n > 1 {
                 w.check
@@ -664,18 +943,10 @@ fn final_checks(w: &mut World) -> String {
                     .push(format!("I4: {s} installed {n} times by {plan} ({dir})"));
             }
         }
-        let mut last = 0;
-        for e in &a.accepted {
-            if *e < last {
-                w.check
-                    .violations
-                    .push(format!("I5: {s} accepted epoch {e} after {last}"));
-            }
-            last = last.max(*e);
-        }
     }
     if up.status == Status::Completed {
-        for (s, a) in &w.agents {
+        for s in servers {
+            let Some(a) = w.agents.get(s) else { continue };
             let n = a
                 .installs
                 .get(&(up.plan.id.clone(), "fwd".into()))
@@ -689,7 +960,11 @@ fn final_checks(w: &mut World) -> String {
             }
         }
     }
-    up.status.to_string()
+    if rollout {
+        format!("{pool} {}", up.status.name())
+    } else {
+        up.status.to_string()
+    }
 }
 
 /// Runs one seed.
@@ -762,6 +1037,15 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
     )));
     {
         let mut w = lock(&w);
+        if let Some(r) = &setup.rollout {
+            w.check = Checker::with_pools(
+                &r.pools,
+                Some(RolloutRules {
+                    max_in_flight: r.max_in_flight as usize,
+                    canary: r.canary.clone(),
+                }),
+            );
+        }
         if opts.verbose {
             w.lines = Some(Vec::new());
         }
@@ -806,14 +1090,29 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
         None
     };
     let request = sc.start.then(|| setup.request.clone());
-    let result = operate(
-        Arc::clone(&w),
-        Arc::clone(&nodes),
-        request,
-        chaos_end,
-        deadline,
-    )
-    .await;
+    let result = match (&setup.rollout, request) {
+        (Some(r), Some(template)) => {
+            operate_rollout(
+                Arc::clone(&w),
+                Arc::clone(&nodes),
+                r.clone(),
+                template,
+                chaos_end,
+                deadline,
+            )
+            .await
+        }
+        (_, request) => {
+            operate(
+                Arc::clone(&w),
+                Arc::clone(&nodes),
+                request,
+                chaos_end,
+                deadline,
+            )
+            .await
+        }
+    };
     sup.abort();
     if let Some(c) = cha {
         c.abort();
@@ -823,7 +1122,23 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
     if let Err(e) = result {
         w.check.violations.push(e);
     }
-    let outcome = final_checks(&mut w);
+    let pools: Vec<(String, Vec<String>)> = match &setup.rollout {
+        Some(r) => r
+            .pools
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.servers.iter().map(|(s, _)| s.clone()).collect(),
+                )
+            })
+            .collect(),
+        None => vec![(
+            "pool-a".into(),
+            setup.servers.iter().map(|(s, _)| s.clone()).collect(),
+        )],
+    };
+    let outcome = final_checks(&mut w, &pools, setup.rollout.is_some());
     Report {
         seed,
         violations: w.check.violations.clone(),
@@ -864,8 +1179,24 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
     }
 }
 
+/// Runs the roll-out scenario of one seed.
+pub fn run_rollout(seed: u64, opts: &Options) -> Report {
+    run_scenario(seed, opts, rollout_scenario(seed))
+}
+
 /// Runs `seeds` on `threads` threads; returns every report, in seed order.
 pub fn run_many(seeds: std::ops::Range<u64>, threads: usize, opts: &Options) -> Vec<Report> {
+    run_many_of(seeds, threads, opts, run)
+}
+
+/// Runs `seeds` through `one` ([`run`] or [`run_rollout`]) on `threads` threads; returns
+/// every report, in seed order.
+pub fn run_many_of(
+    seeds: std::ops::Range<u64>,
+    threads: usize,
+    opts: &Options,
+    one: fn(u64, &Options) -> Report,
+) -> Vec<Report> {
     let next = std::sync::atomic::AtomicU64::new(seeds.start);
     let out = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -875,7 +1206,7 @@ pub fn run_many(seeds: std::ops::Range<u64>, threads: usize, opts: &Options) -> 
                 if seed >= seeds.end {
                     return;
                 }
-                let r = run(seed, opts);
+                let r = one(seed, opts);
                 out.lock().unwrap_or_else(|p| p.into_inner()).push(r);
             });
         }

@@ -207,14 +207,14 @@ pub struct World {
     pub slow_on: Option<String>,
     /// Start requests the control layer refused.
     pub refusals: Vec<String>,
-    /// Per coordinator: when its upgrade gate last answered (a readiness evaluation without
-    /// rows, which only the driver's gate asks for).
-    last_gate: Vec<Option<Instant>>,
+    /// Per coordinator and pool: when its upgrade gate last answered (a readiness evaluation
+    /// without rows, which only the driver's gate asks for).
+    last_gate: BTreeMap<(usize, String), Instant>,
     /// Per gated operation: the readiness check that let it through (the committing
     /// coordinator's last gate answer before the commit).
     gate_time: BTreeMap<String, Option<Instant>>,
-    /// Per coordinator: gate answers since its last commit that took servers down.
-    gates_since: Vec<u64>,
+    /// Per coordinator and pool: gate answers since its last commit that took servers down.
+    gates_since: BTreeMap<(usize, String), u64>,
 }
 
 /// The world, shared by every task of one run.
@@ -285,9 +285,9 @@ impl World {
             panic_on: None,
             slow_on: None,
             refusals: Vec::new(),
-            last_gate: vec![None; coordinators],
+            last_gate: BTreeMap::new(),
             gate_time: BTreeMap::new(),
-            gates_since: vec![0; coordinators],
+            gates_since: BTreeMap::new(),
         }
     }
 
@@ -460,21 +460,27 @@ impl World {
             }
         }
         let state = self.upgrade_state(&keys);
-        let gate = self.last_gate.get(coord).copied().flatten();
+        let pool = state
+            .as_ref()
+            .and_then(|r| r.as_ref().ok())
+            .map(|r| r.upgrade.plan.pool.clone())
+            .unwrap_or_default();
+        let at = (coord, pool);
+        let gate = self.last_gate.get(&at).copied();
         let gated = self.check.on_commit(&keys, state, epoch);
         // The procedure's per-server ReadyForUpgrade: every server that goes down has a
         // readiness check of its own, answered after the previous one went: as many gate
         // answers since this coordinator's last commit that took servers down as servers this
         // commit takes down (a leader may store several in one transaction, each let through
         // by an answer that counted the ones before it as down).
-        let mut credit = self.gates_since.get(coord).copied().unwrap_or(0);
+        let mut credit = self.gates_since.get(&at).copied().unwrap_or(0);
         let any = !gated.is_empty();
         for op in gated {
             self.gate_time.insert(op.clone(), gate);
             let failed_over = self
                 .check
-                .last
-                .as_ref()
+                .lasts
+                .get(&at.1)
                 .is_some_and(|r| r.upgrade.failed_over);
             if !failed_over {
                 if credit == 0 {
@@ -487,11 +493,13 @@ impl World {
             self.steps += 1;
         }
         if any {
-            if let Some(g) = self.gates_since.get_mut(coord) {
-                *g = 0;
-            }
+            self.gates_since.remove(&at);
         }
         self.trace(&format!("commit rev {rev} epoch {epoch}"));
+        if let Some(lines) = self.lines.as_mut() {
+            // Only in a replay's lines, not in the trace hash.
+            lines.push(format!("  keys {keys:?}"));
+        }
         rev
     }
 
@@ -516,6 +524,20 @@ impl World {
             .map(|(k, (v, _, _))| (k.clone(), v.clone()))
             .collect();
         Some(progress::assemble(&pool, &cursor.0, plan, &runs, None).map_err(|e| e.to_string()))
+    }
+
+    /// The newest roll-out as stored now.
+    pub fn stored_rollout(&self) -> Option<Result<rollgate_coordinator::rollout::Rollout, String>> {
+        let prefix = progress::ROLLOUTS_PREFIX;
+        let (key, (value, _, _)) = self
+            .kv
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .last()?;
+        Some(
+            serde_json::from_slice(value)
+                .map_err(|e| format!("roll-out {key} does not decode: {e}")),
+        )
     }
 
     /// Stores `record` whole, as an older leader (or a person) would have.
@@ -1218,12 +1240,9 @@ impl AgentLink for SimAgents {
             // The upgrade's gate answering: what lets a server go down (see `commit`).
             let mut w = lock(&self.w);
             let now = Instant::now();
-            if let Some(t) = w.last_gate.get_mut(self.coord) {
-                *t = Some(now);
-            }
-            if let Some(n) = w.gates_since.get_mut(self.coord) {
-                *n += 1;
-            }
+            let at = (self.coord, spec.name.clone());
+            w.last_gate.insert(at.clone(), now);
+            *w.gates_since.entry(at).or_default() += 1;
             w.steps += 1;
         }
         readiness::evaluate(spec, &health, clocks, going_down, operation_running)
