@@ -584,9 +584,23 @@ impl Control {
             .send(Command { event, reply: tx })
             .await
             .map_err(|_| ControlError::NoUpgrade(pool.into()))?;
-        Ok(rx
-            .await
-            .map_err(|_| ControlError::LeadershipLost("the driver stopped".into()))??)
+        match rx.await {
+            Ok(answer) => Ok(answer?),
+            Err(_) => {
+                // The driver dropped the command unanswered: it is ending (its task marks it
+                // ended a moment after it drops its queue).
+                let _ = tokio::time::timeout(Duration::from_secs(1), h.ended.cancelled()).await;
+                if h.ended.is_cancelled() && self.node.leadership().is_some() {
+                    // Its upgrade ended with the command still queued, and this node still
+                    // leads: there is no upgrade left to command. Found by the roll-out
+                    // simulation: taken for a lost leadership, it stopped a roll-out's driver
+                    // for good.
+                    Err(ControlError::NoUpgrade(pool.into()))
+                } else {
+                    Err(ControlError::LeadershipLost("the driver stopped".into()))
+                }
+            }
+        }
     }
 
     /// Rolls the pool's completed upgrade back: a new plan, walked backward domain by domain,

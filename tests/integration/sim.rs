@@ -457,13 +457,16 @@ fn a_quiet_rollout_completes_every_pool() {
     }
 }
 
-/// The seeds of the first 27,000-seed roll-out sweep that found a roll-out stuck "aborted" for
-/// ever: its leader stored the abort and died before aborting every running pool, and a new
-/// leader never did (fixed: `RolloutDriver::resumed_actions`, and an abort re-sent at every
-/// full look until the pool's upgrade is aborted).
+/// The seeds of the roll-out sweeps that found a roll-out stuck for ever, replayed. Found on
+/// other builds, so they no longer follow the same schedule; they still must keep every
+/// invariant. 6602, 10174, 20955, 23940, 24046, 26150: a leader stored "aborted" and died
+/// before aborting every running pool, and a new leader never did (`RolloutDriver::
+/// resumed_actions`). 494, 93915: a command to a pool whose upgrade ended with the command
+/// still queued came back as "leadership lost" and stopped the roll-out's driver while its
+/// node still led (`Control::command`).
 #[test]
-fn an_aborted_rollout_ends_though_its_leader_died_midway() {
-    for seed in [6602, 10174, 20955, 23940, 24046, 26150] {
+fn rollouts_that_once_got_stuck_end() {
+    for seed in [6602, 10174, 20955, 23940, 24046, 26150, 494, 93915] {
         let r = sim::run_rollout(seed, &Options::default());
         assert!(
             r.passed(),
@@ -471,6 +474,5 @@ fn an_aborted_rollout_ends_though_its_leader_died_midway() {
             r.violations,
             r.faults
         );
-        assert!(r.outcome.starts_with("roll-out aborted"), "{}", r.outcome);
     }
 }

@@ -651,11 +651,18 @@ async fn operate_rollout(
             return Ok(());
         }
         if now > deadline {
+            let stages: Vec<String> = rollout
+                .pools
+                .iter()
+                .map(|(p, r)| format!("{p} {}", r.stage.name()))
+                .collect();
             return Err(format!(
-                "I6: the roll-out did not end {}s after the faults stopped; stuck at {} ({})",
+                "I6: the roll-out did not end {}s after the faults stopped; stuck at {} ({}); \
+                 pools: {}",
                 deadline.duration_since(chaos_end).as_secs(),
                 rollout.status.name(),
-                rollout.status.reason()
+                rollout.status.reason(),
+                stages.join(", ")
             ));
         }
         let Some(control) = leader(&nodes) else {
