@@ -403,6 +403,24 @@ impl Upgrade {
         }
         let direction = progress.direction;
         let message = outcome.message().to_string();
+        if step == Step::Prepare
+            && direction == Direction::Forward
+            && self.direction == Direction::Backward
+        {
+            // A forward prepare (one prepared ahead, or one of the domain the rollback started
+            // in) answered after the pool turned back: that pass is over, and a prepare
+            // changed nothing on the server, so it is untouched whatever the answer.
+            out.push(self.server_record(
+                "ignored",
+                &server,
+                format!(
+                    "forward prepare answered after the rollback began (attempt {attempt}): \
+                     {message}; the server stays untouched"
+                ),
+            ));
+            self.set_phase(&server, ServerPhase::Pending, Direction::Forward);
+            return;
+        }
         match outcome {
             Outcome::Succeeded { .. } => {
                 out.push(self.server_record(
@@ -414,7 +432,7 @@ impl Upgrade {
                     && direction == Direction::Forward
                     && !self.status.is_terminal();
                 if rolling_back {
-                    self.join_rollback(&server, step, out);
+                    self.join_rollback(&server, out);
                 } else if step == Step::Prepare {
                     self.set_phase(&server, ServerPhase::Prepared, direction);
                 } else {
@@ -461,7 +479,7 @@ impl Upgrade {
                     && !self.status.is_terminal()
                 {
                     // It failed on its way forward while the pool rolls back: roll it back too.
-                    self.join_rollback(&server, step, out);
+                    self.join_rollback(&server, out);
                 } else {
                     self.apply_failure(direction, reason, out);
                 }
@@ -486,13 +504,9 @@ impl Upgrade {
         }
     }
 
-    /// A forward server whose step ended while the pool rolls back: if it was touched it joins
-    /// the backward pass; if it only prepared, it was never touched.
-    fn join_rollback(&mut self, server: &str, step: Step, out: &mut Vec<Action>) {
-        if step == Step::Prepare {
-            self.set_phase(server, ServerPhase::Pending, Direction::Forward);
-            return;
-        }
+    /// A forward server whose step (not a prepare: see `on_step_done`) ended while the pool
+    /// rolls back: it was touched, so it joins the backward pass.
+    fn join_rollback(&mut self, server: &str, out: &mut Vec<Action>) {
         self.set_phase(server, ServerPhase::Pending, Direction::Backward);
         out.push(self.server_record(
             "server_joins_rollback",
@@ -734,7 +748,14 @@ impl Upgrade {
             match &p.phase {
                 ServerPhase::Done => touched.push(s.clone()),
                 ServerPhase::Failed { step, .. } if step.takes_down() => touched.push(s.clone()),
-                ServerPhase::Failed { .. } | ServerPhase::Prepared => untouched.push(s.clone()),
+                // A prepare changes nothing on the server: one whose answer never came is not
+                // asked again for a pass that is over.
+                ServerPhase::Failed { .. }
+                | ServerPhase::Prepared
+                | ServerPhase::Unanswered {
+                    step: Step::Prepare,
+                    ..
+                } => untouched.push(s.clone()),
                 _ => {}
             }
         }
@@ -977,7 +998,9 @@ impl Upgrade {
     }
 
     /// Servers of the current domain that are down or going down because of this pass, and
-    /// servers being prepared or prepared (each kind is bounded by `parallelism`).
+    /// servers being prepared or prepared for this pass (each kind is bounded by
+    /// `parallelism`). A forward prepare still out when a rollback starts (one prepared ahead,
+    /// see [`Upgrade::prepare_ahead`]) does not hold up the rollback's own.
     fn slots(&self) -> (usize, usize) {
         let mut down = 0;
         let mut preparing = 0;
@@ -986,16 +1009,19 @@ impl Upgrade {
                 ServerPhase::InFlight { step, .. } | ServerPhase::Unanswered { step, .. } => {
                     if step.takes_down() {
                         down += 1;
-                    } else {
+                    } else if p.direction == self.direction {
                         preparing += 1;
                     }
                 }
-                ServerPhase::Prepared => preparing += 1,
+                ServerPhase::Prepared if p.direction == self.direction => preparing += 1,
                 ServerPhase::Failed { step, .. }
                     if step.takes_down() && p.direction == self.direction =>
                 {
                     down += 1;
                 }
+                // A failed prepare keeps its slot for its retry, as a failed chain keeps its
+                // down slot: a prepare ahead must not take it meanwhile.
+                ServerPhase::Failed { .. } if p.direction == self.direction => preparing += 1,
                 _ => {}
             }
         }
@@ -1057,6 +1083,7 @@ impl Upgrade {
                 prepare_slots -= 1;
             }
         }
+        self.prepare_ahead(&names, prepare_slots, out);
         if !self.failed_over && self.gate_open() && self.readiness_outstanding.is_none() {
             let after = if self.busy_answers > 0 {
                 self.plan.busy_retry_interval
@@ -1064,6 +1091,49 @@ impl Upgrade {
                 Duration::ZERO
             };
             self.ask_readiness(after, out);
+        }
+    }
+
+    /// Prepares the next domain's servers while this one works, once none of this domain's
+    /// waits for a prepare: its first server can then go down as soon as the domain starts,
+    /// instead of after a prepare (B1: the time between domains). A prepare fetches and checks
+    /// the artifact; nothing goes down, and the next domain's readiness gate and its one
+    /// domain at a time are unchanged. Forward only, and not when the plan has maintenance
+    /// windows (nothing happens to a domain before its window opens). A rollback puts a
+    /// prepared server that was never touched back to pending.
+    fn prepare_ahead(&mut self, current: &[String], mut slots: usize, out: &mut Vec<Action>) {
+        if slots == 0 || self.direction != Direction::Forward || !self.plan.windows.is_empty() {
+            return;
+        }
+        let pending = |u: &Upgrade, s: &String| {
+            u.servers
+                .get(s)
+                .is_some_and(|p| p.phase == ServerPhase::Pending && p.direction == u.direction)
+        };
+        // Not while this domain has a server to prepare, or one that failed: its retry (on
+        // resume) takes a prepare slot first.
+        let failed = |u: &Upgrade, s: &String| {
+            u.servers
+                .get(s)
+                .is_some_and(|p| matches!(p.phase, ServerPhase::Failed { .. }))
+        };
+        if current.iter().any(|s| pending(self, s) || failed(self, s)) {
+            return;
+        }
+        let Some(next) = self.plan.domains.get(self.domain_index.saturating_add(1)) else {
+            return;
+        };
+        let mut names = next.servers.clone();
+        names.sort();
+        names.dedup();
+        for server in &names {
+            if slots == 0 {
+                break;
+            }
+            if pending(self, server) {
+                self.run_step(server, Step::Prepare, 1, out);
+                slots -= 1;
+            }
         }
     }
 

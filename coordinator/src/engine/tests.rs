@@ -401,9 +401,13 @@ fn a_busy_answer_before_the_second_server_of_a_domain_holds_it() {
     assert_eq!(run.phase("b"), ServerPhase::Prepared, "b does not go down");
     run.next();
     let actions = run.feed_readiness(PoolState::Ready, true);
+    // b goes down; with no server of ud1 left to prepare, c (ud2) is prepared ahead.
     assert_eq!(
         actions,
-        vec![run_step("b", Step::Drain, 1, Direction::Forward)]
+        vec![
+            run_step("b", Step::Drain, 1, Direction::Forward),
+            run_step("c", Step::Prepare, 1, Direction::Forward)
+        ]
     );
 }
 
@@ -829,11 +833,11 @@ fn canary_domain_soaks_before_the_next() {
     }
     assert_eq!(run.up().domain_phase, DomainPhase::Soaking);
     assert_eq!(run.up().domain_index, 0);
+    // The next domain's first server was prepared ahead while the canary ran: after the
+    // soak its gate is asked at once.
+    assert_eq!(run.phase("fe-2a"), ServerPhase::Prepared);
     let actions = run.answer_next();
-    assert_eq!(
-        actions,
-        vec![run_step("fe-2a", Step::Prepare, 1, Direction::Forward)]
-    );
+    assert_eq!(actions, vec![check("ud2", Duration::ZERO)]);
     run.run_ok();
     assert_eq!(run.up().status, Status::Completed);
 }
@@ -1381,4 +1385,44 @@ fn with_maintenance_windows_each_domain_waits_for_one_and_a_rollback_does_not() 
     assert_eq!(run.up().domain_phase, DomainPhase::InProgress);
     run.run_ok();
     assert_eq!(run.up().status, Status::RolledBack);
+}
+
+/// B1: while a domain works, the next one's servers are prepared, so that when it starts its
+/// first server goes down after its gate alone. A rollback does not wait for such a prepare,
+/// and its answer leaves the server untouched.
+#[test]
+fn the_next_domain_is_prepared_ahead_and_a_rollback_leaves_it_untouched() {
+    let mut run = Run::new(plan(&[("ud1", &["a"]), ("ud2", &["b"])]));
+    run.until_queued("a", Step::Drain);
+    assert_eq!(
+        run.phase("b"),
+        ServerPhase::InFlight {
+            step: Step::Prepare,
+            attempt: 1
+        },
+        "b is prepared while a works"
+    );
+    let prepare_b = run.take(|x| is_step(x, "b", Step::Prepare));
+    let drain_a = run.take(|x| is_step(x, "a", Step::Drain));
+    run.feed(ok_answer(&drain_a).expect("drain"));
+    // a's chain is in flight: it joins the rollback when its step ends, and the rollback's
+    // own prepare of a goes out though b's forward prepare is still out (parallelism 1).
+    run.feed(Event::Rollback { by: op("alice") });
+    let install_a = run.take(|x| is_step(x, "a", Step::Install));
+    let actions = run.feed(ok_answer(&install_a).expect("install"));
+    assert!(
+        actions
+            .iter()
+            .any(|x| matches!(x, Action::RunStep { server, direction: Direction::Backward, .. } if server == "a")),
+        "{actions:?}"
+    );
+    let actions = run.feed(ok_answer(&prepare_b).expect("prepare"));
+    assert!(
+        !actions.iter().any(|x| matches!(x, Action::RunStep { .. })),
+        "{actions:?}"
+    );
+    assert_eq!(run.phase("b"), ServerPhase::Pending);
+    run.run_ok();
+    assert_eq!(run.up().status, Status::RolledBack);
+    assert_eq!(run.up().servers["b"].direction, Direction::Forward);
 }
