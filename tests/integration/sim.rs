@@ -388,9 +388,11 @@ fn the_store_cost_per_upgraded_server_does_not_grow_with_the_pool() {
     // transaction: 0.33 transactions and 1815 bytes per server at 10 per domain.
     // Session 10: the cursor left alone when only servers move, stored under short names,
     // and event batches deflated against a dictionary: 735 / 531 / 428 bytes (1253 / 932 /
-    // 529 before). B7's 1 KiB holds at every layout.
+    // 529 before). B7's 1 KiB holds at every layout. With the next domain prepared ahead (its
+    // first prepare rides with the previous take-down): 1.33 / 1.07 / 0.27 transactions and
+    // 710 / 526 / 423 bytes.
     for (txns, bytes) in &per_server {
-        assert!(*txns <= 1.8, "{txns:.2} transactions per server");
+        assert!(*txns <= 1.4, "{txns:.2} transactions per server");
         assert!(
             *bytes <= 1024.0,
             "{bytes:.0} bytes per server (B7: at most 1 KiB)"
