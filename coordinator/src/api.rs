@@ -52,7 +52,9 @@ pub fn to_status(e: ControlError) -> Status {
         ControlError::AlreadyRunning { .. } | ControlError::RolloutRunning(_) => {
             Status::already_exists(msg)
         }
-        ControlError::PairedBusy { .. } => Status::failed_precondition(msg),
+        ControlError::PairedBusy { .. } | ControlError::PairedFailedOver { .. } => {
+            Status::failed_precondition(msg)
+        }
         ControlError::NoRollout(_) => Status::not_found(msg),
         ControlError::StoreRefused(_) => Status::resource_exhausted(msg),
         ControlError::Store { .. } | ControlError::LeadershipLost(_) => Status::unavailable(msg),

@@ -144,6 +144,10 @@ pub enum ControlError {
         paired: String,
         plan: String,
     },
+    /// The pool carries its paired pool's traffic (that pool was failed over into it): taking
+    /// its servers down would cut capacity under both pools' clients.
+    #[error("pool {pool} carries the traffic of its paired pool {paired}, which is failed over into it; fail {paired} back first (rollgate pool failback {paired})")]
+    PairedFailedOver { pool: String, paired: String },
     /// The store refuses writes for space or size (etcd out of space, a request too large):
     /// nothing was started. An operator must free space or raise the limit.
     #[error("the store refuses the write: {0}; free space in etcd (compact, defragment, disarm the alarm) or raise its limits, then try again")]
@@ -487,8 +491,9 @@ impl Control {
     }
 
     /// Refuses while a pool paired with `pool` (its `paired_pool`, or a pool that names it as
-    /// its own) has an upgrade that has not ended: the backup must be whole while its primary
-    /// is upgraded, and the other way round.
+    /// its own) has an upgrade that has not ended, or has its traffic on `pool` (failed over
+    /// into it): the backup must be whole while its primary is upgraded or served by it, and
+    /// the other way round.
     async fn paired_idle(&self, pool: &PoolConfig) -> Result<(), ControlError> {
         let mut partners = self.with_partners(&pool.name);
         partners.remove(&pool.name);
@@ -520,6 +525,14 @@ impl Control {
                         plan: u.plan.id,
                     });
                 }
+            }
+            // An ended upgrade (or an operator) may have left the partner's traffic here.
+            let record = progress::load_failover(&self.node.env.store, &paired).await?;
+            if record.is_some_and(|r| r.failed_over && r.paired_pool == pool.name) {
+                return Err(ControlError::PairedFailedOver {
+                    pool: pool.name.clone(),
+                    paired,
+                });
             }
         }
         Ok(())

@@ -398,6 +398,7 @@ impl RolloutDriver {
                     e,
                     ControlError::AlreadyRunning { .. }
                         | ControlError::PairedBusy { .. }
+                        | ControlError::PairedFailedOver { .. }
                         | ControlError::TakingOver { .. }
                         | ControlError::StoreRefused(_)
                 ) || e.is_retryable();

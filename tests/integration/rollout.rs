@@ -36,7 +36,9 @@ fn pools_toml(fleet: &Fleet) -> String {
             "[[pools]]\nname = \"{name}\"\nmin_active = 1\nlabels = {{ tier = \"{tier}\" }}\n"
         ));
         if let Some(p) = paired {
-            s.push_str(&format!("paired_pool = \"{p}\"\nfailover = [\"true\"]\n"));
+            s.push_str(&format!(
+                "paired_pool = \"{p}\"\nfailover = [\"true\"]\nfailback = [\"true\"]\n"
+            ));
         }
         for i in servers {
             let sv = &fleet.servers[i - 1];
@@ -698,5 +700,55 @@ async fn concurrent_starts_let_one_of_a_pair_through_and_every_unpaired_pool() -
             );
         }
     }
+    Ok(())
+}
+
+/// A pool that carries its paired pool's traffic (the pair was failed over into it, by an
+/// upgrade or an operator) is not upgraded: taking its servers down would cut capacity under
+/// both pools' clients. Once the pair fails back, it is. (Found by the roll-out simulation: a
+/// roll-out upgraded a pool right after its pair's upgrade had failed over into it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_carrying_its_pairs_traffic_is_not_upgraded_until_the_pair_fails_back(
+) -> anyhow::Result<()> {
+    let _cluster = rollgate_tests::cluster_lock().await?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let (_fleet, coord, op) = start(root).await?;
+    let mut c = operator_client(coord.addr, &op).await?;
+    c.failover(pb::PoolRequest {
+        pool: "web-a".into(),
+    })
+    .await?;
+    let (artifact, sha) = make_artifact(root, "2.0")?;
+    let refused = c
+        .start_upgrade(start_req("web-b", &artifact, &sha))
+        .await
+        .err()
+        .context("web-b started while carrying web-a's traffic")?;
+    ensure!(
+        refused.code() == tonic::Code::FailedPrecondition
+            && refused
+                .message()
+                .contains("carries the traffic of its paired pool web-a")
+            && refused.message().contains("failback web-a"),
+        "{refused:?}"
+    );
+    c.failback(pb::PoolRequest {
+        pool: "web-a".into(),
+    })
+    .await?;
+    c.start_upgrade(start_req("web-b", &artifact, &sha)).await?;
+    let end = crate::coordinator::wait_status(
+        &[coord.addr],
+        &op,
+        "web-b",
+        LONG,
+        crate::coordinator::ended,
+    )
+    .await?;
+    ensure!(
+        rollgate_proto::operator::names::upgrade_state(end.status) == "completed",
+        "{end:?}"
+    );
     Ok(())
 }

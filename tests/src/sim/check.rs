@@ -19,7 +19,8 @@
 //!
 //! With several pools (a roll-out run), I1–I4 hold per pool, and for the roll-out:
 //! - **R1** never a pool together with its paired pool: when a server goes down behind the gate,
-//!   the paired pool's upgrade has ended (nothing in flight);
+//!   the paired pool's upgrade has ended (nothing in flight), and its traffic is not on this
+//!   pool (failed over into it);
 //! - **R2** at most `max_in_flight` pools' upgrades unended when a server goes down;
 //! - **R3** the canary's upgrade has ended before a server of another pool goes down;
 //! - **R4** each pool gets one plan: a new leader resuming a start finds the plan, never makes
@@ -57,6 +58,8 @@ pub struct Checker {
     plans: BTreeMap<String, BTreeSet<String>>,
     /// When each plan was started, as first stored.
     plan_starts: BTreeMap<String, u64>,
+    /// Pools whose traffic is on their paired pool (the failover hook ran last with `over`).
+    failed_over_pools: BTreeSet<String>,
     /// The last stored upgrade of each pool.
     pub lasts: BTreeMap<String, UpgradeRecord>,
     pub violations: Vec<String>,
@@ -307,6 +310,12 @@ impl Checker {
                     r.upgrade.status
                 ));
             }
+            if self.failed_over_pools.contains(&paired) {
+                self.violate(format!(
+                    "R1 at {ms} ms: {op_id} takes a server of {pool} down while {pool} carries \
+                     the traffic of its paired pool {paired} (failed over into it)"
+                ));
+            }
         }
         let flying: Vec<&String> = self
             .lasts
@@ -334,6 +343,11 @@ impl Checker {
 
     /// The failover hook ran for the leader at `epoch`.
     pub fn on_hook(&mut self, pool: &str, over: bool, epoch: u64) {
+        if over {
+            self.failed_over_pools.insert(pool.to_string());
+        } else {
+            self.failed_over_pools.remove(pool);
+        }
         let failing_over = self
             .lasts
             .get(pool)

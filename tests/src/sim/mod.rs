@@ -246,8 +246,9 @@ fn setup(rng: &mut Rng) -> Setup {
     }
 }
 
-/// The random roll-out scenario of `seed`: 2–4 pools of 2–4 servers (the first two paired),
-/// one plan for all, up to two pools at once, sometimes a canary.
+/// The random roll-out scenario of `seed`: 2–4 pools of 2–4 servers (a and b paired, c and d
+/// when there are four), one plan for all, up to two pools at once, sometimes a canary; a pool
+/// may fail over into its paired pool when every pool has one.
 pub fn rollout_scenario(seed: u64) -> Scenario {
     let mut rng = Rng::new(seed ^ 0x0070_11ba_5eed);
     let mut sc = scenario(seed);
@@ -259,9 +260,12 @@ pub fn rollout_scenario(seed: u64) -> Scenario {
         let servers: Vec<(String, usize)> = (1..=n)
             .map(|k| (format!("{}-fe-{k}", &name[5..]), (k - 1) % 2 + 1))
             .collect();
-        let paired = match i {
-            0 => Some("pool-b".to_string()),
-            1 => Some("pool-a".to_string()),
+        // a and b are paired, and c and d when there are four.
+        let paired = match (i, n_pools) {
+            (0, _) => Some("pool-b".to_string()),
+            (1, _) => Some("pool-a".to_string()),
+            (2, 4) => Some("pool-d".to_string()),
+            (3, _) => Some("pool-c".to_string()),
             _ => None,
         };
         pools.push(PoolRules {
@@ -291,10 +295,16 @@ pub fn rollout_scenario(seed: u64) -> Scenario {
     sc.panic_on = None;
     sc.setup.servers = all;
     sc.setup.request.pool = String::new();
-    // Failover needs a paired pool's hook; a roll-out never fails over into a pool it
-    // upgrades, so pools pause or abort instead.
-    if sc.setup.request.on_exhausted == Some(ExhaustedAction::Failover) {
-        sc.setup.request.on_exhausted = Some(ExhaustedAction::Pause);
+    // Failing over needs every pool of the roll-out paired (the plan is the same for all).
+    // When they are, half the seeds fail over after one Busy answer too many, so that a pool
+    // left with its traffic on its pair (which the pair's upgrade must wait for) is common.
+    if pools.iter().any(|p| p.paired.is_none()) {
+        if sc.setup.request.on_exhausted == Some(ExhaustedAction::Failover) {
+            sc.setup.request.on_exhausted = Some(ExhaustedAction::Pause);
+        }
+    } else if rng.chance(0.5) {
+        sc.setup.request.on_exhausted = Some(ExhaustedAction::Failover);
+        sc.setup.request.busy_retries = Some(1);
     }
     let canary = rng.chance(0.3).then(|| pools[n_pools - 1].name.clone());
     sc.setup.rollout = Some(RolloutSetup {
@@ -668,6 +678,29 @@ async fn operate_rollout(
         let Some(control) = leader(&nodes) else {
             continue;
         };
+        // A pool whose upgrade ended with its traffic on its paired pool is failed back, as an
+        // operator would: until then its pair cannot be upgraded (the roll-out waits, saying
+        // why).
+        let back: Vec<String> = {
+            let w = lock(&w);
+            w.stored_failed_over()
+                .into_iter()
+                .filter(|p| {
+                    w.check
+                        .lasts
+                        .get(p)
+                        .is_some_and(|u| u.upgrade.is_terminal())
+                })
+                .collect()
+        };
+        for pool in back {
+            let done =
+                tokio::time::timeout(CALL_TIMEOUT, control.failover(&pool, false, "sim-operator"))
+                    .await;
+            if let Ok(Ok(m)) = done {
+                lock(&w).trace(&format!("operator failback {pool}: {m}"));
+            }
+        }
         let paused = matches!(rollout.status, RolloutStatus::Paused { .. });
         let cmd = if now < chaos_end && lock(&w).chaos {
             match lock(&w).rng.below(100) {

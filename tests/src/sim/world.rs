@@ -526,6 +526,19 @@ impl World {
         Some(progress::assemble(&pool, &cursor.0, plan, &runs, None).map_err(|e| e.to_string()))
     }
 
+    /// Pools whose stored failover record says their traffic is on their paired pool (what
+    /// the coordinators go by; the hook may have run since without its record landing).
+    pub fn stored_failed_over(&self) -> Vec<String> {
+        self.kv
+            .iter()
+            .filter_map(|(k, (v, _, _))| {
+                let pool = k.strip_prefix("pools/")?.strip_suffix("/failover")?;
+                let record: progress::FailoverRecord = serde_json::from_slice(v).ok()?;
+                record.failed_over.then(|| pool.to_string())
+            })
+            .collect()
+    }
+
     /// The newest roll-out as stored now.
     pub fn stored_rollout(&self) -> Option<Result<rollgate_coordinator::rollout::Rollout, String>> {
         let prefix = progress::ROLLOUTS_PREFIX;
