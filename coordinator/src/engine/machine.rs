@@ -968,10 +968,15 @@ impl Upgrade {
     }
 
     fn domain_servers(&self) -> Vec<String> {
+        self.servers_of_domain(self.domain_index)
+    }
+
+    /// The servers of domain `index` (none past the last), sorted.
+    fn servers_of_domain(&self, index: usize) -> Vec<String> {
         let mut names = self
             .plan
             .domains
-            .get(self.domain_index)
+            .get(index)
             .map(|d| d.servers.clone())
             .unwrap_or_default();
         names.sort();
@@ -1069,21 +1074,9 @@ impl Upgrade {
                 self.take_down(&server, out);
             }
         }
-        let (_, mut prepare_slots) = self.slots();
-        for server in &names {
-            if prepare_slots == 0 {
-                break;
-            }
-            let pending = self
-                .servers
-                .get(server)
-                .is_some_and(|p| p.phase == ServerPhase::Pending && p.direction == self.direction);
-            if pending {
-                self.run_step(server, Step::Prepare, 1, out);
-                prepare_slots -= 1;
-            }
-        }
-        self.prepare_ahead(&names, prepare_slots, out);
+        let (_, prepare_slots) = self.slots();
+        let left = self.prepare_pending(&names, prepare_slots, out);
+        self.prepare_ahead(&names, left, out);
         if !self.failed_over && self.gate_open() && self.readiness_outstanding.is_none() {
             let after = if self.busy_answers > 0 {
                 self.plan.busy_retry_interval
@@ -1101,40 +1094,49 @@ impl Upgrade {
     /// domain at a time are unchanged. Forward only, and not when the plan has maintenance
     /// windows (nothing happens to a domain before its window opens). A rollback puts a
     /// prepared server that was never touched back to pending.
-    fn prepare_ahead(&mut self, current: &[String], mut slots: usize, out: &mut Vec<Action>) {
+    fn prepare_ahead(&mut self, current: &[String], slots: usize, out: &mut Vec<Action>) {
         if slots == 0 || self.direction != Direction::Forward || !self.plan.windows.is_empty() {
             return;
         }
-        let pending = |u: &Upgrade, s: &String| {
-            u.servers
-                .get(s)
-                .is_some_and(|p| p.phase == ServerPhase::Pending && p.direction == u.direction)
-        };
         // Not while this domain has a server to prepare, or one that failed: its retry (on
         // resume) takes a prepare slot first.
-        let failed = |u: &Upgrade, s: &String| {
-            u.servers
+        let failed = |s: &String| {
+            self.servers
                 .get(s)
                 .is_some_and(|p| matches!(p.phase, ServerPhase::Failed { .. }))
         };
-        if current.iter().any(|s| pending(self, s) || failed(self, s)) {
+        if current.iter().any(|s| self.is_pending(s) || failed(s)) {
             return;
         }
-        let Some(next) = self.plan.domains.get(self.domain_index.saturating_add(1)) else {
-            return;
-        };
-        let mut names = next.servers.clone();
-        names.sort();
-        names.dedup();
-        for server in &names {
+        let next = self.servers_of_domain(self.domain_index.saturating_add(1));
+        self.prepare_pending(&next, slots, out);
+    }
+
+    /// Whether `server` waits for its prepare in this pass.
+    fn is_pending(&self, server: &str) -> bool {
+        self.servers
+            .get(server)
+            .is_some_and(|p| p.phase == ServerPhase::Pending && p.direction == self.direction)
+    }
+
+    /// Prepares the pending ones of `names`, in order, while `slots` last; returns the slots
+    /// left.
+    fn prepare_pending(
+        &mut self,
+        names: &[String],
+        mut slots: usize,
+        out: &mut Vec<Action>,
+    ) -> usize {
+        for server in names {
             if slots == 0 {
                 break;
             }
-            if pending(self, server) {
+            if self.is_pending(server) {
                 self.run_step(server, Step::Prepare, 1, out);
                 slots -= 1;
             }
         }
+        slots
     }
 
     /// A prepared server waits and a down slot is free.

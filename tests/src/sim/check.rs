@@ -30,6 +30,9 @@ use rollgate_coordinator::engine::{Direction, DomainPhase, ServerPhase, Status, 
 use rollgate_coordinator::progress::{self, UpgradeRecord};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The pool of a single-pool run.
+pub const SINGLE_POOL: &str = "pool-a";
+
 /// One pool as the checker knows it.
 #[derive(Debug, Clone, Default)]
 pub struct PoolRules {
@@ -67,8 +70,6 @@ pub struct Checker {
     committed_ops: BTreeSet<String>,
     /// The latest stored upgrade states, to recognise acknowledged ones.
     committed_states: Vec<Upgrade>,
-    /// The last stored upgrade.
-    pub last: Option<UpgradeRecord>,
     last_epoch_elected: i64,
     last_accepted: BTreeMap<String, u64>,
     fenced: BTreeMap<String, u64>,
@@ -81,11 +82,11 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// One pool, `pool-a`.
+    /// One pool, [`SINGLE_POOL`].
     pub fn new(servers: &[(String, usize)], min_active: usize) -> Checker {
         Checker::with_pools(
             &[PoolRules {
-                name: "pool-a".into(),
+                name: SINGLE_POOL.into(),
                 servers: servers.to_vec(),
                 min_active,
                 paired: Some("pool-b".into()),
@@ -114,7 +115,8 @@ impl Checker {
         }
     }
 
-    fn last_of(&self, server: &str) -> Option<&UpgradeRecord> {
+    /// The last stored upgrade of `server`'s pool.
+    pub fn last_of(&self, server: &str) -> Option<&UpgradeRecord> {
         self.pool_of.get(server).and_then(|p| self.lasts.get(p))
     }
 
@@ -201,7 +203,6 @@ impl Checker {
         }
         let plans = self.plans.entry(up.plan.pool.clone()).or_default();
         plans.insert(up.plan.id.clone());
-        let plans = plans.clone();
         if self.rollout.is_some() && plans.len() > 1 {
             let ids: Vec<String> = plans.iter().cloned().collect();
             self.violate(format!(
@@ -209,8 +210,7 @@ impl Checker {
                 up.plan.pool
             ));
         }
-        self.lasts.insert(up.plan.pool.clone(), record.clone());
-        self.last = Some(record);
+        self.lasts.insert(up.plan.pool.clone(), record);
         gated
     }
 

@@ -21,7 +21,7 @@ pub mod check;
 pub mod rng;
 pub mod world;
 
-use check::{Checker, PoolRules, RolloutRules};
+use check::{Checker, PoolRules, RolloutRules, SINGLE_POOL};
 use rng::Rng;
 use rollgate_coordinator::config::{
     CoordinatorConfig, MinActive, PoolConfig, ServerConfig, StoreConfig,
@@ -98,7 +98,7 @@ pub struct Report {
     pub downs: u64,
     /// Every traced line (with `Options::verbose`).
     pub lines: Vec<String>,
-    /// The last stored upgrade.
+    /// The last stored upgrade of the single pool (none in a roll-out run).
     pub last: Option<UpgradeRecord>,
     /// Per server at the end: (version, serving, successful forward installs of the plan).
     pub servers: std::collections::BTreeMap<String, (String, bool, u32)>,
@@ -811,7 +811,7 @@ async fn follow(
             .between(Duration::from_secs(1), Duration::from_secs(20));
         tokio::time::sleep(wait).await;
         let now = Instant::now();
-        let last = lock(&w).check.last.clone();
+        let last = lock(&w).check.lasts.get(SINGLE_POOL).cloned();
         let Some(record) = last else { continue };
         if record.upgrade.is_terminal() {
             return Ok(());
@@ -1198,8 +1198,7 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
             .map(|(s, a)| {
                 let plan = w
                     .check
-                    .last
-                    .as_ref()
+                    .last_of(s)
                     .map(|r| r.upgrade.plan.id.clone())
                     .unwrap_or_default();
                 let n = a
@@ -1213,7 +1212,7 @@ async fn run_inner(seed: u64, opts: &Options, sc: Scenario) -> Report {
                 )
             })
             .collect(),
-        last: w.check.last.clone(),
+        last: w.check.lasts.get(SINGLE_POOL).cloned(),
         refusals: w.refusals.clone(),
         events: w.events(),
     }
